@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - the built-in demonstration on synthetic chest radiographs
+#   make test   - the test suite
+# Both create .venv and install what they need. The CPU build of torch is pinned here;
+# on a GPU machine install your CUDA build of torch into .venv first (make venv TORCH=...).
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gradleak demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) experiments .pytest_cache

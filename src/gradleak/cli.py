@@ -1,0 +1,233 @@
+"""The ``gradleak`` command."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from . import __version__
+from .errors import UserError
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    k, v = text.split("=", 1)
+    try:
+        value = yaml.safe_load(v) if v.strip() else None
+    except yaml.YAMLError:
+        value = v
+    return k.strip(), value
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- capture
+def cmd_capture(a: argparse.Namespace) -> int:
+    from . import observation
+    from .capture import Truth, capture, save_truth
+    from .data import load_dataset
+    from .experiment.run import choose_indices
+    from .federated import Protocol
+
+    ds = load_dataset(a.data, size=a.size)
+    idx = choose_indices(len(ds), a.batch_size, a.indices, a.seed)
+    batch = ds.batch(idx)
+    proto = Protocol(algorithm=a.algorithm, local_steps=a.local_steps, local_lr=a.local_lr,
+                     local_batch_size=a.local_batch_size, sends_buffers=a.sends_buffers)
+    obs, bits = capture(batch.images, batch.labels, arch=a.arch, protocol=proto, num_classes=a.num_classes,
+                        model_seed=a.model_seed, labels_known=a.labels_known, obfuscation_seed=a.seed,
+                        meta={"data": ds.describe(), "indices": idx})
+    out = Path(a.out)
+    truth_path = Path(a.truth) if a.truth else out.parent / "truth.npz"
+    observation.save(obs, out)
+    save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx), truth_path)
+    print(f"observation: {out}  ({a.arch}, {proto.algorithm}, B={len(idx)}, {bits} bits)")
+    print(f"truth:       {truth_path}  (never read by attacks; pass it to 'gradleak attack --truth')")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- attack
+def cmd_attack(a: argparse.Namespace) -> int:
+    from . import observation
+    from .attacks import canonical, resolve_settings, run_attack
+    from .capture import load_truth
+    from .experiment.outputs import write_reconstruction
+
+    obs = observation.load(a.observation)
+    truth = load_truth(a.truth) if a.truth else None
+    if truth is not None and tuple(truth.images.shape) != (obs.num_images, *obs.image_shape):
+        raise UserError(f"{a.truth}: images have shape {tuple(truth.images.shape)} but the observation "
+                        f"holds {obs.num_images} images of {obs.image_shape}")
+    overrides = dict(a.set or [])
+    for key in ("iterations", "time_budget", "restarts"):
+        if getattr(a, key) is not None:
+            overrides[key] = getattr(a, key)
+    if a.time_budget is not None and a.iterations is None:
+        overrides["iterations"] = None
+    name = canonical(a.attack)
+    resolve_settings(name, overrides)  # fail on bad settings before any work or output
+    out = Path(a.out)
+    existed = out.exists()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        rec = run_attack(name, obs, overrides, seed=a.seed, device=a.device, progress=not a.quiet)
+        metrics = write_reconstruction(staging, rec, truth, extra={"observation": str(a.observation)})
+        out.mkdir(parents=True, exist_ok=True)
+        for f in staging.iterdir():
+            shutil.move(str(f), out / f.name)
+    except BaseException:
+        if not existed and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"{name}: {rec.iterations} iterations in {rec.seconds:.1f}s, labels {rec.threat_model['labels']}")
+    if metrics:
+        print(f"PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}"
+              + (f"  label accuracy {metrics['label_accuracy']:.2f}" if "label_accuracy" in metrics else ""))
+    print(f"wrote {out}/reconstruction.npz, reconstruction.png" + (", metrics.json" if metrics else ""))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- run
+def cmd_run(a: argparse.Namespace) -> int:
+    from .experiment import config
+    from .experiment.run import run_experiment
+
+    cfg = config.load(a.config, overrides=dict(a.set or []))
+    folder, metrics = run_experiment(cfg, progress=not a.quiet)
+    print(f"PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  ->  {folder}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .experiment.demo import demo
+
+    demo(out_root=Path(a.out), iterations=a.iterations, quiet=a.quiet)
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from . import observation
+
+    obs = observation.load(a.observation)
+    n = sum(v.numel() for v in obs.update.values())
+    print(f"format     {observation.FORMAT}")
+    print(f"model      {obs.model}")
+    print(f"protocol   {obs.protocol}")
+    print(f"labels     {'given: ' + str(obs.labels.tolist()) if obs.labels is not None else 'not given'}")
+    print(f"obfuscation {obs.obfuscation or 'none'}")
+    print(f"update     {len(obs.update)} tensors, {n} entries")
+    print(f"buffers    {'sent' if obs.buffers is not None else 'not sent'}")
+    print(f"data       {obs.data}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradleak", description="Reconstruct private images from federated "
+                                "updates (as a curious server would) and measure what leaked.")
+    p.add_argument("--version", action="version", version=f"gradleak {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("capture", help="victim side: compute a client's update on a batch and save the observation")
+    c.add_argument("--data", default="phantoms", help="data set spec, e.g. phantoms, kaggle:PATH,split=train, "
+                   "medmnist:FILE.npz,split=val, folder:PATH, dicom:PATH (default: phantoms)")
+    c.add_argument("--size", type=_positive_int, default=None, help="image size in px (default: the spec's, else 64)")
+    c.add_argument("--indices", type=_indices, default=None, help="comma-separated data set indices")
+    c.add_argument("--batch-size", type=_positive_int, default=1, help="images drawn with --seed when no --indices (default 1)")
+    c.add_argument("--seed", type=int, default=0, help="seed for the batch choice and obfuscation noise")
+    c.add_argument("--arch", default="lenet5", help="victim model (lenet5, lenet_zhu, convnet, resnet18, resnet18_nobn)")
+    c.add_argument("--num-classes", type=_positive_int, default=2)
+    c.add_argument("--model-seed", type=int, default=0, help="seed of the model's random initialisation")
+    c.add_argument("--algorithm", choices=["fedsgd", "fedavg"], default="fedsgd")
+    c.add_argument("--local-steps", type=_positive_int, default=1)
+    c.add_argument("--local-lr", type=float, default=0.0)
+    c.add_argument("--local-batch-size", type=_positive_int, default=None)
+    c.add_argument("--sends-buffers", action="store_true", help="the client also sends BatchNorm running statistics")
+    c.add_argument("--labels-known", action="store_true", help="the threat model grants the server the labels")
+    c.add_argument("--out", required=True, help="observation file to write (e.g. obs.pt)")
+    c.add_argument("--truth", default=None, help="ground-truth file (default: truth.npz beside --out)")
+    c.set_defaults(func=cmd_capture)
+
+    t = sub.add_parser("attack", help="attacker side: reconstruct images from an observation file")
+    t.add_argument("--observation", required=True)
+    t.add_argument("--attack", default="inverting_gradients", help="attack name (inverting_gradients / ig)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--truth", default=None, help="truth.npz to score against (metrics.json)")
+    t.add_argument("--iterations", type=_positive_int, default=None)
+    t.add_argument("--time-budget", type=_positive_float, default=None, help="wall-clock seconds")
+    t.add_argument("--restarts", type=_positive_int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    t.add_argument("--set", type=_kv, action="append", metavar="KEY=VALUE", help="override a preset setting")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_attack)
+
+    r = sub.add_parser("run", help="run an experiment YAML (capture -> attack -> metrics) into experiments/")
+    r.add_argument("config")
+    r.add_argument("--set", type=_kv, action="append", metavar="KEY=VALUE",
+                   help="override a config value by dotted key, e.g. attack.settings.iterations=100")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="the built-in demonstration on synthetic chest radiographs")
+    d.add_argument("--out", default="experiments", help="folder for the demo's experiment (default experiments)")
+    d.add_argument("--iterations", type=_positive_int, default=None, help="attack iterations (default: the demo's)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("inspect", help="print an observation file's header")
+    i.add_argument("observation")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        msg = " ".join(str(e).split())
+        print(f"gradleak: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradleak: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""DICOM radiographs: every ``.dcm`` file under a folder (recursive), read with pydicom.
+
+Pixel values go through the modality transform (RescaleSlope / RescaleIntercept), then the first VOI
+window (WindowCenter / WindowWidth, the linear function of DICOM PS3.3 C.11.2.1.2) when the file has one,
+else a min-max stretch; MONOCHROME1 images (bright = low value) are inverted so that bone is always bright.
+Multi-frame files give their first frame; colour files become grey with the ITU-R 601-2 weights.
+
+Labels come from ``ROOT/labels.csv`` (columns ``filename,label``; filename relative to ROOT or a bare
+file name; labels are integers or class names), else from the first folder under ROOT as in
+:mod:`gradleak.data.folder`. Patient id = the PatientID tag (the file stem when the tag is empty).
+pydicom is imported only here; without it the loader says to install ``gradleak[dicom]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gradleak.data._image import (GREY_WEIGHTS, RESAMPLE_NAME, check_bool, check_dir, check_size, class_layout,
+                                  lookup, read_csv_map, to_square)
+from gradleak.data.base import ImageDataset
+from gradleak.data.folder import list_files
+from gradleak.errors import UserError
+
+LABELS_CSV = "labels.csv"
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise UserError("dicom: reading DICOM files needs pydicom; install gradleak[dicom] "
+                        "(pip install 'gradleak[dicom]')") from None
+    return pydicom
+
+
+def _first(value, default=None):
+    """First value of a possibly multi-valued DICOM element, as float."""
+    if value is None or value == "":
+        return default
+    try:
+        if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+            value = value[0] if len(value) else default
+        return default if value is None else float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def dicom_to_unit(ds) -> np.ndarray:
+    """Pixel data of a pydicom data set as float H x W in [0, 1], bright = dense."""
+    a = np.asarray(ds.pixel_array)
+    frames = int(_first(ds.get("NumberOfFrames", 1), 1))
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        a = a[0]
+    if spp == 3 and a.ndim == 3:
+        a = a @ GREY_WEIGHTS
+    a = a.astype(np.float64)
+    slope = _first(ds.get("RescaleSlope"), 1.0)
+    intercept = _first(ds.get("RescaleIntercept"), 0.0)
+    a = a * slope + intercept
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if center is not None and width is not None and width >= 1:
+        if width == 1:
+            v = (a >= center - 0.5).astype(np.float64)
+        else:
+            v = np.clip((a - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    else:
+        lo, hi = float(a.min()), float(a.max())
+        v = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
+        v = 1.0 - v
+    return v
+
+
+class DicomDataset(ImageDataset):
+    """A folder of DICOM radiographs, decoded lazily."""
+
+    source = "dicom"
+
+    def __init__(self, path, size: int = 64, crop: bool = False):
+        size = check_size("dicom", size)
+        crop = check_bool("dicom", "crop", crop)
+        root = check_dir("dicom", path)
+        _pydicom()
+        super().__init__(size=size)
+        self.path, self.crop = str(path), crop
+        self.paths = list_files(root, {".dcm"})
+        if not self.paths:
+            raise UserError(f"dicom: no .dcm files in {path}")
+        rels = [p.relative_to(root).as_posix() for p in self.paths]
+        self.names = rels
+        labels_csv = root / LABELS_CSV
+        if labels_csv.is_file():
+            table = read_csv_map(labels_csv, "filename", "label", "dicom")
+            raw = []
+            for r, p in zip(rels, self.paths):
+                v = lookup(table, r, p.name)
+                if v is None or v == "":
+                    raise UserError(f"dicom: {r} has no row in {labels_csv}")
+                raw.append(v)
+            if all(v.lstrip("-").isdigit() for v in raw):
+                labels = [int(v) for v in raw]
+                if min(labels) < 0:
+                    raise UserError(f"dicom: negative label in {labels_csv}")
+                self.classes = [str(i) for i in range(max(labels) + 1)]
+            else:
+                self.classes = sorted(set(raw))
+                labels = [self.classes.index(v) for v in raw]
+            self.labels_from = LABELS_CSV
+        else:
+            self.classes, labels = class_layout(root, self.paths, "dicom")
+            self.labels_from = "folders"
+        self.labels = np.asarray(labels, dtype=np.int64)
+        ids = []
+        for p in self.paths:
+            ds = self._read(p, header_only=True)
+            ids.append(str(ds.get("PatientID", "") or "").strip())
+        self.patient_id_fallbacks = sum(not i for i in ids)
+        self.patient_ids = [i or p.stem for i, p in zip(ids, self.paths)]
+
+    def _read(self, p: Path, header_only: bool = False):
+        try:
+            return _pydicom().dcmread(p, stop_before_pixels=header_only)
+        except Exception as e:  # pydicom raises several types for a broken file
+            raise UserError(f"dicom: cannot read {p}: {e}") from None
+
+    def _load_one(self, index: int) -> np.ndarray:
+        p = self.paths[index]
+        ds = self._read(p)
+        try:
+            a = dicom_to_unit(ds)
+        except Exception as e:  # missing pixel data, or a compression without its decoder
+            raise UserError(f"dicom: cannot decode the pixels of {p}: {e}") from None
+        return to_square(a, self.size, self.crop)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update({
+            "path": self.path, "split": None, "crop": self.crop, "resample": RESAMPLE_NAME,
+            "counts": {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)},
+            "labels_from": self.labels_from,
+            "num_patients": len(set(self.patient_ids)),
+            "patient_ids": "PatientID tag", "patient_id_fallbacks": self.patient_id_fallbacks,
+        })
+        return d

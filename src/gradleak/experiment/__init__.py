@@ -1,0 +1,1 @@
+"""Experiments: validated configs and the runs they describe."""

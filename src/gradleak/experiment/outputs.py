@@ -1,0 +1,85 @@
+"""Writing what an attack produced: reconstruction arrays, the picture, metrics. Every file atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..attacks import Reconstruction
+from ..capture import Truth
+from ..metrics import score
+from ..report.images import grid, save_png
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import scipy
+    return {"gradleak": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "scipy": scipy.__version__, "python": platform.python_version()}
+
+
+def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = None,
+                         extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Write ``reconstruction.npz``, ``reconstruction.png``, ``attack.json`` and, with truth, ``metrics.json``.
+
+    Returns the metrics (or None without truth).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".reconstruction.", suffix=".npz", dir=out)
+    os.close(fd)
+    np.savez_compressed(tmp, images=rec.images.numpy().astype(np.float32),
+                        labels=rec.labels.numpy().astype(np.int64))
+    os.replace(tmp, out / "reconstruction.npz")
+    metrics = None
+    if truth is not None:
+        metrics = score(truth.images, truth.labels, rec.images, rec.labels)
+        perm = [p["paired_reconstruction"] for p in metrics["per_image"]]
+        for p, pid, name in zip(metrics["per_image"], truth.patient_ids, truth.names):
+            p["patient_id"], p["name"] = pid, name
+        picture = grid([truth.images, rec.images[perm]])
+    else:
+        picture = grid([rec.images])
+    save_png(picture, out / "reconstruction.png")
+    summary = {**rec.summary(), "versions": versions(), **(extra or {})}
+    write_json(out / "attack.json", summary)
+    if metrics is not None:
+        metrics = {**metrics, "threat_model": rec.threat_model, "attack": rec.attack,
+                   **{k: v for k, v in (extra or {}).items() if k in ("bits", "obfuscation")}}
+        write_json(out / "metrics.json", metrics)
+    return metrics

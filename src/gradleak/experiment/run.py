@@ -1,0 +1,121 @@
+"""One experiment cell: data -> capture -> Observation file -> attack -> metrics, in one folder.
+
+The attack is run on the Observation *file* it reads back, exactly as ``gradleak attack`` would, so the
+cell exercises the same seam as an audit of a real deployment.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import observation
+from ..attacks import canonical, run_attack
+from ..capture import Truth, capture, save_truth
+from ..data import load_dataset
+from ..errors import UserError
+from ..federated import Protocol
+from .config import dump
+from .outputs import versions, write_json, write_reconstruction, write_text
+
+
+class Log:
+    """Lines for ``log.txt``, echoed to ``echo`` (e.g. print) as they come."""
+
+    def __init__(self, echo: Callable[[str], None] | None = None):
+        self.lines: list[str] = []
+        self.echo = echo
+        self.start = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.perf_counter() - self.start:7.1f}s] {msg}"
+        self.lines.append(line)
+        if self.echo:
+            self.echo(line)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def choose_indices(n_available: int, batch_size: int, indices: list[int] | None, seed: int) -> list[int]:
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= int(i) < n_available]
+        if bad:
+            raise UserError(f"index {bad[0]} is outside the data set (0..{n_available - 1})")
+        return [int(i) for i in indices]
+    if batch_size > n_available:
+        raise UserError(f"batch_size {batch_size} is larger than the data set ({n_available} images)")
+    rng = np.random.default_rng(int(seed))
+    return sorted(int(i) for i in rng.choice(n_available, size=batch_size, replace=False))
+
+
+def new_folder(root: Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = root / f"{name}-{stamp}"
+    k = 1
+    while folder.exists() or (root / f".{folder.name}.partial").exists():
+        k += 1
+        folder = root / f"{name}-{stamp}-{k}"
+    return folder
+
+
+def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = True) -> dict[str, Any]:
+    """Run ``cfg`` and write everything into ``folder`` (which must exist). Returns the metrics."""
+    cap = cfg["capture"]
+    ds = load_dataset(cfg["data"])
+    idx = choose_indices(len(ds), cap["batch_size"], cap["indices"], cfg["seed"])
+    batch = ds.batch(idx)
+    log(f"data: {ds.describe().get('source')} ({len(ds)} images), batch {idx}")
+    proto = Protocol(**cap["protocol"])
+    obs, bits = capture(batch.images, batch.labels, arch=cap["arch"], protocol=proto,
+                        num_classes=cap["num_classes"], model_seed=cap["model_seed"],
+                        labels_known=cap["labels_known"], obfuscations=cap["obfuscation"],
+                        obfuscation_seed=cfg["seed"], mean=cap["mean"], std=cap["std"],
+                        meta={"data": ds.describe(), "indices": idx})
+    truth = Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx)
+    observation.save(obs, folder / "observation.pt")
+    save_truth(truth, folder / "truth.npz")
+    log(f"capture: {cap['arch']}, {proto.algorithm}, B={len(idx)}, obfuscation "
+        f"{[o['name'] for o in obs.obfuscation] or 'none'}, {bits} bits")
+
+    attack_cfg = cfg["attack"]
+    seen = observation.load(folder / "observation.pt")
+    name = canonical(attack_cfg["name"])
+    log(f"attack: {name} on {attack_cfg['device']}")
+    rec = run_attack(name, seen, attack_cfg["settings"], seed=cfg["seed"], device=attack_cfg["device"],
+                     progress=progress)
+    log(f"attack done: {rec.iterations} iterations in {rec.seconds:.1f}s, loss {rec.loss:.4g}")
+    metrics = write_reconstruction(folder, rec, truth, extra={"bits": bits, "obfuscation": obs.obfuscation})
+    log(f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+        f"label accuracy {metrics.get('label_accuracy', float('nan')):.2f}")
+    return metrics
+
+
+def run_experiment(cfg: dict[str, Any], *, echo: Callable[[str], None] | None = print,
+                   progress: bool = True, folder: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run one experiment into ``experiments/<name>-<timestamp>/`` (or ``folder``).
+
+    Files are written into a hidden ``.partial`` folder renamed into place at the end, so a failed run
+    leaves nothing behind.
+    """
+    root = Path(cfg["output_dir"])
+    final = folder or new_folder(root, cfg["name"])
+    if final.exists():
+        raise UserError(f"output folder already exists: {final}")
+    partial = final.parent / f".{final.name}.partial"
+    partial.mkdir(parents=True, exist_ok=False)
+    log = Log(echo)
+    try:
+        write_text(partial / "config.yaml", dump(cfg))
+        metrics = run_cell(cfg, partial, log=log, progress=progress)
+        write_json(partial / "versions.json", versions())
+        write_text(partial / "log.txt", log.text())
+        partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final, metrics

@@ -1,0 +1,60 @@
+import torch
+import torch.nn.functional as F
+
+from gradleak.federated import Protocol, client_update
+from gradleak.federated.protocol import minibatches
+from gradleak.models import build
+
+
+def _batch(n=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, size, size, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def test_fedsgd_is_the_mean_cross_entropy_gradient():
+    model = build("lenet5", 2, 1, 16, seed=1)
+    x, y = _batch()
+    update, _ = client_update(model, model.state_dict(), x, y, Protocol())
+    ref = build("lenet5", 2, 1, 16, seed=1)
+    F.cross_entropy(ref(x), y).backward()
+    assert list(update) == [n for n, _ in ref.named_parameters()]
+    for n, p in ref.named_parameters():
+        assert torch.allclose(update[n], p.grad, atol=1e-6), n
+
+
+def test_fedavg_equals_hand_computed_two_steps_and_never_mutates():
+    model = build("lenet_zhu", 2, 1, 16, seed=2)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _batch(4)
+    lr = 0.05
+    proto = Protocol(algorithm="fedavg", local_steps=2, local_lr=lr, local_batch_size=2)
+    update, _ = client_update(model, sent, x, y, proto)
+    # the weights the server sent, and the template's own, are untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sent[k])
+    # by hand: two SGD steps on mini-batches [0:2] then [2:4]
+    ref = build("lenet_zhu", 2, 1, 16, seed=2)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
+    for sl in (slice(0, 2), slice(2, 4)):
+        opt.zero_grad()
+        F.cross_entropy(ref(x[sl]), y[sl]).backward()
+        opt.step()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(update[n], p.detach() - sent[n], atol=1e-6), n
+
+
+def test_minibatches_cycle_in_order():
+    assert minibatches(5, 2, 4) == [slice(0, 2), slice(2, 4), slice(4, 5), slice(0, 2)]
+    assert minibatches(3, None, 2) == [slice(0, 3), slice(0, 3)]
+
+
+def test_batch_norm_buffers_travel_separately():
+    model = build("convnet", 2, 1, 16, seed=0, options={"width": 4, "depth": 2})
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _batch(4)
+    update, buffers = client_update(model, sent, x, y, Protocol(sends_buffers=True))
+    assert all("running" not in k for k in update)
+    assert "body.1.running_mean" in buffers
+    # running mean moved towards the batch mean (momentum 0.1) while the sent state stayed put
+    assert not torch.equal(buffers["body.1.running_mean"], sent["body.1.running_mean"])
+    assert torch.equal(model.state_dict()["body.1.running_mean"], sent["body.1.running_mean"])
