@@ -37,18 +37,22 @@ def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: 
             num_classes: int = 2, model_seed: int = 0, global_state: dict[str, torch.Tensor] | None = None,
             labels_known: bool = False, obfuscations: Sequence[dict[str, Any]] = (),
             obfuscation_seed: int = 0, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
-            meta: dict[str, Any] | None = None) -> tuple[Observation, int]:
+            meta: dict[str, Any] | None = None, options: dict[str, Any] | None = None
+            ) -> tuple[Observation, int]:
     """Run the client on ``images`` and package what the server receives.
 
     ``global_state`` is the model the server sent (a fresh model initialised from ``model_seed`` when
-    None). Returns the Observation and the update's communication cost in bits.
+    None), e.g. a trained model read with :func:`gradleak.models.checkpoint.load_model`. ``options`` are
+    the architecture's options (e.g. ``{"width": 8}`` for convnet). Returns the Observation and the
+    update's communication cost in bits.
     """
     if images.dim() != 4:
         raise UserError(f"expected images N x C x H x W, got shape {tuple(images.shape)}")
     n, c, h, w = images.shape
     if h != w:
         raise UserError(f"images must be square, got {h}x{w}")
-    model = build(arch, num_classes, c, h, seed=model_seed, mean=list(mean), std=list(std))
+    model = build(arch, num_classes, c, h, seed=model_seed, mean=list(mean), std=list(std),
+                  options=dict(options) if options else None)
     if global_state is not None:
         model.load_state_dict(global_state)
     sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -56,6 +60,8 @@ def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: 
     generator = torch.Generator().manual_seed(int(obfuscation_seed))
     update, records, bits = obfuscation.apply(list(obfuscations), update, generator)
     header = {"arch": arch, "num_classes": int(num_classes), "in_channels": int(c), "image_size": int(h)}
+    if options:
+        header["options"] = dict(options)
     obs = Observation(
         model=header, global_state=sent, update=update, protocol=protocol.header(n),
         labels=labels.clone().to(torch.int64) if labels_known else None,
