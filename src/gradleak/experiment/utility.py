@@ -43,6 +43,7 @@ SCHEMA: dict[str, Any] = {
     "seed": 0,  # seeds the hold-out split, the partition, client sampling, data order and obfuscation noise
     "output_dir": "experiments",
     "device": "cpu",
+    "threads": None,  # torch CPU threads for this run (None: torch's default); 1 is fastest on a busy machine
     "data": OPEN({"source": "phantoms", "size": 64}),
     "holdout": 0.2,  # fraction of the data's patients held out for evaluation
     "eval_data": None,  # a data spec: evaluate on it instead (training then uses every image of `data`)
@@ -81,6 +82,8 @@ def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str,
         raise UserError(f"{source}: 'eval_data' must be a data spec (text or mapping)")
     if cfg["eval_data"] is None and not 0 < cfg["holdout"] < 1:
         raise UserError(f"{source}: 'holdout' must be a fraction in (0, 1), got {cfg['holdout']}")
+    if cfg["threads"] is not None and cfg["threads"] < 1:
+        raise UserError(f"{source}: 'threads' must be >= 1 (or null), got {cfg['threads']}")
     if cfg["model"]["options"] is not None and not isinstance(cfg["model"]["options"], dict):
         raise UserError(f"{source}: 'model.options' must be a mapping")
     rounds = cfg["federation"]["rounds"]
@@ -163,11 +166,12 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     ``partition`` (scheme, alpha, per-client image/patient/class counts), ``protocol`` (the federation
     settings and the client ``sample_rate``), ``threat_model`` (obfuscation names, whether BN buffers
     travel, and the DP unit/delta/accountant),
-    ``rounds``: one dict per round run with ``round``, ``clients``, ``num_images``, ``bits``,
-    ``epsilon`` (None without a Gaussian mechanism), ``seconds`` and, when evaluated, the metrics
-    ``accuracy``, ``balanced_accuracy``, ``roc_auc``, ``sensitivity``, ``specificity``, ``precision``,
-    ``f1``, ``loss``, ``threshold``, ``confusion``, ``num_images``;
-    ``final`` (those metrics for the final model) and ``final_round``; ``best`` and ``best_round``
+    ``rounds``: one dict per round run with ``round``, ``clients`` (indices of the clients that took
+    part), ``train_images`` (their images), ``bits`` (their upload), ``epsilon`` (client-level epsilon
+    spent so far; None without a Gaussian mechanism), ``seconds`` and, when the round was evaluated, the
+    metrics ``accuracy``, ``balanced_accuracy``, ``roc_auc``, ``sensitivity``, ``specificity``,
+    ``precision``, ``f1``, ``loss``, ``threshold``, ``confusion`` (tp/fp/tn/fn) and ``eval_images``;
+    ``final`` (those metrics of the final model, with ``num_images`` evaluated) and ``final_round``; ``best`` and ``best_round``
     (by ``monitor``); ``stopped_early``; ``rounds_run``; ``bits_per_round`` (mean over rounds of all
     clients' upload); ``bits_per_update`` (mean per client update); ``dense_bits_per_update`` (32 per
     parameter); ``epsilon`` (after the last round, or None) and ``delta``; ``obfuscation`` (the
@@ -182,7 +186,10 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     partial.mkdir(parents=True, exist_ok=False)
     log = Log(echo)
     t_start = time.perf_counter()
+    threads_before = torch.get_num_threads()
     try:
+        if cfg["threads"] is not None:
+            torch.set_num_threads(int(cfg["threads"]))
         write_text(partial / "config.yaml", dump(cfg))
         x, y, xe, ye, train_labels, pids, data_info = _load_data(cfg, log)
         fed = cfg["federation"]
@@ -288,6 +295,8 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads_before)
     return result
 
 

@@ -369,7 +369,7 @@ def epsilon_after(records: list[dict[str, Any]], sample_rate: float, rounds: int
 class RoundReport:
     round: int
     clients: list[int]
-    num_images: int
+    train_images: int
     bits: int
     epsilon: float | None
     seconds: float
@@ -378,7 +378,8 @@ class RoundReport:
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "metrics"}
         if self.metrics is not None:
-            d.update(self.metrics)
+            d.update({k: v for k, v in self.metrics.items() if k != "num_images"})
+            d["eval_images"] = self.metrics["num_images"]
         return d
 
 
@@ -440,6 +441,7 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
     since_best = 0
     reports: list[dict[str, Any]] = []
     last_records: list[dict[str, Any]] = []
+    last_metrics: dict[str, Any] | None = None
     update_bits: list[int] = []
     stopped = False
     bar = None
@@ -485,7 +487,7 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
             if r % evaluation.every == 0 or r == settings.rounds:
                 m = evaluate(model, new_state, eval_images, eval_labels, evaluation.threshold,
                              evaluation.batch_size)
-                rep.metrics = m
+                rep.metrics = last_metrics = m
                 value = m[evaluation.monitor]
                 if value == value and (best_value is None or sign * (value - best_value) > evaluation.min_delta):
                     best_value, best_round, best = value, r, m
@@ -511,13 +513,9 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
     finally:
         if bar is not None:
             bar.close()
-    final = next((rep for rep in reversed(reports) if "roc_auc" in rep), None)
-    final_metrics = {k: v for k, v in final.items()
-                     if k not in ("round", "clients", "num_images", "bits", "epsilon", "seconds")} \
-        if final else None
     return SimulationResult(
         rounds=reports, final_state=server.state(), best_state=best_state, best_round=best_round,
-        best=best, final=final_metrics, stopped_early=stopped, obfuscation=last_records,
+        best=best, final=last_metrics, stopped_early=stopped, obfuscation=last_records,
         bits_per_update=float(np.mean(update_bits)) if update_bits else 0.0)
 
 
