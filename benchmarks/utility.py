@@ -42,10 +42,10 @@ DEFENCES: dict[str, tuple[list[dict], str]] = {
     "sign_unscaled": ([{"name": "sign"}], "signSGD, +-1 per entry (server_lr 0.001)"),
     "topk10": ([{"name": "topk", "keep": 0.1}], "top-k, 10 % per tensor"),
     "topk1": ([{"name": "topk", "keep": 0.01}], "top-k, 1 % per tensor"),
-    "dp8": ([{"name": "gaussian", "clip": 0.5, "target_epsilon": 8.0, "delta": DELTA}],
-            "Gaussian, clip 0.5, client-level DP eps 8"),
-    "dp1": ([{"name": "gaussian", "clip": 0.5, "target_epsilon": 1.0, "delta": DELTA}],
-            "Gaussian, clip 0.5, client-level DP eps 1"),
+    "dp8": ([{"name": "gaussian", "clip": 0.25, "target_epsilon": 8.0, "delta": DELTA}],
+            "Gaussian, clip 0.25, client-level DP eps 8"),
+    "dp1": ([{"name": "gaussian", "clip": 0.25, "target_epsilon": 1.0, "delta": DELTA}],
+            "Gaussian, clip 0.25, client-level DP eps 1"),
 }
 DEFAULT = "none,qsgd16,qsgd4,sign,topk10,topk1,dp8,dp1"
 #: server settings a defence needs (anything else keeps the defaults below)
