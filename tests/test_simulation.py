@@ -252,3 +252,45 @@ def test_settings_errors_are_one_line_user_errors():
             Settings(**bad)
     with pytest.raises(UserError, match="monitor"):
         Evaluation(monitor="auc")
+
+
+def test_epsilon_per_round_matches_opacus_for_the_schedule():
+    from opacus.accountants import RDPAccountant
+
+    x, y, clients = _tiny_data((4, 4, 4, 4))
+    model = build("lenet_zhu", 2, 1, 16, seed=0)
+    st_ = Settings(num_clients=4, rounds=5, clients_per_round=0.5, local_lr=0.05)  # 2 of 4 clients: q = 0.5
+    dp = {"name": "gaussian", "clip": 1.0, "target_epsilon": 3.0, "delta": 1e-5}
+    res = simulate(model, x, y, clients, x[:4], y[:4], st_, obfuscations=[dp], seed=0)
+    rec = res.obfuscation[0]
+    assert rec["sample_rate"] == 0.5 and rec["rounds"] == 5 and rec["dp_unit"] == "client"
+    z = rec["noise_multiplier"]
+    acc = RDPAccountant()
+    for r in res.rounds:
+        acc.step(noise_multiplier=z, sample_rate=0.5)
+        assert r["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9), r["round"]
+    assert 3.0 - 0.011 <= res.rounds[-1]["epsilon"] <= 3.0 + 1e-9  # the target, to Opacus's search precision
+    assert [r["epsilon"] for r in res.rounds] == sorted(r["epsilon"] for r in res.rounds)
+    # a fixed noise multiplier is accounted too; compression alone spends no privacy
+    fixed = simulate(model, x, y, clients, x[:4], y[:4], st_, seed=0,
+                     obfuscations=[{"name": "gaussian", "clip": 1.0, "noise_multiplier": 2.0}])
+    acc = RDPAccountant()
+    for _ in range(5):
+        acc.step(noise_multiplier=2.0, sample_rate=0.5)
+    assert fixed.rounds[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    q = simulate(model, x, y, clients, x[:4], y[:4], st_, seed=0, obfuscations=[{"name": "qsgd", "levels": 4}])
+    assert all(r["epsilon"] is None for r in q.rounds)
+    dense = 32 * sum(p.numel() for p in model.parameters())
+    assert 0 < q.bits_per_update < dense and all(r["bits"] < 2 * dense for r in q.rounds)
+
+
+def test_obfuscation_noise_is_drawn_from_the_seed():
+    x, y, clients = _tiny_data((4, 4))
+    model = build("lenet_zhu", 2, 1, 16, seed=0)
+    st_ = Settings(num_clients=2, rounds=2, local_lr=0.05)
+    spec = [{"name": "gaussian", "sigma": 0.01}]
+    a = simulate(model, x, y, clients, x, y, st_, obfuscations=spec, seed=3)
+    b = simulate(model, x, y, clients, x, y, st_, obfuscations=spec, seed=3)
+    c = simulate(model, x, y, clients, x, y, st_, obfuscations=spec, seed=4)
+    assert all(torch.equal(a.final_state[k], b.final_state[k]) for k in a.final_state)
+    assert any(not torch.equal(a.final_state[k], c.final_state[k]) for k in a.final_state)

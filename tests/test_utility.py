@@ -149,13 +149,16 @@ def test_utility_cli_with_eval_data_and_saved_rounds(tmp_path):
     cfg.write_text(TINY.format(out=tmp_path / "exp"))
     folder = tmp_path / "run"
     p = gradleak("utility", cfg, "--set", "federation.rounds=2", "--eval-data", "phantoms:n=24,seed=9",
-                 "--save-rounds", "1", "--out", folder, "--quiet")
+                 "--set", "obfuscation=['topk:keep=0.1']", "--save-rounds", "1", "--out", folder, "--quiet")
     assert "ROC AUC" in p.stdout and "best round" in p.stdout and str(folder) in p.stdout
     res = json.loads((folder / "utility.json").read_text())
     assert res["data"]["eval"]["split"] == "eval_data" and res["data"]["eval"]["num_images"] == 24
     assert res["data"]["train"]["num_images"] == 48  # with eval_data, every image of `data` trains
     assert res["config"]["federation"]["rounds"] == 2 and len(res["rounds"]) == 2
     assert (folder / "model_r1.pt").is_file() and (folder / "model.pt").is_file()
+    assert res["threat_model"]["obfuscation"] == ["topk"] and res["obfuscation"][0]["keep"] == 0.1
+    assert res["bits_per_update"] < 0.5 * res["dense_bits_per_update"]
+    assert res["bits_per_round"] == pytest.approx(3 * res["bits_per_update"])
 
 
 def test_utility_config_errors_are_one_line_and_leave_nothing(tmp_path):
@@ -172,7 +175,8 @@ def test_utility_config_errors_are_one_line_and_leave_nothing(tmp_path):
         ({"federation.rounds": "zero"}, "'federation.rounds' must be an integer"),
         ({"federation.clients_per_round": 2}, "clients_per_round"),
         ({"obfuscation": [{"name": "qsdg"}]}, "unknown obfuscation 'qsdg'"),
-        ({"obfuscation": ["qsgd"]}, "must be a mapping"),
+        ({"obfuscation": [3]}, "must be a mapping"),
+        ({"obfuscation": [{"name": "gaussian", "clip": 1, "epsilon": 2, "rounds": 5}]}, "rounds=5.*rounds is 3"),
         ({"save_rounds": [9]}, r"save_rounds.*1\.\.3"),
         ({"holdout": 1.0}, "holdout"),
         ({"threads": 0}, "threads"),

@@ -60,16 +60,23 @@ def cmd_capture(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiment.run import choose_indices
     from .federated import Protocol
+    from .obfuscation import parse_spec, resolve_all
 
     from .models.checkpoint import check_matches, load_model
 
+    specs = [parse_spec(s) for s in a.obfuscation or []]
+    resolve_all(specs)  # a bad spec fails before the data are read
+    proto = Protocol(algorithm=a.algorithm, local_steps=a.local_steps, local_lr=a.local_lr,
+                     local_batch_size=a.local_batch_size, sends_buffers=a.sends_buffers,
+                     per_example_clip=a.per_example_clip, num_clients_averaged=a.num_clients_averaged)
     ckpt = load_model(a.model_state) if a.model_state else None
     size = a.size or (ckpt["model"]["image_size"] if ckpt else None)
     ds = load_dataset(a.data, size=size)
-    idx = choose_indices(len(ds), a.batch_size, a.indices, a.seed)
+    k = a.num_clients_averaged
+    idx = choose_indices(len(ds), a.batch_size * k, a.indices, a.seed)
+    if len(idx) % k:
+        raise UserError(f"--indices gives {len(idx)} images, which {k} clients cannot share evenly")
     batch = ds.batch(idx)
-    proto = Protocol(algorithm=a.algorithm, local_steps=a.local_steps, local_lr=a.local_lr,
-                     local_batch_size=a.local_batch_size, sends_buffers=a.sends_buffers)
     kw: dict[str, Any] = {"meta": {"data": ds.describe(), "indices": idx}}
     arch, num_classes = a.arch or "lenet5", a.num_classes or 2
     if ckpt is not None:
@@ -80,14 +87,37 @@ def cmd_capture(a: argparse.Namespace) -> int:
                   mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])
         kw["meta"].update(model_state=str(a.model_state), model_round=ckpt["round"])
     obs, bits = capture(batch.images, batch.labels, arch=arch, protocol=proto, num_classes=num_classes,
-                        model_seed=a.model_seed, labels_known=a.labels_known, obfuscation_seed=a.seed, **kw)
+                        model_seed=a.model_seed, labels_known=a.labels_known, obfuscations=specs,
+                        obfuscation_seed=a.seed, **kw)
     out = Path(a.out)
     truth_path = Path(a.truth) if a.truth else out.parent / "truth.npz"
     observation.save(obs, out)
     save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx), truth_path)
+    clients = f", {k} clients x {len(idx) // k} images averaged" if k > 1 else ""
+    applied = ", ".join(o["name"] for o in obs.obfuscation) or "none"
     victim = f"{arch} from {a.model_state}" if ckpt is not None else arch
-    print(f"observation: {out}  ({victim}, {proto.algorithm}, B={len(idx)}, {bits} bits)")
+    print(f"observation: {out}  ({victim}, {proto.algorithm}, B={len(idx)}{clients}, obfuscation {applied}, "
+          f"{bits} bits/update)")
     print(f"truth:       {truth_path}  (never read by attacks; pass it to 'gradleak attack --truth')")
+    return 0
+
+
+def cmd_obfuscate(a: argparse.Namespace) -> int:
+    import torch
+
+    from . import observation
+    from .obfuscation import Context, apply, parse_spec, resolve_all
+
+    specs = [parse_spec(s) for s in a.spec]
+    resolve_all(specs)
+    obs = observation.load(a.observation)
+    generator = torch.Generator().manual_seed(int(a.seed))
+    update, records, bits = apply(specs, obs.update, generator, Context.from_protocol(obs.protocol))
+    obs.update = update
+    obs.obfuscation = list(obs.obfuscation) + records
+    observation.save(obs, a.out)
+    print(f"{a.out}: applied {', '.join(r['name'] for r in records)} to {a.observation} "
+          f"({bits} bits/update); obfuscation now {[o['name'] for o in obs.obfuscation]}")
     return 0
 
 
@@ -221,9 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--local-batch-size", type=_positive_int, default=None)
     c.add_argument("--sends-buffers", action="store_true", help="the client also sends BatchNorm running statistics")
     c.add_argument("--labels-known", action="store_true", help="the threat model grants the server the labels")
+    c.add_argument("--obfuscation", action="append", metavar="SPEC", help="obfuscation the client applies, "
+                   "NAME:key=value,... (e.g. qsgd:levels=16, topk:keep=0.01, sign, gaussian:clip=1,"
+                   "noise_multiplier=0.01); repeat to compose, applied in order")
+    c.add_argument("--num-clients-averaged", type=_positive_int, default=1, metavar="K",
+                   help="K clients with --batch-size images each; the server sees only their mean update")
+    c.add_argument("--per-example-clip", type=_positive_float, default=None, metavar="C",
+                   help="DP-SGD style: clip each image's gradient to L2 norm C before averaging")
     c.add_argument("--out", required=True, help="observation file to write (e.g. obs.pt)")
     c.add_argument("--truth", default=None, help="ground-truth file (default: truth.npz beside --out)")
     c.set_defaults(func=cmd_capture)
+
+    o = sub.add_parser("obfuscate", help="apply obfuscations to an existing observation file")
+    o.add_argument("--observation", required=True, help="observation file to read")
+    o.add_argument("--spec", required=True, action="append", metavar="SPEC",
+                   help="NAME:key=value,... (e.g. qsgd:levels=16, topk:keep=0.01, sign, uniform:bits=8); "
+                   "repeat to compose, applied in order")
+    o.add_argument("--out", required=True, help="observation file to write (may equal --observation)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the obfuscation's randomness (default 0)")
+    o.set_defaults(func=cmd_obfuscate)
 
     t = sub.add_parser("attack", help="attacker side: reconstruct images from an observation file")
     t.add_argument("--observation", required=True)

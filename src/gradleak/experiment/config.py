@@ -40,7 +40,9 @@ SCHEMA: dict[str, Any] = {
         "mean": [0.5],
         "std": [0.5],
         "protocol": {"algorithm": "fedsgd", "local_steps": 1, "local_lr": 0.0, "local_batch_size": None,
-                     "sends_buffers": False},
+                     "sends_buffers": False, "per_example_clip": None, "num_clients_averaged": 1},
+        # applied in order by each client: dicts {name: qsgd, levels: 16} (ROG's {compress: qsgd,
+        # quant_level: 16} too) or strings "qsgd:levels=16"; see docs/obfuscations.md
         "obfuscation": [],
     },
     "attack": {
@@ -144,6 +146,13 @@ def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str,
         raise UserError(f"{source}: 'capture.batch_size' must be >= 1")
     if not isinstance(cfg["capture"]["obfuscation"], list):
         raise UserError(f"{source}: 'capture.obfuscation' must be a list")
+    if cfg["capture"]["protocol"]["num_clients_averaged"] < 1:
+        raise UserError(f"{source}: 'capture.protocol.num_clients_averaged' must be >= 1")
+    from .. import obfuscation
+    try:
+        obfuscation.resolve_all(cfg["capture"]["obfuscation"])
+    except UserError as e:
+        raise UserError(f"{source}: capture.obfuscation: {e}") from None
     return cfg
 
 

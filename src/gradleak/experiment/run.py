@@ -68,10 +68,10 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
     """Run ``cfg`` and write everything into ``folder`` (which must exist). Returns the metrics."""
     cap = cfg["capture"]
     ds = load_dataset(cfg["data"])
-    idx = choose_indices(len(ds), cap["batch_size"], cap["indices"], cfg["seed"])
+    proto = Protocol(**cap["protocol"])
+    idx = choose_indices(len(ds), cap["batch_size"] * proto.num_clients_averaged, cap["indices"], cfg["seed"])
     batch = ds.batch(idx)
     log(f"data: {ds.describe().get('source')} ({len(ds)} images), batch {idx}")
-    proto = Protocol(**cap["protocol"])
     state, options, mean, std, meta = None, cap["options"], cap["mean"], cap["std"], {}
     if cap["model_state"]:
         ckpt = load_model(cap["model_state"])
@@ -90,7 +90,9 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
     truth = Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx)
     observation.save(obs, folder / "observation.pt")
     save_truth(truth, folder / "truth.npz")
-    log(f"capture: {cap['arch']}, {proto.algorithm}, B={len(idx)}, obfuscation "
+    log(f"capture: {cap['arch']}, {proto.algorithm}, B={len(idx)}"
+        + (f" ({proto.num_clients_averaged} clients averaged)" if proto.num_clients_averaged > 1 else "")
+        + ", obfuscation "
         f"{[o['name'] for o in obs.obfuscation] or 'none'}, {bits} bits")
 
     attack_cfg = cfg["attack"]

@@ -28,7 +28,8 @@ import torch
 from .. import obfuscation
 from ..data import load_dataset, split_by_patient
 from ..errors import UserError
-from ..federated.simulation import Evaluation, Settings, partition_by_patient, schedule_dp, simulate
+from ..federated.simulation import (Evaluation, Settings, dp_records, partition_by_patient, schedule_dp,
+                                   simulate)
 from ..metrics.classification import AUC_VARIANT, THRESHOLD_VARIANT
 from ..models import build
 from ..models.checkpoint import save_model
@@ -96,13 +97,10 @@ def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str,
         Evaluation(**cfg["evaluation"])
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
-    for spec in cfg["obfuscation"]:
-        if not isinstance(spec, dict):
-            raise UserError(f"{source}: each obfuscation must be a mapping with a 'name', got {spec!r}")
     st = settings(cfg)
     try:
-        for spec in schedule_dp(cfg["obfuscation"], st.sample_rate, st.rounds):
-            obfuscation.resolve(spec)
+        obfuscation.resolve_all(schedule_dp([obfuscation.normalize(s) for s in cfg["obfuscation"]],
+                                            st.sample_rate, st.rounds))
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
     return cfg
@@ -182,6 +180,8 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     if final_dir.exists():
         raise UserError(f"output folder already exists: {final_dir}")
     st, ev_settings = settings(cfg), Evaluation(**cfg["evaluation"])
+    specs = [obfuscation.normalize(s) for s in cfg["obfuscation"]]
+    applied = [s["name"] for s in specs] or ["none"]
     partial = final_dir.parent / f".{final_dir.name}.partial"
     partial.mkdir(parents=True, exist_ok=False)
     log = Log(echo)
@@ -211,7 +211,7 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
             raise UserError(f"model.options {mc['options']} do not fit {mc['arch']} ({e})") from None
         num_params = sum(p.numel() for p in model.parameters())
         log(f"model: {header}, {num_params} parameters; {st.algorithm}, {st.rounds} rounds, "
-            f"obfuscation {[s.get('name') for s in cfg['obfuscation']] or 'none'}")
+            f"obfuscation {', '.join(applied)}")
         keep = set(cfg["save_rounds"])
         saved: list[str] = []
 
@@ -228,7 +228,7 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
                 saved.append(f"model_r{r}.pt")
 
         res = simulate(model, x, y, part.clients, xe, ye, st, evaluation=ev_settings,
-                       obfuscations=cfg["obfuscation"], seed=cfg["seed"], delta=cfg["privacy"]["delta"],
+                       obfuscations=specs, seed=cfg["seed"], delta=cfg["privacy"]["delta"],
                        device=cfg["device"], progress=progress, on_round=on_round)
         rounds_run = len(res.rounds)
         save_model(partial / "model.pt", header, res.final_state, mean=mc["mean"], std=mc["std"],
@@ -239,7 +239,7 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
                        round=res.best_round, meta={"experiment": cfg["name"], "monitor": ev_settings.monitor})
             files.append("model_best.pt")
         eps = res.rounds[-1].get("epsilon") if res.rounds else None
-        dp = [r for r in res.obfuscation if r.get("noise_multiplier") and r.get("clip") is not None]
+        dp = dp_records(res.obfuscation)
         result: dict[str, Any] = {
             "format": FORMAT,
             "name": cfg["name"],
@@ -253,7 +253,7 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
             "protocol": {**dataclasses.asdict(st), "sample_rate": st.sample_rate,
                          "update_is": "gradient" if st.algorithm == "fedsgd" else "weight_delta"},
             "threat_model": {
-                "obfuscation": [s.get("name") for s in cfg["obfuscation"]] or ["none"],
+                "obfuscation": applied,
                 "server_sees": "each participating client's update after its obfuscation",
                 "buffers_sent": bool(st.sends_buffers),
                 "dp": ({"unit": "client (its whole update in a round)", "delta": dp[0].get("delta", cfg["privacy"]["delta"]),

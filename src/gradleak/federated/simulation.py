@@ -30,6 +30,7 @@ from torch.func import functional_call
 
 from .. import obfuscation
 from ..errors import UserError
+from ..obfuscation import accounting
 from ..metrics.classification import binary_metrics
 from .client import client_update
 from .protocol import Protocol, Tensors, split_state
@@ -342,17 +343,19 @@ def schedule_dp(specs: list[dict[str, Any]], sample_rate: float, rounds: int) ->
     return out
 
 
-def epsilon_after(records: list[dict[str, Any]], sample_rate: float, rounds: int,
-                  delta: float | None) -> float | None:
-    """Client-level epsilon spent after ``rounds`` rounds by the Gaussian mechanisms among ``records``
-    (those with a ``noise_multiplier`` and a clipping bound), accounted with
-    :func:`gradleak.obfuscation.accounting.epsilon_spent`; None when no record is one."""
-    dp = [r for r in records if r.get("noise_multiplier") and r.get("clip") is not None]
+def dp_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of Gaussian mechanisms with client-level sensitivity (the whole update clipped)."""
+    return [r for r in records if r.get("dp_unit") == "client" and r.get("noise_multiplier")]
+
+
+def epsilon_after(records: Sequence[dict[str, Any]], sample_rate: float, rounds: int,
+                  delta: float | None = None) -> float | None:
+    """Client-level epsilon spent after ``rounds`` rounds by the Gaussian mechanisms among ``records``,
+    from :func:`gradleak.obfuscation.accounting.epsilon_spent` (Opacus's accountant) with the client
+    sampling rate; each record's own ``delta`` and ``accountant`` are used (``delta`` when it names
+    none). Several such mechanisms compose by adding their epsilons. None when there is none."""
+    dp = dp_records(records)
     if not dp:
-        return None
-    try:
-        from ..obfuscation import accounting
-    except ImportError:  # the accounting module arrives with the obfuscation suite
         return None
     eps = 0.0
     for r in dp:
@@ -360,7 +363,7 @@ def epsilon_after(records: list[dict[str, Any]], sample_rate: float, rounds: int
         if d is None:
             return None
         eps += accounting.epsilon_spent(float(r["noise_multiplier"]), sample_rate, int(rounds), float(d),
-                                        accountant=r.get("accountant", "rdp"))
+                                        accountant=r.get("accountant") or "rdp")
     return float(eps)
 
 
@@ -421,9 +424,8 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
     set when evaluated), the final and the best global state.
     """
     evaluation = evaluation or Evaluation()
-    specs = schedule_dp([dict(s) for s in obfuscations], settings.sample_rate, settings.rounds)
-    for spec in specs:  # fail on a bad spec before any training
-        obfuscation.resolve(spec)
+    specs = schedule_dp([obfuscation.normalize(s) for s in obfuscations], settings.sample_rate, settings.rounds)
+    obfuscation.resolve_all(specs)  # fail on a bad spec before any training
     dev = torch.device(device)
     model = model.to(dev)
     server = Server(model, {k: v.to(dev) for k, v in model.state_dict().items()}, settings)
@@ -458,6 +460,7 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
                                                             replace=False))
             chosen = [c for c in chosen if sizes[c] > 0]
             updates, weights, buffers, bits = [], [], [], 0
+            round_records: list[list[dict[str, Any]]] = []
             state = server.state()
             update_is = "gradient"
             for c in chosen:
@@ -468,20 +471,25 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
                     order = order[:settings.local_batch_size]
                 sel = torch.as_tensor(order, device=dev)
                 update, buf = client_update(model, state, x_all[sel], y_all[sel], proto)
-                update, records, b = obfuscation.apply(specs, {k: v.cpu() for k, v in update.items()}, noise)
+                context = obfuscation.Context(num_images=len(order), algorithm=settings.algorithm,
+                                              sample_rate=settings.sample_rate, rounds=settings.rounds)
+                update, records, b = obfuscation.apply(specs, {k: v.cpu() for k, v in update.items()}, noise,
+                                                       context)
                 updates.append(update)
                 weights.append(float(sizes[c]))
                 buffers.append(buf)
                 bits += int(b)
                 update_bits.append(int(b))
-                last_records = records
+                round_records.append(records)
                 update_is = proto.update_is
             if updates:
                 server.step(aggregate(updates, weights), update_is)
                 if settings.sends_buffers and buffers and buffers[0]:
                     server.buffers = {k: v.to(dev) for k, v in average_buffers(
                         [{k: v.cpu() for k, v in b.items()} for b in buffers], weights).items()}
-            eps = epsilon_after(last_records, settings.sample_rate, r, delta) if last_records else None
+            if round_records:
+                last_records = obfuscation.merge_client_records(round_records)
+            eps = epsilon_after(last_records, settings.sample_rate, r, delta)
             rep = RoundReport(r, chosen, int(sizes[chosen].sum()) if chosen else 0, bits, eps, 0.0)
             new_state = server.state()
             if r % evaluation.every == 0 or r == settings.rounds:
@@ -520,5 +528,5 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
 
 
 __all__ = ["Evaluation", "Partition", "Server", "Settings", "SimulationResult", "aggregate", "average_buffers",
-           "epsilon_after", "evaluate", "partition_by_patient", "patient_groups", "patient_labels",
+           "dp_records", "epsilon_after", "evaluate", "partition_by_patient", "patient_groups", "patient_labels",
            "schedule_dp", "simulate"]
