@@ -110,4 +110,8 @@ def test_user_errors_are_one_line_exit_2_and_leave_nothing(tmp_path):
 def test_demo_runs_quickly_when_asked(tmp_path):
     p = gradleak("demo", "--out", tmp_path, "--iterations", 3, "--quiet")
     assert "PSNR" in p.stdout and "SSIM" in p.stdout and "threat model" in p.stdout
-    assert len(list(tmp_path.glob("demo-*/reconstruction.png"))) == 1
+    cells = sorted(f.parent.name for f in tmp_path.glob("demo-*/*/reconstruction.png"))
+    assert cells == ["gaussian", "none", "qsgd", "topk"]
+    rows = {line.split(",")[0].split()[0] for line in p.stdout.splitlines()
+            if line.startswith(("none", "qsgd", "topk", "gaussian"))}
+    assert rows == {"none", "qsgd", "topk", "gaussian"} and "bits/update" in p.stdout

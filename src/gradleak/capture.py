@@ -18,6 +18,7 @@ import torch
 from . import obfuscation
 from .errors import UserError
 from .federated import Protocol, client_update
+from .federated.protocol import client_slices
 from .models import build
 from .observation import Observation
 
@@ -35,36 +36,62 @@ class Truth:
 
 def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: Protocol,
             num_classes: int = 2, model_seed: int = 0, global_state: dict[str, torch.Tensor] | None = None,
-            labels_known: bool = False, obfuscations: Sequence[dict[str, Any]] = (),
+            labels_known: bool = False, obfuscations: Sequence[Any] = (),
             obfuscation_seed: int = 0, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
-            meta: dict[str, Any] | None = None) -> tuple[Observation, int]:
-    """Run the client on ``images`` and package what the server receives.
+            meta: dict[str, Any] | None = None, options: dict[str, Any] | None = None
+            ) -> tuple[Observation, int]:
+    """Run the client(s) on ``images`` and package what the server receives.
 
     ``global_state`` is the model the server sent (a fresh model initialised from ``model_seed`` when
-    None). Returns the Observation and the update's communication cost in bits.
+    None), e.g. a trained model read with :func:`gradleak.models.checkpoint.load_model`. ``options`` are
+    the architecture's options (e.g. ``{"width": 8}`` for convnet). With ``protocol.num_clients_averaged``
+    K > 1, ``images`` holds the K clients' batches one after the other (K*B images); each client computes
+    its update on its B images and applies the ``obfuscations`` itself (noise drawn from one generator
+    seeded with ``obfuscation_seed``, client after client), and the observation holds the mean of the K
+    obfuscated updates. Returns the Observation and the communication cost in bits of one client's update
+    (the mean over clients).
     """
     if images.dim() != 4:
         raise UserError(f"expected images N x C x H x W, got shape {tuple(images.shape)}")
     n, c, h, w = images.shape
     if h != w:
         raise UserError(f"images must be square, got {h}x{w}")
-    model = build(arch, num_classes, c, h, seed=model_seed, mean=list(mean), std=list(std))
+    k = int(protocol.num_clients_averaged)
+    slices = client_slices(n, k)
+    header_protocol = protocol.header(n)
+    specs = list(obfuscations)
+    obfuscation.resolve_all(specs)  # report a bad spec before any work
+    model = build(arch, num_classes, c, h, seed=model_seed, mean=list(mean), std=list(std),
+                  options=dict(options) if options else None)
     if global_state is not None:
         model.load_state_dict(global_state)
-    sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update, buffers_after = client_update(model, sent, images, labels, protocol)
+    sent = {name: v.detach().clone() for name, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(int(obfuscation_seed))
-    update, records, bits = obfuscation.apply(list(obfuscations), update, generator)
+    context = obfuscation.Context.from_protocol(header_protocol)
+    updates, records, costs, buffers = [], [], [], []
+    for sl in slices:
+        update, buffers_after = client_update(model, sent, images[sl], labels[sl], protocol)
+        update, recs, bits = obfuscation.apply(specs, update, generator, context)
+        updates.append(update)
+        records.append(recs)
+        costs.append(bits)
+        buffers.append(buffers_after)
+    update = updates[0] if k == 1 else {name: torch.stack([u[name] for u in updates]).mean(0) for name in updates[0]}
+    buffers_after = buffers[0] if k == 1 else {
+        name: (torch.stack([b[name] for b in buffers]).mean(0) if buffers[0][name].is_floating_point()
+               else buffers[0][name]) for name in buffers[0]}
     header = {"arch": arch, "num_classes": int(num_classes), "in_channels": int(c), "image_size": int(h)}
+    if options:
+        header["options"] = dict(options)
     obs = Observation(
-        model=header, global_state=sent, update=update, protocol=protocol.header(n),
+        model=header, global_state=sent, update=update, protocol=header_protocol,
         labels=labels.clone().to(torch.int64) if labels_known else None,
-        obfuscation=records,
+        obfuscation=obfuscation.merge_client_records(records),
         data={"value_range": [0, 1], "mean": [float(m) for m in mean], "std": [float(s) for s in std]},
         buffers=buffers_after if (protocol.sends_buffers and buffers_after) else None,
         meta=dict(meta or {}),
     )
-    return obs, bits
+    return obs, int(round(sum(costs) / len(costs)))
 
 
 def save_truth(truth: Truth, path: str | os.PathLike) -> Path:

@@ -60,21 +60,64 @@ def cmd_capture(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiment.run import choose_indices
     from .federated import Protocol
+    from .obfuscation import parse_spec, resolve_all
 
-    ds = load_dataset(a.data, size=a.size)
-    idx = choose_indices(len(ds), a.batch_size, a.indices, a.seed)
-    batch = ds.batch(idx)
+    from .models.checkpoint import check_matches, load_model
+
+    specs = [parse_spec(s) for s in a.obfuscation or []]
+    resolve_all(specs)  # a bad spec fails before the data are read
     proto = Protocol(algorithm=a.algorithm, local_steps=a.local_steps, local_lr=a.local_lr,
-                     local_batch_size=a.local_batch_size, sends_buffers=a.sends_buffers)
-    obs, bits = capture(batch.images, batch.labels, arch=a.arch, protocol=proto, num_classes=a.num_classes,
-                        model_seed=a.model_seed, labels_known=a.labels_known, obfuscation_seed=a.seed,
-                        meta={"data": ds.describe(), "indices": idx})
+                     local_batch_size=a.local_batch_size, sends_buffers=a.sends_buffers,
+                     per_example_clip=a.per_example_clip, num_clients_averaged=a.num_clients_averaged)
+    ckpt = load_model(a.model_state) if a.model_state else None
+    size = a.size or (ckpt["model"]["image_size"] if ckpt else None)
+    ds = load_dataset(a.data, size=size)
+    k = a.num_clients_averaged
+    idx = choose_indices(len(ds), a.batch_size * k, a.indices, a.seed)
+    if len(idx) % k:
+        raise UserError(f"--indices gives {len(idx)} images, which {k} clients cannot share evenly")
+    batch = ds.batch(idx)
+    kw: dict[str, Any] = {"meta": {"data": ds.describe(), "indices": idx}}
+    arch, num_classes = a.arch or "lenet5", a.num_classes or 2
+    if ckpt is not None:
+        check_matches(ckpt, where="the command line and data", arch=a.arch, num_classes=a.num_classes,
+                      image_size=int(batch.images.shape[-1]), in_channels=int(batch.images.shape[1]))
+        arch, num_classes = ckpt["model"]["arch"], ckpt["model"]["num_classes"]
+        kw.update(global_state=ckpt["state_dict"], options=ckpt["model"].get("options"),
+                  mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])
+        kw["meta"].update(model_state=str(a.model_state), model_round=ckpt["round"])
+    obs, bits = capture(batch.images, batch.labels, arch=arch, protocol=proto, num_classes=num_classes,
+                        model_seed=a.model_seed, labels_known=a.labels_known, obfuscations=specs,
+                        obfuscation_seed=a.seed, **kw)
     out = Path(a.out)
     truth_path = Path(a.truth) if a.truth else out.parent / "truth.npz"
     observation.save(obs, out)
     save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx), truth_path)
-    print(f"observation: {out}  ({a.arch}, {proto.algorithm}, B={len(idx)}, {bits} bits)")
+    clients = f", {k} clients x {len(idx) // k} images averaged" if k > 1 else ""
+    applied = ", ".join(o["name"] for o in obs.obfuscation) or "none"
+    victim = f"{arch} from {a.model_state}" if ckpt is not None else arch
+    print(f"observation: {out}  ({victim}, {proto.algorithm}, B={len(idx)}{clients}, obfuscation {applied}, "
+          f"{bits} bits/update)")
     print(f"truth:       {truth_path}  (never read by attacks; pass it to 'gradleak attack --truth')")
+    return 0
+
+
+def cmd_obfuscate(a: argparse.Namespace) -> int:
+    import torch
+
+    from . import observation
+    from .obfuscation import Context, apply, parse_spec, resolve_all
+
+    specs = [parse_spec(s) for s in a.spec]
+    resolve_all(specs)
+    obs = observation.load(a.observation)
+    generator = torch.Generator().manual_seed(int(a.seed))
+    update, records, bits = apply(specs, obs.update, generator, Context.from_protocol(obs.protocol))
+    obs.update = update
+    obs.obfuscation = list(obs.obfuscation) + records
+    observation.save(obs, a.out)
+    print(f"{a.out}: applied {', '.join(r['name'] for r in records)} to {a.observation} "
+          f"({bits} bits/update); obfuscation now {[o['name'] for o in obs.obfuscation]}")
     return 0
 
 
@@ -132,6 +175,32 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_utility(a: argparse.Namespace) -> int:
+    from .experiment import utility
+
+    overrides = dict(a.set or [])
+    if a.eval_data is not None:
+        overrides["eval_data"] = a.eval_data
+    if a.save_rounds is not None:
+        overrides["save_rounds"] = a.save_rounds
+    cfg = utility.load(a.config, overrides=overrides)
+    out = Path(a.out) if a.out else None
+    res = utility.run_utility(cfg, progress=not a.quiet, folder=out)
+    f = res["final"] or {}
+    eps = res["epsilon"]
+    print(f"final model (round {res['final_round']}): ROC AUC {f.get('roc_auc', float('nan')):.4f}  "
+          f"accuracy {f.get('accuracy', float('nan')):.4f}  sensitivity {f.get('sensitivity', float('nan')):.3f}  "
+          f"specificity {f.get('specificity', float('nan')):.3f}  F1 {f.get('f1', float('nan')):.3f}  "
+          f"loss {f.get('loss', float('nan')):.4f}")
+    b = res["best"] or {}
+    print(f"best round {res['best_round']} by {res['monitor']}: ROC AUC {b.get('roc_auc', float('nan')):.4f}  "
+          f"accuracy {b.get('accuracy', float('nan')):.4f}" + ("  (stopped early)" if res["stopped_early"] else ""))
+    print(f"bits per round {res['bits_per_round']:.4g} (per update {res['bits_per_update']:.4g}, dense "
+          f"{res['dense_bits_per_update']})" + (f"  epsilon {eps:.3f} (delta {res['delta']:g})" if eps is not None else ""))
+    print(f"files: {res['folder']}/ (utility.json, learning_curves.png, model.pt)")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .experiment.demo import demo
 
@@ -169,8 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--indices", type=_indices, default=None, help="comma-separated data set indices")
     c.add_argument("--batch-size", type=_positive_int, default=1, help="images drawn with --seed when no --indices (default 1)")
     c.add_argument("--seed", type=int, default=0, help="seed for the batch choice and obfuscation noise")
-    c.add_argument("--arch", default="lenet5", help="victim model (lenet5, lenet_zhu, convnet, resnet18, resnet18_nobn)")
-    c.add_argument("--num-classes", type=_positive_int, default=2)
+    c.add_argument("--arch", default=None, help="victim model (lenet5, lenet_zhu, convnet, resnet18, resnet18_nobn; "
+                   "default lenet5, or the --model-state file's)")
+    c.add_argument("--num-classes", type=_positive_int, default=None, help="default 2, or the --model-state file's")
+    c.add_argument("--model-state", default=None, metavar="MODEL.pt",
+                   help="victim weights from a model file (e.g. model.pt of 'gradleak utility'): attack a trained "
+                        "model instead of a random one; --size defaults to the model's image size")
     c.add_argument("--model-seed", type=int, default=0, help="seed of the model's random initialisation")
     c.add_argument("--algorithm", choices=["fedsgd", "fedavg"], default="fedsgd")
     c.add_argument("--local-steps", type=_positive_int, default=1)
@@ -178,9 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--local-batch-size", type=_positive_int, default=None)
     c.add_argument("--sends-buffers", action="store_true", help="the client also sends BatchNorm running statistics")
     c.add_argument("--labels-known", action="store_true", help="the threat model grants the server the labels")
+    c.add_argument("--obfuscation", action="append", metavar="SPEC", help="obfuscation the client applies, "
+                   "NAME:key=value,... (e.g. qsgd:levels=16, topk:keep=0.01, sign, gaussian:clip=1,"
+                   "noise_multiplier=0.01); repeat to compose, applied in order")
+    c.add_argument("--num-clients-averaged", type=_positive_int, default=1, metavar="K",
+                   help="K clients with --batch-size images each; the server sees only their mean update")
+    c.add_argument("--per-example-clip", type=_positive_float, default=None, metavar="C",
+                   help="DP-SGD style: clip each image's gradient to L2 norm C before averaging")
     c.add_argument("--out", required=True, help="observation file to write (e.g. obs.pt)")
     c.add_argument("--truth", default=None, help="ground-truth file (default: truth.npz beside --out)")
     c.set_defaults(func=cmd_capture)
+
+    o = sub.add_parser("obfuscate", help="apply obfuscations to an existing observation file")
+    o.add_argument("--observation", required=True, help="observation file to read")
+    o.add_argument("--spec", required=True, action="append", metavar="SPEC",
+                   help="NAME:key=value,... (e.g. qsgd:levels=16, topk:keep=0.01, sign, uniform:bits=8); "
+                   "repeat to compose, applied in order")
+    o.add_argument("--out", required=True, help="observation file to write (may equal --observation)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the obfuscation's randomness (default 0)")
+    o.set_defaults(func=cmd_obfuscate)
 
     t = sub.add_parser("attack", help="attacker side: reconstruct images from an observation file")
     t.add_argument("--observation", required=True)
@@ -202,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value by dotted key, e.g. attack.settings.iterations=100")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
+
+    u = sub.add_parser("utility", help="federated training of the classifier under an obfuscation: what the "
+                       "defence costs the model (utility.json, learning curves, model.pt)")
+    u.add_argument("config", help="utility config YAML (see examples/utility_*.yaml)")
+    u.add_argument("--set", type=_kv, action="append", metavar="KEY=VALUE",
+                   help="override a config value by dotted key, e.g. federation.rounds=5")
+    u.add_argument("--eval-data", default=None, metavar="SPEC",
+                   help="evaluate on this data set (e.g. kaggle:PATH,split=test) instead of held-out patients")
+    u.add_argument("--save-rounds", type=_indices, default=None, metavar="R1,R2",
+                   help="also keep model_rR.pt after these rounds (victims for 'attack at round r')")
+    u.add_argument("--out", default=None, help="experiment folder to create (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
+    u.set_defaults(func=cmd_utility)
 
     d = sub.add_parser("demo", help="the built-in demonstration on synthetic chest radiographs")
     d.add_argument("--out", default="experiments", help="folder for the demo's experiment (default experiments)")

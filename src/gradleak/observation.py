@@ -142,6 +142,15 @@ def validate(raw: Any, where: str = "observation") -> None:
     n = proto["num_images"]
     if not isinstance(n, int) or n < 1:
         raise bad(f"protocol.num_images must be a positive integer, got {n!r}")
+    k = proto.get("num_clients_averaged", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or n % k:
+        raise bad(f"protocol.num_clients_averaged must be a positive integer dividing num_images ({n}), got {k!r}")
+    ipc = proto.get("images_per_client")
+    if ipc is not None and (isinstance(ipc, bool) or not isinstance(ipc, int) or ipc * k != n):
+        raise bad(f"protocol.images_per_client is {ipc!r} but num_images / num_clients_averaged is {n // k}")
+    pec = proto.get("per_example_clip")
+    if pec is not None and (isinstance(pec, bool) or not isinstance(pec, (int, float)) or not 0 < pec < math.inf):
+        raise bad(f"protocol.per_example_clip must be null or a positive number, got {pec!r}")
     data = raw["data"]
     if not isinstance(data, dict):
         raise bad("'data' must be a dict")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
-from ..federated.protocol import Protocol, Tensors, local_update, split_state
+from ..federated.protocol import Protocol, Tensors, client_slices, local_update, split_state
 from ..models import build_from_header, has_batch_norm
 from ..observation import Observation
 
@@ -45,9 +45,18 @@ class Simulator:
         self.num_classes = int(obs.model["num_classes"])
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> Tensors:
-        """The update the client would send for one candidate batch ``x`` (B x C x H x W)."""
-        upd, _ = local_update(self.model, self.params, {}, x, y, self.protocol)
-        return upd
+        """The update the client would send for one candidate batch ``x`` (B x C x H x W).
+
+        With ``num_clients_averaged`` K > 1 the batch is split into K equal groups in order, each run
+        as one client, and the updates are averaged (what the server sees).
+        """
+        k = self.protocol.num_clients_averaged
+        if k == 1:
+            upd, _ = local_update(self.model, self.params, {}, x, y, self.protocol)
+            return upd
+        parts = [local_update(self.model, self.params, {}, x[sl], y[sl], self.protocol)[0]
+                 for sl in client_slices(x.shape[0], k)]
+        return {n: sum(p[n] for p in parts) / k for n in self.param_names}
 
     def batched(self, fn, xs: torch.Tensor, y: torch.Tensor, per_restart_labels: bool = False) -> torch.Tensor:
         """``fn(update, x)`` -> scalar for each restart in ``xs`` (R x B x C x H x W), as one vmapped call.

@@ -32,13 +32,17 @@ SCHEMA: dict[str, Any] = {
         "arch": "lenet5",
         "num_classes": 2,
         "model_seed": 0,
+        "options": None,  # arch-specific model options (e.g. {width: 8} for convnet)
+        "model_state": None,  # a model.pt (e.g. from `gradleak utility`): attack a trained model
         "batch_size": 4,
         "indices": None,  # explicit data set indices; otherwise batch_size images drawn with `seed`
         "labels_known": False,
         "mean": [0.5],
         "std": [0.5],
         "protocol": {"algorithm": "fedsgd", "local_steps": 1, "local_lr": 0.0, "local_batch_size": None,
-                     "sends_buffers": False},
+                     "sends_buffers": False, "per_example_clip": None, "num_clients_averaged": 1},
+        # applied in order by each client: dicts {name: qsgd, levels: 16} (ROG's {compress: qsgd,
+        # quant_level: 16} too) or strings "qsgd:levels=16"; see docs/obfuscations.md
         "obfuscation": [],
     },
     "attack": {
@@ -97,8 +101,8 @@ def merge(user: Any, schema: dict[str, Any], source: str = "config", prefix: str
     return out
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read, merge with defaults and check an experiment YAML file."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (one-line errors for a missing file or bad YAML)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -108,23 +112,47 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str,
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{at}") from None
-    return from_dict(user, source=str(path), overrides=overrides)
+    if not isinstance(user, dict):
+        raise UserError(f"{path}: the top level must be a mapping")
+    return user
 
 
-def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
-    cfg = merge(user, SCHEMA, source)
+def merge_with_overrides(user: dict[str, Any], schema: dict[str, Any], source: str = "config",
+                         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`merge`, then set each ``{"dotted.key": value}`` override and check the result again."""
+    cfg = merge(user, schema, source)
     for dotted, value in (overrides or {}).items():
         node = cfg
         parts = dotted.split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise UserError(f"{source}: cannot set '{dotted}': '{p}' is not a section")
+            node = node[p]
         node[parts[-1]] = value
-    cfg = merge(cfg, SCHEMA, source)
+    return merge(cfg, schema, source)
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read, merge with defaults and check an experiment YAML file."""
+    return from_dict(read_yaml(path), source=str(path), overrides=overrides)
+
+
+def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+    cfg = merge_with_overrides(user, SCHEMA, source, overrides)
     if cfg["capture"]["batch_size"] < 1:
         raise UserError(f"{source}: 'capture.batch_size' must be >= 1")
     if not isinstance(cfg["capture"]["obfuscation"], list):
         raise UserError(f"{source}: 'capture.obfuscation' must be a list")
+    if cfg["capture"]["protocol"]["num_clients_averaged"] < 1:
+        raise UserError(f"{source}: 'capture.protocol.num_clients_averaged' must be >= 1")
+    from .. import obfuscation
+    try:
+        obfuscation.resolve_all(cfg["capture"]["obfuscation"])
+    except UserError as e:
+        raise UserError(f"{source}: capture.obfuscation: {e}") from None
     return cfg
 
 

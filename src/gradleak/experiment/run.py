@@ -19,6 +19,7 @@ from ..capture import Truth, capture, save_truth
 from ..data import load_dataset
 from ..errors import UserError
 from ..federated import Protocol
+from ..models.checkpoint import check_matches, load_model
 from .config import dump
 from .outputs import versions, write_json, write_reconstruction, write_text
 
@@ -67,19 +68,31 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
     """Run ``cfg`` and write everything into ``folder`` (which must exist). Returns the metrics."""
     cap = cfg["capture"]
     ds = load_dataset(cfg["data"])
-    idx = choose_indices(len(ds), cap["batch_size"], cap["indices"], cfg["seed"])
+    proto = Protocol(**cap["protocol"])
+    idx = choose_indices(len(ds), cap["batch_size"] * proto.num_clients_averaged, cap["indices"], cfg["seed"])
     batch = ds.batch(idx)
     log(f"data: {ds.describe().get('source')} ({len(ds)} images), batch {idx}")
-    proto = Protocol(**cap["protocol"])
+    state, options, mean, std, meta = None, cap["options"], cap["mean"], cap["std"], {}
+    if cap["model_state"]:
+        ckpt = load_model(cap["model_state"])
+        check_matches(ckpt, where="the config's capture section and data", arch=cap["arch"],
+                      num_classes=cap["num_classes"], image_size=int(batch.images.shape[-1]),
+                      in_channels=int(batch.images.shape[1]), options=options)
+        state, options = ckpt["state_dict"], ckpt["model"].get("options")
+        mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
+        meta = {"model_state": str(cap["model_state"]), "model_round": ckpt["round"]}
+        log(f"victim model: {cap['model_state']} (after round {ckpt['round']})")
     obs, bits = capture(batch.images, batch.labels, arch=cap["arch"], protocol=proto,
-                        num_classes=cap["num_classes"], model_seed=cap["model_seed"],
+                        num_classes=cap["num_classes"], model_seed=cap["model_seed"], global_state=state,
                         labels_known=cap["labels_known"], obfuscations=cap["obfuscation"],
-                        obfuscation_seed=cfg["seed"], mean=cap["mean"], std=cap["std"],
-                        meta={"data": ds.describe(), "indices": idx})
+                        obfuscation_seed=cfg["seed"], mean=mean, std=std, options=options,
+                        meta={"data": ds.describe(), "indices": idx, **meta})
     truth = Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx)
     observation.save(obs, folder / "observation.pt")
     save_truth(truth, folder / "truth.npz")
-    log(f"capture: {cap['arch']}, {proto.algorithm}, B={len(idx)}, obfuscation "
+    log(f"capture: {cap['arch']}, {proto.algorithm}, B={len(idx)}"
+        + (f" ({proto.num_clients_averaged} clients averaged)" if proto.num_clients_averaged > 1 else "")
+        + ", obfuscation "
         f"{[o['name'] for o in obs.obfuscation] or 'none'}, {bits} bits")
 
     attack_cfg = cfg["attack"]

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vmap
 
 from ..errors import UserError
+from ..models import has_batch_norm
 
 ALGORITHMS = ("fedsgd", "fedavg")
 
@@ -34,6 +35,19 @@ class Protocol:
     ``w_after - w_before``. Mini-batches of ``local_batch_size`` are taken in the batch's order and
     cycled (step t uses mini-batch t mod ceil(B / local_batch_size)); ``None`` means full batch.
     ``sends_buffers``: the client also returns its BatchNorm running statistics after training.
+
+    ``per_example_clip`` (DP-SGD style, Abadi et al. 2016, as Opacus does it): every gradient the client
+    computes is replaced by ``(1/b) * sum_i g_i * min(1, C / (||g_i|| + 1e-6))`` over the b images of
+    the (mini-)batch, where g_i is image i's gradient of its cross-entropy with respect to all parameters
+    (one flat L2 norm over the whole parameter vector, per-sample gradients via ``torch.func.vmap``) and
+    C = ``per_example_clip``. Under FedSGD the update's L2 sensitivity to one image is then C / B; the
+    noise comes from the ``gaussian`` obfuscation. Under FedAvg every local step uses the clipped mean
+    gradient (no per-step noise). Needs a model without BatchNorm (BatchNorm mixes the images of a batch).
+
+    ``num_clients_averaged`` (K): K clients, each with its own batch of B images, start from the same
+    global model; each computes (and obfuscates) its own update, and the server sees only their mean
+    (as under secure aggregation). The observation then holds K*B images; client k has images
+    k*B .. (k+1)*B - 1 (:func:`client_slices`).
     """
 
     algorithm: str = "fedsgd"
@@ -41,6 +55,8 @@ class Protocol:
     local_lr: float = 0.0
     local_batch_size: int | None = None
     sends_buffers: bool = False
+    per_example_clip: float | None = None
+    num_clients_averaged: int = 1
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -52,29 +68,55 @@ class Protocol:
                 raise UserError(f"fedavg needs local_lr > 0, got {self.local_lr}")
         if self.local_batch_size is not None and int(self.local_batch_size) < 1:
             raise UserError(f"local_batch_size must be >= 1, got {self.local_batch_size}")
+        if self.per_example_clip is not None and (isinstance(self.per_example_clip, bool) or not isinstance(
+                self.per_example_clip, (int, float)) or not 0 < float(self.per_example_clip) < float("inf")):
+            raise UserError(f"per_example_clip must be a positive number, got {self.per_example_clip!r}")
+        k = self.num_clients_averaged
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"num_clients_averaged must be a positive integer, got {k!r}")
 
     @property
     def update_is(self) -> str:
         return "gradient" if self.algorithm == "fedsgd" else "weight_delta"
 
+    def images_per_client(self, num_images: int) -> int:
+        k = int(self.num_clients_averaged)
+        if num_images % k:
+            raise UserError(f"{num_images} images cannot be split evenly among num_clients_averaged={k} clients")
+        return num_images // k
+
     def header(self, num_images: int) -> dict[str, Any]:
-        """The ``protocol`` entry of an Observation."""
+        """The ``protocol`` entry of an Observation; ``num_images`` counts all clients' images (K*B)."""
         d = asdict(self)
+        b = self.images_per_client(int(num_images))
         if self.algorithm == "fedsgd":
             d.update(local_steps=1, local_lr=0.0)
-        d["local_batch_size"] = int(self.local_batch_size or num_images)
+        d["local_batch_size"] = int(self.local_batch_size or b)
         d["update_is"] = self.update_is
         d["num_images"] = int(num_images)
+        d["images_per_client"] = b
+        d["per_example_clip"] = None if self.per_example_clip is None else float(self.per_example_clip)
         return d
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> "Protocol":
         bs = header.get("local_batch_size")
-        n = header.get("num_images")
+        k = int(header.get("num_clients_averaged") or 1)
+        n = header.get("images_per_client") or (int(header["num_images"]) // k if header.get("num_images") else None)
+        pec = header.get("per_example_clip")
         return cls(algorithm=header["algorithm"], local_steps=int(header.get("local_steps", 1)),
                    local_lr=float(header.get("local_lr", 0.0)),
                    local_batch_size=None if bs is None or bs == n else int(bs),
-                   sends_buffers=bool(header.get("sends_buffers", False)))
+                   sends_buffers=bool(header.get("sends_buffers", False)),
+                   per_example_clip=None if pec is None else float(pec), num_clients_averaged=k)
+
+
+def client_slices(num_images: int, num_clients: int) -> list[slice]:
+    """The images of each of ``num_clients`` equal clients, in order (client k: k*B .. (k+1)*B - 1)."""
+    if num_clients < 1 or num_images % num_clients:
+        raise UserError(f"{num_images} images cannot be split evenly among {num_clients} clients")
+    b = num_images // num_clients
+    return [slice(k * b, (k + 1) * b) for k in range(num_clients)]
 
 
 def split_state(model: nn.Module, state: Tensors) -> tuple[Tensors, Tensors]:
@@ -108,6 +150,36 @@ def gradient(model: nn.Module, params: Tensors, buffers: Tensors, x: torch.Tenso
     return grad(lambda p, b: mean_cross_entropy(model, p, b, x, y))(params, buffers)
 
 
+def per_example_gradients(model: nn.Module, params: Tensors, buffers: Tensors, x: torch.Tensor,
+                          y: torch.Tensor) -> Tensors:
+    """Each image's gradient of its own cross-entropy: ``{name: tensor[b, *param shape]}`` (torch.func vmap)."""
+    def one(xi, yi):
+        return grad(lambda p: mean_cross_entropy(model, p, buffers, xi.unsqueeze(0), yi.unsqueeze(0)))(params)
+    return vmap(one)(x, y)
+
+
+def clipped_mean_gradient(model: nn.Module, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor,
+                          clip: float) -> Tensors:
+    """DP-SGD's clipped gradient: ``(1/b) sum_i g_i min(1, clip / (||g_i|| + 1e-6))`` (Opacus's clip factor),
+    ||g_i|| the L2 norm of image i's gradient over all parameters. Differentiable with respect to ``x``."""
+    if has_batch_norm(model):
+        raise UserError("per-example clipping needs a model without BatchNorm (BatchNorm mixes the images of "
+                        "a batch, so per-image gradients are undefined); use e.g. lenet5 or resnet18_nobn")
+    gs = per_example_gradients(model, params, buffers, x, y)
+    b = x.shape[0]
+    sq = sum(g.reshape(b, -1).pow(2).sum(dim=1) for g in gs.values())
+    factor = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    return {n: (g * factor.view(b, *([1] * (g.dim() - 1)))).sum(dim=0) / b for n, g in gs.items()}
+
+
+def client_gradient(model: nn.Module, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor,
+                    protocol: Protocol) -> Tensors:
+    """The gradient a client following ``protocol`` computes on (x, y): plain, or per-example clipped."""
+    if protocol.per_example_clip is None:
+        return gradient(model, params, buffers, x, y)
+    return clipped_mean_gradient(model, params, buffers, x, y, float(protocol.per_example_clip))
+
+
 def minibatches(n: int, batch_size: int | None, steps: int) -> list[slice]:
     """The slices of the client batch used at each local step (in order, cycled)."""
     bs = n if not batch_size else min(int(batch_size), n)
@@ -119,15 +191,17 @@ def local_update(model: nn.Module, params: Tensors, buffers: Tensors, x: torch.T
                  protocol: Protocol) -> tuple[Tensors, Tensors]:
     """One client's update under ``protocol``, starting from ``params``/``buffers``.
 
-    Returns ``(update, buffers_after)``; ``update`` is keyed by parameter name in the model's order.
+    This is one client; with ``protocol.num_clients_averaged`` K > 1 the caller runs it on each client's
+    slice (:func:`client_slices`) and averages. Returns ``(update, buffers_after)``; ``update`` is keyed
+    by parameter name in the model's order.
     ``params`` and ``buffers`` are never modified (buffers are cloned before the forward passes).
     """
     buffers = {k: v.clone() for k, v in buffers.items()}
     if protocol.algorithm == "fedsgd":
-        g = gradient(model, params, buffers, x, y)
+        g = client_gradient(model, params, buffers, x, y, protocol)
         return {n: g[n] for n in params}, buffers
     current = dict(params)
     for sl in minibatches(x.shape[0], protocol.local_batch_size, protocol.local_steps):
-        g = gradient(model, current, buffers, x[sl], y[sl])
+        g = client_gradient(model, current, buffers, x[sl], y[sl], protocol)
         current = {n: current[n] - protocol.local_lr * g[n] for n in current}
     return {n: current[n] - params[n] for n in params}, buffers

@@ -1,0 +1,122 @@
+"""Shared pieces of the obfuscation suite: parameter checks and the communication-cost model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import UserError
+
+FLOAT_BITS = 32
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _bad(name: str, key: str, what: str, value: Any) -> UserError:
+    return UserError(f"obfuscation '{name}': {key} must be {what}, got {value!r}")
+
+
+def as_int(name: str, p: dict[str, Any], key: str, lo: int | None = None, hi: int | None = None,
+           optional: bool = False) -> int | None:
+    v = p.get(key)
+    if v is None and optional:
+        return None
+    what = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "") + (
+        f" in [{lo}, {hi}]" if lo is not None and hi is not None else "")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v:
+        raise _bad(name, key, what, v)
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise _bad(name, key, what, v)
+    return v
+
+
+def as_float(name: str, p: dict[str, Any], key: str, *, lo: float | None = None, hi: float | None = None,
+             lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> float | None:
+    v = p.get(key)
+    if v is None and optional:
+        return None
+    parts = []
+    if lo is not None and hi is not None:
+        parts.append(f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+    elif lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    elif hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    what = "a number" + (" " + parts[0] if parts else "")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(name, key, what, v)
+    v = float(v)
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise _bad(name, key, what, v)
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise _bad(name, key, what, v)
+    return v
+
+
+def as_bool(name: str, p: dict[str, Any], key: str) -> bool:
+    v = p.get(key)
+    if not isinstance(v, bool):
+        raise _bad(name, key, "true or false", v)
+    return v
+
+
+def as_choice(name: str, p: dict[str, Any], key: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    v = p.get(key)
+    if not isinstance(v, str) or v.lower() not in choices:
+        raise _bad(name, key, "one of " + ", ".join(choices), v)
+    return v.lower()
+
+
+# ---------------------------------------------------------------------------------------------- bits
+def index_bits(n: int) -> int:
+    """Bits of a fixed-width index into ``n`` entries: ceil(log2 n) (0 for a single entry)."""
+    return max(0, math.ceil(math.log2(n))) if n > 1 else 0
+
+
+def sparse_or_dense_bits(t: torch.Tensor, value_bits: int, overhead: int = 0) -> int:
+    """Cost of one tensor whose non-zero entries take ``value_bits`` each: the cheaper of the dense code
+    (every entry) and the sparse code (each non-zero entry with a fixed-width index), plus ``overhead``
+    (e.g. a 32-bit scale)."""
+    n = int(t.numel())
+    nnz = int(torch.count_nonzero(t))
+    return int(overhead) + min(n * value_bits, nnz * (value_bits + index_bits(n)))
+
+
+def elias_omega_lengths(n: torch.Tensor) -> torch.Tensor:
+    """Lengths in bits of the Elias omega ("recursive") codes of the positive integers ``n``.
+
+    omega(1) = "0"; for N > 1 the code is the binary form of N preceded by the code of
+    (bit length of N) - 1, recursively, ending in "0": length = 1 + sum of the bit lengths of
+    N, bl(N) - 1, ... down to 1 (exclusive). Only the first link depends on N beyond its bit length,
+    so the rest comes from a 64-entry table.
+    """
+    x = n.to(torch.float64)
+    if bool((x < 1).any()):
+        raise ValueError("Elias omega codes positive integers only")
+    _, bl = torch.frexp(x)  # x = m * 2**bl with m in [0.5, 1): bl is the bit length of x
+    bl = bl.to(torch.int64)
+    lengths = 1 + torch.where(bl > 1, bl + _REST[(bl - 1).clamp(0, 63)], torch.zeros_like(bl))
+    return lengths
+
+
+def _rest_table() -> torch.Tensor:
+    # _REST[m] = len(omega(m)) - 1 for m >= 1 (the chain of binary blocks starting at m); _REST[0] unused
+    return torch.tensor([0] + [len(elias_omega(m)) - 1 for m in range(1, 64)], dtype=torch.int64)
+
+
+def elias_omega(n: int) -> str:
+    """The Elias omega code of ``n`` >= 1 as a bit string (reference implementation for tests and docs)."""
+    if n < 1:
+        raise ValueError("Elias omega codes positive integers only")
+    code = "0"
+    while n > 1:
+        b = bin(n)[2:]
+        code = b + code
+        n = len(b) - 1
+    return code
+
+
+_REST = _rest_table()
