@@ -27,13 +27,16 @@ class BatchedLBFGS:
         self.params = list(params)
         self.R = int(self.params[0].shape[0])
         self.lr = float(lr)
-        self.history_size = int(history_size)
+        self.m = int(history_size)
         self.tolerance_grad = float(tolerance_grad)
         dev = self.params[0].device
         self.active = torch.ones(self.R, dtype=torch.bool, device=dev)
-        self.steps: list[torch.Tensor] = []
-        self.dirs: list[torch.Tensor] = []
-        self.rhos: list[torch.Tensor] = []
+        # a ring buffer of curvature pairs per restart: restarts skip pairs with ys <= 1e-10 on their own
+        self.S: torch.Tensor | None = None
+        self.Y: torch.Tensor | None = None
+        self.rho = torch.zeros(self.m, self.R, device=dev)
+        self.pos = torch.zeros(self.R, dtype=torch.long, device=dev)
+        self.count = torch.zeros(self.R, dtype=torch.long, device=dev)
         self.h_diag = torch.ones(self.R, device=dev)
         self.prev_grad: torch.Tensor | None = None
         self.d: torch.Tensor | None = None
@@ -51,6 +54,38 @@ class BatchedLBFGS:
                 p.add_(flat[:, i:i + n].view_as(p))
                 i += n
 
+    def _remember(self, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, ok: torch.Tensor) -> None:
+        if self.S is None:
+            self.S = s.new_zeros(self.m, *s.shape)
+            self.Y = y.new_zeros(self.m, *y.shape)
+            self.rho = self.rho.to(s.dtype)
+        r = torch.nonzero(ok).reshape(-1)
+        if r.numel():
+            at = self.pos[r]
+            self.S[at, r] = s[r]
+            self.Y[at, r] = y[r]
+            self.rho[at, r] = 1.0 / ys[r]
+            self.pos[r] = (at + 1) % self.m
+            self.count[r] = (self.count[r] + 1).clamp(max=self.m)
+
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        """Two-loop recursion, newest pair first, each restart over its own pairs."""
+        q = -g
+        rows = torch.arange(self.R, device=g.device)
+        pairs = []
+        for k in range(int(self.count.max()) if self.S is not None else 0):
+            idx = (self.pos - 1 - k) % self.m
+            valid = (k < self.count).to(g.dtype)
+            s_k, y_k, rho_k = self.S[idx, rows], self.Y[idx, rows], self.rho[idx, rows] * valid
+            a = rho_k * (s_k * q).sum(dim=1)
+            q = q - a[:, None] * y_k
+            pairs.append((s_k, y_k, rho_k, a))
+        d = q * self.h_diag[:, None]
+        for s_k, y_k, rho_k, a in reversed(pairs):
+            b = rho_k * (y_k * d).sum(dim=1)
+            d = d + s_k * (a - b)[:, None]
+        return d
+
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``closure()`` zeroes the gradients, computes the per-restart losses (R), calls backward on
         their sum and returns them."""
@@ -63,29 +98,17 @@ class BatchedLBFGS:
         if self.d is None:
             d = -g
             t = (1.0 / g.abs().sum(dim=1).clamp_min(1e-30)).clamp(max=1.0) * self.lr
+            self.h_diag = self.h_diag.to(g.dtype)
         else:
             y = g - self.prev_grad
             s = self.d * self.t[:, None]
             ys = (y * s).sum(dim=1)
-            ok = ys > 1e-10
-            if len(self.dirs) == self.history_size:
-                self.dirs.pop(0), self.steps.pop(0), self.rhos.pop(0)
-            self.dirs.append(y)
-            self.steps.append(s)
-            self.rhos.append(torch.where(ok, 1.0 / torch.where(ok, ys, torch.ones_like(ys)), torch.zeros_like(ys)))
+            ok = (ys > 1e-10) & self.active
+            self._remember(s, y, ys, ok)
             yy = (y * y).sum(dim=1)
             self.h_diag = torch.where(ok, ys / yy.clamp_min(1e-30), self.h_diag)
-            q = -g
-            alphas = []
-            for s_i, y_i, r_i in zip(reversed(self.steps), reversed(self.dirs), reversed(self.rhos)):
-                a = r_i * (s_i * q).sum(dim=1)
-                q = q - a[:, None] * y_i
-                alphas.append(a)
-            d = q * self.h_diag[:, None]
-            for s_i, y_i, r_i, a in zip(self.steps, self.dirs, self.rhos, reversed(alphas)):
-                b = r_i * (y_i * d).sum(dim=1)
-                d = d + s_i * (a - b)[:, None]
-            t = torch.full((self.R,), self.lr, device=g.device)
+            d = self._direction(g)
+            t = torch.full((self.R,), self.lr, device=g.device, dtype=g.dtype)
         self.prev_grad = g
         self.d = d
         self.t = t
