@@ -53,6 +53,7 @@ COMMON: dict[str, Any] = {
     "unroll_local_steps": True,
     "bn_prior_weight": 0.0,
     "lbfgs_history": 100,
+    **aware.SETTINGS,
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -12,7 +12,8 @@ one gradient step, ``gradient ~ -delta / (local_lr * local_steps)``, and simulat
 
 from __future__ import annotations
 
-from ..federated.protocol import Protocol
+import dataclasses
+
 from .simulate import Simulator
 
 
@@ -23,5 +24,5 @@ def assume_fedsgd(sim: Simulator) -> Simulator:
         return sim
     scale = -1.0 / (float(p.local_lr) * int(p.local_steps))
     sim.target = {k: v * scale for k, v in sim.target.items()}
-    sim.protocol = Protocol(algorithm="fedsgd", sends_buffers=p.sends_buffers)
+    sim.protocol = dataclasses.replace(p, algorithm="fedsgd", local_steps=1, local_lr=0.0, local_batch_size=None)
     return sim
