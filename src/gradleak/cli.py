@@ -158,6 +158,9 @@ def cmd_attack(a: argparse.Namespace) -> int:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"{name}: {rec.iterations} iterations in {rec.seconds:.1f}s, labels {rec.threat_model['labels']}")
     if metrics:
+        raw = metrics.get("without_postprocessing")
+        if raw:
+            print(f"without post-processing: PSNR {raw['psnr']:.2f} dB  SSIM {raw['ssim']:.4f}")
         print(f"PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}"
               + (f"  label accuracy {metrics['label_accuracy']:.2f}" if "label_accuracy" in metrics else ""))
     print(f"wrote {out}/reconstruction.npz, reconstruction.png" + (", metrics.json" if metrics else ""))
@@ -273,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("attack", help="attacker side: reconstruct images from an observation file")
     t.add_argument("--observation", required=True)
-    t.add_argument("--attack", default="inverting_gradients", help="attack name (inverting_gradients / ig)")
+    t.add_argument("--attack", default="inverting_gradients",
+                   help="attack: inverting_gradients (ig), dlg, idlg or rog (default inverting_gradients)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--truth", default=None, help="truth.npz to score against (metrics.json)")
     t.add_argument("--iterations", type=_positive_int, default=None)

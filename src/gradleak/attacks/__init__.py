@@ -1,26 +1,35 @@
 """Attacks: an Observation in, a Reconstruction out. This package never sees ground-truth images.
 
-Each attack is a module with ``DEFAULTS`` and ``run(obs, settings, device=, generator=, progress=)``;
-its hyper-parameters come from a YAML preset in ``gradleak/configs/attacks`` (which may inherit another)
-and can be overridden per run.
+Every attack is the same optimisation loop (:mod:`.engine`) assembled from parts (label inference,
+initialisation, decoder, objective, regularisers, optimiser and schedule, post-processing) named in its
+settings. Each attack is a module with ``DEFAULTS`` and a docstring; its hyper-parameters come from a
+YAML preset in ``gradleak/configs/attacks`` (which may inherit another) and can be overridden per run.
+
+    dlg                  DLG (Zhu et al. 2019): L2, L-BFGS, soft labels optimised jointly
+    idlg                 DLG with iDLG / count-based labels (Zhao et al. 2020)
+    inverting_gradients  Inverting Gradients (Geiping et al. 2020), alias ig
+    rog                  ROG (Yue et al. 2023): low-resolution latent, bicubic decoder, post-processing hook
 """
 
 from __future__ import annotations
 
 import difflib
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 
 from ..errors import UserError
 from ..observation import Observation
-from . import inverting
+from . import dlg, engine, inverting, rog
 from .base import Reconstruction
 
-_ATTACKS = {"inverting_gradients": inverting}
+_ATTACKS = {"inverting_gradients": inverting, "dlg": dlg, "idlg": dlg, "rog": rog}
 ALIASES = {"ig": "inverting_gradients"}
+
+#: A post-processing step: (images B x C x H x W in [0, 1], labels) -> images of the same shape.
+PostProcess = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def names() -> list[str]:
@@ -71,20 +80,56 @@ def resolve_settings(name: str, overrides: dict[str, Any] | None = None) -> dict
         raise UserError(f"time_budget must be > 0 seconds, got {settings['time_budget']}")
     if int(settings.get("restarts", 1)) < 1:
         raise UserError(f"restarts must be >= 1, got {settings['restarts']}")
+    for key, allowed in engine.CHOICES.items():
+        if key in settings and settings[key] not in allowed:
+            raise UserError(f"attack '{canonical(name)}': {key} must be one of {', '.join(allowed)}, "
+                            f"got {settings[key]!r}")
+    if int(settings.get("scale_factor", 1)) < 1:
+        raise UserError(f"scale_factor must be >= 1, got {settings['scale_factor']}")
+    for key in ("tv_weight", "bn_prior_weight"):
+        if float(settings.get(key, 0.0)) < 0:
+            raise UserError(f"{key} must be >= 0, got {settings[key]}")
+    if not float(settings.get("lr", 1.0)) > 0:
+        raise UserError(f"lr must be > 0, got {settings['lr']}")
     return settings
 
 
 def run_attack(name: str, obs: Observation, overrides: dict[str, Any] | None = None, *, seed: int = 0,
-               device: str = "cpu", progress: bool = True) -> Reconstruction:
-    """Run attack ``name`` on ``obs``. The same seed gives the same reconstruction on CPU."""
+               device: str = "cpu", progress: bool = True, postprocess: PostProcess | None = None
+               ) -> Reconstruction:
+    """Run attack ``name`` on ``obs``. The same seed gives the same reconstruction on CPU.
+
+    ``postprocess`` (e.g. ROG's learned network) maps the images in [0, 1] and labels to improved
+    images; the result is then ``rec.images`` and the attack's own output is kept in
+    ``rec.extras["without_postprocessing"]``.
+    """
     name = canonical(name)
     settings = resolve_settings(name, overrides)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' asked for, but this torch build has no CUDA device")
     generator = torch.Generator().manual_seed(int(seed))
-    rec = _ATTACKS[name].run(obs, settings, device=device, generator=generator, progress=progress)
+    rec = engine.run(obs, settings, attack=name, device=device, generator=generator, progress=progress)
     rec.settings = {**rec.settings, "seed": int(seed), "device": device}
+    if postprocess is not None:
+        apply_postprocessing(rec, postprocess)
     return rec
 
 
-__all__ = ["Reconstruction", "names", "canonical", "preset", "resolve_settings", "run_attack", "ALIASES"]
+def apply_postprocessing(rec: Reconstruction, postprocess: PostProcess) -> Reconstruction:
+    """Replace ``rec.images`` by ``postprocess(rec.images, rec.labels)``, keeping the original in
+    ``rec.extras["without_postprocessing"]``."""
+    raw = rec.images
+    with torch.no_grad():
+        out = postprocess(raw.clone(), rec.labels.clone())
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(raw.shape):
+        raise ValueError(f"post-processing must return images of shape {tuple(raw.shape)}, got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    rec.images = out.detach().float().cpu().clamp(0, 1)
+    rec.extras["without_postprocessing"] = raw
+    rec.threat_model["postprocessing"] = getattr(postprocess, "name", getattr(postprocess, "__name__",
+                                                                              type(postprocess).__name__))
+    return rec
+
+
+__all__ = ["Reconstruction", "PostProcess", "names", "canonical", "preset", "resolve_settings", "run_attack",
+           "apply_postprocessing", "ALIASES"]

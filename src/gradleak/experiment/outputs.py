@@ -58,13 +58,19 @@ def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = N
                          extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Write ``reconstruction.npz``, ``reconstruction.png``, ``attack.json`` and, with truth, ``metrics.json``.
 
-    Returns the metrics (or None without truth).
+    When the attack's output was post-processed, ``reconstruction.npz`` also holds
+    ``images_without_postprocessing``, the picture gets a row for them (originals, without, with), and
+    ``metrics.json`` scores both (``without_postprocessing`` holds the second set). Returns the metrics
+    (or None without truth).
     """
     out.mkdir(parents=True, exist_ok=True)
+    raw = rec.extras.get("without_postprocessing")
+    arrays = {"images": rec.images.numpy().astype(np.float32), "labels": rec.labels.numpy().astype(np.int64)}
+    if raw is not None:
+        arrays["images_without_postprocessing"] = raw.numpy().astype(np.float32)
     fd, tmp = tempfile.mkstemp(prefix=".reconstruction.", suffix=".npz", dir=out)
     os.close(fd)
-    np.savez_compressed(tmp, images=rec.images.numpy().astype(np.float32),
-                        labels=rec.labels.numpy().astype(np.int64))
+    np.savez_compressed(tmp, **arrays)
     os.replace(tmp, out / "reconstruction.npz")
     metrics = None
     if truth is not None:
@@ -72,9 +78,15 @@ def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = N
         perm = [p["paired_reconstruction"] for p in metrics["per_image"]]
         for p, pid, name in zip(metrics["per_image"], truth.patient_ids, truth.names):
             p["patient_id"], p["name"] = pid, name
-        picture = grid([truth.images, rec.images[perm]])
+        rows = [truth.images]
+        if raw is not None:
+            raw_metrics = score(truth.images, truth.labels, raw, rec.labels)
+            rows.append(raw[[p["paired_reconstruction"] for p in raw_metrics["per_image"]]])
+            metrics["without_postprocessing"] = {k: raw_metrics[k] for k in ("psnr", "ssim", "mse", "per_image")}
+        rows.append(rec.images[perm])
+        picture = grid(rows)
     else:
-        picture = grid([rec.images])
+        picture = grid([raw, rec.images] if raw is not None else [rec.images])
     save_png(picture, out / "reconstruction.png")
     summary = {**rec.summary(), "versions": versions(), **(extra or {})}
     write_json(out / "attack.json", summary)

@@ -1,0 +1,200 @@
+"""Leakage benchmark: how much of real chest X-rays each attack recovers under each obfuscation.
+
+Victim: real images from the Kaggle chest X-ray train split (``../shared/data/chest_xray``, resized to
+64 px), ``lenet5`` at random initialisation (seed 0), one client, FedSGD on B = 1 and B = 4 images, the
+update obfuscated as listed (the ``fedavg5`` column is instead FedAvg with 5 full-batch local SGD steps
+of learning rate 0.1, no obfuscation). The obfuscation noise and the attack use fixed seeds; every cell
+gets the same wall-clock budget per observation (``--time-budget``) and iteration cap.
+
+Threat model: an honest-but-curious server that knows the architecture and the weights it sent; labels
+are NOT given (inferred from the update: iDLG for B = 1, count-based for B = 4, or optimised jointly by
+DLG); no BatchNorm in the victim. "plain IG" is Inverting Gradients unaware of the obfuscation (plain
+cosine against the received update, a FedAvg delta read as one gradient step); every other row knows
+the obfuscation (obfuscation-aware objective, FedAvg unrolled).
+
+Metrics: PSNR (data range 1) and SSIM (Gaussian window, sigma 1.5), means over the images, after
+Hungarian pairing of reconstructions to originals for B = 4; label accuracy as a multiset overlap.
+
+Images are drawn from the train split only, with two disjoint seeded draws: ``--split tune`` (for
+choosing hyper-parameters) and ``--split report`` (for reporting). Never tune on the report draw.
+
+    python benchmarks/leakage.py --split report --images 2 --batches 1 --time-budget 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from gradleak.attacks import run_attack  # noqa: E402
+from gradleak.capture import capture  # noqa: E402
+from gradleak.data import load_dataset  # noqa: E402
+from gradleak.federated import Protocol  # noqa: E402
+from gradleak.metrics import score  # noqa: E402
+
+OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
+    "none": ("none", [], Protocol()),
+    "qsgd16": ("QSGD 16 levels", [{"name": "qsgd", "levels": 16}], Protocol()),
+    "qsgd4": ("QSGD 4 levels", [{"name": "qsgd", "levels": 4}], Protocol()),
+    "uniform8": ("uniform 8 bit", [{"name": "uniform", "bits": 8}], Protocol()),
+    "sign": ("signSGD", [{"name": "sign"}], Protocol()),
+    "topk10": ("top-k 10 %", [{"name": "topk", "keep": 0.1}], Protocol()),
+    "topk1": ("top-k 1 %", [{"name": "topk", "keep": 0.01}], Protocol()),
+    "relgauss": ("Gaussian, relative σ0 = 0.1", [{"name": "relative_gaussian", "sigma0": 0.1}], Protocol()),
+    "fedavg5": ("FedAvg τ = 5", [], Protocol("fedavg", local_steps=5, local_lr=0.1)),
+}
+
+PLAIN = {"attacker_knows_obfuscation": False, "unroll_local_steps": False}
+ATTACKS: dict[str, tuple[str, str, dict]] = {
+    "ig_plain": ("plain IG (obfuscation unknown)", "inverting_gradients", PLAIN),
+    "ig": ("IG, obfuscation-aware", "inverting_gradients", {}),
+    "dlg": ("DLG, obfuscation-aware", "dlg", {}),
+    "rog": ("ROG (no post-processing), obfuscation-aware", "rog", {}),
+}
+
+TRAIN_SIZE_SEED = {"tune": 1, "report": 2}
+
+
+def draw(n_available: int, split: str, count: int) -> list[int]:
+    """Disjoint seeded draws of train-split indices: the tune draw never overlaps the report draw."""
+    tune = np.random.default_rng(TRAIN_SIZE_SEED["tune"]).permutation(n_available)[:64]
+    if split == "tune":
+        return [int(i) for i in tune[:count]]
+    rest = np.setdiff1d(np.arange(n_available), tune)
+    return [int(i) for i in np.random.default_rng(TRAIN_SIZE_SEED["report"]).permutation(rest)[:count]]
+
+
+def cells(dataset, split: str, n_single: int, n_batches: int) -> list[tuple[int, list[int]]]:
+    idx = draw(len(dataset), split, n_single + 4 * n_batches)
+    out = [(1, [i]) for i in idx[:n_single]]
+    rest = idx[n_single:]
+    out += [(4, rest[4 * b: 4 * b + 4]) for b in range(n_batches)]
+    return out
+
+
+def save_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -> str:
+    def cell(a, o):
+        rs = [r for k, r in results.items() if r["B"] == batch and r["attack"] == a and r["obf"] == o]
+        if not rs:
+            return None
+        return (float(np.mean([r["psnr"] for r in rs])), float(np.mean([r["ssim"] for r in rs])),
+                float(np.mean([r["label_accuracy"] for r in rs])), len(rs))
+
+    head = "| attack | " + " | ".join(OBFUSCATIONS[o][0] for o in obfs) + " |"
+    lines = [head, "| --- |" + " ---: |" * len(obfs)]
+    for a in attacks:
+        row = []
+        for o in obfs:
+            c = cell(a, o)
+            row.append("–" if c is None else f"{c[0]:.1f} / {c[1]:.3f} / {c[2]:.2f}")
+        lines.append(f"| {ATTACKS[a][0]} | " + " | ".join(row) + " |")
+    gains = []
+    for o in obfs:
+        base = cell("ig_plain", o)
+        others = [cell(a, o) for a in attacks if a != "ig_plain"]
+        others = [(c, a) for c, a in zip(others, [a for a in attacks if a != "ig_plain"]) if c is not None]
+        if base is None or not others:
+            gains.append("–")
+            continue
+        best, who = max(others, key=lambda t: t[0][0])
+        gains.append(f"{best[0] - base[0]:+.1f} dB ({who})")
+    lines.append("| best aware − plain IG (PSNR) | " + " | ".join(gains) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Leakage of real chest X-rays per attack and obfuscation.")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"),
+                   help="Kaggle chest X-ray folder (default ../shared/data/chest_xray); the train split is used")
+    p.add_argument("--split", choices=["tune", "report"], default="report")
+    p.add_argument("--images", type=int, default=2, help="B = 1 observations (one image each)")
+    p.add_argument("--batches", type=int, default=1, help="B = 4 observations")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--arch", default="lenet5")
+    p.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack per observation")
+    p.add_argument("--iterations", type=int, default=None, help="iteration cap per attack (default: preset's)")
+    p.add_argument("--restarts", type=int, default=None, help="restarts (default: preset's)")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    p.add_argument("--obfuscations", nargs="+", default=list(OBFUSCATIONS), choices=list(OBFUSCATIONS))
+    p.add_argument("--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                   help="override a setting of one row, e.g. rog.lr=0.1 (repeatable)")
+    p.add_argument("--json", default=None, help="write (and with --resume, reuse) per-observation results here")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+
+    import yaml
+    extra: dict[str, dict] = {}
+    for s in a.set:
+        k, v = s.split("=", 1)
+        row, key = k.split(".", 1)
+        extra.setdefault(row, {})[key] = yaml.safe_load(v)
+
+    ds = load_dataset(f"kaggle:{a.data},split=train", size=a.size)
+    obs_list = cells(ds, a.split, a.images, a.batches)
+    json_path = Path(a.json) if a.json else None
+    results: dict = {}
+    if json_path and a.resume and json_path.exists():
+        results = json.loads(json_path.read_text())["results"]
+    started = time.time()
+    for o in a.obfuscations:
+        _, specs, proto = OBFUSCATIONS[o]
+        for B, idx in obs_list:
+            batch = ds.batch(idx)
+            obs, _ = capture(batch.images, batch.labels, arch=a.arch, protocol=proto, model_seed=0,
+                             obfuscations=specs, obfuscation_seed=0, labels_known=False)
+            for name in a.attacks:
+                key = f"{o}|{name}|{','.join(map(str, idx))}"
+                if key in results:
+                    continue
+                _, attack, overrides = ATTACKS[name]
+                settings = {**overrides, "time_budget": a.time_budget, "iterations": a.iterations,
+                            **extra.get(name, {})}
+                if a.restarts:
+                    settings["restarts"] = a.restarts
+                rec = run_attack(attack, obs, settings, seed=0, device=a.device, progress=False)
+                m = score(batch.images, batch.labels, rec.images, rec.labels)
+                results[key] = {"obf": o, "attack": name, "B": B, "indices": idx, "psnr": m["psnr"],
+                                "ssim": m["ssim"], "label_accuracy": m.get("label_accuracy", float("nan")),
+                                "iterations": rec.iterations, "seconds": rec.seconds,
+                                "objective": rec.threat_model.get("objective")}
+                print(f"[{time.time() - started:6.0f}s] {o:9s} B={B} {name:9s} {idx}: PSNR {m['psnr']:.2f} "
+                      f"SSIM {m['ssim']:.3f} labels {m.get('label_accuracy', float('nan')):.2f} "
+                      f"({rec.iterations} it, {rec.threat_model.get('objective')})", file=sys.stderr, flush=True)
+                if json_path:
+                    save_json(json_path, {"args": vars(a), "results": results})
+    print(f"# gradleak leakage benchmark ({a.split} draw of the train split)\n")
+    print(f"{a.arch} at random initialisation, {a.size} px real chest X-rays, one client; FedSGD unless FedAvg; "
+          f"labels inferred, not given; no BatchNorm. Budget per attack and observation: {a.time_budget:g} s"
+          + (f", at most {a.iterations} iterations" if a.iterations else "")
+          + f" (torch {torch.__version__}, {torch.get_num_threads()} threads, {a.device}).\n")
+    print("Cells: PSNR (dB) / SSIM (Gaussian σ = 1.5) / label accuracy, means over the observations.\n")
+    for B in (1, 4):
+        n = len([1 for b, _ in obs_list if b == B])
+        if n:
+            print(f"## B = {B} ({n} observation{'s' if n > 1 else ''})\n")
+            print(table(results, B, a.attacks, a.obfuscations) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

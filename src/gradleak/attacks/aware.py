@@ -1,0 +1,329 @@
+"""Obfuscation-aware matching: objectives chosen from what the server knows the client did.
+
+When the attacker knows the obfuscation (setting ``attacker_knows_obfuscation``, default true) and the
+observation's ``obfuscation`` list names one, :func:`for_observation` replaces the plain objective:
+
+- **sparsified** (``topk``, ``randk``, ``prune``): the coordinates that were sent are visible (non-zero),
+  so only those are compared (masked cosine / L2); random-k's rescaling n/k is undone.
+- **signSGD** (``sign``): a smooth sign-agreement loss between the candidate's gradient g and the
+  received signs (softplus of the disagreement, with +1 standing for "not negative", since signSGD
+  sends +1 for an exact zero), with the temperature ``tau_l`` a fraction (``sign_temperature``) of the
+  candidate's own root-mean-square gradient in layer l (scale-free).
+- **QSGD** (``qsgd``): the exact likelihood of the received levels. Stochastic rounding of f = s g / M
+  (s intervals, M the bucket's norm, both in the record or read off the update) to the integer L
+  happens with probability ``max(0, 1 - |f - L|)``, so the loss is the mean negative log-likelihood
+  ``-log(1 - |f - L|)``, continued linearly where it would be infinite.
+- **deterministic rounding** (``uniform``): the true value lies in the rounding cell, so the loss is the
+  squared distance from the candidate's f = g / step to the cell ``[L - 1/2, L + 1/2]`` plus a small pull
+  towards the cell centre (``cell_center_weight``) to break ties.
+- **noise** (``gaussian``, ``laplace``, ``relative_gaussian``, ``snr_gaussian``): each layer's term is
+  weighted by its signal-to-noise ratio, estimated from the update and the recorded noise std:
+  ``w_l = snr_l / (1 + snr_l)`` with ``snr_l = max(0, mean(t_l^2) - sigma_l^2) / sigma_l^2``. Weight
+  matrices of linear layers are optionally denoised first (``lowrank_denoise``): a FedSGD client's
+  linear-layer gradient is a sum over its B images of outer products, so it has rank <= B (<= B x
+  local steps for FedAvg); projecting the noisy matrix on its top singular vectors removes most of the
+  noise.
+- ``fp16``/``bf16`` change values by less than float16 precision: the plain objective is used.
+
+Sparsification composes with a quantizer that keeps zeros (qsgd, uniform, fp16, bf16) after it; other
+compositions use the last step's model. With several clients averaged (``num_clients_averaged`` > 1)
+the plain objective is used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..observation import Observation
+from .objectives import Matching, Tensors, _flat, plain
+
+SPARSIFIERS = ("topk", "randk", "prune")
+KEEP_ZEROS = ("qsgd", "uniform", "fp16", "bf16", "none")
+NOISES = ("gaussian", "laplace", "relative_gaussian", "snr_gaussian")
+PRECISION = ("fp16", "bf16", "none")
+
+#: Settings of the aware objectives (every attack has them; default.yaml gives the values).
+SETTINGS: dict[str, Any] = {
+    "sign_temperature": 0.5,
+    "qsgd_floor": 0.05,
+    "cell_center_weight": 0.01,
+    "lowrank_denoise": True,
+    "sparse_bound_weight": 1.0,
+}
+
+
+def _per_tensor(value, name: str):
+    return value[name] if isinstance(value, dict) else value
+
+
+def _num_clients(obs: Observation) -> int:
+    return int(obs.protocol.get("num_clients_averaged") or 1)
+
+
+def _images_per_client(obs: Observation) -> int:
+    return int(obs.protocol.get("images_per_client") or obs.num_images // _num_clients(obs))
+
+
+def for_observation(obs: Observation, target: Tensors, kind: str, knows: bool,
+                    settings: dict[str, Any] | None = None) -> Matching:
+    """The matching for ``obs``: the plain ``kind`` (cosine or l2) unless the attacker knows the
+    obfuscation and an aware form applies."""
+    s = {**SETTINGS, **(settings or {})}
+    records = [r for r in obs.obfuscation if r.get("name") != "none"]
+    if not knows or not records:
+        return plain(kind, target)
+    if _num_clients(obs) > 1:
+        m = plain(kind, target)
+        m.info["aware"] = "not applied: several clients averaged"
+        return m
+    t = dict(target)
+    masks: Tensors | None = None
+    bounds: dict[str, float] | None = None
+    domain: dict[str, Any] | None = None
+    for i, rec in enumerate(records):
+        name = rec["name"]
+        if name in SPARSIFIERS:
+            later = [r["name"] for r in records[i + 1:]]
+            if all(n in KEEP_ZEROS for n in later):
+                sent = {k: v != 0 for k, v in target.items()}
+                masks = sent if masks is None else {k: masks[k] & sent[k] for k in sent}
+            if name == "randk" and not later:
+                t = {k: v / float(_per_tensor(rec["rescale"], k)) for k, v in t.items()}
+            if name in ("topk", "prune") and not later:
+                bounds = unsent_bounds(target, rec)
+        elif name in ("sign", "qsgd", "uniform") or name in NOISES:
+            domain = rec
+        elif name in PRECISION:
+            continue
+    if domain is None:
+        if masks is None:
+            return plain(kind, t)
+        if bounds is not None and s["sparse_bound_weight"] > 0:
+            return bounded_sparse_matching(t, masks, bounds, kind, float(s["sparse_bound_weight"]))
+        m = plain(kind, t, masks=masks)
+        m.name = f"masked {kind}"
+        return m
+    name = domain["name"]
+    if name == "sign":
+        return sign_matching(t, masks, float(s["sign_temperature"]))
+    if name == "qsgd":
+        return qsgd_matching(t, domain, masks, float(s["qsgd_floor"]))
+    if name == "uniform":
+        return cell_matching(t, {k: float(_per_tensor(domain["scale"], k)) for k in t}, masks,
+                             float(s["cell_center_weight"]))
+    # noise
+    sigma = {k: float(_per_tensor(domain.get("sigma_of_mean", domain["sigma"]), k)) for k in t}
+    if s["lowrank_denoise"]:
+        rank = _images_per_client(obs)
+        if obs.protocol["algorithm"] == "fedavg":
+            rank *= int(obs.protocol.get("local_steps", 1))
+        denoised = lowrank_denoise(t, rank)
+        for k in t:
+            if denoised[k] is not t[k]:  # the noise left in a rank-r projection of an m x n matrix
+                m_, n_ = t[k].shape
+                sigma[k] *= math.sqrt(rank * (m_ + n_) / (m_ * n_))
+        t = denoised
+    weights = snr_weights(t, sigma)
+    m = plain(kind, t, weights=weights, masks=masks)
+    m.name = f"snr-weighted {kind}" + (" (low-rank denoised)" if s["lowrank_denoise"] else "")
+    m.info["weights"] = weights
+    return m
+
+
+# ------------------------------------------------------------------------------------------- sparsity
+def unsent_bounds(target: Tensors, record: dict[str, Any]) -> dict[str, float]:
+    """What top-k and pruning reveal about the entries they did not send: their magnitude is at most the
+    smallest sent magnitude of the tensor (top-k per tensor, pruning) or of the whole update (global
+    top-k)."""
+    def smallest(v: torch.Tensor) -> float:
+        a = v.abs()[v != 0]
+        return float(a.min()) if a.numel() else 0.0
+
+    if record["name"] == "topk" and record.get("scope") == "global":
+        b = min((smallest(v) for v in target.values() if bool((v != 0).any())), default=0.0)
+        return {k: b for k in target}
+    if record["name"] == "prune" and isinstance(record.get("threshold"), dict):
+        return {k: float(record["threshold"][k]) for k in target}
+    return {k: smallest(v) for k, v in target.items()}
+
+
+def bounded_sparse_matching(target: Tensors, masks: Tensors, bounds: dict[str, float], kind: str,
+                            weight: float = 1.0) -> Matching:
+    """Squared distance from the candidate to the set of updates consistent with a top-k / pruned one:
+    the sent entries must equal the received values, the others must not exceed the bound in magnitude.
+
+    For ``cosine`` the candidate is first scaled by ``a = ||t_sent|| / ||g_sent||`` (so the loss is
+    ``2 (1 - masked cosine) + weight * sum_unsent relu(a |g| - bound)^2 / ||t_sent||^2``, scale-free);
+    for ``l2`` a = 1.
+    """
+    parts = []
+    tt = 0.0
+    for k, t in target.items():
+        sent = _flat(masks[k])
+        idx = torch.nonzero(sent).reshape(-1)
+        unsent = (~sent).to(t.dtype)
+        parts.append((k, idx, _flat(t)[idx].contiguous(), unsent, float(bounds[k])))
+        tt += float(_flat(t)[idx].double().pow(2).sum())
+    scale_free = kind == "cosine"
+
+    def fn(update: Tensors) -> torch.Tensor:
+        gg = 0.0
+        sent_vals = []
+        for k, idx, tk, unsent, b in parts:
+            gk = _flat(update[k])[idx]
+            sent_vals.append(gk)
+            gg = gg + torch.dot(gk, gk)
+        a = (tt ** 0.5) / gg.clamp_min(1e-30).sqrt() if scale_free else 1.0
+        dist = 0.0
+        for (k, idx, tk, unsent, b), gk in zip(parts, sent_vals):
+            d = a * gk - tk
+            over = torch.relu(a * _flat(update[k]).abs() - b) * unsent
+            dist = dist + torch.dot(d, d) + weight * torch.dot(over, over)
+        return dist / tt if scale_free else dist
+
+    return Matching(f"masked {kind} + bound on unsent entries", fn, {"bound_weight": weight})
+
+
+# ------------------------------------------------------------------------------------------------ sign
+def sign_matching(target: Tensors, masks: Tensors | None = None, temperature: float = 0.5) -> Matching:
+    """Smooth agreement with received signs, where a sign of +1 also stands for an exact zero (as
+    signSGD sends it): ``softplus(g / tau)`` where -1 was received (g should be negative) and
+    ``max(0, softplus(-g / tau) - log 2)`` where +1 was (g should not be negative), averaged over the
+    entries, with ``tau = temperature x`` the candidate's root-mean-square gradient in that layer."""
+    parts = []
+    count = 0
+    for k, t in target.items():
+        neg = _flat(t) < 0
+        sel = None if masks is None else torch.nonzero(_flat(masks[k])).reshape(-1)
+        if sel is not None:
+            neg = neg[sel]
+        parts.append((k, sel, neg.to(t.dtype).contiguous(), (~neg).to(t.dtype).contiguous()))
+        count += int(neg.numel())
+    log2 = math.log(2.0)
+
+    def fn(update: Tensors) -> torch.Tensor:
+        total = 0.0
+        for k, sel, neg, pos in parts:
+            g = _flat(update[k])
+            tau = temperature * g.pow(2).mean().sqrt() + 1e-30
+            if sel is not None:
+                g = g[sel]
+            z = g / tau
+            total = total + torch.dot(neg, F.softplus(z)) + torch.dot(pos, torch.relu(F.softplus(-z) - log2))
+        return total / max(count, 1)
+
+    return Matching("sign agreement", fn, {"temperature": temperature})
+
+
+# ------------------------------------------------------------------------------------------------ qsgd
+def qsgd_scales(target: Tensors, record: dict[str, Any]) -> Tensors:
+    """Per-entry QSGD norm M: from the record (per tensor), else read off each bucket of the update
+    (max-norm: the largest |q| in the bucket is M; L2: s x the smallest non-zero |q|)."""
+    s = int(record["s"])
+    out = {}
+    for k, t in target.items():
+        if isinstance(record.get("scale"), dict) and k in record["scale"]:
+            out[k] = torch.full_like(t, float(record["scale"][k]))
+            continue
+        flat = _flat(t).abs()
+        d = int(record.get("bucket_size") or flat.numel())
+        nb = -(-flat.numel() // d)
+        padded = torch.cat([flat, flat.new_zeros(nb * d - flat.numel())]).view(nb, d)
+        if record.get("norm", "max") == "max":
+            m = padded.amax(dim=1)
+        else:
+            nz = torch.where(padded > 0, padded, torch.full_like(padded, float("inf")))
+            m = nz.amin(dim=1) * s
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        out[k] = m[:, None].expand(nb, d).reshape(-1)[: flat.numel()].view_as(t).clone()
+    return out
+
+
+def qsgd_matching(target: Tensors, record: dict[str, Any], masks: Tensors | None = None,
+                  floor: float = 0.05) -> Matching:
+    s = int(record["s"])
+    scales = qsgd_scales(target, record)
+    parts = []
+    count = 0
+    for k, t in target.items():
+        m = _flat(scales[k])
+        ok = m > 0
+        if masks is not None:
+            ok = ok & _flat(masks[k])
+        idx = torch.nonzero(ok).reshape(-1)
+        if idx.numel() == 0:
+            continue
+        inv = (s / m[idx]).contiguous()
+        level = torch.round(_flat(t)[idx] * inv).contiguous()
+        parts.append((k, idx, inv, level))
+        count += idx.numel()
+    c = -math.log(floor)
+
+    def fn(update: Tensors) -> torch.Tensor:
+        total = 0.0
+        for k, idx, inv, level in parts:
+            d = (_flat(update[k])[idx] * inv - level).abs()
+            nll = torch.where(d < 1 - floor, -torch.log1p(-d.clamp(max=1 - floor)), c + (d - (1 - floor)) / floor)
+            total = total + nll.sum()
+        return total / max(count, 1)
+
+    return Matching("qsgd likelihood", fn, {"s": s, "floor": floor})
+
+
+# ------------------------------------------------------------------------------------- rounding cells
+def cell_matching(target: Tensors, steps: dict[str, float], masks: Tensors | None = None,
+                  center_weight: float = 0.01) -> Matching:
+    parts = []
+    count = 0
+    for k, t in target.items():
+        step = steps[k]
+        if not step > 0:
+            continue
+        sel = None if masks is None else torch.nonzero(_flat(masks[k])).reshape(-1)
+        tk = _flat(t) if sel is None else _flat(t)[sel]
+        parts.append((k, sel, 1.0 / step, torch.round(tk / step).contiguous()))
+        count += tk.numel()
+
+    def fn(update: Tensors) -> torch.Tensor:
+        total = 0.0
+        for k, sel, inv, level in parts:
+            g = _flat(update[k])
+            if sel is not None:
+                g = g[sel]
+            d = g * inv - level
+            out = torch.relu(d.abs() - 0.5)
+            total = total + torch.dot(out, out) + center_weight * torch.dot(d, d)
+        return total / max(count, 1)
+
+    return Matching("rounding-cell distance", fn, {"center_weight": center_weight})
+
+
+# ----------------------------------------------------------------------------------------------- noise
+def snr_weights(target: Tensors, sigma: dict[str, float]) -> dict[str, float]:
+    """``snr / (1 + snr)`` per layer, ``snr = max(0, mean(t^2) - sigma^2) / sigma^2``."""
+    w = {}
+    for k, t in target.items():
+        var = sigma[k] ** 2
+        if var <= 0:
+            w[k] = 1.0
+            continue
+        snr = max(0.0, float(t.double().pow(2).mean()) - var) / var
+        w[k] = snr / (1 + snr)
+    return w
+
+
+def lowrank_denoise(target: Tensors, rank: int) -> Tensors:
+    """Project each 2-D weight matrix (linear layers) with both sides larger than ``rank`` on its top
+    ``rank`` singular vectors; other tensors are returned unchanged."""
+    out = {}
+    for k, t in target.items():
+        if t.dim() == 2 and min(t.shape) > rank:
+            u, sv, vh = torch.linalg.svd(t.double(), full_matrices=False)
+            out[k] = ((u[:, :rank] * sv[:rank]) @ vh[:rank]).to(t.dtype)
+        else:
+            out[k] = t
+    return out

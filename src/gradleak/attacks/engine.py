@@ -1,0 +1,208 @@
+"""The one optimisation loop every attack is made of, assembled from parts named in its settings.
+
+Parts (each a small module):
+
+- simulation of the client (:mod:`.simulate`; FedAvg unrolled or read as one gradient step, :mod:`.unroll`)
+- label inference (:mod:`.labels`: known, iDLG, count-based) or labels optimised jointly (DLG)
+- initialisation (:mod:`.initialization`) of the latent the attack optimises
+- decoder (:mod:`.decoders`): the latent is the image, or a low-resolution image upsampled (ROG)
+- objective (:mod:`.objectives`, obfuscation-aware forms chosen by :mod:`.aware`)
+- regularisers (:mod:`.regularizers`: total variation; :mod:`.bn_prior`: BatchNorm statistics)
+- optimiser and schedule (Adam, Adam on the gradient's sign, per-restart L-BFGS in :mod:`.optim`;
+  step decay or cosine annealing from :mod:`.base`)
+- box constraint to [0, 1] (projection after each step)
+
+All restarts run as one batched problem: the latent has a leading restart axis, the client's update is
+simulated for every restart in one ``vmap`` call, and the restart with the lowest matching loss is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..observation import Observation
+from . import aware
+from . import bn_prior as bn
+from . import decoders
+from . import labels as label_inference
+from .base import Budget, Reconstruction, cosine_annealing, step_decay
+from .initialization import INITS, initial
+from .optim import BatchedLBFGS
+from .regularizers import total_variation
+from .simulate import Simulator
+from .unroll import assume_fedsgd
+
+#: Settings every attack has (the shared preset ``default.yaml`` gives their values).
+COMMON: dict[str, Any] = {
+    "iterations": 2000,
+    "time_budget": None,
+    "restarts": 4,
+    "labels": "infer",
+    "init": "uniform",
+    "decoder": "identity",
+    "scale_factor": 1,
+    "objective": "cosine",
+    "optimizer": "signed_adam",
+    "lr": 0.1,
+    "schedule": "step",
+    "tv_weight": 0.0,
+    "box": "clamp",
+    "attacker_knows_obfuscation": True,
+    "unroll_local_steps": True,
+    "bn_prior_weight": 0.0,
+    "lbfgs_history": 100,
+    **aware.SETTINGS,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "labels": ("infer", "joint"),
+    "init": INITS,
+    "decoder": ("identity", "bicubic"),
+    "objective": ("cosine", "l2"),
+    "optimizer": ("adam", "signed_adam", "lbfgs"),
+    "schedule": ("step", "cosine", "constant"),
+    "box": ("clamp", "none"),
+}
+
+SCHEDULES = {"step": step_decay, "cosine": cosine_annealing, "constant": lambda f: 1.0}
+
+
+def threat_model(obs: Observation, label_method: str, sim: Simulator, obfuscation_known: bool = False,
+                 uses_bn_statistics: bool = False, local_steps: str | None = None,
+                 objective: str | None = None) -> dict[str, Any]:
+    tm = {
+        "server": "honest-but-curious; knows the architecture and the weights it sent",
+        "protocol": obs.protocol["algorithm"],
+        "labels": label_method,
+        "labels_known": label_method == "known",
+        "obfuscation": [o["name"] for o in obs.obfuscation],
+        "obfuscation_known": bool(obfuscation_known) if obs.obfuscation else None,
+        "bn_statistics": ("used" if uses_bn_statistics else "available, unused") if obs.buffers is not None
+        else ("not sent" if sim.has_bn else "no BatchNorm"),
+    }
+    if local_steps is not None:
+        tm["local_steps"] = local_steps
+    if objective is not None:
+        tm["objective"] = objective
+    return tm
+
+
+def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str = "cpu",
+        generator: torch.Generator | None = None, progress: bool = True) -> Reconstruction:
+    s = {**COMMON, **settings}
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    sim = Simulator(obs, device)
+    local_steps = None
+    if obs.protocol["algorithm"] == "fedavg":
+        if s["unroll_local_steps"]:
+            local_steps = "unrolled"
+        else:
+            assume_fedsgd(sim)
+            local_steps = "read as one gradient step"
+    knows = bool(s["attacker_knows_obfuscation"])
+    matching = aware.for_observation(obs, sim.target, s["objective"], knows, s)
+    R, B, K = int(s["restarts"]), sim.num_images, sim.num_classes
+    decoder = decoders.build(s["decoder"], sim.image_shape, int(s["scale_factor"]))
+    z = initial((R, B, *decoder.latent_shape), s["init"], g).to(sim.device).requires_grad_(True)
+    params = [z]
+    joint = s["labels"] == "joint"
+    if joint:
+        label_logits = torch.randn(R, B, K, generator=g).to(sim.device).requires_grad_(True)
+        params.append(label_logits)
+        label_method, y = "joint", None
+    else:
+        y, label_method = label_inference.infer(sim, obs.labels, g)
+        y = y.to(sim.device)
+    tv_w = float(s["tv_weight"])
+    bn_w = float(s["bn_prior_weight"])
+    prior = bn.BNPrior(obs, sim) if bn_w > 0 and bn.available(obs, sim) else None
+
+    def per_restart(update, x):
+        m = matching(update)
+        total = m
+        if tv_w:
+            total = total + tv_w * total_variation(x)
+        if prior is not None:
+            total = total + bn_w * prior(x)
+        return total, m
+
+    def evaluate(zz, logits=None):
+        x = decoder(zz)
+        if joint:
+            return sim.batched(per_restart, x, torch.softmax(logits, dim=-1), per_restart_labels=True)
+        return sim.batched(per_restart, x, y)
+
+    box = s["box"] == "clamp"
+    schedule = SCHEDULES[s["schedule"]]
+    lr = float(s["lr"])
+    if s["optimizer"] == "lbfgs":
+        opt = BatchedLBFGS(params, lr=lr, history_size=int(s["lbfgs_history"]))
+    else:
+        opt = torch.optim.Adam(params, lr=lr)
+    signed = s["optimizer"] == "signed_adam"
+
+    budget = Budget(s["iterations"], s["time_budget"], desc=attack, progress=progress)
+    history: list[tuple[int, float]] = []
+    for it in budget:
+        if s["optimizer"] == "lbfgs":
+            def closure():
+                for p in params:
+                    p.grad = None
+                total, m = evaluate(*params)
+                total.sum().backward()
+                closure.match = m.detach()
+                return total
+            opt.step(closure)
+            m = closure.match
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr * schedule(budget.fraction)
+            opt.zero_grad(set_to_none=True)
+            total, m = evaluate(*params)
+            total.sum().backward()
+            for p in params:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                if signed:
+                    p.grad.sign_()
+            opt.step()
+        if box:
+            with torch.no_grad():
+                z.clamp_(0, 1)
+        if it % 10 == 0:
+            finite = m.detach()[torch.isfinite(m.detach())]
+            loss = float(finite.min()) if finite.numel() else float("nan")
+            budget.report(loss)
+            history.append((it, loss))
+
+    final = evaluate(z.detach(), label_logits.detach() if joint else None)[1].detach()
+    final = torch.where(torch.isfinite(final), final, torch.full_like(final, float("inf")))
+    best = int(final.argmin())
+    with torch.no_grad():
+        images = decoder(z.detach()[best]).clamp(0, 1).float().cpu()
+        if joint:
+            soft = torch.softmax(label_logits.detach()[best], dim=-1)
+            y_out = soft.argmax(dim=-1).cpu()
+        else:
+            y_out = y.cpu()
+    extras: dict[str, Any] = {"restart_losses": [float(v) for v in final], "best_restart": best,
+                              "objective": matching.name}
+    if joint:
+        extras["soft_labels"] = soft.cpu()
+    if decoder.name != "identity":
+        extras["latent"] = z.detach()[best].clamp(0, 1).float().cpu()
+    return Reconstruction(
+        images=images,
+        labels=y_out,
+        attack=attack,
+        settings=s,
+        threat_model=threat_model(obs, label_method, sim, obfuscation_known=knows,
+                                  uses_bn_statistics=prior is not None, local_steps=local_steps,
+                                  objective=matching.name),
+        loss=float(final[best]),
+        iterations=budget.done,
+        seconds=budget.elapsed,
+        history=history,
+        extras=extras,
+    )

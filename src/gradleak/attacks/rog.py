@@ -1,0 +1,36 @@
+"""ROG (Yue et al., "Gradient Obfuscation Gives a False Sense of Security in Federated Learning",
+USENIX Security 2023).
+
+Optimise a low-resolution latent image (``scale_factor`` 4: 16x16 for 64 px, 32x32 for 128 px), decode
+it by bicubic upsampling, match the (obfuscated) update — squared L2 as ROG, or cosine — with Adam and
+cosine annealing, then improve the decoded images with a learned post-processing network when one is
+given (``run_attack(..., postprocess=...)``); the result is reported with and without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..observation import Observation
+from . import engine
+from .base import Reconstruction
+
+DEFAULTS: dict[str, Any] = {
+    **engine.COMMON,
+    "decoder": "bicubic",
+    "scale_factor": 4,
+    "objective": "l2",
+    "optimizer": "adam",
+    "schedule": "cosine",
+    "lr": 0.05,
+    "tv_weight": 0.0,
+    "init": "uniform",
+}
+
+
+def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
+        generator: torch.Generator | None = None, progress: bool = True) -> Reconstruction:
+    return engine.run(obs, {**DEFAULTS, **settings}, attack="rog", device=device, generator=generator,
+                      progress=progress)

@@ -1,0 +1,28 @@
+"""FedAvg-aware matching, and its obfuscation-unaware counterpart.
+
+The :class:`~gradleak.attacks.simulate.Simulator` already unrolls a FedAvg client exactly: it runs the
+client's ``local_steps`` SGD steps of ``local_lr`` from the weights the server sent, functionally
+(``torch.func.functional_call`` on explicit tensors, via the same
+:func:`gradleak.federated.protocol.local_update` the victim ran), and its simulated update is the weight
+delta, which the attack matches to the observed one. That is the default (``unroll_local_steps: true``).
+
+:func:`assume_fedsgd` is what an attacker does who ignores local training: it reads the weight delta as
+one gradient step, ``gradient ~ -delta / (local_lr * local_steps)``, and simulates a FedSGD gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .simulate import Simulator
+
+
+def assume_fedsgd(sim: Simulator) -> Simulator:
+    """Turn ``sim`` into a FedSGD simulator whose target is the delta read as a mean gradient."""
+    p = sim.protocol
+    if p.algorithm != "fedavg":
+        return sim
+    scale = -1.0 / (float(p.local_lr) * int(p.local_steps))
+    sim.target = {k: v * scale for k, v in sim.target.items()}
+    sim.protocol = dataclasses.replace(p, algorithm="fedsgd", local_steps=1, local_lr=0.0, local_batch_size=None)
+    return sim
