@@ -477,6 +477,13 @@ class RayBackend:
         ray = self.ray
         remote = ray.remote(_ray_task)
         pending = {}
+        if self.gpus_per_cell > 0 and any(t.get("device", "cpu").startswith("cuda") for t in tasks):
+            have = float(ray.cluster_resources().get("GPU", 0))
+            if have < self.gpus_per_cell:
+                if self.started_here:
+                    ray.shutdown()
+                raise UserError(f"cells run on cuda and ask Ray for {self.gpus_per_cell:g} GPU each, but the "
+                                f"Ray cluster has {have:g} GPUs")
         for task in tasks:
             gpus = self.gpus_per_cell if task.get("device", "cpu").startswith("cuda") else 0
             ref = remote.options(num_cpus=1, num_gpus=gpus, max_retries=0).remote({**task, "threads": 1})
