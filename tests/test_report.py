@@ -54,16 +54,14 @@ def test_report_is_self_contained_and_complete(tiny_sweep, tmp_path):
 
 
 def test_report_cli_on_a_single_experiment(tmp_path):
-    cfg = tmp_path / "exp.yaml"
-    cfg.write_text(f"""
-name: one
-output_dir: {tmp_path / 'experiments'}
-data: {{source: phantoms, size: 16, n: 16}}
-capture: {{arch: lenet_zhu, batch_size: 2}}
-attack: {{name: ig, settings: {{iterations: 5, restarts: 1}}}}
-""")
-    gradleak("run", cfg, "--quiet")
-    folder = next((tmp_path / "experiments").iterdir())
+    from gradleak.experiment import config
+    from gradleak.experiment.run import run_experiment
+
+    cfg = config.from_dict({"name": "one", "output_dir": str(tmp_path / "experiments"),
+                            "data": {"source": "phantoms", "size": 16, "n": 16},
+                            "capture": {"arch": "lenet_zhu", "batch_size": 2},
+                            "attack": {"name": "ig", "settings": {"iterations": 5, "restarts": 1}}})
+    folder, _ = run_experiment(cfg, echo=None, progress=False)
     p = gradleak("report", folder)
     assert str(folder / "report.html") in p.stdout
     page = (folder / "report.html").read_text()

@@ -16,7 +16,7 @@ from conftest import TINY_SWEEP
 from test_cli import assert_user_error, gradleak
 
 from gradleak.errors import UserError
-from gradleak.experiment.sweep import (ResultStore, check_cells, expand, normalize_obfuscation, run_sweep,
+from gradleak.experiment.sweep import (ResultStore, check_cells, expand, load_spec, normalize_obfuscation, run_sweep,
                                        setting_label, spec_from_dict)
 
 
@@ -48,6 +48,13 @@ def test_grid_expands_to_the_cartesian_product_with_unique_stable_ids():
     assert spec_from_dict({"grid": {"seed": {"range": [3]}}})["grid"]["seed"] == [0, 1, 2]
     assert spec_from_dict({"grid": {"seed": 5}})["grid"]["seed"] == [5]
     assert spec_from_dict({"grid": {"data.n": {"logspace": [1, 2, 2]}}})["grid"]["data.n"] == [10.0, 100.0]
+
+
+def test_example_spec_is_valid():
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "sweep_phantoms.yaml")
+    cells = expand(spec)
+    check_cells(cells)
+    assert len(cells) == 2 * 2 * 2
 
 
 def test_obfuscation_values_normalise():
@@ -138,6 +145,9 @@ def test_rerun_skips_done_cells_retries_failed_and_repairs_the_store(tiny_sweep,
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
     for cid, row in before.items():  # recovered, not rerun
         assert next(r for r in rows if r["cell"] == cid) == row
+    # the sweep.yaml written into the folder is a spec that reruns the same sweep
+    again = run_sweep(load_spec(out / "sweep.yaml"), out, progress=False, echo=None)
+    assert again.skipped == 2 and again.ran == 2
     # a different spec in the same folder is refused
     other = {**TINY_SWEEP, "grid": {"capture.batch_size": [1]}}
     with pytest.raises(UserError, match="different sweep"):

@@ -1,45 +1,115 @@
-"""``gradleak demo``: a curious server reconstructs four synthetic chest radiographs from one FedSGD update."""
+"""``gradleak demo``: a small privacy audit on synthetic chest radiographs, end to end.
+
+A curious server attacks FedSGD updates of a LeNet-5 on 32 px phantoms under a few client-side defences
+with the attacks this installation has, measures what leaked (image similarity and patient
+re-identification against the whole synthetic archive), measures what each defence costs the model when
+the utility simulation is available, and writes the HTML report. The sweep it ran is saved as
+``sweep.yaml`` in its folder, so ``gradleak sweep DIR/sweep.yaml --out DIR`` reruns (resumes) it.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from . import config
-from .run import run_experiment
+from ..errors import UserError
 
-DEMO: dict[str, Any] = {
-    "name": "demo",
+#: Defences and attacks the demo would like to show; those missing from this installation are skipped.
+DEMO_OBFUSCATIONS = ["none", "qsgd:levels=16", "topk:keep=0.1", "gaussian:noise_multiplier=0.01,clip=1.0"]
+DEMO_ATTACKS = ["inverting_gradients", "rog"]
+#: Without any obfuscation installed, local training (FedAvg) is the defence shown.
+FALLBACK_PROTOCOLS = [{"algorithm": "fedsgd"}, {"algorithm": "fedavg", "local_steps": 5, "local_lr": 0.05}]
+
+DEMO_BASE: dict[str, Any] = {
     "seed": 0,
-    "data": {"source": "phantoms", "size": 64},
-    "capture": {"arch": "lenet5", "batch_size": 4, "labels_known": False,
-                "protocol": {"algorithm": "fedsgd"}},
-    "attack": {"name": "inverting_gradients", "settings": {"iterations": 400, "restarts": 2}},
+    "data": {"source": "phantoms", "size": 32, "n": 256},
+    "capture": {"arch": "lenet5", "batch_size": 2, "labels_known": False, "protocol": {"algorithm": "fedsgd"}},
+    "attack": {"settings": {"iterations": 200, "restarts": 1}},
 }
 
 
-def table(metrics: dict[str, Any]) -> str:
-    rows = [f"{'image':>5}  {'patient':<10} {'PSNR (dB)':>9}  {'SSIM':>6}"]
-    for p in metrics["per_image"]:
-        rows.append(f"{p['index']:>5}  {p.get('patient_id', ''):<10} {p['psnr']:>9.2f}  {p['ssim']:>6.3f}")
-    rows.append(f"{'mean':>5}  {'':<10} {metrics['psnr']:>9.2f}  {metrics['ssim']:>6.3f}")
-    return "\n".join(rows)
+def demo_spec(iterations: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The demo's sweep spec for this installation, and notes on what it had to leave out."""
+    from .. import attacks, obfuscation
 
-
-def demo(out_root: Path = Path("experiments"), iterations: int | None = None, quiet: bool = False) -> Path:
-    user = {**DEMO, "output_dir": str(out_root)}
+    notes = []
+    known_obf = set(obfuscation.names())
+    obfs = [o for o in DEMO_OBFUSCATIONS if o.split(":")[0] in known_obf]
+    missing = [o.split(":")[0] for o in DEMO_OBFUSCATIONS if o.split(":")[0] not in known_obf]
+    if missing:
+        notes.append(f"obfuscations not in this installation, left out: {', '.join(missing)}")
+    atks = [a for a in DEMO_ATTACKS if a in attacks.names()]
+    if len(atks) < len(DEMO_ATTACKS):
+        notes.append(f"attacks not in this installation, left out: "
+                     f"{', '.join(a for a in DEMO_ATTACKS if a not in atks)}")
+    grid: dict[str, Any] = {}
+    if len(obfs) > 1:
+        grid["capture.obfuscation"] = obfs
+    else:
+        grid["capture.protocol"] = FALLBACK_PROTOCOLS
+        notes.append("with no obfuscation installed, the defence shown is local training (FedAvg, 5 steps)")
+    grid["attack.name"] = atks
+    base = json.loads(json.dumps(DEMO_BASE))
     if iterations is not None:
-        user["attack"] = {**DEMO["attack"], "settings": {**DEMO["attack"]["settings"], "iterations": iterations}}
-    cfg = config.from_dict(user, source="demo")
-    print("gradleak demo: a curious server attacks one FedSGD update of 4 synthetic chest radiographs")
-    print("(64 px, LeNet-5 at random initialisation, no obfuscation, labels inferred from the update)\n")
-    folder, metrics = run_experiment(cfg, echo=None if quiet else print, progress=not quiet)
-    tm = metrics["threat_model"]
-    print("\nInverting Gradients, threat model: labels " + str(tm["labels"]) + ", obfuscation none, "
-          + f"BatchNorm statistics: {tm['bn_statistics']}")
-    print(table(metrics))
-    print(f"label accuracy {metrics.get('label_accuracy', float('nan')):.2f}")
-    print("PSNR: " + metrics["metric_variants"]["psnr"])
-    print("SSIM: " + metrics["metric_variants"]["ssim"])
-    print(f"\nfiles: {folder}/ (reconstruction.png: originals above reconstructions; metrics.json; config.yaml)")
+        base["attack"]["settings"]["iterations"] = int(iterations)
+    spec: dict[str, Any] = {"name": "demo", "base": base, "grid": grid,
+                            "reid": {"gallery_size": 256, "autoencoder_steps": 150}}
+    try:
+        from ..federated.simulation import run_utility  # noqa: F401
+        spec["utility"] = {"enabled": True, "config": DEMO_UTILITY}
+    except ImportError:
+        notes.append("the federated utility simulation is not in this installation: model utility not measured")
+    return spec, notes
+
+
+#: A short utility run (used when the utility simulation is installed).
+DEMO_UTILITY: dict[str, Any] = {}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'defence':<40} {'attack':<20} {'PSNR (dB)':>9} {'SSIM':>6} {'re-identified':>13}"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"{r['setting']:<40} {r['attack']:<20} failed: {r.get('error')}")
+            continue
+        s = (r.get("reid") or {}).get("strongest") or {}
+        reid = f"{s['top1_hits']}/{s['n']}" if s else "-"
+        lines.append(f"{r['setting'][:40]:<40} {r['attack'][:20]:<20} {r['metrics']['psnr']:>9.2f} "
+                     f"{r['metrics']['ssim']:>6.3f} {reid:>13}")
+    return "\n".join(lines)
+
+
+def demo(out_root: Path = Path("experiments"), iterations: int | None = None, quiet: bool = False,
+         workers: int | None = None) -> Path:
+    from ..report.html import write_report
+    from .run import new_folder
+    from .sweep import run_sweep, spec_from_dict
+
+    spec, notes = demo_spec(iterations)
+    spec = spec_from_dict(spec, source="demo")
+    folder = new_folder(Path(out_root), "demo")
+    print("gradleak demo: a curious server attacks FedSGD updates of synthetic chest radiographs")
+    print("(32 px, LeNet-5 at random initialisation, batches of 2, labels inferred from the update)")
+    for n in notes:
+        print(f"  note: {n}")
+    print()
+    summary = run_sweep(spec, folder, progress=not quiet, echo=None if quiet else print, workers=workers,
+                        source="demo")
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    if not any(r.get("status") == "ok" for r in rows):
+        raise UserError(f"every demo cell failed; see {folder}/cells/*/log.txt")
+    report = write_report(folder)
+    tm = next(r["threat_model"] for r in rows if r.get("status") == "ok")
+    print(f"\nthreat model: honest-but-curious server, labels inferred ({tm['labels']}); re-identification "
+          f"against an identified archive of {spec['reid']['gallery_size']} images (the report lists each attack's "
+          f"assumptions)")
+    print(table(rows))
+    variants = next(r["metric_variants"] for r in rows if r.get("status") == "ok")
+    print("PSNR: " + variants["psnr"])
+    print("SSIM: " + variants["ssim"])
+    print("re-identified: top-1 patient re-identification, strongest of pixel-MSE, SSIM and learned-embedding "
+          "rankings")
+    print(f"\n{summary.cells} cells in {summary.seconds:.0f}s; sweep spec: {folder / 'sweep.yaml'}")
+    print(f"report: {report}")
     return folder

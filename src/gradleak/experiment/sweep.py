@@ -101,6 +101,9 @@ def spec_from_dict(user: Any, source: str = "sweep", overrides: dict[str, Any] |
     if not isinstance(user, dict):
         raise UserError(f"{source}: a sweep spec must be a mapping with 'base' and 'grid'")
     user = copy.deepcopy(user)
+    fmt = user.pop("format", SWEEP_FORMAT)
+    if fmt != SWEEP_FORMAT:
+        raise UserError(f"{source}: format '{fmt}' is not a sweep spec this gradleak reads ({SWEEP_FORMAT})")
     for dotted, value in (overrides or {}).items():
         node = user
         parts = dotted.split(".")
