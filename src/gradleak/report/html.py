@@ -427,6 +427,10 @@ def _grid_section(groups: list[Group], max_images: int = 8) -> str:
             f"<table class='grid'>{''.join(rows_html)}</table>")
 
 
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _data_text(d: dict[str, Any]) -> str:
     d = dict(d)
     src = str(d.pop("source", "?"))
@@ -617,7 +621,7 @@ mean more leakage. Numbered notes are defined under "Definitions" below.</p>
 </ul>
 <h3>Threat models</h3>
 <ul>{threat or '<li>n/a</li>'}</ul>
-<p>{_e(reid_def.get('threat_model', 'Re-identification was not measured.'))}
+<p>{_e(_cap(reid_def.get('threat_model', 'Re-identification was not measured')))}.
 {('Gallery: ' + str(reid_def.get('gallery', {}).get('images')) + ' images of ' + str(reid_def.get('gallery', {}).get('patients')) + ' patients.') if reid_def else ''}</p>
 
 <h2>Definitions</h2>
@@ -625,8 +629,8 @@ mean more leakage. Numbered notes are defined under "Definitions" below.</p>
 <dt>1 PSNR</dt><dd>{_e(def_items.get('PSNR', 'peak signal-to-noise ratio'))}</dd>
 <dt>2 SSIM</dt><dd>{_e(def_items.get('SSIM', 'structural similarity'))}</dd>
 <dt>3 MS-SSIM</dt><dd>{_e(def_items.get('MS-SSIM', 'multi-scale SSIM'))}</dd>
-<dt>4 Patient re-identification</dt><dd>{_e((reid_def.get('variants') or {}).get('top1', 'not measured'))}.
-{_e((reid_def.get('variants') or {}).get('top5', ''))}. Galleries are ranked by pixel MSE, by SSIM and by a learned
+<dt>4 Patient re-identification</dt><dd>{_e(_cap((reid_def.get('variants') or {}).get('top1', 'not measured')))}.
+{_e(_cap((reid_def.get('variants') or {}).get('top5', '')))}. Galleries are ranked by pixel MSE, by SSIM and by a learned
 embedding ({_e(((reid_def.get('embedding') or {}).get('variant')) or 'none')}); the strongest of these rankings is
 reported. "Chance" is what a random ranking would reach.</dd>
 <dt>5 IIP</dt><dd>{_e((reid_def.get('variants') or {}).get('iip', 'image identifiability precision (Yin et al. 2021)'))},
@@ -637,7 +641,9 @@ defence, on held-out patients.</dd>
 without one).</dd>
 <dt>8 &epsilon;</dt><dd>Differential-privacy budget spent (for DP noise settings; lower is more private);
 "–" where the defence gives no DP guarantee.</dd>
-<dt>9 LPIPS</dt><dd>{_e(def_items.get('LPIPS', ''))}{('. ' + _e(lpips_note)) if lpips_note else ''}</dd>
+<dt>9 LPIPS</dt><dd>{_e(def_items.get('LPIPS', ''))}{('. ' + _e(_cap(lpips_note))) if lpips_note else ''}</dd>
+<dt>Label accuracy</dt><dd>Share of the batch's labels the attack recovered, compared as a multiset (the attacker
+does not know which image carries which label).</dd>
 </dl>
 <p class="note">Software: {_e(', '.join(f'{k} {v}' for k, v in versions.items()))}.</p>
 </body></html>
