@@ -345,9 +345,12 @@ def execute_task(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
             result.update(status="ok", metrics=metrics,
                           attack={k: summary.get(k) for k in ("iterations", "seconds", "final_loss", "settings")})
         elif task["kind"] == "utility":
-            from ..federated.simulation import run_utility  # the utility issue's simulation
-            out = run_utility(task["config"], progress=False, folder=workdir)
-            result.update(status="ok", utility=_jsonable(out))
+            api = utility_api()
+            if api is None:
+                raise RuntimeError("this installation has no federated utility simulation")
+            cfg = {**task["config"], "threads": int(task.get("threads", 1))}
+            out = api[1](cfg, progress=False, folder=workdir / "run")
+            result.update(status="ok", utility=_jsonable({k: out[k] for k in _UTILITY_KEYS if k in out}))
         else:  # pragma: no cover - a bug
             raise ValueError(f"unknown task kind {task['kind']!r}")
     except BaseException as e:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
@@ -653,12 +656,38 @@ def _epsilon(records: list[dict[str, Any]]) -> float | None:
     return float(eps[-1]) if eps else None
 
 
+#: What a sweep keeps of a utility run's result (the full ``utility.json`` stays in its folder).
+_UTILITY_KEYS = ("final", "best", "best_round", "rounds_run", "bits_per_round", "bits_per_update",
+                 "dense_bits_per_update", "epsilon", "delta", "threat_model", "metric_variants", "model",
+                 "seconds")
+
+
+def utility_api() -> tuple[Callable[..., dict[str, Any]], Callable[..., dict[str, Any]]] | None:
+    """(check a utility config, run it) from the federated utility simulation, or None when this
+    installation has none."""
+    try:
+        from .utility import from_dict, run_utility
+    except ImportError:
+        return None
+    return from_dict, run_utility
+
+
 def utility_config(spec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """The utility run matching a cell: the sweep's utility config with the cell's obfuscation."""
+    """The utility run matching a cell: the sweep's utility config with the cell's data (unless the
+    utility config names its own) and the cell's obfuscation, checked by the utility simulation."""
     ucfg = copy.deepcopy(spec["utility"]["config"])
     ucfg.setdefault("data", copy.deepcopy(cfg["data"]))
     ucfg["obfuscation"] = copy.deepcopy(cfg["capture"]["obfuscation"])
-    return ucfg
+    ucfg.setdefault("name", f"{spec['name']}-utility")
+    ucfg.pop("output_dir", None)
+    ucfg.pop("threads", None)
+    api = utility_api()
+    if api is None:
+        raise UserError("utility.enabled needs the federated utility simulation, which this installation "
+                        "lacks; set utility.enabled: false")
+    checked = api[0](ucfg, source="utility.config")
+    checked.pop("threads", None)
+    return checked
 
 
 def _row(cell: Cell, result: dict[str, Any], reid: dict[str, Any] | None, ukey: str | None,
@@ -881,19 +910,17 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
     utasks: dict[str, dict[str, Any]] = {}
     ukeys: dict[str, str | None] = {c.id: None for c in cells}
     if spec["utility"]["enabled"]:
+        checked: dict[str, dict[str, Any]] = {}
         for c in cells:
-            ucfg = utility_config(spec, c.config)
-            key = f"{digest(ucfg, 10)}"
+            k = json.dumps(_jsonable([c.config["data"], c.config["capture"]["obfuscation"]]), sort_keys=True)
+            if k not in checked:
+                checked[k] = utility_config(spec, c.config)
+            ucfg = checked[k]
+            key = digest(ucfg, 10)
             ukeys[c.id] = key
             if not (folder / "utility" / key / "result.json").is_file() and key not in utasks:
                 utasks[key] = {"kind": "utility", "id": key, "config": ucfg,
-                               "label": obfuscation_label(ucfg["obfuscation"]), "device": "cpu"}
-        if utasks:
-            try:
-                from ..federated.simulation import run_utility  # noqa: F401
-            except ImportError:
-                raise UserError("utility.enabled needs gradleak.federated.simulation.run_utility, which this "
-                                "installation lacks; set utility.enabled: false") from None
+                               "label": obfuscation_label(ucfg["obfuscation"]), "device": str(ucfg.get("device", "cpu"))}
     # utility results that failed before are retried
     for key in list(utasks):
         shutil.rmtree(folder / "utility" / f".{key}.partial", ignore_errors=True)
@@ -934,7 +961,7 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
             unprotected = [k for k, t in utasks.items() if not t["config"]["obfuscation"]] or \
                 [ukeys[c.id] for c in cells if not c.config["capture"]["obfuscation"] and ukeys[c.id]]
             for key in unprotected:
-                mp = folder / "utility" / str(key) / "model.pt"
+                mp = folder / "utility" / str(key) / "run" / "model.pt"
                 if mp.is_file():
                     classifier = mp
                     break

@@ -142,7 +142,8 @@ class ClassifierEmbedder(Embedder):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ClassifierEmbedder":
-        """Load a ``model.pt`` written by a utility run: ``{"model": header, "state_dict": ...}``."""
+        """Load a ``model.pt`` written by a utility run: ``{"model": header, "state_dict": ...}`` (and the
+        input normalisation under ``data``, when present)."""
         from ..models import build_from_header
 
         path = Path(path)
@@ -151,7 +152,8 @@ class ClassifierEmbedder(Embedder):
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             header = blob["model"]
-            model = build_from_header(header, {k: header[k] for k in ("mean", "std") if k in header})
+            norm = blob.get("data") or {k: header[k] for k in ("mean", "std") if k in header}
+            model = build_from_header(header, norm)
             model.load_state_dict(blob["state_dict"])
         except UserError:
             raise
