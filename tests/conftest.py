@@ -31,3 +31,25 @@ def require_shared(*parts: str) -> Path:
 def shared_data() -> Path:
     """The shared real-data folder (skips or fails as :func:`require_shared` does)."""
     return require_shared()
+
+
+TINY_SWEEP = {
+    "name": "tiny",
+    "base": {"data": {"source": "phantoms", "size": 16, "n": 24},
+             "capture": {"arch": "lenet_zhu"},
+             "attack": {"name": "ig", "settings": {"iterations": 20, "restarts": 1}}},
+    "grid": {"capture.protocol": [{"algorithm": "fedsgd"},
+                                  {"algorithm": "fedavg", "local_steps": 2, "local_lr": 0.1}],
+             "capture.batch_size": [2, 40]},  # 40 > 24 images: those cells fail
+    "reid": {"autoencoder_steps": 20},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """A finished 4-cell sweep on 16 px phantoms (2 cells fail on purpose), run once per session."""
+    from gradleak.experiment.sweep import run_sweep, spec_from_dict
+
+    out = tmp_path_factory.mktemp("sweeps") / "tiny"
+    summary = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=2, progress=False, echo=None)
+    return out, summary

@@ -204,6 +204,33 @@ def cmd_utility(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from .experiment.sweep import load_spec, run_sweep
+
+    spec = load_spec(a.spec, overrides=dict(a.set or []))
+    summary = run_sweep(spec, a.out, backend=a.backend, address=a.address, workers=a.workers,
+                        progress=not a.quiet, source=str(a.spec))
+    ok = summary.cells - len(summary.failed)
+    print(f"{summary.cells} cells: {summary.skipped} already done, {summary.ran} run, "
+          f"{len([f for f in summary.failed if f[0].startswith('cell')])} failed ({summary.seconds:.0f}s)")
+    for what, err in summary.failed:
+        print(f"  failed: {what}: {err}")
+    print(f"results: {summary.folder}/results.jsonl, results.csv")
+    if not a.no_report:
+        from .report.html import write_report
+        path = write_report(summary.folder)
+        print(f"report:  {path}")
+    return 0 if ok == summary.cells else 1
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report.html import write_report
+
+    path = write_report(Path(a.experiment), out=Path(a.out) if a.out else None)
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .experiment.demo import demo
 
@@ -308,6 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default=None, help="experiment folder to create (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
     u.set_defaults(func=cmd_utility)
+
+    w = sub.add_parser("sweep", help="run a grid of experiments (resumable; local processes or Ray) into a folder")
+    w.add_argument("spec", help="sweep YAML: a base experiment config and a grid of values")
+    w.add_argument("--out", required=True, help="sweep folder (rerun with the same folder to resume)")
+    w.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local worker processes (default) or Ray tasks")
+    w.add_argument("--address", default=None, help="Ray cluster address (default: start Ray on this machine)")
+    w.add_argument("--workers", type=_positive_int, default=None,
+                   help="parallel cells (default: one per CPU core; with Ray, the CPUs of a local Ray)")
+    w.add_argument("--set", type=_kv, action="append", metavar="KEY=VALUE",
+                   help="override a spec value by dotted key, e.g. base.attack.settings.iterations=50")
+    w.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("report", help="write report.html for a sweep folder or an experiment folder")
+    rp.add_argument("experiment", help="a sweep folder (results.jsonl) or an experiment folder (metrics.json)")
+    rp.add_argument("--out", default=None, help="HTML file to write (default: EXPERIMENT/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="the built-in demonstration on synthetic chest radiographs")
     d.add_argument("--out", default="experiments", help="folder for the demo's experiment (default experiments)")

@@ -1,84 +1,124 @@
-"""``gradleak demo``: a curious server reconstructs four synthetic chest radiographs from one FedSGD update,
-once without obfuscation and once under each of three common defences (QSGD, top-k, Gaussian noise)."""
+"""``gradleak demo``: a small privacy audit on synthetic chest radiographs, end to end.
+
+A curious server attacks FedSGD updates of a LeNet-5 on 32 px phantoms under a few client-side defences
+with the attacks this installation has, measures what leaked (image similarity and patient
+re-identification against the whole synthetic archive), measures what each defence costs the model when
+the utility simulation is available, and writes the HTML report. The sweep it ran is saved as
+``sweep.yaml`` in its folder, so ``gradleak sweep DIR/sweep.yaml --out DIR`` reruns (resumes) it.
+"""
 
 from __future__ import annotations
 
-import copy
+import json
 from pathlib import Path
 from typing import Any
 
-from . import config
-from .run import new_folder, run_experiment
+from ..errors import UserError
 
-DEMO: dict[str, Any] = {
-    "name": "demo",
+#: Defences and attacks the demo would like to show; those missing from this installation are skipped.
+DEMO_OBFUSCATIONS = ["none", "qsgd:levels=16", "topk:keep=0.1", "gaussian:noise_multiplier=0.01,clip=1.0"]
+DEMO_ATTACKS = ["inverting_gradients", "rog"]
+#: Without any obfuscation installed, local training (FedAvg) is the defence shown.
+FALLBACK_PROTOCOLS = [{"algorithm": "fedsgd"}, {"algorithm": "fedavg", "local_steps": 5, "local_lr": 0.05}]
+
+DEMO_BASE: dict[str, Any] = {
     "seed": 0,
-    "data": {"source": "phantoms", "size": 64},
-    "capture": {"arch": "lenet5", "batch_size": 4, "labels_known": False,
-                "protocol": {"algorithm": "fedsgd"}},
-    "attack": {"name": "inverting_gradients", "settings": {"iterations": 200, "restarts": 2}},
+    "data": {"source": "phantoms", "size": 32, "n": 256},
+    "capture": {"arch": "lenet5", "batch_size": 2, "labels_known": False, "protocol": {"algorithm": "fedsgd"}},
+    "attack": {"settings": {"iterations": 200, "restarts": 1}},
 }
 
-#: (folder, obfuscation list, what the row says). The same images, model and attack seed in every cell.
-OBFUSCATIONS: list[tuple[str, list[dict[str, Any]], str]] = [
-    ("none", [], "none"),
-    ("qsgd", [{"name": "qsgd", "levels": 16}], "qsgd, 16 levels (max-norm)"),
-    ("topk", [{"name": "topk", "keep": 0.1}], "topk, keep 10 %"),
-    ("gaussian", [{"name": "gaussian", "clip": 1.0, "noise_multiplier": 0.001}],
-     "gaussian, clip 1, sigma 0.001"),
-]
+
+def demo_spec(iterations: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The demo's sweep spec for this installation, and notes on what it had to leave out."""
+    from .. import attacks, obfuscation
+
+    notes = []
+    known_obf = set(obfuscation.names())
+    obfs = [o for o in DEMO_OBFUSCATIONS if o.split(":")[0] in known_obf]
+    missing = [o.split(":")[0] for o in DEMO_OBFUSCATIONS if o.split(":")[0] not in known_obf]
+    if missing:
+        notes.append(f"obfuscations not in this installation, left out: {', '.join(missing)}")
+    atks = [a for a in DEMO_ATTACKS if a in attacks.names()]
+    if len(atks) < len(DEMO_ATTACKS):
+        notes.append(f"attacks not in this installation, left out: "
+                     f"{', '.join(a for a in DEMO_ATTACKS if a not in atks)}")
+    grid: dict[str, Any] = {}
+    if len(obfs) > 1:
+        grid["capture.obfuscation"] = obfs
+    else:
+        grid["capture.protocol"] = FALLBACK_PROTOCOLS
+        notes.append("with no obfuscation installed, the defence shown is local training (FedAvg, 5 steps)")
+    grid["attack.name"] = atks
+    base = json.loads(json.dumps(DEMO_BASE))
+    if iterations is not None:
+        base["attack"]["settings"]["iterations"] = int(iterations)
+    spec: dict[str, Any] = {"name": "demo", "base": base, "grid": grid,
+                            "reid": {"gallery_size": 256, "autoencoder_steps": 150}}
+    from .sweep import utility_api
+
+    if utility_api() is not None:
+        spec["utility"] = {"enabled": True, "config": DEMO_UTILITY}
+    else:
+        notes.append("the federated utility simulation is not in this installation: model utility not measured")
+    return spec, notes
+
+
+#: A short utility run on the same phantoms (used when the utility simulation is installed): a small
+#: ConvNet trained by 5 federated clients for a few rounds, 20 % of the patients held out.
+DEMO_UTILITY: dict[str, Any] = {
+    "seed": 0,
+    "holdout": 0.2,
+    "model": {"arch": "convnet", "options": {"width": 8, "depth": 3, "pool_first": True}},
+    "federation": {"num_clients": 5, "partition": "iid", "rounds": 6, "algorithm": "fedavg",
+                   "local_epochs": 1, "local_lr": 0.05, "local_batch_size": 32},
+    "evaluation": {"monitor": "roc_auc"},
+}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'obfuscation':<30} {'PSNR (dB)':>9}  {'SSIM':>6}  {'bits/update':>12}  {'vs 32-bit':>9}  threat model"
-    lines = [head, "-" * len(head)]
+    lines = [f"{'defence':<40} {'attack':<20} {'PSNR (dB)':>9} {'SSIM':>6} {'re-identified':>13}"]
     for r in rows:
-        lines.append(f"{r['label']:<30} {r['psnr']:>9.2f}  {r['ssim']:>6.3f}  {r['bits']:>12,d}  "
-                     f"{r['ratio']:>8.1f}x  {r['threat']}")
+        if r.get("status") != "ok":
+            lines.append(f"{r['setting']:<40} {r['attack']:<20} failed: {r.get('error')}")
+            continue
+        s = (r.get("reid") or {}).get("strongest") or {}
+        reid = f"{s['top1_hits']}/{s['n']}" if s else "-"
+        lines.append(f"{r['setting'][:40]:<40} {r['attack'][:20]:<20} {r['metrics']['psnr']:>9.2f} "
+                     f"{r['metrics']['ssim']:>6.3f} {reid:>13}")
     return "\n".join(lines)
 
 
-def _threat(tm: dict[str, Any]) -> str:
-    known = tm.get("obfuscation_known")
-    obf = "no obfuscation" if known is None else ("obfuscation known" if known else "obfuscation unknown to attack")
-    return f"labels {tm['labels']}, {obf}, BN: {tm['bn_statistics']}"
+def demo(out_root: Path = Path("experiments"), iterations: int | None = None, quiet: bool = False,
+         workers: int | None = None) -> Path:
+    from ..report.html import write_report
+    from .run import new_folder
+    from .sweep import run_sweep, spec_from_dict
 
-
-def demo(out_root: Path = Path("experiments"), iterations: int | None = None, quiet: bool = False) -> Path:
-    """Run the demo cells into ``out_root/demo-<timestamp>/<obfuscation>/`` and print one row per cell."""
-    root = new_folder(Path(out_root), "demo")
-    root.mkdir(parents=True)
-    settings = {**DEMO["attack"]["settings"], **({"iterations": iterations} if iterations is not None else {})}
-    print("gradleak demo: a curious server attacks one FedSGD update of 4 synthetic chest radiographs")
-    print(f"(64 px, LeNet-5 at random initialisation, labels inferred from the update), Inverting Gradients "
-          f"with {settings['iterations']} iterations x {settings['restarts']} restarts, once per obfuscation\n")
-    rows = []
-    for folder, obfuscation, label in OBFUSCATIONS:
-        user = copy.deepcopy(DEMO)
-        user["name"] = f"demo-{folder}"
-        user["output_dir"] = str(root)
-        user["capture"]["obfuscation"] = obfuscation
-        user["attack"]["settings"] = settings
-        cfg = config.from_dict(user, source="demo")
-        if not quiet:
-            print(f"--- {label}")
-        cell, metrics = run_experiment(cfg, echo=None if quiet else print, progress=not quiet, folder=root / folder)
-        dense = 32 * _entries(cell)
-        rows.append({"label": label, "psnr": metrics["psnr"], "ssim": metrics["ssim"], "bits": int(metrics["bits"]),
-                     "ratio": dense / max(1, int(metrics["bits"])), "threat": _threat(metrics["threat_model"]),
-                     "label_accuracy": metrics.get("label_accuracy")})
-    print("\nInverting Gradients on the same 4 images under each obfuscation (mean over images):")
+    spec, notes = demo_spec(iterations)
+    spec = spec_from_dict(spec, source="demo")
+    folder = new_folder(Path(out_root), "demo")
+    print("gradleak demo: a curious server attacks FedSGD updates of synthetic chest radiographs")
+    print("(32 px, LeNet-5 at random initialisation, batches of 2, labels inferred from the update)")
+    for n in notes:
+        print(f"  note: {n}")
+    print()
+    summary = run_sweep(spec, folder, progress=not quiet, echo=None if quiet else print, workers=workers,
+                        source="demo")
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    if not any(r.get("status") == "ok" for r in rows):
+        raise UserError(f"every demo cell failed; see {folder}/cells/*/log.txt")
+    report = write_report(folder)
+    tm = next(r["threat_model"] for r in rows if r.get("status") == "ok")
+    print(f"\nthreat model: honest-but-curious server, labels inferred ({tm['labels']}); re-identification "
+          f"against an identified archive of {spec['reid']['gallery_size']} images (the report lists each attack's "
+          f"assumptions)")
     print(table(rows))
-    print("PSNR: data range 1, mean over images; SSIM: Gaussian window sigma=1.5, 11x11 (Wang et al. 2004); "
-          "reconstructions paired to originals by Hungarian matching on MSE")
-    print("bits/update: what one client sends (32 bits per entry unobfuscated; QSGD: the paper's Elias code; "
-          "top-k: values + indices)")
-    print(f"\nfiles: {root}/<obfuscation>/ (reconstruction.png: originals above reconstructions; metrics.json; "
-          "config.yaml; observation.pt)")
-    return root
-
-
-def _entries(cell: Path) -> int:
-    from .. import observation
-
-    return sum(int(v.numel()) for v in observation.load(cell / "observation.pt").update.values())
+    variants = next(r["metric_variants"] for r in rows if r.get("status") == "ok")
+    print("PSNR: " + variants["psnr"])
+    print("SSIM: " + variants["ssim"])
+    print("re-identified: top-1 patient re-identification, strongest of pixel-MSE, SSIM and learned-embedding "
+          "rankings")
+    print(f"\n{summary.cells} cells in {summary.seconds:.0f}s; sweep spec: {folder / 'sweep.yaml'}")
+    print(f"report: {report}")
+    return folder

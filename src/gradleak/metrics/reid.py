@@ -1,0 +1,379 @@
+"""Patient re-identification: can a reconstruction be linked back to a patient in an identified gallery?
+
+Threat model (:data:`THREAT_MODEL`): besides the update, the attacker holds a gallery of identified
+images -- the attacked split, many patients, every image with its patient id, the attacked images among
+them -- as a hospital archive would be. For each reconstruction the gallery is ranked by a distance:
+
+* ``mse``: pixel mean squared error;
+* ``ssim``: 1 - SSIM (the standard Gaussian-window SSIM of :mod:`gradleak.metrics.image`);
+* ``embedding``: 1 - cosine similarity of learned features -- the penultimate features of a pneumonia
+  classifier (:class:`ClassifierEmbedder`, e.g. the model a utility run saved as ``model.pt``) or, when
+  none is available, of a small convolutional autoencoder that gradleak trains on the gallery itself
+  (:func:`train_autoencoder`; seeded, seconds on a CPU).
+
+Reported per distance (ties are broken by gallery order):
+
+* **top-1 / top-5 patient re-identification rate**: patients are ranked by their nearest gallery image;
+  a reconstruction is re-identified at k when its original's patient is among the first k distinct
+  patients. At k = 1 this is "the nearest gallery image belongs to the original's patient". ``chance``
+  is the top-1 rate a random ranking would reach (the original patient's share of the gallery).
+* **rank of the true image**: 1 + the number of gallery images ranked before the original image.
+* **IIP**, image identifiability precision (Yin et al., "See through Gradients: Image Batch Recovery via
+  GradInversion", CVPR 2021, Sec. 5): the fraction of reconstructions whose nearest neighbour, searched
+  among the gallery images carrying the original's label (as in the reference implementation, breaching's
+  ``image_identifiability_precision``), is an exact match of the original -- the original itself or an
+  image whose pixels differ from it by an L2 norm below 1e-3. It is an *image*-level rate; the patient
+  rates above also count a hit on another image of the same patient.
+
+Reconstructions must be paired with their originals first (Hungarian matching, as :func:`score` does).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .image import ssim
+
+DISTANCES = ("mse", "ssim", "embedding")
+
+THREAT_MODEL = ("re-identification: the attacker also holds an identified gallery of the attacked split "
+                "(every image with its patient id, the attacked images among them)")
+
+VARIANTS = {
+    "top1": "top-1 patient re-identification rate: the nearest gallery image belongs to the original's patient",
+    "top5": "top-5 patient re-identification rate: the original's patient is among the 5 nearest distinct "
+            "patients (patients ranked by their nearest image)",
+    "true_image_rank": "rank of the original image in the gallery ranking (1 = nearest)",
+    "iip": "IIP, image identifiability precision (Yin et al. 2021): nearest same-label gallery image is the "
+           "original",
+    "mse": "pixel mean squared error",
+    "ssim": "1 - standard SSIM (Gaussian window, sigma 1.5)",
+    "embedding": "1 - cosine similarity of learned features",
+}
+
+IIP_TOLERANCE = 1e-3
+
+
+@dataclass
+class Gallery:
+    """Identified images the attacker can search: float32 G x C x H x W in [0, 1]."""
+
+    images: torch.Tensor
+    patient_ids: list[str]
+    labels: torch.Tensor | None = None
+    names: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # data set index of each gallery image
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.patient_ids) != len(self.images):
+            raise ValueError(f"gallery has {len(self.images)} images but {len(self.patient_ids)} patient ids")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def position(self, dataset_indices: Sequence[int]) -> list[int]:
+        """Gallery positions of images given by data set index (each must be in the gallery)."""
+        where = {int(i): k for k, i in enumerate(self.indices)}
+        missing = [int(i) for i in dataset_indices if int(i) not in where]
+        if missing:
+            raise ValueError(f"data set image {missing[0]} is not in the gallery")
+        return [where[int(i)] for i in dataset_indices]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+        os.close(fd)
+        try:
+            np.savez_compressed(tmp, images=self.images.numpy().astype(np.float32),
+                                patient_ids=np.array(self.patient_ids, dtype=str),
+                                labels=(self.labels.numpy() if self.labels is not None
+                                        else np.zeros(0, dtype=np.int64)),
+                                names=np.array(self.names, dtype=str),
+                                indices=np.array(self.indices, dtype=np.int64))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Gallery":
+        with np.load(path, allow_pickle=False) as z:
+            labels = torch.from_numpy(z["labels"].astype(np.int64)) if len(z["labels"]) else None
+            return cls(images=torch.from_numpy(z["images"]), patient_ids=[str(p) for p in z["patient_ids"]],
+                       labels=labels, names=[str(n) for n in z["names"]],
+                       indices=[int(i) for i in z["indices"]])
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+class Embedder:
+    """Maps images (N x C x H x W in [0, 1]) to feature vectors N x D."""
+
+    kind = "embedder"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class ClassifierEmbedder(Embedder):
+    """Penultimate features of a classifier (a :class:`gradleak.models.VictimNet`)."""
+
+    kind = "classifier"
+
+    def __init__(self, model: nn.Module, image_size: int, source: str = ""):
+        self.model = model.eval()
+        self.image_size = int(image_size)
+        self.source = source
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ClassifierEmbedder":
+        """Load a ``model.pt`` written by a utility run: ``{"model": header, "state_dict": ...}`` (and the
+        input normalisation under ``data``, when present)."""
+        from ..models import build_from_header
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"classifier file not found: {path}")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            header = blob["model"]
+            norm = blob.get("data") or {k: header[k] for k in ("mean", "std") if k in header}
+            model = build_from_header(header, norm)
+            model.load_state_dict(blob["state_dict"])
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path}: not a gradleak model file ({type(e).__name__}: {e})") from None
+        return cls(model, header["image_size"], source=str(path))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = _resize(images.float(), self.image_size)
+        return torch.cat([self.model.penultimate(x[i:i + 256]).flatten(1) for i in range(0, len(x), 256)])
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.source,
+                "variant": "penultimate features of a pneumonia classifier, cosine distance"}
+
+
+class TinyAutoencoder(nn.Module):
+    """A small convolutional autoencoder on 32 x 32 grey images; its code is the embedding."""
+
+    def __init__(self, latent: int = 32, size: int = 32, channels: int = 1):
+        super().__init__()
+        self.size, self.latent, self.channels = int(size), int(latent), int(channels)
+        s = self.size // 8
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, 8, 4, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * s * s, latent))
+        self.decoder = nn.Sequential(
+            nn.Linear(latent, 32 * s * s), nn.ReLU(), nn.Unflatten(1, (32, s, s)),
+            nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(16, 8, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(8, channels, 4, 2, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class AutoencoderEmbedder(Embedder):
+    kind = "autoencoder"
+
+    def __init__(self, model: TinyAutoencoder, info: dict[str, Any] | None = None):
+        self.model = model.eval()
+        self.info = dict(info or {})
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = _resize(images.float(), self.model.size)
+        return torch.cat([self.model.encoder(x[i:i + 256]) for i in range(0, len(x), 256)])
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.info,
+                "variant": f"code of a {self.model.latent}-d convolutional autoencoder trained on the gallery "
+                           f"({self.model.size} px), cosine distance"}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save({"kind": self.kind, "latent": self.model.latent, "size": self.model.size,
+                        "channels": self.model.channels, "info": self.info,
+                        "state_dict": self.model.state_dict()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AutoencoderEmbedder":
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model = TinyAutoencoder(blob["latent"], blob["size"], blob["channels"])
+        model.load_state_dict(blob["state_dict"])
+        return cls(model, blob.get("info"))
+
+
+def train_autoencoder(images: torch.Tensor, *, seed: int = 0, steps: int = 200, batch_size: int = 32,
+                      latent: int = 32, size: int = 32, lr: float = 2e-3, threads: int | None = 1,
+                      progress: Callable[[int, float], None] | None = None) -> AutoencoderEmbedder:
+    """Train :class:`TinyAutoencoder` on ``images`` (MSE, Adam). Same seed, same weights on CPU.
+
+    The network is small enough that one CPU thread is fastest (more threads only contend, badly so on
+    a busy machine); ``threads=None`` keeps torch's setting.
+    """
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _train_autoencoder(images, seed, steps, batch_size, latent, size, lr, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_autoencoder(images, seed, steps, batch_size, latent, size, lr, progress) -> AutoencoderEmbedder:
+    x = _resize(images.detach().cpu().float(), size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = TinyAutoencoder(latent, size, x.shape[1])
+    g = torch.Generator().manual_seed(int(seed))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(int(steps)):
+        idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=g)
+        loss = F.mse_loss(model(x[idx]), x[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss = loss.detach()
+        if progress:
+            progress(step, float(loss))
+    info = {"seed": int(seed), "steps": int(steps), "trained_on": f"{len(x)} gallery images",
+            "final_loss": round(float(loss), 6)}
+    return AutoencoderEmbedder(model.eval(), info)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    mode = "area" if x.shape[-1] > size else "bilinear"
+    return F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+
+
+# ------------------------------------------------------------------------------------------- distances
+def distance_matrix(queries: torch.Tensor, gallery: torch.Tensor, distance: str,
+                    embedder: Embedder | None = None, chunk: int = 512) -> torch.Tensor:
+    """Q x G distances (lower is nearer) between queries and gallery images."""
+    q = queries.detach().cpu().float()
+    g = gallery.detach().cpu().float()
+    if q.shape[1:] != g.shape[1:]:
+        raise ValueError(f"queries are {tuple(q.shape[1:])} but gallery images {tuple(g.shape[1:])}")
+    if distance == "mse":
+        return torch.cdist(q.double().flatten(1), g.double().flatten(1)) ** 2 / q[0].numel()
+    if distance == "ssim":
+        out = torch.empty(len(q), len(g), dtype=torch.float64)
+        for i in range(len(q)):
+            for j in range(0, len(g), chunk):
+                part = g[j:j + chunk]
+                out[i, j:j + len(part)] = 1 - ssim(q[i:i + 1].expand_as(part), part).double()
+        return out
+    if distance == "embedding":
+        if embedder is None:
+            raise ValueError("the embedding distance needs an embedder")
+        fq = F.normalize(embedder(q).double(), dim=1)
+        fg = F.normalize(embedder(g).double(), dim=1)
+        return 1 - fq @ fg.T
+    raise ValueError(f"unknown distance {distance!r} (use one of {', '.join(DISTANCES)})")
+
+
+def _stable_order(row: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.argsort(row.numpy(), kind="stable"))
+
+
+def reidentify(reconstructions: torch.Tensor, true_positions: Sequence[int], gallery: Gallery, *,
+               distances: Sequence[str] = DISTANCES, embedder: Embedder | None = None,
+               ks: Sequence[int] = (1, 5)) -> dict[str, Any]:
+    """Rank ``gallery`` for each reconstruction and score patient re-identification and IIP.
+
+    ``reconstructions[i]`` is the reconstruction paired with the original at gallery position
+    ``true_positions[i]``. Returns rates per distance (see module docstring) and per-image ranks.
+    """
+    recs = reconstructions.detach().cpu().float()
+    if len(recs) != len(true_positions):
+        raise ValueError(f"{len(recs)} reconstructions but {len(true_positions)} true positions")
+    pids = list(gallery.patient_ids)
+    n = len(recs)
+    out: dict[str, Any] = {
+        "threat_model": THREAT_MODEL,
+        "gallery": {"images": len(gallery), "patients": len(set(pids)), **gallery.description},
+        "variants": {k: v for k, v in VARIANTS.items()},
+        "num_reconstructions": n,
+        "chance_top1": float(np.mean([pids.count(pids[t]) / len(pids) for t in true_positions])) if n else None,
+        "by_distance": {},
+    }
+    gimg = gallery.images.float()
+    labels = gallery.labels
+    for dist in distances:
+        if dist == "embedding" and embedder is None:
+            out["by_distance"][dist] = {"note": "not computed: no embedder"}
+            continue
+        d = distance_matrix(recs, gimg, dist, embedder)
+        img_rank, pat_rank, iip_hits = [], [], 0
+        for i, t in enumerate(true_positions):
+            order = _stable_order(d[i])
+            img_rank.append(int((order == t).nonzero()[0, 0]) + 1)
+            seen: list[str] = []
+            for j in order.tolist():
+                if pids[j] not in seen:
+                    seen.append(pids[j])
+                    if pids[j] == pids[t]:
+                        break
+            pat_rank.append(len(seen))
+            # IIP: nearest neighbour among the original's label
+            same = [j for j in order.tolist() if labels is None or int(labels[j]) == int(labels[t])]
+            nn_ = same[0]
+            if nn_ == t or float(torch.linalg.vector_norm(gimg[nn_] - gimg[t])) < IIP_TOLERANCE:
+                iip_hits += 1
+        res: dict[str, Any] = {"variant": VARIANTS[dist] if dist != "embedding" or embedder is None
+                               else embedder.describe().get("variant", VARIANTS[dist]), "n": n}
+        for k in ks:
+            hits = sum(r <= k for r in pat_rank)
+            res[f"top{k}"] = hits / n if n else None
+            res[f"top{k}_hits"] = int(hits)
+        res["iip"] = iip_hits / n if n else None
+        res["iip_hits"] = int(iip_hits)
+        res["true_image_rank"] = img_rank
+        res["true_patient_rank"] = pat_rank
+        res["median_true_image_rank"] = float(np.median(img_rank)) if n else None
+        out["by_distance"][dist] = res
+    scored = {k: v for k, v in out["by_distance"].items() if "top1" in v}
+    if scored:
+        best = max(scored, key=lambda k: (scored[k]["top1"], scored[k]["top5"] if "top5" in scored[k] else 0))
+        out["strongest"] = {"distance": best, "top1": scored[best]["top1"], "top1_hits": scored[best]["top1_hits"],
+                            "top5": scored[best].get("top5"), "iip": scored[best]["iip"], "n": n}
+    if embedder is not None:
+        out["embedding"] = embedder.describe()
+    return out
+
+
+__all__ = ["DISTANCES", "THREAT_MODEL", "VARIANTS", "Gallery", "Embedder", "ClassifierEmbedder",
+           "AutoencoderEmbedder", "TinyAutoencoder", "train_autoencoder", "distance_matrix", "reidentify"]

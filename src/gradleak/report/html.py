@@ -1,0 +1,677 @@
+"""``gradleak report``: one self-contained HTML page a privacy officer can read.
+
+It reads a sweep folder (``results.jsonl``, the cells' pictures, the utility runs) or a single experiment
+folder (``metrics.json``) and writes ``report.html`` beside it, with every picture embedded (no network,
+no scripts) and the plots also as PNG files (``privacy_utility.png``). The page holds:
+
+* the bottom line and a verdict per defence setting in plain language;
+* a summary table per defence and strength: PSNR, SSIM, MS-SSIM, patient re-identification, IIP, model
+  utility (ROC AUC, accuracy), bits per update and epsilon -- for the strongest attack on that setting
+  (the worst case for the defender), every column naming its metric variant;
+* image grids: the originals above their reconstruction under each defence;
+* the privacy-utility plot: leakage against model utility, one point per defence setting, the unprotected
+  model marked;
+* the details: every setting x attack, failed cells, threat models and definitions.
+
+Verdict thresholds (stated on the page): images are *recognisable* at SSIM >= 0.6, *partly
+recognisable* at SSIM >= 0.3; the risk is *high* when images are recognisable or at least half the
+patients are re-identified (top-1), *moderate* when images are partly recognisable or patients are
+re-identified well above chance, *low* otherwise. They are rules of thumb, not guarantees.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+
+RECOGNISABLE_SSIM = 0.6
+PARTLY_SSIM = 0.3
+HIGH_REID = 0.5
+
+# grid keys that vary the sample, not the setting: averaged over in the summary
+_SAMPLE_KEYS = ("seed", "capture.indices", "capture.model_seed")
+
+
+# ------------------------------------------------------------------------------------------------- data
+def _load_rows(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """Rows (sweep or one experiment), the spec/config, and the kind."""
+    import yaml
+
+    if (folder / "results.jsonl").is_file():
+        rows = []
+        for line in (folder / "results.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        spec = {}
+        if (folder / "sweep.yaml").is_file():
+            spec = yaml.safe_load((folder / "sweep.yaml").read_text()) or {}
+        for r in rows:
+            r["_folder"] = str(folder / "cells" / r["cell"])
+        return rows, spec, "sweep"
+    if (folder / "metrics.json").is_file():
+        from ..experiment.sweep import setting_label
+
+        m = json.loads((folder / "metrics.json").read_text())
+        cfg = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
+        cfg = cfg or {}
+        row = {"cell": folder.name, "index": 0, "status": "ok", "attack": m.get("attack", "?"),
+               "setting": setting_label(cfg) if cfg.get("capture") else "none", "params": {},
+               "metrics": {k: m.get(k) for k in ("psnr", "ssim", "ms_ssim", "lpips", "lpips_note", "mse",
+                                                 "label_accuracy", "num_images")},
+               "metric_variants": m.get("metric_variants", {}), "threat_model": m.get("threat_model", {}),
+               "reid": m.get("reid"), "bits": m.get("bits"), "obfuscation": m.get("obfuscation", []),
+               "epsilon": None, "config": cfg, "_folder": str(folder)}
+        return [row], cfg, "experiment"
+    raise UserError(f"{folder}: holds neither results.jsonl (a sweep folder) nor metrics.json (an experiment "
+                    f"folder)")
+
+
+def _utilities(folder: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in sorted((folder / "utility").glob("*/result.json")):
+        try:
+            r = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        if r.get("status") == "ok":
+            out[p.parent.name] = r.get("utility") or {}
+    return out
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _mean(xs) -> float | None:
+    v = [x for x in (_num(x) for x in xs) if x is not None]
+    return sum(v) / len(v) if v else None
+
+
+def _last(x: Any) -> float | None:
+    if isinstance(x, list):
+        return _num(x[-1]) if x else None
+    return _num(x)
+
+
+def _condition(row: dict[str, Any], varying: list[str]) -> str:
+    parts = []
+    for k in varying:
+        if k in row.get("params", {}):
+            parts.append(f"{_short_key(k)}={row['params'][k]}")
+    return ", ".join(parts)
+
+
+def _short_key(k: str) -> str:
+    return {"capture.batch_size": "batch", "capture.arch": "model", "data.size": "px",
+            "capture.labels_known": "labels known", "data.source": "data"}.get(k, k)
+
+
+class Group:
+    """All cells of one defence setting under one condition (e.g. batch size)."""
+
+    def __init__(self, setting: str, condition: str):
+        self.setting, self.condition = setting, condition
+        self.by_attack: dict[str, list[dict[str, Any]]] = OrderedDict()
+
+    @property
+    def label(self) -> str:
+        return self.setting + (f" ({self.condition})" if self.condition else "")
+
+    def attack_stats(self, attack: str) -> dict[str, Any]:
+        rows = self.by_attack[attack]
+        m = lambda k: _mean(r["metrics"].get(k) for r in rows)  # noqa: E731
+        reid_hits = reid_n = iip_hits = 0
+        top5_hits = 0
+        chance = []
+        distances = set()
+        rankings: set[str] = set()
+        for r in rows:
+            rankings |= {k for k, v in ((r.get("reid") or {}).get("by_distance") or {}).items() if "top1" in v}
+            s = (r.get("reid") or {}).get("strongest")
+            if s:
+                reid_hits += s["top1_hits"]
+                reid_n += s["n"]
+                iip_hits += round((s.get("iip") or 0) * s["n"])
+                top5_hits += round((s.get("top5") or 0) * s["n"])
+                distances.add(s["distance"])
+                chance.append((r["reid"] or {}).get("chance_top1"))
+        return {"attack": attack, "cells": len(rows), "psnr": m("psnr"), "ssim": m("ssim"),
+                "ms_ssim": m("ms_ssim"), "lpips": m("lpips"), "label_accuracy": m("label_accuracy"),
+                "images": sum(int(r["metrics"].get("num_images") or 0) for r in rows),
+                "reid_hits": reid_hits if reid_n else None, "reid_n": reid_n or None,
+                "top5_hits": top5_hits if reid_n else None,
+                "iip_hits": iip_hits if reid_n else None, "reid_distances": sorted(distances),
+                "reid_rankings": sorted(rankings),
+                "chance": _mean(chance), "bits": _mean(r.get("bits") for r in rows),
+                "epsilon": _mean(r.get("epsilon") for r in rows),
+                "post": self._post(rows)}
+
+    @staticmethod
+    def _post(rows) -> dict[str, dict[str, float | None]]:
+        """Nested results some attacks add (e.g. before post-processing)."""
+        out: dict[str, dict[str, float | None]] = {}
+        for r in rows:
+            for k, v in r["metrics"].items():
+                if k != "metric_variants" and isinstance(v, dict) and isinstance(v.get("psnr"), (int, float)):
+                    out.setdefault(k, {"psnr": [], "ssim": []})  # type: ignore[dict-item]
+                    out[k]["psnr"].append(v.get("psnr"))  # type: ignore[union-attr]
+                    out[k]["ssim"].append(v.get("ssim"))  # type: ignore[union-attr]
+        return {k: {"psnr": _mean(v["psnr"]), "ssim": _mean(v["ssim"])} for k, v in out.items()}  # type: ignore
+
+    def worst_case(self) -> dict[str, Any]:
+        """The attack that leaks most on this setting (highest SSIM, then re-identification)."""
+        stats = [self.attack_stats(a) for a in self.by_attack]
+        return max(stats, key=lambda s: ((s["ssim"] if s["ssim"] is not None else -1),
+                                         (s["reid_hits"] or 0) / (s["reid_n"] or 1)))
+
+
+def _groups(rows: list[dict[str, Any]]) -> tuple[list[Group], list[str]]:
+    keys: list[str] = []
+    for r in rows:
+        for k in r.get("params", {}):
+            if k not in keys:
+                keys.append(k)
+    varying = [k for k in keys
+               if not k.startswith("attack.") and k not in _SAMPLE_KEYS and not k.startswith("capture.obfuscation")
+               and not k.startswith("capture.protocol")
+               and len({json.dumps(r.get("params", {}).get(k), sort_keys=True, default=str) for r in rows}) > 1]
+    groups: dict[tuple[str, str], Group] = OrderedDict()
+    for r in rows:
+        key = (r["setting"], _condition(r, varying))
+        g = groups.setdefault(key, Group(*key))
+        g.by_attack.setdefault(r["attack"], []).append(r)
+    # unprotected first, then in the order the grid lists them
+    ordered = sorted(groups.values(), key=lambda g: (g.setting != "none",))
+    return ordered, varying
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+def above_chance(hits: int | None, n: int | None, chance: float | None, rankings: int = 3) -> bool:
+    """Whether ``hits`` of ``n`` re-identifications beat a random ranking: one-sided binomial test at
+    p < 0.05, Bonferroni-corrected for the choice of the strongest of ``rankings`` rankings."""
+    if not n or hits is None or chance is None:
+        return False
+    from scipy.stats import binomtest
+
+    p = binomtest(int(hits), int(n), min(max(float(chance), 1e-12), 1.0), alternative="greater").pvalue
+    return p * max(1, rankings) < 0.05
+
+
+def _risk(s: dict[str, Any]) -> str:
+    ssim_ = s["ssim"] if s["ssim"] is not None else 0.0
+    rate = (s["reid_hits"] / s["reid_n"]) if s["reid_n"] else None
+    significant = above_chance(s["reid_hits"], s["reid_n"], s["chance"], max(1, len(s["reid_rankings"])))
+    if ssim_ >= RECOGNISABLE_SSIM or (significant and rate is not None and rate >= HIGH_REID):
+        return "high"
+    if ssim_ >= PARTLY_SSIM or significant:
+        return "moderate"
+    return "low"
+
+
+def _image_phrase(ssim_: float | None) -> str:
+    if ssim_ is None:
+        return "image similarity not measured"
+    if ssim_ >= RECOGNISABLE_SSIM:
+        return "images recognisable"
+    if ssim_ >= PARTLY_SSIM:
+        return "images partly recognisable (coarse anatomy visible)"
+    return "images not recognisable"
+
+
+def verdict(s: dict[str, Any], utility: dict[str, Any] | None, baseline_auc: float | None) -> str:
+    parts = [_image_phrase(s["ssim"]).capitalize()]
+    if s["reid_n"]:
+        sig = above_chance(s["reid_hits"], s["reid_n"], s["chance"], max(1, len(s["reid_rankings"])))
+        parts.append(f"patient re-identified in {s['reid_hits']}/{s['reid_n']} cases"
+                     + (f" (a random guess: {s['chance'] * s['reid_n']:.1f}/{s['reid_n']}; "
+                        + ("clearly better than guessing" if sig else "not clearly better than guessing") + ")"
+                        if s["chance"] else ""))
+    text = "; ".join(parts) + "."
+    auc = _num((utility or {}).get("final", {}).get("roc_auc"))
+    if auc is not None:
+        delta = f", {auc - baseline_auc:+.3f} vs. no protection" if baseline_auc is not None else ""
+        text += f" Model ROC AUC {auc:.3f}{delta}."
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def privacy_utility_plot(points: list[dict[str, Any]]) -> bytes | None:
+    """Leakage (y) against utility (x), one point per setting; the unprotected one marked."""
+    from matplotlib.figure import Figure
+
+    have_utility = any(p["auc"] is not None for p in points)
+    have_reid = any(p["reid"] is not None for p in points)
+    if not points:
+        return None
+    panels = [("ssim", "Image leakage: SSIM of the strongest attack\n(standard Gaussian-window SSIM; 1 = identical)")]
+    if have_reid:
+        panels.append(("reid", "Patient re-identification rate, top-1\n(strongest ranking; see definitions)"))
+    fig = Figure(figsize=(5.2 * len(panels), 4.4))
+    palette = ["#2c6fbb", "#e67e22", "#27ae60", "#8e44ad", "#16a085", "#d35400", "#7f8c8d", "#2c3e50",
+               "#c71585", "#b8860b"]
+    handles: dict[str, Any] = {}
+    for i, (key, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        k = 0
+        for p in points:
+            y = p[key]
+            x = p["auc"] if have_utility else p["bits"]
+            base = p["setting"] == "none"
+            color = "#c0392b" if base else palette[k % len(palette)]
+            k += 0 if base else 1
+            if y is None or x is None:
+                continue
+            h = ax.scatter([x], [y], s=230 if base else 70, marker="*" if base else "o", color=color,
+                           edgecolor="black", linewidth=0.6, zorder=3 if base else 4, alpha=0.9)
+            handles.setdefault("no protection" if base else p["label"], h)
+        if have_utility:
+            ax.set_xlabel("Model utility: ROC AUC on held-out patients\n(higher is better for the model)")
+        else:
+            ax.set_xscale("log")
+            ax.set_xlabel("Bits per update (utility not measured in this run)")
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.axhspan(RECOGNISABLE_SSIM if key == "ssim" else HIGH_REID, 1.05, color="#c0392b", alpha=0.06)
+    if handles:
+        fig.legend(list(handles.values()), [t[:60] for t in handles], loc="lower center",
+                   ncol=min(3, len(handles)), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02 - 0.035 *
+                                                                                      ((len(handles) - 1) // 3)))
+    fig.suptitle("Privacy vs. utility per defence setting (star: no protection; top = leaks more)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(handles) - 1) // 3 + 1), 1, 1))
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------------------- html
+def _b64(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _fmt(x: Any, digits: int = 2, unit: str = "") -> str:
+    v = _num(x)
+    return "–" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def _bits(x: Any) -> str:
+    v = _num(x)
+    if v is None:
+        return "–"
+    for unit, f in (("Gbit", 1e9), ("Mbit", 1e6), ("kbit", 1e3)):
+        if v >= f:
+            return f"{v / f:.3g} {unit}"
+    return f"{v:.0f} bit"
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1180px;margin:24px auto;
+padding:0 20px;color:#1d232a;line-height:1.45;font-size:15px}
+h1{font-size:26px;margin-bottom:4px}h2{font-size:20px;margin-top:34px;border-bottom:2px solid #e3e7ec;padding-bottom:4px}
+.sub{color:#5b6672;margin-top:0}
+.bottom{background:#f5f7fa;border-left:6px solid #2c6fbb;padding:12px 18px;margin:18px 0;font-size:16px}
+table{border-collapse:collapse;width:100%;margin:10px 0;font-size:14px}
+th,td{border:1px solid #d5dbe1;padding:6px 8px;text-align:right;vertical-align:top}
+th{background:#eef2f6;text-align:center;font-weight:600}
+td.l,th.l{text-align:left}
+.risk{display:inline-block;padding:2px 9px;border-radius:10px;font-weight:600;font-size:13px;white-space:nowrap}
+.high{background:#fbe3e1;color:#a3261b}.moderate{background:#fdf1d8;color:#8a5a00}.low{background:#e2f4e6;color:#1e6b34}
+.note{color:#5b6672;font-size:13px}
+.grid td{padding:4px;text-align:left;vertical-align:middle}.grid td.l{width:280px}
+.grid img{image-rendering:pixelated;height:96px}
+sup{color:#2c6fbb}
+dl dt{font-weight:600;margin-top:8px}dl dd{margin-left:18px}
+code{background:#f1f3f5;padding:1px 4px;border-radius:3px}
+"""
+
+
+def _threat_text(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    seen = set()
+    for r in rows:
+        tm = r.get("threat_model") or {}
+        if not tm:
+            continue
+        t = (f"{r['attack']}: server {tm.get('server', 'honest-but-curious')}; protocol {tm.get('protocol')}; labels "
+             f"{'known' if tm.get('labels_known') else 'inferred (' + str(tm.get('labels')) + ')'}; obfuscation "
+             + ("none" if not tm.get("obfuscation") else
+                ("known to the attacker" if tm.get("obfuscation_known") else "not known to the attacker"))
+             + f"; BatchNorm statistics: {tm.get('bn_statistics')}")
+        if t not in seen:
+            seen.add(t)
+            out.append(t)
+    return out
+
+
+def _grid_section(groups: list[Group], max_images: int = 8) -> str:
+    """Originals above their reconstruction under each defence, for one batch of images."""
+    import torch
+
+    from .images import grid
+
+    # samples (truth files) and the (setting, attack) pairs that attacked them
+    by_sample: dict[str, dict[tuple[str, str], Path]] = OrderedDict()
+    for g in groups:
+        for attack, rows in g.by_attack.items():
+            for r in rows:
+                folder = Path(r.get("_folder", ""))
+                t = folder / "truth.npz"
+                if not (t.is_file() and (folder / "reconstruction.npz").is_file()):
+                    continue
+                with np.load(t) as z:
+                    key = json.dumps([z["indices"].tolist(), r.get("config", {}).get("data")], default=str)
+                by_sample.setdefault(key, {}).setdefault((g.label, attack), folder)
+    if not by_sample:
+        return "<p class='note'>No reconstructions on disk to show.</p>"
+    most = max(len(v) for v in by_sample.values())
+    chosen, count = [], 0
+    for k, v in by_sample.items():  # samples every pair attacked, up to `max_images` images
+        if len(v) == most and count < max_images:
+            chosen.append(v)
+            with np.load(next(iter(v.values())) / "truth.npz") as z:
+                count += len(z["images"])
+    pairs = list(chosen[0])
+    originals, pids = [], []
+    for v in chosen:
+        with np.load(next(iter(v.values())) / "truth.npz") as z:
+            originals.append(torch.from_numpy(z["images"]))
+            pids += [str(p) for p in z["patient_ids"]] if "patient_ids" in z else [""] * len(z["images"])
+    originals_t = torch.cat(originals)[:max_images]
+    tile = 96
+    rows_html = [f"<tr><td class='l'><b>Originals</b><br><span class='note'>patients "
+                 f"{_e(', '.join(pids[:max_images]))}</span></td><td><img alt='original images' "
+                 f"src='{_b64(_grid_png(grid([originals_t], tile=tile, pad=3)))}'></td></tr>"]
+    for label, attack in pairs:
+        recs, ps, ss = [], [], []
+        for v in chosen:
+            folder = v[(label, attack)]
+            m = json.loads((folder / "metrics.json").read_text())
+            perm = [p["paired_reconstruction"] for p in m["per_image"]]
+            with np.load(folder / "reconstruction.npz") as z:
+                recs.append(torch.from_numpy(z["images"])[perm])
+            ps += [p["psnr"] for p in m["per_image"]]
+            ss += [p["ssim"] for p in m["per_image"]]
+        rec = torch.cat(recs)[:max_images]
+        n = len(rec)
+        rows_html.append(
+            f"<tr><td class='l'><b>{_e(label)}</b><br><span class='note'>{_e(attack)}: PSNR "
+            f"{_fmt(_mean(ps[:n]), 1)} dB, SSIM {_fmt(_mean(ss[:n]))} on these {n}</span></td><td><img "
+            f"alt='reconstruction under {_e(label)} by {_e(attack)}' "
+            f"src='{_b64(_grid_png(grid([rec], tile=tile, pad=3)))}'></td></tr>")
+    return ("<p>The same private images (top row) reconstructed by the curious server under each defence, "
+            "each image below the original it was paired with. Pixels are shown enlarged.</p>"
+            f"<table class='grid'>{''.join(rows_html)}</table>")
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _data_text(d: dict[str, Any]) -> str:
+    d = dict(d)
+    src = str(d.pop("source", "?"))
+    path = d.pop("path", None)
+    size = d.pop("size", None)
+    rest = ", ".join(f"{k}={v}" for k, v in sorted(d.items()))
+    return (f"{src}{' ' + str(path) if path else ''}" + (f", {size} px" if size else "")
+            + (f" ({rest})" if rest else ""))
+
+
+def _grid_png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
+    """The HTML text and the PNG files to write beside it."""
+    rows_all, spec, kind = _load_rows(folder)
+    rows = [r for r in rows_all if r.get("status") == "ok"]
+    failed = [r for r in rows_all if r.get("status") != "ok"]
+    utilities = _utilities(folder)
+    groups, varying = _groups(rows)
+    name = spec.get("name") or folder.name
+
+    base_auc = None
+    for g in groups:
+        if g.setting == "none":
+            u = utilities.get(g.by_attack[next(iter(g.by_attack))][0].get("utility_key") or "")
+            base_auc = _num((u or {}).get("final", {}).get("roc_auc"))
+            break
+
+    summary_rows, points, verdicts = [], [], []
+    for g in groups:
+        w = g.worst_case()
+        first = g.by_attack[w["attack"]][0]
+        u = utilities.get(first.get("utility_key") or "")
+        final = (u or {}).get("final", {})
+        risk = _risk(w)
+        v = verdict(w, u, base_auc)
+        eps = _last((u or {}).get("epsilon")) if u else None
+        eps = eps if eps is not None else w["epsilon"]
+        defence, _, strength = g.setting.partition("(")
+        strength = strength.rstrip(")") if strength else ""
+        if " + " in g.setting:
+            defence, strength = g.setting, ""
+        rate = f"{w['reid_hits']}/{w['reid_n']}" if w["reid_n"] else "–"
+        summary_rows.append(
+            f"<tr><td class='l'><b>{_e(defence)}</b>{('<br><span class=note>' + _e(g.condition) + '</span>') if g.condition else ''}</td>"
+            f"<td class='l'>{_e(strength) or '–'}</td><td class='l'>{_e(w['attack'])}</td>"
+            f"<td>{_fmt(w['psnr'], 1)}</td><td>{_fmt(w['ssim'])}</td><td>{_fmt(w['ms_ssim'])}</td>"
+            f"<td>{rate}</td><td>{(str(w['iip_hits']) + '/' + str(w['reid_n'])) if w['reid_n'] else '–'}</td>"
+            f"<td>{_fmt(final.get('roc_auc'), 3)}</td><td>{_fmt(final.get('accuracy'), 3)}</td>"
+            f"<td>{_bits(w['bits'])}</td><td>{_fmt(eps, 2) if eps is not None else '–'}</td>"
+            f"<td class='l'><span class='risk {risk}'>{risk} risk</span></td></tr>")
+        verdicts.append(f"<li><span class='risk {risk}'>{risk} risk</span> <b>{_e(g.label)}</b>: {_e(v)}</li>")
+        points.append({"setting": g.setting, "label": g.label, "ssim": w["ssim"],
+                       "reid": (w["reid_hits"] / w["reid_n"]) if w["reid_n"] else None,
+                       "auc": _num(final.get("roc_auc")), "bits": w["bits"], "risk": risk})
+
+    files: dict[str, bytes] = {}
+    plot = privacy_utility_plot(points) if len(points) >= 1 else None
+    if plot:
+        files["privacy_utility.png"] = plot
+
+    # bottom line
+    bl = []
+    base = next((p for p in points if p["setting"] == "none"), None)
+    if base:
+        gb = next(g for g in groups if g.setting == "none")
+        bl.append(f"<b>Without protection</b>, {_e(verdict(gb.worst_case(), None, None)[0].lower() + verdict(gb.worst_case(), None, None)[1:])}")
+    protected = [p for p in points if p["setting"] != "none"]
+    if protected:
+        low = [p for p in protected if p["risk"] == "low"]
+        if low:
+            best = max(low, key=lambda p: (p["auc"] if p["auc"] is not None else -1))
+            cost = (f" at a model ROC AUC of {best['auc']:.3f}" if best["auc"] is not None else "")
+            bl.append(f"Of the {len(protected)} protected setting(s) tested, {len(low)} brought the risk down to low; "
+                      f"the one that keeps the model best is <b>{_e(best['label'])}</b>{cost}.")
+        else:
+            bl.append(f"<b>None of the {len(protected)} protected setting(s) tested brought the risk down to low.</b>")
+    if failed:
+        bl.append(f"{len(failed)} cell(s) failed and are listed at the end.")
+
+    def_items = OrderedDict()
+    for r in rows:
+        for k, v in (r.get("metric_variants") or {}).items():
+            def_items.setdefault(k.upper().replace("_", "-"), v)
+    reid_def = next(((r.get("reid") or {}) for r in rows if r.get("reid")), {})
+    # threat models, data, model
+    cfgs = [r.get("config") or {} for r in rows]
+    data_desc = sorted({_data_text(c["data"]) for c in cfgs if c.get("data")})
+    archs = sorted({str((c.get("capture") or {}).get("arch")) for c in cfgs if c.get("capture")})
+    protos = sorted({str(((c.get("capture") or {}).get("protocol") or {}).get("algorithm")) for c in cfgs
+                     if c.get("capture")})
+    batches = sorted({int((c.get("capture") or {}).get("batch_size")) for c in cfgs if c.get("capture")})
+    n_images = sum(int(r["metrics"].get("num_images") or 0) for r in rows)
+
+    detail = []
+    for g in groups:
+        for a in g.by_attack:
+            s = g.attack_stats(a)
+            extra = "".join(f"<br><span class='note'>{_e(k.replace('_', ' '))}: PSNR {_fmt(v['psnr'], 1)}, SSIM "
+                            f"{_fmt(v['ssim'])}</span>" for k, v in s["post"].items())
+            detail.append(
+                f"<tr><td class='l'>{_e(g.label)}</td><td class='l'>{_e(a)}{extra}</td><td>{s['cells']}</td>"
+                f"<td>{s['images']}</td><td>{_fmt(s['psnr'], 1)}</td><td>{_fmt(s['ssim'])}</td>"
+                f"<td>{_fmt(s['ms_ssim'])}</td><td>{_fmt(s['lpips'], 3) if s['lpips'] is not None else 'n/a'}</td>"
+                f"<td>{(str(s['reid_hits']) + '/' + str(s['reid_n'])) if s['reid_n'] else '–'}</td>"
+                f"<td>{(str(s['top5_hits']) + '/' + str(s['reid_n'])) if s['reid_n'] else '–'}</td>"
+                f"<td>{(str(s['iip_hits']) + '/' + str(s['reid_n'])) if s['reid_n'] else '–'}</td>"
+                f"<td class='l'>{_e(', '.join(s['reid_distances'])) or '–'}</td>"
+                f"<td>{_fmt(s['label_accuracy'])}</td></tr>")
+    lpips_note = next((r["metrics"].get("lpips_note") for r in rows if r["metrics"].get("lpips_note")), None)
+
+    failed_html = ""
+    if failed:
+        items = "".join(f"<li><code>{_e(r['cell'])}</code> {_e(json.dumps(r.get('params', {}), default=str))}: "
+                        f"{_e(r.get('error'))}</li>" for r in failed)
+        failed_html = f"<h2>Failed cells</h2><p>These did not produce a result (rerun the sweep to retry them):</p><ul>{items}</ul>"
+
+    threat = "".join(f"<li>{_e(t)}</li>" for t in _threat_text(rows))
+    versions = next((r.get("versions") for r in rows if r.get("versions")), {}) or {}
+    plot_html = (f"<img style='max-width:100%' alt='privacy-utility plot' src='{_b64(plot)}'>"
+                 "<p class='note'>Also saved as <code>privacy_utility.png</code> beside this page. "
+                 + ("" if any(p["auc"] is not None for p in points) else
+                    "Model utility was not measured in this run, so the x axis shows the communication cost instead. ")
+                 + "Shaded band: the high-risk zone.</p>") if plot else "<p class='note'>No plot.</p>"
+    utility_note = ("" if utilities else "<p class='note'>Model utility (ROC AUC, accuracy) was not measured in "
+                    "this run (enable <code>utility</code> in the sweep spec).</p>")
+
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>gradleak privacy report: {_e(name)}</title>
+<style>{CSS}</style></head><body>
+<h1>Privacy report: {_e(name)}</h1>
+<p class="sub">What a curious federated-learning server can recover from the updates its clients send, and what each
+defence costs the model. Generated by gradleak {_e(versions.get('gradleak', ''))} on
+{_e(time.strftime('%Y-%m-%d %H:%M'))} from <code>{_e(folder.name)}</code>
+({len(rows)} experiment cell(s), {n_images} attacked image(s){', ' + str(len(failed)) + ' failed' if failed else ''}).</p>
+
+<div class="bottom"><b>Bottom line.</b> {' '.join(bl) if bl else 'See the table below.'}</div>
+
+<h2>Verdict per defence setting</h2>
+<ul>{''.join(verdicts)}</ul>
+<p class="note">Each verdict uses the strongest attack tested on that setting (the worst case for the patients).
+Images count as recognisable at SSIM &ge; {RECOGNISABLE_SSIM}, partly recognisable at SSIM &ge; {PARTLY_SSIM}; risk is
+high when images are recognisable or at least {int(HIGH_REID * 100)}% of patients are re-identified clearly better than
+guessing, moderate when images are partly recognisable or patients are re-identified clearly better than guessing
+("clearly": one-sided binomial test against a random ranking, p &lt; 0.05 after correcting for picking the strongest
+of the rankings). These are rules of thumb, not guarantees;
+a low risk here does not prove privacy against stronger attacks.</p>
+
+<h2>Summary per defence and strength</h2>
+<table>
+<tr><th class="l">Defence</th><th class="l">Strength</th><th class="l">Strongest attack</th>
+<th>PSNR (dB)<sup>1</sup></th><th>SSIM<sup>2</sup></th><th>MS-SSIM<sup>3</sup></th>
+<th>Patients re-identified (top-1)<sup>4</sup></th><th>Exact image identified (IIP)<sup>5</sup></th>
+<th>Model ROC AUC<sup>6</sup></th><th>Model accuracy<sup>6</sup></th><th>Bits per update<sup>7</sup></th>
+<th>&epsilon;<sup>8</sup></th><th class="l">Risk</th></tr>
+{''.join(summary_rows)}
+</table>
+<p class="note">Numbers are means over the cells (seeds, images) of each setting for its strongest attack;
+re-identification counts are summed over all attacked images. Higher PSNR/SSIM/MS-SSIM and more re-identifications
+mean more leakage. Numbered notes are defined under "Definitions" below.</p>
+{utility_note}
+
+<h2>What the server reconstructed</h2>
+{_grid_section(groups)}
+
+<h2>Privacy vs. utility</h2>
+{plot_html}
+
+<h2>All settings and attacks</h2>
+<table>
+<tr><th class="l">Setting</th><th class="l">Attack</th><th>Cells</th><th>Images</th><th>PSNR (dB)<sup>1</sup></th>
+<th>SSIM<sup>2</sup></th><th>MS-SSIM<sup>3</sup></th><th>LPIPS<sup>9</sup></th><th>Re-id top-1<sup>4</sup></th>
+<th>Re-id top-5<sup>4</sup></th><th>IIP<sup>5</sup></th><th class="l">Strongest ranking</th><th>Label accuracy</th></tr>
+{''.join(detail)}
+</table>
+{failed_html}
+
+<h2>What was tested</h2>
+<ul>
+<li>Data: {_e('; '.join(data_desc) or 'n/a')}</li>
+<li>Victim model: {_e(', '.join(archs) or 'n/a')}; protocol: {_e(', '.join(protos) or 'n/a')}; client batch size:
+{_e(', '.join(map(str, batches)) or 'n/a')}</li>
+<li>Varied besides the defence: {_e(', '.join(varying) or 'nothing')}</li>
+</ul>
+<h3>Threat models</h3>
+<ul>{threat or '<li>n/a</li>'}</ul>
+<p>{_e(_cap(reid_def.get('threat_model', 'Re-identification was not measured')))}.
+{('Gallery: ' + str(reid_def.get('gallery', {}).get('images')) + ' images of ' + str(reid_def.get('gallery', {}).get('patients')) + ' patients.') if reid_def else ''}</p>
+
+<h2>Definitions</h2>
+<dl>
+<dt>1 PSNR</dt><dd>{_e(def_items.get('PSNR', 'peak signal-to-noise ratio'))}</dd>
+<dt>2 SSIM</dt><dd>{_e(def_items.get('SSIM', 'structural similarity'))}</dd>
+<dt>3 MS-SSIM</dt><dd>{_e(def_items.get('MS-SSIM', 'multi-scale SSIM'))}</dd>
+<dt>4 Patient re-identification</dt><dd>{_e(_cap((reid_def.get('variants') or {}).get('top1', 'not measured')))}.
+{_e(_cap((reid_def.get('variants') or {}).get('top5', '')))}. Galleries are ranked by pixel MSE, by SSIM and by a learned
+embedding ({_e(((reid_def.get('embedding') or {}).get('variant')) or 'none')}); the strongest of these rankings is
+reported. "Chance" is what a random ranking would reach.</dd>
+<dt>5 IIP</dt><dd>{_e((reid_def.get('variants') or {}).get('iip', 'image identifiability precision (Yin et al. 2021)'))},
+counted per attacked image.</dd>
+<dt>6 Model utility</dt><dd>ROC AUC and accuracy of the federated pneumonia classifier trained under the same
+defence, on held-out patients.</dd>
+<dt>7 Bits per update</dt><dd>Communication cost of one client update after the defence (32 bits per value
+without one).</dd>
+<dt>8 &epsilon;</dt><dd>Differential-privacy budget spent (for DP noise settings; lower is more private);
+"–" where the defence gives no DP guarantee.</dd>
+<dt>9 LPIPS</dt><dd>{_e(def_items.get('LPIPS', ''))}{('. ' + _e(_cap(lpips_note))) if lpips_note else ''}</dd>
+<dt>Label accuracy</dt><dd>Share of the batch's labels the attack recovered, compared as a multiset (the attacker
+does not know which image carries which label).</dd>
+</dl>
+<p class="note">Software: {_e(', '.join(f'{k} {v}' for k, v in versions.items()))}.</p>
+</body></html>
+"""
+    return page, files
+
+
+def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` (and the plot PNGs beside it); returns the HTML file's path."""
+    from ..experiment.outputs import write_text
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"experiment folder not found: {folder}")
+    page, files = build_report(folder)
+    target = Path(out) if out else folder / "report.html"
+    for name, data in files.items():
+        _write_bytes(target.parent / name, data)
+    write_text(target, page)
+    return target
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,100 @@
+"""The HTML report: self-contained, complete, and rendered by a real browser (headless Chromium)."""
+
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_cli import gradleak
+
+from gradleak.report.html import above_chance, write_report
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _chrome(url: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="gradleak-chromium-") as profile:
+        return subprocess.run(
+            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", *args, url],
+            capture_output=True, text=True, timeout=timeout)
+
+
+def test_report_is_self_contained_and_complete(tiny_sweep, tmp_path):
+    folder, _ = tiny_sweep
+    out = write_report(folder, out=tmp_path / "r" / "report.html")
+    page = out.read_text()
+    assert (tmp_path / "r" / "privacy_utility.png").is_file()
+    Image.open(tmp_path / "r" / "privacy_utility.png").verify()
+    # no network, no scripts: every picture is embedded
+    assert "<script" not in page
+    assert not re.search(r"""(src|href)=['"]?(https?:)?//""", page)
+    assert page.count("data:image/png;base64,") >= 4  # originals, two defences, the plot
+    # the summary table per defence and strength, with every column named
+    for heading in ("Defence", "Strength", "PSNR (dB)", "SSIM", "MS-SSIM", "Patients re-identified",
+                    "IIP", "Model ROC AUC", "Model accuracy", "Bits per update", "&epsilon;"):
+        assert heading in page, heading
+    assert "fedavg" in page and "none" in page
+    assert re.search(r"patient re-identified in \d+/2 cases", page)
+    # metric variants and threat models are spelled out
+    assert "standard Gaussian window" in page and "MS-SSIM (Wang et al. 2003) adapted to 16 px" in page
+    assert "labels inferred" in page and "identified gallery" in page and "Yin et al. 2021" in page
+    assert "Failed cells" in page and "larger than the data set" in page
+    assert "LPIPS" in page
+
+
+def test_report_cli_on_a_single_experiment(tmp_path):
+    from gradleak.experiment import config
+    from gradleak.experiment.run import run_experiment
+
+    cfg = config.from_dict({"name": "one", "output_dir": str(tmp_path / "experiments"),
+                            "data": {"source": "phantoms", "size": 16, "n": 16},
+                            "capture": {"arch": "lenet_zhu", "batch_size": 2},
+                            "attack": {"name": "ig", "settings": {"iterations": 5, "restarts": 1}}})
+    folder, _ = run_experiment(cfg, echo=None, progress=False)
+    p = gradleak("report", folder)
+    assert str(folder / "report.html") in p.stdout
+    page = (folder / "report.html").read_text()
+    assert "Privacy report: one" in page and "inverting_gradients" in page
+
+
+def test_re_identification_must_beat_guessing():
+    assert above_chance(9, 10, 0.05)
+    assert not above_chance(2, 4, 0.125)  # could be luck among three rankings
+    assert not above_chance(0, 10, 0.1) and not above_chance(None, None, None)
+
+
+def test_report_renders_in_headless_chromium(tiny_sweep, tmp_path):
+    if _chromium() is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    folder, _ = tiny_sweep
+    report = write_report(folder, out=tmp_path / "report.html")
+    url = report.resolve().as_uri()
+    dom = _chrome(url, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert "Privacy report: tiny" in html
+    tables = re.findall(r"<table", html)
+    assert len(tables) >= 3  # summary, image grid, all settings
+    summary = html[html.index("Summary per defence"):html.index("What the server reconstructed")]
+    assert len(re.findall(r"<tr>", summary)) == 3  # header + two settings
+    assert len(re.findall(r"<img ", html)) >= 4
+    shot = tmp_path / "shot.png"
+    r = _chrome(url, f"--screenshot={shot}", "--window-size=1280,1800", "--hide-scrollbars")
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert img.shape == (1800, 1280)
+    assert img.std() > 10  # text, tables and pictures, not a blank page
+    # the top of the page is the title and the bottom line, dark text on white
+    top = img[:200]
+    assert (top < 80).mean() > 0.005 and (top > 240).mean() > 0.5

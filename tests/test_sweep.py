@@ -1,0 +1,235 @@
+"""Sweeps: grid expansion, resumption (also after SIGKILL), failures, exports, the Ray backend, the CLI."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_SWEEP
+from test_cli import assert_user_error, gradleak
+
+from gradleak.errors import UserError
+from gradleak.experiment.sweep import (ResultStore, check_cells, expand, load_spec, normalize_obfuscation, run_sweep,
+                                       setting_label, spec_from_dict)
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (Path(folder) / "results.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------- grid
+def test_grid_expands_to_the_cartesian_product_with_unique_stable_ids():
+    spec = spec_from_dict({
+        "base": {"data": {"source": "phantoms", "size": 16}, "capture": {"arch": "lenet_zhu"}},
+        "grid": {"capture.obfuscation": ["none", "qsgd:levels=16", [{"name": "topk", "keep": 0.1}, "qsgd:levels=4"]],
+                 "attack.name": ["ig", "rog"],
+                 "seed": {"range": [0, 3]},
+                 "attack.settings.tv_weight": {"linspace": [0.0, 0.1, 2]}}})
+    cells = expand(spec)
+    assert len(cells) == 3 * 2 * 3 * 2
+    assert len({c.id for c in cells}) == len(cells)
+    assert [c.index for c in cells] == list(range(len(cells)))
+    assert [c.id for c in expand(spec)] == [c.id for c in cells]  # stable
+    first, last = cells[0], cells[-1]
+    assert first.params == {"capture.obfuscation": [], "attack.name": "ig", "seed": 0,
+                            "attack.settings.tv_weight": 0.0}
+    assert last.config["capture"]["obfuscation"] == [{"name": "topk", "keep": 0.1}, {"name": "qsgd", "levels": 4}]
+    assert last.config["seed"] == 2 and last.config["attack"]["settings"]["tv_weight"] == 0.1
+    assert last.config["capture"]["arch"] == "lenet_zhu" and last.config["capture"]["batch_size"] == 4  # base, defaults
+    assert setting_label(last.config) == "topk(keep=0.1) + qsgd(levels=4)"
+    assert setting_label(first.config) == "none"
+    assert spec_from_dict({"grid": {"seed": {"range": [3]}}})["grid"]["seed"] == [0, 1, 2]
+    assert spec_from_dict({"grid": {"seed": 5}})["grid"]["seed"] == [5]
+    assert spec_from_dict({"grid": {"data.n": {"logspace": [1, 2, 2]}}})["grid"]["data.n"] == [10.0, 100.0]
+
+
+def test_example_spec_is_valid():
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "sweep_phantoms.yaml")
+    cells = expand(spec)
+    check_cells(cells)
+    assert len(cells) == 2 * 2 * 2
+
+
+def test_obfuscation_values_normalise():
+    assert normalize_obfuscation("none") == [] and normalize_obfuscation(None) == []
+    assert normalize_obfuscation("gaussian:noise_multiplier=0.5,clip=1") == [
+        {"name": "gaussian", "noise_multiplier": 0.5, "clip": 1}]
+    assert normalize_obfuscation({"name": "sign"}) == [{"name": "sign"}]
+    with pytest.raises(UserError, match="no 'name'"):
+        normalize_obfuscation({"levels": 3})
+
+
+@pytest.mark.parametrize("user,message", [
+    ({"gird": {}}, "did you mean 'grid'"),
+    ({"grid": {"capture.batchsize": [1]}}, "unknown grid key 'capture.batchsize' (did you mean 'capture.batch_size'?)"),
+    ({"grid": {"seed": []}}, "has no values"),
+    ({"grid": {"seed": [1, 1]}}, "twice"),
+    ({"grid": {"seed": {"range": [0, "a"]}}}, "list of numbers"),
+    ({"base": {"captur": {}}}, "did you mean 'base.capture'"),
+    ({"grid": {"capture.batch_size": ["two"]}}, "'capture.batch_size' must be an integer"),
+    ({"reid": {"distances": ["ssmi"]}}, "did you mean 'ssim'"),
+])
+def test_spec_errors_name_the_key(user, message):
+    with pytest.raises(UserError) as e:
+        expand(spec_from_dict(user, source="s.yaml"), source="s.yaml")
+    assert message in str(e.value)
+
+
+def test_unknown_names_fail_before_any_work():
+    cells = expand(spec_from_dict({"grid": {"capture.obfuscation": ["none", "qsdg:levels=4"]}}))
+    with pytest.raises(UserError, match="cell 1 .*unknown obfuscation 'qsdg'"):
+        check_cells(cells)
+    with pytest.raises(UserError, match="unknown attack"):
+        check_cells(expand(spec_from_dict({"grid": {"attack.name": ["ig", "igg"]}})))
+
+
+# ------------------------------------------------------------------------------------ running, resuming
+def test_sweep_writes_rows_records_failures_and_exports(tiny_sweep):
+    out, summary = tiny_sweep
+    assert summary.cells == 4 and summary.ran == 4 and len(summary.failed) == 2
+    rows = _rows(out)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and len({r["cell"] for r in rows}) == 4
+    ok = [r for r in rows if r["status"] == "ok"]
+    bad = [r for r in rows if r["status"] == "failed"]
+    assert len(ok) == 2 and len(bad) == 2
+    assert all("larger than the data set" in r["error"] for r in bad)
+    assert {r["setting"] for r in ok} == {"none", "fedavg(local_steps=2, local_lr=0.1)"}
+    r = ok[0]
+    for key in ("params", "metrics", "metric_variants", "threat_model", "reid", "bits", "epsilon", "timings",
+                "versions", "config", "attack"):
+        assert key in r, key
+    assert r["metrics"]["num_images"] == 2 and 0 <= r["metrics"]["ms_ssim"] <= 1
+    assert r["threat_model"]["labels_known"] is False and r["bits"] > 0
+    assert r["timings"]["attack_s"] > 0 and r["versions"]["torch"]
+    reid = r["reid"]
+    assert set(reid["by_distance"]) == {"mse", "ssim", "embedding"}
+    assert reid["gallery"]["images"] == 24 and reid["embedding"]["kind"] == "autoencoder"
+    assert sorted(reid["by_distance"]["mse"]["true_image_rank"])[0] >= 1
+    # each cell's files, renamed into place; no leftovers
+    for row in rows:
+        assert (out / "cells" / row["cell"] / "row.json").is_file()
+        assert (out / "cells" / row["cell"] / "log.txt").is_file()
+    assert (out / "cells" / ok[0]["cell"] / "reconstruction.png").is_file()
+    assert not (out / "cells" / ok[0]["cell"] / "observation.pt").exists()  # not kept by default
+    assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"cell", "status", "metrics.psnr", "metrics.ssim", "reid.strongest.top1", "bits", "epsilon",
+            "error", "params.capture.batch_size"} <= set(header)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        assert not (out / "results.parquet").exists()
+    else:
+        t = pq.read_table(out / "results.parquet")
+        assert t.num_rows == 4 and "metrics.psnr" in t.column_names
+
+
+def test_rerun_skips_done_cells_retries_failed_and_repairs_the_store(tiny_sweep, tmp_path):
+    src, _ = tiny_sweep
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    before = {r["cell"]: r for r in _rows(out) if r["status"] == "ok"}
+    lines = (out / "results.jsonl").read_text().splitlines()
+    # a run killed between renaming a cell into place and appending its row, and a line cut short
+    (out / "results.jsonl").write_text(lines[1] + "\n" + lines[0][:25])
+    summary = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=1, progress=False, echo=None)
+    assert summary.skipped == 2 and summary.ran == 2 and len(summary.failed) == 2
+    rows = _rows(out)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    for cid, row in before.items():  # recovered, not rerun
+        assert next(r for r in rows if r["cell"] == cid) == row
+    # the sweep.yaml written into the folder is a spec that reruns the same sweep
+    again = run_sweep(load_spec(out / "sweep.yaml"), out, progress=False, echo=None)
+    assert again.skipped == 2 and again.ran == 2
+    # a different spec in the same folder is refused
+    other = {**TINY_SWEEP, "grid": {"capture.batch_size": [1]}}
+    with pytest.raises(UserError, match="different sweep"):
+        run_sweep(spec_from_dict(other), out, progress=False, echo=None)
+
+
+def test_store_ignores_a_cut_line(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append({"cell": "a", "x": 1})
+    with open(store.path, "a") as f:
+        f.write('{"cell": "b", "x"')
+    assert list(store.read()) == ["a"]
+
+
+def test_sigkill_and_rerun_completes_with_no_lost_or_duplicated_rows(tmp_path):
+    spec = {**TINY_SWEEP, "grid": {"seed": [0, 1, 2, 3]},
+            "base": {**TINY_SWEEP["base"], "capture": {"arch": "lenet_zhu", "batch_size": 1},
+                     "attack": {"name": "ig", "settings": {"iterations": 30, "restarts": 1}}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gradleak.cli", "sweep", str(path), "--out", str(out), "--workers", "2",
+           "--quiet", "--no-report"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    results = out / "results.jsonl"
+    while time.time() < deadline and p.poll() is None:
+        if results.is_file() and results.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the sweep ended before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done_before = {r["cell"]: r for r in _rows(out)}
+    assert 1 <= len(done_before) < 4
+    time.sleep(0.5)  # the orphaned worker dies with its parent
+    q = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0, q.stderr
+    rows = _rows(out)
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]
+    assert len({r["cell"] for r in rows}) == 4 and all(r["status"] == "ok" for r in rows)
+    for cid, row in done_before.items():
+        assert next(r for r in rows if r["cell"] == cid) == row
+    # cells renamed into place just before the kill count as done too (recovered from their row.json)
+    skipped = int(re.search(r"(\d+) already done", q.stdout).group(1))
+    assert len(done_before) <= skipped < 4
+    assert not [x for x in (out / "cells").iterdir() if x.name.startswith(".")]
+
+
+def test_ray_backend_end_to_end(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        spec = spec_from_dict({**TINY_SWEEP, "grid": {"seed": [0, 1]}})
+        summary = run_sweep(spec, tmp_path / "ray", backend="ray", progress=False, echo=None)
+        assert summary.ran == 2 and not summary.failed
+        rows = _rows(tmp_path / "ray")
+        assert [r["status"] for r in rows] == ["ok", "ok"] and {r["backend"] for r in rows} == {"ray"}
+        assert (tmp_path / "ray" / "cells" / rows[0]["cell"] / "reconstruction.npz").is_file()
+        assert rows[0]["reid"]["by_distance"]["mse"]["n"] == 4
+        # cells on cuda ask Ray for a GPU; a cluster without one is refused up front
+        gpu = spec_from_dict({**TINY_SWEEP, "grid": {"seed": [0]},
+                              "base": {**TINY_SWEEP["base"], "attack": {"device": "cuda"}}})
+        if not ray.cluster_resources().get("GPU"):
+            with pytest.raises(UserError, match="GPU"):
+                run_sweep(gpu, tmp_path / "gpu", backend="ray", progress=False, echo=None)
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_sweep_cli_errors_are_one_line(tmp_path):
+    assert_user_error(gradleak("sweep", tmp_path / "nope.yaml", "--out", tmp_path / "o", check=False), "not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  capture.obfuscation: [none, 'qsdg:levels=4']\n")
+    assert_user_error(gradleak("sweep", bad, "--out", tmp_path / "o", check=False), "qsdg")
+    bad.write_text("grid:\n  capture.batchsize: [1, 2]\n")
+    assert_user_error(gradleak("sweep", bad, "--out", tmp_path / "o", check=False), "capture.batch_size")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    bad.write_text("grid:\n  seed: [0]\n")
+    assert_user_error(gradleak("sweep", bad, "--out", tmp_path / "full", check=False), "sweep.yaml")
+    assert_user_error(gradleak("report", tmp_path / "full", check=False), "results.jsonl")
+    assert_user_error(gradleak("report", tmp_path / "missing", check=False), "not found")
