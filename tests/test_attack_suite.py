@@ -276,3 +276,40 @@ def test_cli_runs_each_attack_on_a_tiny_observation(tmp_path):
     assert_user_error(gradleak("attack", "--observation", obs, "--attack", "rog", "--set", "decoder=pixelshuffle",
                                "--out", tmp_path / "bad", check=False), "decoder must be one of")
     assert not (tmp_path / "bad").exists()
+
+
+# -------------------------------------------------------------------------------- obfuscation-aware
+AWARE_CASES = {
+    "topk": ([{"name": "topk", "keep": 0.1}], "masked cosine + bound on unsent entries", 5.0),
+    "sign": ([{"name": "sign"}], "sign agreement", 5.0),
+    "qsgd": ([{"name": "qsgd", "levels": 4}], "qsgd likelihood", 5.0),
+    "uniform": ([{"name": "uniform", "bits": 4}], "rounding-cell distance", 5.0),
+    "gaussian": ([{"name": "gaussian", "clip": 1.0, "noise_multiplier": 0.003}], "snr-weighted cosine", 0.3),
+}
+
+
+@pytest.mark.parametrize("case", list(AWARE_CASES))
+def test_each_obfuscation_aware_objective_beats_the_plain_one_on_a_fixed_case(case):
+    spec, objective, margin = AWARE_CASES[case]
+    b = load_dataset("phantoms", size=16).batch([3])
+    obs, _ = capture(b.images, b.labels, arch="lenet_zhu", protocol=Protocol(), obfuscations=spec,
+                     obfuscation_seed=0, labels_known=True)
+    psnr = {}
+    for knows in (False, True):
+        rec = run_attack("inverting_gradients", obs, {"iterations": 100, "restarts": 1,
+                                                      "attacker_knows_obfuscation": knows}, seed=0, progress=False)
+        assert rec.threat_model["objective"].startswith(objective if knows else "cosine")
+        psnr[knows] = score(b.images, b.labels, rec.images, rec.labels)["psnr"]
+    assert psnr[True] > psnr[False] + margin, psnr
+
+
+def test_aware_objectives_are_not_used_when_clients_are_averaged_or_the_attacker_is_not_told():
+    from gradleak.attacks.aware import for_observation
+
+    obs, _ = tiny_observation("lenet_zhu", n=2, obfuscations=[{"name": "sign"}])
+    assert for_observation(obs, obs.update, "cosine", knows=True).name == "sign agreement"
+    assert for_observation(obs, obs.update, "cosine", knows=False).name == "cosine"
+    avg, _ = tiny_observation("lenet_zhu", n=2, obfuscations=[{"name": "sign"}],
+                              protocol=Protocol(num_clients_averaged=2))
+    m = for_observation(avg, avg.update, "cosine", knows=True)
+    assert m.name == "cosine" and "several clients" in m.info["aware"]
