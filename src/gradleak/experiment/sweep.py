@@ -87,13 +87,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> dict
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep spec not found: {path}")
-    try:
-        user = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{at}") from None
-    return spec_from_dict(user, source=str(path), overrides=overrides)
+    return spec_from_dict(config_mod.read_yaml(path), source=str(path), overrides=overrides)
 
 
 def spec_from_dict(user: Any, source: str = "sweep", overrides: dict[str, Any] | None = None
