@@ -16,17 +16,9 @@ import torch
 from .. import __version__
 from ..attacks import Reconstruction
 from ..capture import Truth
+from ..files import write_text  # noqa: F401  (re-exported: the experiment layer writes through it)
 from ..metrics import score
 from ..report.images import grid, save_png
-
-
-def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _jsonable(x: Any) -> Any:

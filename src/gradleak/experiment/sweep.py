@@ -52,6 +52,7 @@ import numpy as np
 import yaml
 
 from ..errors import UserError
+from ..report.labels import obfuscation_label, setting_label
 from . import config as config_mod
 from .config import OPEN, SCHEMA
 from .outputs import _jsonable, write_json, write_text
@@ -292,22 +293,6 @@ def check_cells(cells: list[Cell]) -> None:
 
 def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(_jsonable(v))}" for k, v in params.items()) or "base"
-
-
-def setting_label(cfg: dict[str, Any]) -> str:
-    """A short name of a cell's defence: its obfuscation(s) and, for FedAvg, the local training."""
-    parts = []
-    for o in cfg["capture"]["obfuscation"]:
-        args = ", ".join(f"{k}={v}" for k, v in o.items() if k != "name")
-        parts.append(f"{o['name']}({args})" if args else str(o["name"]))
-    proto = cfg["capture"]["protocol"]
-    if proto["algorithm"] == "fedavg":
-        parts.insert(0, f"fedavg(local_steps={proto['local_steps']}, local_lr={proto['local_lr']})")
-    return " + ".join(parts) if parts else "none"
-
-
-def obfuscation_label(specs: list[dict[str, Any]]) -> str:
-    return setting_label({"capture": {"obfuscation": specs, "protocol": {"algorithm": "fedsgd"}}})
 
 
 # ---------------------------------------------------------------------------------------- tasks (worker)

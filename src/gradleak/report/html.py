@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..files import write_bytes, write_text
+from .labels import setting_label
 
 RECOGNISABLE_SSIM = 0.6
 PARTLY_SSIM = 0.3
@@ -62,8 +64,6 @@ def _load_rows(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str]
             r["_folder"] = str(folder / "cells" / r["cell"])
         return rows, spec, "sweep"
     if (folder / "metrics.json").is_file():
-        from ..experiment.sweep import setting_label
-
         m = json.loads((folder / "metrics.json").read_text())
         cfg = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
         cfg = cfg or {}
@@ -653,25 +653,12 @@ does not know which image carries which label).</dd>
 
 def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` (and the plot PNGs beside it); returns the HTML file's path."""
-    from ..experiment.outputs import write_text
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"experiment folder not found: {folder}")
     page, files = build_report(folder)
     target = Path(out) if out else folder / "report.html"
     for name, data in files.items():
-        _write_bytes(target.parent / name, data)
+        write_bytes(target.parent / name, data)
     write_text(target, page)
     return target
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
