@@ -313,3 +313,21 @@ def test_aware_objectives_are_not_used_when_clients_are_averaged_or_the_attacker
                               protocol=Protocol(num_clients_averaged=2))
     m = for_observation(avg, avg.update, "cosine", knows=True)
     assert m.name == "cosine" and "several clients" in m.info["aware"]
+
+
+def test_qsgd_likelihood_is_the_mean_negative_log_probability_of_the_received_levels():
+    from gradleak.attacks.aware import qsgd_matching
+
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(50, generator=g)
+    norm = float(true.abs().max())
+    received = torch.round(true / norm * 4) * norm / 4  # levels on the grid of s = 4
+    m = qsgd_matching({"w": received}, {"name": "qsgd", "s": 4, "norm": "max"}, floor=0.05)
+    cand = true + 0.01 * torch.randn(50, generator=g)
+    d = (cand / norm * 4 - torch.round(received / norm * 4)).abs()
+    assert bool((d < 0.95).all())
+    assert torch.allclose(m({"w": cand}), (-torch.log1p(-d)).mean(), atol=1e-6)
+    far = received + 2 * norm / 4  # two cells away: the linear continuation
+    d_far = torch.full((50,), 2.0)
+    expected = -math.log(0.05) + (d_far - 0.95) / 0.05
+    assert torch.allclose(m({"w": far}), expected.mean(), rtol=1e-4)

@@ -254,21 +254,25 @@ def qsgd_matching(target: Tensors, record: dict[str, Any], masks: Tensors | None
         ok = m > 0
         if masks is not None:
             ok = ok & _flat(masks[k])
-        idx = torch.nonzero(ok).reshape(-1)
-        if idx.numel() == 0:
-            continue
-        inv = (s / m[idx]).contiguous()
-        level = torch.round(_flat(t)[idx] * inv).contiguous()
-        parts.append((k, idx, inv, level))
-        count += idx.numel()
-    c = -math.log(floor)
+        if bool(ok.all()):  # every entry counts: no gather (the common case, and much faster)
+            idx, inv, tk = None, s / m, _flat(t)
+        else:
+            idx = torch.nonzero(ok).reshape(-1)
+            if idx.numel() == 0:
+                continue
+            inv, tk = s / m[idx], _flat(t)[idx]
+        level = torch.round(tk * inv).contiguous()
+        parts.append((k, idx, inv.contiguous(), level))
+        count += level.numel()
+    top = 1 - floor
 
     def fn(update: Tensors) -> torch.Tensor:
         total = 0.0
         for k, idx, inv, level in parts:
-            d = (_flat(update[k])[idx] * inv - level).abs()
-            nll = torch.where(d < 1 - floor, -torch.log1p(-d.clamp(max=1 - floor)), c + (d - (1 - floor)) / floor)
-            total = total + nll.sum()
+            g = _flat(update[k])
+            d = ((g if idx is None else g[idx]) * inv - level).abs()
+            # -log(1 - d) below 1 - floor, continued linearly (same value and slope) above it
+            total = total + (-torch.log1p(-d.clamp(max=top))).sum() + (d - top).clamp(min=0).sum() / floor
         return total / max(count, 1)
 
     return Matching("qsgd likelihood", fn, {"s": s, "floor": floor})
