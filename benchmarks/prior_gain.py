@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"),
                    help="Kaggle chest X-ray folder (default ../shared/data/chest_xray); the train split is used")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--images", type=int, default=4, help="attacked images (one per patient) per obfuscation")
+    p.add_argument("--images", type=int, default=3, help="attacked images (one per patient) per obfuscation")
     p.add_argument("--train-images", type=int, default=2000, help="prior training images (other patients)")
     p.add_argument("--steps", type=int, default=1500, help="prior training steps")
     p.add_argument("--iterations", type=int, default=100, help="ROG iterations per attack")

@@ -19,7 +19,7 @@ from gradleak.data import load_dataset
 from gradleak.errors import UserError
 from gradleak.prior import (FORMAT, Prior, PriorNet, calibrate, check_disjoint, degrade, load_prior_file,
                             save_prior, select_images, train_prior)
-from gradleak.prior.degrade import DEFAULT_DEGRADATION, decode
+from gradleak.prior.degrade import DEFAULT_DEGRADATION, decode, latent_of, project
 from gradleak.prior.fileformat import HEADER_KEY
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -196,11 +196,11 @@ def test_degradation_stays_in_range_and_is_deterministic(seed, side, scale, nois
 def test_degradation_without_noise_is_rogs_decoding_and_calibration_recovers_the_noise():
     x = load_dataset("phantoms", n=8, size=32).load(range(8))
     zero = {"latent_noise": 0, "contrast": 0, "brightness": 0, "pixel_noise": 0}
-    perfect = decode(torch.nn.functional.adaptive_avg_pool2d(x, 8), (32, 32)).clamp(0, 1)
+    perfect = project(x, 4).clamp(0, 1)
     assert torch.allclose(degrade(x, zero, torch.Generator().manual_seed(0)), perfect, atol=1e-5)
     assert all(v < 1e-3 for k, v in calibrate(x, perfect).items() if k != "scale_factor")
     g = torch.Generator().manual_seed(1)
-    latent = torch.nn.functional.adaptive_avg_pool2d(x, 8)
+    latent = latent_of(x, 4)
     noisy = decode(latent + 0.05 * torch.randn(latent.shape, generator=g), (32, 32))
     est = calibrate(x, noisy, quantile=0.5)
     assert 0.03 < est["latent_noise"] < 0.07, est

@@ -52,9 +52,16 @@ def train_demo_prior(base: dict[str, Any], out: Path, progress: bool = False) ->
     from ..data import load_dataset
     from ..prior import train_prior
 
+    import torch
+
     ds = load_dataset(base["data"])
-    return train_prior(ds, out, size=int(base["data"]["size"]), exclude_patients=attacked_patients(base),
-                       progress=progress, **DEMO_PRIOR)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions: one thread is faster than two fighting over a shared core
+    try:
+        return train_prior(ds, out, size=int(base["data"]["size"]), exclude_patients=attacked_patients(base),
+                           progress=progress, **DEMO_PRIOR)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def demo_spec(iterations: int | None = None, prior: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:

@@ -2,7 +2,10 @@
 
 Three resolution levels (full, 1/2, 1/4) of two 3x3 convolutions each, average-pool down, bilinear up,
 skip connections, and a residual output: the network predicts a correction that is added to its input,
-so an untrained network is close to the identity. Any input side works: the image is padded (replicate)
+so an untrained network is close to the identity. Besides the image it sees the image standardised by
+its own mean and standard deviation and a constant map of log(std): attack outputs often keep the
+structure but lose most of the contrast (the gradient of a noised update), and these inputs let the
+network tell how much to restore. Any input side works: the image is padded (replicate)
 to a multiple of 4 and the output cropped back. Optionally conditioned on the (inferred) label by a
 learned per-class vector added to the bottleneck features.
 """
@@ -28,7 +31,7 @@ class PriorNet(nn.Module):
         super().__init__()
         self.width, self.num_classes, self.channels = int(width), int(num_classes), int(channels)
         w = self.width
-        self.enc1 = _block(channels, w)
+        self.enc1 = _block(3 * channels, w)
         self.enc2 = _block(w, 2 * w)
         self.mid = _block(2 * w, 4 * w)
         self.dec2 = _block(4 * w + 2 * w, 2 * w)
@@ -45,7 +48,10 @@ class PriorNet(nn.Module):
         h, w = x.shape[-2:]
         ph, pw = (-h) % 4, (-w) % 4
         xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
-        e1 = self.enc1(xp)
+        mean = xp.mean(dim=(-2, -1), keepdim=True)
+        std = xp.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3) if xp.shape[-1] * xp.shape[-2] > 1 \
+            else torch.full_like(mean, 1e-3)
+        e1 = self.enc1(torch.cat([xp, (xp - mean) / std, torch.log(std).expand_as(xp)], 1))
         e2 = self.enc2(F.avg_pool2d(e1, 2))
         m = self.mid(F.avg_pool2d(e2, 2))
         if self.label_embedding is not None and labels is not None:
