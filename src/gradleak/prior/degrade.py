@@ -12,7 +12,8 @@ drift itself):
    before decoding: gradient matching under quantisation, sparsification or noise gets the latent pixels
    wrong independently, which after bicubic decoding shows as smooth blotches at the latent scale;
 3. **contrast/brightness drift** — ``a * (x - mean) + mean + b`` with ``a`` drawn uniformly from
-   ``[1 - contrast, 1 + min(contrast, 0.1)]`` and ``|b| <= brightness``: the matching objective is nearly
+   ``[1 - contrast, 1 + min(contrast, 0.1)]`` for half of the images and from the mild
+   ``1 ± min(contrast, 0.1)`` for the other half, and ``|b| <= brightness``: the matching objective is nearly
    blind to global offset, and under gradient noise ROG keeps the structure but loses most of the
    contrast (``a`` of 0.05 to 0.15 measured on real outputs);
 4. **pixel noise** — Gaussian noise up to ``pixel_noise`` after decoding, then clamping to [0, 1] (the
@@ -96,7 +97,10 @@ def degrade(x: torch.Tensor, settings: dict[str, Any], generator: torch.Generato
     n, c, h, w = x.shape
     latent = latent_of(x, s["scale_factor"])
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    a = _uniform(n, 1 + min(s["contrast"], 0.1), generator, max(0.0, 1 - s["contrast"]))
+    mild = min(s["contrast"], 0.1)
+    a_strong = _uniform(n, 1 + mild, generator, max(0.0, 1 - s["contrast"]))
+    a_mild = _uniform(n, 1 + mild, generator, 1 - mild)
+    a = torch.where(torch.rand(n, 1, 1, 1, generator=generator) < 0.5, a_mild, a_strong)
     b = _uniform(n, s["brightness"], generator, -s["brightness"])
     latent = a * (latent - mean) + mean + b
     latent = latent + _uniform(n, s["latent_noise"], generator) * torch.randn(latent.shape, generator=generator)
