@@ -110,9 +110,10 @@ def test_user_errors_are_one_line_exit_2_and_leave_nothing(tmp_path):
 def test_demo_runs_quickly_when_asked(tmp_path):
     p = gradleak("demo", "--out", tmp_path, "--iterations", 3, "--quiet")
     assert "PSNR" in p.stdout and "SSIM" in p.stdout and "threat model" in p.stdout
-    folders = list(tmp_path.glob("demo-*"))
+    folders = [f for f in tmp_path.glob("demo-*") if f.is_dir()]
     assert len(folders) == 1
     demo = folders[0]
+    assert (tmp_path / f"{demo.name}.prior.safetensors").is_file()  # ROG's post-processing prior
     assert (demo / "sweep.yaml").is_file() and (demo / "report.html").is_file()
     assert f"report: {demo / 'report.html'}" in p.stdout
     rows = [json.loads(line) for line in (demo / "results.jsonl").read_text().splitlines()]

@@ -141,12 +141,22 @@ def cmd_attack(a: argparse.Namespace) -> int:
         overrides["iterations"] = None
     name = canonical(a.attack)
     resolve_settings(name, overrides)  # fail on bad settings before any work or output
+    prior = None
+    if a.prior:
+        from .prior import Prior
+
+        prior = Prior.load(a.prior)
+        prior.check_images(obs.image_shape)
+        if truth is not None:
+            prior.check_disjoint(truth.patient_ids)
     out = Path(a.out)
     existed = out.exists()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
-        rec = run_attack(name, obs, overrides, seed=a.seed, device=a.device, progress=not a.quiet)
-        metrics = write_reconstruction(staging, rec, truth, extra={"observation": str(a.observation)})
+        rec = run_attack(name, obs, overrides, seed=a.seed, device=a.device, progress=not a.quiet,
+                         postprocess=prior)
+        extra = {"observation": str(a.observation), **({"prior": str(a.prior)} if prior else {})}
+        metrics = write_reconstruction(staging, rec, truth, extra=extra)
         out.mkdir(parents=True, exist_ok=True)
         for f in staging.iterdir():
             shutil.move(str(f), out / f.name)
@@ -161,9 +171,60 @@ def cmd_attack(a: argparse.Namespace) -> int:
         raw = metrics.get("without_postprocessing")
         if raw:
             print(f"without post-processing: PSNR {raw['psnr']:.2f} dB  SSIM {raw['ssim']:.4f}")
-        print(f"PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}"
+        print(("with post-processing:    " if raw else "")
+              + f"PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}"
               + (f"  label accuracy {metrics['label_accuracy']:.2f}" if "label_accuracy" in metrics else ""))
     print(f"wrote {out}/reconstruction.npz, reconstruction.png" + (", metrics.json" if metrics else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ prior
+def _excluded_patients(a: argparse.Namespace) -> list[str]:
+    """Patients named by --exclude-patients and in each --exclude-from file (truth.npz or one id a line)."""
+    out = [p.strip() for p in (a.exclude_patients or "").split(",") if p.strip()]
+    for f in a.exclude_from or []:
+        path = Path(f)
+        if not path.is_file():
+            raise UserError(f"--exclude-from: file not found: {path}")
+        if path.suffix == ".npz":
+            from .capture import load_truth
+
+            out += load_truth(path).patient_ids
+        else:
+            out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def cmd_prior_train(a: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .prior import train_prior
+
+    excluded = _excluded_patients(a)
+    out = Path(a.out)
+    ds = load_dataset(a.data, size=a.size)
+    header = train_prior(ds, out, size=a.size, exclude_patients=excluded, limit=a.limit,
+                         degradation=dict(a.degradation or []), steps=a.steps, batch_size=a.batch_size,
+                         crop=a.crop or None, lr=a.lr, seed=a.seed, width=a.width,
+                         num_classes=a.num_classes if a.label_conditioned else 0,
+                         checkpoint_every=a.checkpoint_every, progress=not a.quiet, echo=print)
+    t = header["training"]
+    print(f"prior: {out}  ({header['size']} px, {t['num_images']} images of {t['num_patients']} patients, "
+          f"{len(t['excluded_patients'])} patients excluded, {t['steps']} steps)")
+    print(f"L1 on a held-out degraded batch: {t['eval_loss_identity']:.4f} as degraded -> {t['eval_loss']:.4f} "
+          f"after the prior")
+    return 0
+
+
+def cmd_prior_inspect(a: argparse.Namespace) -> int:
+    import json
+
+    from .prior import load_prior_file
+
+    _, header = load_prior_file(a.prior)
+    t = dict(header["training"])
+    pts = t.pop("patients", [])
+    t.pop("loss_curve", None)
+    print(json.dumps({**header, "training": {**t, "patients": f"{len(pts)} patients"}}, indent=2))
     return 0
 
 
@@ -313,8 +374,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     t.add_argument("--set", type=_kv, action="append", metavar="KEY=VALUE", help="override a preset setting")
+    t.add_argument("--prior", default=None, metavar="PRIOR_FILE",
+                   help="learned post-processing ('gradleak prior train'); results are reported with and without "
+                        "it, and with --truth the prior must not have been trained on an attacked patient")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_attack)
+
+    pr = sub.add_parser("prior", help="ROG's learned post-processing: train or inspect a chest X-ray prior")
+    prs = pr.add_subparsers(dest="prior_command", required=True, metavar="ACTION")
+    pt = prs.add_parser("train", help="train a prior on auxiliary (public) images, attacked patients excluded")
+    pt.add_argument("--data", required=True, help="data set spec of the auxiliary images, e.g. "
+                    "kaggle:PATH,split=train or phantoms:n=512")
+    pt.add_argument("--size", type=_positive_int, default=64, help="image size in px (default 64)")
+    pt.add_argument("--out", required=True, help="prior file to write (safetensors + JSON header)")
+    pt.add_argument("--exclude-patients", default=None, metavar="ID,ID", help="patients never to train on")
+    pt.add_argument("--exclude-from", action="append", metavar="FILE",
+                    help="exclude the patients of a truth.npz or of a text file (one id a line); repeatable")
+    pt.add_argument("--limit", type=_positive_int, default=None, help="use at most this many images (whole patients)")
+    pt.add_argument("--steps", type=_positive_int, default=1500)
+    pt.add_argument("--batch-size", type=_positive_int, default=32)
+    pt.add_argument("--crop", type=int, default=32, help="train on random crops of this side (0: whole images)")
+    pt.add_argument("--lr", type=_positive_float, default=2e-3)
+    pt.add_argument("--width", type=_positive_int, default=16, help="base channels of the U-Net (default 16)")
+    pt.add_argument("--label-conditioned", action="store_true", help="condition the prior on the image's label")
+    pt.add_argument("--num-classes", type=_positive_int, default=2)
+    pt.add_argument("--degradation", type=_kv, action="append", metavar="KEY=VALUE",
+                    help="degradation setting: scale_factor, latent_noise, contrast, brightness, pixel_noise")
+    pt.add_argument("--checkpoint-every", type=_positive_int, default=100,
+                    help="steps between checkpoints (PRIOR.ckpt); rerun the same command to resume")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=cmd_prior_train)
+    pi = prs.add_parser("inspect", help="print a prior file's header")
+    pi.add_argument("prior")
+    pi.set_defaults(func=cmd_prior_inspect)
 
     r = sub.add_parser("run", help="run an experiment YAML (capture -> attack -> metrics) into experiments/")
     r.add_argument("config")

@@ -48,6 +48,7 @@ SCHEMA: dict[str, Any] = {
     "attack": {
         "name": "inverting_gradients",
         "device": "cpu",
+        "prior": None,  # a prior file ('gradleak prior train'): post-process, report with and without it
         "settings": OPEN({}),  # overrides of the attack preset (iterations, restarts, time_budget, ...)
     },
 }

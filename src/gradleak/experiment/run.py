@@ -98,11 +98,22 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
     attack_cfg = cfg["attack"]
     seen = observation.load(folder / "observation.pt")
     name = canonical(attack_cfg["name"])
+    prior = None
+    if attack_cfg.get("prior"):
+        from ..prior import Prior
+
+        prior = Prior.load(attack_cfg["prior"], device=attack_cfg["device"])
+        prior.check_images(seen.image_shape)
+        prior.check_disjoint(truth.patient_ids)  # the threat model: no attacked patient trained the prior
+        log(f"post-processing: {prior.name}, {len(prior.patients)} training patients, none attacked here")
     log(f"attack: {name} on {attack_cfg['device']}")
     rec = run_attack(name, seen, attack_cfg["settings"], seed=cfg["seed"], device=attack_cfg["device"],
-                     progress=progress)
+                     progress=progress, postprocess=prior)
     log(f"attack done: {rec.iterations} iterations in {rec.seconds:.1f}s, loss {rec.loss:.4g}")
     metrics = write_reconstruction(folder, rec, truth, extra={"bits": bits, "obfuscation": obs.obfuscation})
+    if "without_postprocessing" in metrics:
+        raw = metrics["without_postprocessing"]
+        log(f"without post-processing: PSNR {raw['psnr']:.2f} dB, SSIM {raw['ssim']:.4f}")
     log(f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
         f"label accuracy {metrics.get('label_accuracy', float('nan')):.2f}")
     return metrics
