@@ -19,6 +19,9 @@ Images are drawn from the train split only, with two disjoint seeded draws: ``--
 choosing hyper-parameters) and ``--split report`` (for reporting). Never tune on the report draw.
 
     python benchmarks/leakage.py --split report --images 2 --batches 1 --time-budget 60
+
+ROG with and without its learned post-processing prior (trained on other patients of the train split)
+is measured by ``benchmarks/prior_gain.py``.
 """
 
 from __future__ import annotations
