@@ -98,3 +98,23 @@ def test_report_renders_in_headless_chromium(tiny_sweep, tmp_path):
     # the top of the page is the title and the bottom line, dark text on white
     top = img[:200]
     assert (top < 80).mean() > 0.005 and (top > 240).mean() > 0.5
+
+
+def test_settings_are_grouped_by_defence_and_judged_by_the_worst_case_attack():
+    from gradleak.report.html import _groups
+
+    def row(setting, attack, ssim, hits):
+        return {"setting": setting, "attack": attack, "status": "ok",
+                "params": {"capture.obfuscation": setting, "attack": {"name": attack, "settings": {"lr": 0.1}}},
+                "metrics": {"psnr": 20.0, "ssim": ssim, "num_images": 4},
+                "reid": {"strongest": {"top1_hits": hits, "n": 4, "distance": "mse", "iip": 0.0, "top5": 0.0},
+                         "chance_top1": 0.01, "by_distance": {"mse": {"top1": hits / 4}}}}
+
+    rows = [row("none", "inverting_gradients", 0.65, 4), row("none", "rog", 0.75, 0),
+            row("sign", "inverting_gradients", 0.10, 0), row("sign", "rog", 0.35, 0)]
+    groups, varying = _groups(rows)
+    assert [g.label for g in groups] == ["none", "sign"] and varying == []  # the attack is not a defence
+    # both attacks make 'none' high risk; the one that re-identifies patients is the worst case
+    assert groups[0].worst_case()["attack"] == "inverting_gradients"
+    # under 'sign' only ROG reaches partly recognisable images
+    assert groups[1].worst_case()["attack"] == "rog"
