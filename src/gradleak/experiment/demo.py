@@ -105,13 +105,14 @@ def demo_spec(iterations: int | None = None, prior: str | Path | None = None) ->
 
 
 #: A short utility run on the same phantoms (used when the utility simulation is installed): a small
-#: ConvNet trained by 5 federated clients for a few rounds, 20 % of the patients held out.
+#: ConvNet trained by 5 federated clients for 20 rounds, 20 % of the patients held out (unprotected:
+#: ROC AUC about 0.7 on the 32 px phantoms, about 15 s per defence on 2 cores).
 DEMO_UTILITY: dict[str, Any] = {
     "seed": 0,
     "holdout": 0.2,
     "model": {"arch": "convnet", "options": {"width": 8, "depth": 3, "pool_first": True}},
-    "federation": {"num_clients": 5, "partition": "iid", "rounds": 6, "algorithm": "fedavg",
-                   "local_epochs": 1, "local_lr": 0.05, "local_batch_size": 32},
+    "federation": {"num_clients": 5, "partition": "iid", "rounds": 20, "algorithm": "fedavg",
+                   "local_epochs": 2, "local_lr": 0.1, "local_batch_size": 16},
     "evaluation": {"monitor": "roc_auc"},
 }
 
