@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from gradleak.attacks import run_attack  # noqa: E402
 from gradleak.capture import capture  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
+from gradleak.experiment.outputs import write_json  # noqa: E402
 from gradleak.federated import Protocol  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
 
@@ -84,14 +83,6 @@ def cells(dataset, split: str, n_single: int, n_batches: int) -> list[tuple[int,
     rest = idx[n_single:]
     out += [(4, rest[4 * b: 4 * b + 4]) for b in range(n_batches)]
     return out
-
-
-def save_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -> str:
@@ -184,7 +175,7 @@ def main(argv=None) -> int:
                       f"SSIM {m['ssim']:.3f} labels {m.get('label_accuracy', float('nan')):.2f} "
                       f"({rec.iterations} it, {rec.threat_model.get('objective')})", file=sys.stderr, flush=True)
                 if json_path:
-                    save_json(json_path, {"args": vars(a), "results": results})
+                    write_json(json_path, {"args": vars(a), "results": results})
     print(f"# gradleak leakage benchmark ({a.split} draw of the train split)\n")
     print(f"{a.arch} at random initialisation, {a.size} px real chest X-rays, one client; FedSGD unless FedAvg; "
           f"labels inferred, not given; no BatchNorm. Budget per attack and observation: {a.time_budget:g} s"

@@ -26,7 +26,6 @@ built-in degradation settings are used.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from gradleak.attacks import apply_postprocessing, run_attack  # noqa: E402
 from gradleak.capture import capture  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
+from gradleak.experiment.outputs import write_json  # noqa: E402
 from gradleak.federated import Protocol  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
 from gradleak.prior import DEFAULT_DEGRADATION, Prior, calibrate, train_prior  # noqa: E402
@@ -166,8 +166,7 @@ def main(argv=None) -> int:
               f"SSIM {m_raw['ssim']:.3f} -> {m['ssim']:.3f}", flush=True)
     pool.shutdown()
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "degradation": degradation, "results": results},
-                                           indent=1))
+        write_json(Path(a.json), {"args": vars(a), "degradation": degradation, "results": results})
 
     print(f"\nROG with vs. without the learned prior: {a.size} px chest X-rays (Kaggle train split), lenet5 "
           f"(random init), FedSGD B = 1, labels inferred (iDLG), obfuscation known to the attacker, "

@@ -185,6 +185,24 @@ def test_reading_the_delta_as_one_gradient_step():
     assert rec.threat_model["local_steps"] == "unrolled"
 
 
+def test_an_aware_objective_reads_a_delta_taken_as_a_gradient_in_the_records_units():
+    # one local step: the delta is exactly -lr * gradient, so the truth's gradient lies in every rounding cell
+    from gradleak.attacks.aware import for_observation
+    from gradleak.attacks.unroll import in_delta_units
+
+    images, labels = tiny_batch(2, 16)
+    obs, _ = capture(images, labels, arch="lenet_zhu", protocol=Protocol("fedavg", local_steps=1, local_lr=0.1),
+                     obfuscations=[{"name": "uniform", "bits": 4}])
+    sim = Simulator(obs)
+    matching = for_observation(obs, sim.target, "cosine", knows=True)
+    assert matching.name == "rounding-cell distance"
+    sim = assume_fedsgd(sim)
+    g = sim.update(images, labels)
+    # inside the cells only the small pull to the centre remains (weight 0.01 x at most 0.5^2)
+    assert in_delta_units(matching, -0.1)(g).item() <= 0.01 * 0.25 + 1e-6
+    assert matching(g).item() > 1.0  # the gradient compared as if it were the delta: far outside the cells
+
+
 # ------------------------------------------------------------------------------------------ BN prior
 @pytest.mark.parametrize("proto", [Protocol(sends_buffers=True), Protocol("fedavg", 1, 0.1, sends_buffers=True)])
 def test_bn_statistics_are_recovered_exactly_from_one_forward_pass(proto):

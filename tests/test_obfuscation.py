@@ -57,11 +57,12 @@ def test_qsgd_is_unbiased_on_the_grid_and_within_its_variance_bound(seed, n, lev
     steps = draws / (sc / s)
     assert torch.allclose(steps, steps.round(), atol=1e-3)
     assert int(level.max()) <= s and bool((draws * x >= 0).all())
-    # unbiased: the mean of R draws is within 5 standard errors of v
+    # unbiased: the mean of R draws is within 5 standard errors of v, plus a few single roundings for the
+    # coordinates whose rounding probability is so small (about 1/R) that the normal approximation fails
     frac = (x.abs() / sc * s) - (x.abs() / sc * s).floor()
     coord_var = (sc / s) ** 2 * frac * (1 - frac)
     se = (coord_var / R).sqrt()
-    assert bool(((draws.mean(0) - x).abs() <= 5 * se + 1e-7).all())
+    assert bool(((draws.mean(0) - x).abs() <= 5 * se + 5 * (sc / s) / R + 1e-7).all())
     # variance: exact expectation sum_i (scale/s)^2 p_i (1 - p_i) lies within the paper's bound ...
     expected = float(coord_var.sum())
     if norm == "l2":  # Alistarh et al. 2017, Lemma 3.1: E||Q(v) - v||^2 <= min(n/s^2, sqrt(n)/s) ||v||^2

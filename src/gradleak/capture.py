@@ -7,7 +7,6 @@ written to ``truth.npz``, which attacks never read.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .files import atomic_path
 from . import obfuscation
 from .errors import UserError
 from .federated import Protocol, client_update
@@ -95,21 +95,13 @@ def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: 
 
 
 def save_truth(truth: Truth, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, images=truth.images.cpu().numpy().astype(np.float32),
                             labels=truth.labels.cpu().numpy().astype(np.int64),
                             patient_ids=np.array(truth.patient_ids, dtype=str),
                             names=np.array(truth.names, dtype=str),
                             indices=np.array(truth.indices, dtype=np.int64))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load_truth(path: str | os.PathLike) -> Truth:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .files import atomic_path
 from .federated.protocol import ALGORITHMS, Protocol
 from .models import build_from_header, parameter_names
 
@@ -74,17 +74,9 @@ class Observation:
 def save(obs: Observation, path: str | os.PathLike) -> Path:
     """Validate and write ``obs`` atomically (a temporary file renamed into place)."""
     validate(obs.to_dict(), where=str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obs.to_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load(path: str | os.PathLike) -> Observation:

@@ -44,7 +44,6 @@ from .objectives import Matching, Tensors, _flat, plain
 SPARSIFIERS = ("topk", "randk", "prune")
 KEEP_ZEROS = ("qsgd", "uniform", "fp16", "bf16", "none")
 NOISES = ("gaussian", "laplace", "relative_gaussian", "snr_gaussian")
-PRECISION = ("fp16", "bf16", "none")
 
 #: Settings of the aware objectives (every attack has them; default.yaml gives the values).
 SETTINGS: dict[str, Any] = {
@@ -97,8 +96,6 @@ def for_observation(obs: Observation, target: Tensors, kind: str, knows: bool,
                 bounds = unsent_bounds(target, rec)
         elif name in ("sign", "qsgd", "uniform") or name in NOISES:
             domain = rec
-        elif name in PRECISION:
-            continue
     if domain is None:
         if masks is None:
             return plain(kind, t)

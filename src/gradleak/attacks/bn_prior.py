@@ -86,7 +86,6 @@ class BNPrior:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         stats = batch_statistics(self.sim, x)
         loss = 0.0
-        for (mean, var, n), (tm, tv) in zip(stats, self.targets):
-            tv = tv * (n - 1) / n
+        for (mean, var, _), (tm, tv) in zip(stats, self.recovered([n for _, _, n in stats])):
             loss = loss + (mean - tm).norm() + (var - tv).norm()
         return loss

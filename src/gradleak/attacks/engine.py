@@ -32,7 +32,7 @@ from .initialization import INITS, initial
 from .optim import BatchedLBFGS
 from .regularizers import total_variation
 from .simulate import Simulator
-from .unroll import assume_fedsgd
+from .unroll import assume_fedsgd, in_delta_units
 
 #: Settings every attack has (the shared preset ``default.yaml`` gives their values).
 COMMON: dict[str, Any] = {
@@ -94,15 +94,17 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
     s = {**COMMON, **settings}
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     sim = Simulator(obs, device)
+    observed = sim.target  # in the update's own units (a FedAvg weight delta), as the obfuscation records are
+    knows = bool(s["attacker_knows_obfuscation"])
+    matching = aware.for_observation(obs, observed, s["objective"], knows, s)
     local_steps = None
     if obs.protocol["algorithm"] == "fedavg":
         if s["unroll_local_steps"]:
             local_steps = "unrolled"
         else:
-            assume_fedsgd(sim)
+            assume_fedsgd(sim)  # simulate one gradient; compare it as the delta it stands for
             local_steps = "read as one gradient step"
-    knows = bool(s["attacker_knows_obfuscation"])
-    matching = aware.for_observation(obs, sim.target, s["objective"], knows, s)
+            matching = in_delta_units(matching, -float(obs.protocol["local_lr"]) * int(obs.protocol["local_steps"]))
     R, B, K = int(s["restarts"]), sim.num_images, sim.num_classes
     decoder = decoders.build(s["decoder"], sim.image_shape, int(s["scale_factor"]))
     z = initial((R, B, *decoder.latent_shape), s["init"], g).to(sim.device).requires_grad_(True)

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from ..observation import Observation
 from . import engine
-from .base import Reconstruction
 
 DEFAULTS: dict[str, Any] = {
     **engine.COMMON,
@@ -24,9 +20,3 @@ DEFAULTS: dict[str, Any] = {
     "tv_weight": 1e-4,
     "init": "uniform",
 }
-
-
-def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
-        generator: torch.Generator | None = None, progress: bool = True) -> Reconstruction:
-    return engine.run(obs, {**DEFAULTS, **settings}, attack="inverting_gradients", device=device,
-                      generator=generator, progress=progress)

@@ -140,6 +140,3 @@ def cosine(sim: Tensors, target: Tensors, weights: dict[str, float] | None = Non
 def l2(sim: Tensors, target: Tensors, weights: dict[str, float] | None = None) -> torch.Tensor:
     """Squared Euclidean distance summed over layers (Zhu et al. 2019)."""
     return l2_matching(target, weights)(sim)
-
-
-OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {"cosine": cosine, "l2": l2}

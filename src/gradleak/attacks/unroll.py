@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .objectives import Matching
 from .simulate import Simulator
 
 
@@ -26,3 +27,11 @@ def assume_fedsgd(sim: Simulator) -> Simulator:
     sim.target = {k: v * scale for k, v in sim.target.items()}
     sim.protocol = dataclasses.replace(p, algorithm="fedsgd", local_steps=1, local_lr=0.0, local_batch_size=None)
     return sim
+
+
+def in_delta_units(matching: Matching, step: float) -> Matching:
+    """``matching`` (built against the observed weight delta) applied to a simulated gradient ``g`` read
+    as the delta ``step * g`` (``step = -local_lr * local_steps``), so the objective's thresholds, noise
+    levels and quantization steps stay in the units the obfuscation records."""
+    inner = matching
+    return Matching(inner.name, lambda update: inner({k: v * step for k, v in update.items()}), inner.info)

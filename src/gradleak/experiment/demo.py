@@ -1,9 +1,9 @@
 """``gradleak demo``: a small privacy audit on synthetic chest radiographs, end to end.
 
 A curious server attacks FedSGD updates of a LeNet-5 on 32 px phantoms under a few client-side defences
-with the attacks this installation has, measures what leaked (image similarity and patient
-re-identification against the whole synthetic archive), measures what each defence costs the model when
-the utility simulation is available, and writes the HTML report. ROG's learned post-processing is a tiny
+with Inverting Gradients and ROG, measures what leaked (image similarity and patient re-identification
+against the whole synthetic archive), measures what each defence costs the model (a short federated
+training run per defence), and writes the HTML report. ROG's learned post-processing is a tiny
 prior trained first (bounded steps) on the archive's other patients — never the attacked ones — and ROG
 is reported with and without it. The sweep it ran is saved as
 ``sweep.yaml`` in its folder, so ``gradleak sweep DIR/sweep.yaml --out DIR`` reruns (resumes) it.
@@ -17,11 +17,9 @@ from typing import Any
 
 from ..errors import UserError
 
-#: Defences and attacks the demo would like to show; those missing from this installation are skipped.
+#: The defences and attacks the demo shows.
 DEMO_OBFUSCATIONS = ["none", "qsgd:levels=16", "topk:keep=0.1", "gaussian:noise_multiplier=0.01,clip=1.0"]
 DEMO_ATTACKS = ["inverting_gradients", "rog"]
-#: Without any obfuscation installed, local training (FedAvg) is the defence shown.
-FALLBACK_PROTOCOLS = [{"algorithm": "fedsgd"}, {"algorithm": "fedavg", "local_steps": 5, "local_lr": 0.05}]
 
 DEMO_BASE: dict[str, Any] = {
     "seed": 0,
@@ -64,48 +62,23 @@ def train_demo_prior(base: dict[str, Any], out: Path, progress: bool = False) ->
         torch.set_num_threads(threads)
 
 
-def demo_spec(iterations: int | None = None, prior: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
-    """The demo's sweep spec for this installation, and notes on what it had to leave out. With
-    ``prior``, the ROG cells post-process with it (and report ROG with and without it)."""
-    from .. import attacks, obfuscation
-
-    notes = []
-    known_obf = set(obfuscation.names())
-    obfs = [o for o in DEMO_OBFUSCATIONS if o.split(":")[0] in known_obf]
-    missing = [o.split(":")[0] for o in DEMO_OBFUSCATIONS if o.split(":")[0] not in known_obf]
-    if missing:
-        notes.append(f"obfuscations not in this installation, left out: {', '.join(missing)}")
-    atks = [a for a in DEMO_ATTACKS if a in attacks.names()]
-    if len(atks) < len(DEMO_ATTACKS):
-        notes.append(f"attacks not in this installation, left out: "
-                     f"{', '.join(a for a in DEMO_ATTACKS if a not in atks)}")
-    grid: dict[str, Any] = {}
-    if len(obfs) > 1:
-        grid["capture.obfuscation"] = obfs
-    else:
-        grid["capture.protocol"] = FALLBACK_PROTOCOLS
-        notes.append("with no obfuscation installed, the defence shown is local training (FedAvg, 5 steps)")
+def demo_spec(iterations: int | None = None, prior: str | Path | None = None) -> dict[str, Any]:
+    """The demo's sweep spec. With ``prior``, the ROG cells post-process with it (and report ROG with and
+    without it)."""
     base = json.loads(json.dumps(DEMO_BASE))
     if iterations is not None:
         base["attack"]["settings"]["iterations"] = int(iterations)
-    if prior is not None and "rog" in atks:
+    grid: dict[str, Any] = {"capture.obfuscation": DEMO_OBFUSCATIONS}
+    if prior is not None:
         grid["attack"] = [{**base["attack"], "name": a, **({"prior": str(prior)} if a == "rog" else {})}
-                          for a in atks]
+                          for a in DEMO_ATTACKS]
     else:
-        grid["attack.name"] = atks
-    spec: dict[str, Any] = {"name": "demo", "base": base, "grid": grid,
-                            "reid": {"gallery_size": 256, "autoencoder_steps": 150}}
-    from .sweep import utility_api
-
-    if utility_api() is not None:
-        spec["utility"] = {"enabled": True, "config": DEMO_UTILITY}
-    else:
-        notes.append("the federated utility simulation is not in this installation: model utility not measured")
-    return spec, notes
+        grid["attack.name"] = DEMO_ATTACKS
+    return {"name": "demo", "base": base, "grid": grid, "reid": {"gallery_size": 256, "autoencoder_steps": 150},
+            "utility": {"enabled": True, "config": DEMO_UTILITY}}
 
 
-#: A short utility run on the same phantoms (used when the utility simulation is installed): a small
-#: ConvNet trained by 5 federated clients for 20 rounds, 20 % of the patients held out (unprotected:
+#: A short utility run on the same phantoms: a small ConvNet trained by 5 federated clients for 20 rounds, 20 % of the patients held out (unprotected:
 #: ROC AUC about 0.7 on the 32 px phantoms, about 15 s per defence on 2 cores).
 DEMO_UTILITY: dict[str, Any] = {
     "seed": 0,
@@ -115,12 +88,6 @@ DEMO_UTILITY: dict[str, Any] = {
                    "local_epochs": 2, "local_lr": 0.1, "local_batch_size": 16},
     "evaluation": {"monitor": "roc_auc"},
 }
-
-
-def attacks_available() -> list[str]:
-    from .. import attacks
-
-    return attacks.names()
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -154,19 +121,14 @@ def demo(out_root: Path = Path("experiments"), iterations: int | None = None, qu
     folder = new_folder(Path(out_root), "demo")
     print("gradleak demo: a curious server attacks FedSGD updates of synthetic chest radiographs")
     print("(32 px, LeNet-5 at random initialisation, batches of 2, labels inferred from the update)")
-    prior_path = None
-    if "rog" in attacks_available():
-        prior_path = (folder.parent / f"{folder.name}.prior.safetensors").resolve()
-        t = time.perf_counter()
-        header = train_demo_prior(DEMO_BASE, prior_path, progress=not quiet)
-        tr = header["training"]
-        print(f"ROG's post-processing prior: {tr['steps']} steps on {tr['num_images']} phantoms of "
-              f"{tr['num_patients']} patients, the {len(tr['excluded_patients'])} attacked patients excluded "
-              f"({time.perf_counter() - t:.0f}s): {prior_path}")
-    spec, notes = demo_spec(iterations, prior=prior_path)
-    spec = spec_from_dict(spec, source="demo")
-    for n in notes:
-        print(f"  note: {n}")
+    prior_path = (folder.parent / f"{folder.name}.prior.safetensors").resolve()
+    t = time.perf_counter()
+    header = train_demo_prior(DEMO_BASE, prior_path, progress=not quiet)
+    tr = header["training"]
+    print(f"ROG's post-processing prior: {tr['steps']} steps on {tr['num_images']} phantoms of "
+          f"{tr['num_patients']} patients, the {len(tr['excluded_patients'])} attacked patients excluded "
+          f"({time.perf_counter() - t:.0f}s): {prior_path}")
+    spec = spec_from_dict(demo_spec(iterations, prior=prior_path), source="demo")
     print()
     summary = run_sweep(spec, folder, progress=not quiet, echo=None if quiet else print, workers=workers,
                         source="demo")

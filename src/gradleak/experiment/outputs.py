@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import torch
 from .. import __version__
 from ..attacks import Reconstruction
 from ..capture import Truth
-from ..files import write_text  # noqa: F401  (re-exported: the experiment layer writes through it)
+from ..files import atomic_path, write_text  # write_text: re-exported for the experiment layer
 from ..metrics import score
 from ..report.images import grid, save_png
 
@@ -60,10 +58,8 @@ def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = N
     arrays = {"images": rec.images.numpy().astype(np.float32), "labels": rec.labels.numpy().astype(np.int64)}
     if raw is not None:
         arrays["images_without_postprocessing"] = raw.numpy().astype(np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=".reconstruction.", suffix=".npz", dir=out)
-    os.close(fd)
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, out / "reconstruction.npz")
+    with atomic_path(out / "reconstruction.npz", suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
     metrics = None
     if truth is not None:
         metrics = score(truth.images, truth.labels, rec.images, rec.labels)

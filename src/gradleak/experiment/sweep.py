@@ -35,9 +35,7 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import os
-import platform
 import shutil
 import socket
 import sys
@@ -51,7 +49,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import yaml
 
+from .. import obfuscation
 from ..errors import UserError
+from ..files import atomic_path
+from ..report.html import read_utilities
 from ..report.labels import obfuscation_label, setting_label
 from . import config as config_mod
 from .config import OPEN, SCHEMA
@@ -189,23 +190,6 @@ def _values(key: str, v: Any, source: str) -> list[Any]:
     return out
 
 
-def parse_obfuscation_spec(text: str, where: str = "obfuscation") -> dict[str, Any]:
-    """``"qsgd:levels=16"`` -> ``{"name": "qsgd", "levels": 16}`` (values read as YAML scalars)."""
-    name, _, rest = str(text).strip().partition(":")
-    if not name:
-        raise UserError(f"{where}: empty obfuscation name in '{text}'")
-    out: dict[str, Any] = {"name": name.strip()}
-    for item in filter(None, (x.strip() for x in rest.split(","))):
-        k, eq, v = item.partition("=")
-        if not eq or not k.strip():
-            raise UserError(f"{where}: expected key=value in '{text}', got '{item}'")
-        try:
-            out[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError:
-            out[k.strip()] = v.strip()
-    return out
-
-
 def normalize_obfuscation(value: Any, where: str = "obfuscation") -> list[dict[str, Any]]:
     """A grid value of ``capture.obfuscation`` as a list of specs: ``none`` / ``[]`` -> ``[]``; a text
     ``NAME:key=value,...`` or a mapping -> one spec; a list of those -> composed in order."""
@@ -217,9 +201,12 @@ def normalize_obfuscation(value: Any, where: str = "obfuscation") -> list[dict[s
         if isinstance(it, str):
             if it == "none":
                 continue
-            out.append(parse_obfuscation_spec(it, where))
+            try:
+                out.append(obfuscation.parse_spec(it))
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
         elif isinstance(it, dict):
-            if "name" not in it:
+            if "name" not in it and "compress" not in it:  # ROG's form names it under 'compress'
                 raise UserError(f"{where}: obfuscation {it!r} has no 'name'")
             out.append(dict(it))
         else:
@@ -271,7 +258,6 @@ def expand(spec: dict[str, Any], source: str = "sweep") -> list[Cell]:
 
 def check_cells(cells: list[Cell]) -> None:
     """Fail early, before any work, on names a cell would only trip over later."""
-    from .. import obfuscation
     from ..attacks import canonical, resolve_settings
 
     seen: set[str] = set()
@@ -324,11 +310,10 @@ def execute_task(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
             result.update(status="ok", metrics=metrics,
                           attack={k: summary.get(k) for k in ("iterations", "seconds", "final_loss", "settings")})
         elif task["kind"] == "utility":
-            api = utility_api()
-            if api is None:
-                raise RuntimeError("this installation has no federated utility simulation")
+            from .utility import run_utility
+
             cfg = {**task["config"], "threads": int(task.get("threads", 1))}
-            out = api[1](cfg, progress=False, folder=workdir / "run")
+            out = run_utility(cfg, progress=False, folder=workdir / "run")
             result.update(status="ok", utility=_jsonable({k: out[k] for k in _UTILITY_KEYS if k in out}))
         else:  # pragma: no cover - a bug
             raise ValueError(f"unknown task kind {task['kind']!r}")
@@ -641,16 +626,6 @@ _UTILITY_KEYS = ("final", "best", "best_round", "rounds_run", "bits_per_round", 
                  "seconds")
 
 
-def utility_api() -> tuple[Callable[..., dict[str, Any]], Callable[..., dict[str, Any]]] | None:
-    """(check a utility config, run it) from the federated utility simulation, or None when this
-    installation has none."""
-    try:
-        from .utility import from_dict, run_utility
-    except ImportError:
-        return None
-    return from_dict, run_utility
-
-
 def utility_config(spec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     """The utility run matching a cell: the sweep's utility config with the cell's data (unless the
     utility config names its own) and the cell's obfuscation, checked by the utility simulation."""
@@ -660,11 +635,9 @@ def utility_config(spec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     ucfg.setdefault("name", f"{spec['name']}-utility")
     ucfg.pop("output_dir", None)
     ucfg.pop("threads", None)
-    api = utility_api()
-    if api is None:
-        raise UserError("utility.enabled needs the federated utility simulation, which this installation "
-                        "lacks; set utility.enabled: false")
-    checked = api[0](ucfg, source="utility.config")
+    from .utility import from_dict
+
+    checked = from_dict(ucfg, source="utility.config")
     checked.pop("threads", None)
     return checked
 
@@ -784,27 +757,10 @@ def export_tables(folder: Path, rows: list[dict[str, Any]], utilities: dict[str,
         elif kinds and kinds <= {int, float} and float in kinds:
             vals = [None if v is None else float(v) for v in vals]
         cols[k] = vals
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".parquet", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(folder / "results.parquet", suffix=".parquet") as tmp:
         pq.write_table(pa.table(cols), tmp)
-        os.replace(tmp, folder / "results.parquet")
-        written.append(folder / "results.parquet")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    written.append(folder / "results.parquet")
     return written
-
-
-def read_utilities(folder: Path) -> dict[str, dict[str, Any]]:
-    out = {}
-    for p in sorted((folder / "utility").glob("*/result.json")):
-        try:
-            r = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            continue
-        if r.get("status") == "ok":
-            out[p.parent.name] = r
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -989,7 +945,7 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
         if c.id not in rows and rj.is_file():
             rows[c.id] = json.loads(rj.read_text())
     ordered = [rows[c.id] for c in cells if c.id in rows]
-    utilities = {k: v.get("utility", {}) for k, v in read_utilities(folder).items()}
+    utilities = read_utilities(folder)
     store.rewrite(ordered)
     export_tables(folder, ordered, utilities)
     return SweepSummary(folder=folder, cells=len(cells), ran=len(todo), skipped=len(done), failed=failed,
@@ -997,4 +953,4 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
 
 
 __all__ = ["SWEEP_SCHEMA", "Cell", "load_spec", "spec_from_dict", "expand", "check_cells", "run_sweep",
-           "normalize_obfuscation", "parse_obfuscation_spec", "setting_label", "flat_row", "ResultStore"]
+           "normalize_obfuscation", "setting_label", "flat_row", "ResultStore"]

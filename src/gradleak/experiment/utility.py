@@ -192,7 +192,6 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
             torch.set_num_threads(int(cfg["threads"]))
         write_text(partial / "config.yaml", dump(cfg))
         x, y, xe, ye, train_labels, pids, data_info = _load_data(cfg, log)
-        fed = cfg["federation"]
         part = partition_by_patient(train_labels, pids, st.num_clients, scheme=st.partition, alpha=st.alpha,
                                     seed=cfg["seed"])
         clients_info = part.describe(np.asarray(train_labels), pids)

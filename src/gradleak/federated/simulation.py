@@ -471,8 +471,8 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
                     order = order[:settings.local_batch_size]
                 sel = torch.as_tensor(order, device=dev)
                 update, buf = client_update(model, state, x_all[sel], y_all[sel], proto)
-                context = obfuscation.Context(num_images=len(order), algorithm=settings.algorithm,
-                                              sample_rate=settings.sample_rate, rounds=settings.rounds)
+                context = obfuscation.Context.from_protocol(proto.header(len(order)), sample_rate=settings.sample_rate,
+                                                            rounds=settings.rounds)
                 update, records, b = obfuscation.apply(specs, {k: v.cpu() for k, v in update.items()}, noise,
                                                        context)
                 updates.append(update)

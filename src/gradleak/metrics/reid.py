@@ -31,7 +31,6 @@ Reconstructions must be paired with their originals first (Hungarian matching, a
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..files import atomic_path
 from .image import ssim
 
 DISTANCES = ("mse", "ssim", "embedding")
@@ -91,22 +90,14 @@ class Gallery:
         return [where[int(i)] for i in dataset_indices]
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".npz") as tmp:
             np.savez_compressed(tmp, images=self.images.numpy().astype(np.float32),
                                 patient_ids=np.array(self.patient_ids, dtype=str),
                                 labels=(self.labels.numpy() if self.labels is not None
                                         else np.zeros(0, dtype=np.int64)),
                                 names=np.array(self.names, dtype=str),
                                 indices=np.array(self.indices, dtype=np.int64))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Gallery":
@@ -145,21 +136,12 @@ class ClassifierEmbedder(Embedder):
         """Load a ``model.pt`` written by a utility run: ``{"model": header, "state_dict": ...}`` (and the
         input normalisation under ``data``, when present)."""
         from ..models import build_from_header
+        from ..models.checkpoint import load_model
 
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"classifier file not found: {path}")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            header = blob["model"]
-            norm = blob.get("data") or {k: header[k] for k in ("mean", "std") if k in header}
-            model = build_from_header(header, norm)
-            model.load_state_dict(blob["state_dict"])
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{path}: not a gradleak model file ({type(e).__name__}: {e})") from None
-        return cls(model, header["image_size"], source=str(path))
+        ck = load_model(path)  # checks the header, names and shapes; one-line errors
+        model = build_from_header(ck["model"], ck["data"])
+        model.load_state_dict(ck["state_dict"])
+        return cls(model, ck["model"]["image_size"], source=str(path))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -208,19 +190,11 @@ class AutoencoderEmbedder(Embedder):
                            f"({self.model.size} px), cosine distance"}
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save({"kind": self.kind, "latent": self.model.latent, "size": self.model.size,
                         "channels": self.model.channels, "info": self.info,
                         "state_dict": self.model.state_dict()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AutoencoderEmbedder":

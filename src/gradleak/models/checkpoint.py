@@ -17,13 +17,13 @@ holds those two.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UserError
+from ..files import atomic_path
 
 FORMAT = "gradleak-model/1"
 HEADER_KEYS = ("arch", "num_classes", "in_channels", "image_size")
@@ -48,14 +48,8 @@ def save_model(path: str | os.PathLike, header: dict[str, Any], state_dict: dict
         obj["round"] = int(round)
     if meta:
         obj["meta"] = meta
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

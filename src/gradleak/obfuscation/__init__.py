@@ -34,7 +34,6 @@ canonical names and parameters above.
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -42,11 +41,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import UserError
+from ._common import FLOAT_BITS
 
 Tensors = dict[str, torch.Tensor]
 
 #: Bits per entry of an unobfuscated float32 update.
-FLOAT_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,8 @@ class Context:
     @classmethod
     def from_protocol(cls, header: dict[str, Any], **kw) -> "Context":
         """The context of one client of an Observation's ``protocol`` header."""
-        n = header.get("images_per_client") or header.get("num_images")
+        k = int(header.get("num_clients_averaged") or 1)
+        n = header.get("images_per_client") or (int(header["num_images"]) // k if header.get("num_images") else None)
         pec = header.get("per_example_clip")
         return cls(num_images=int(n) if n is not None else None,
                    per_example_clip=float(pec) if pec is not None else None,
@@ -88,8 +88,7 @@ class Result:
 class Obfuscation:
     """A registered obfuscation.
 
-    ``fn(update, params, generator, context) -> Result`` (a three-argument ``fn`` without the context
-    is accepted too). ``defaults`` lists every parameter it takes; ``aliases`` maps other parameter
+    ``fn(update, params, generator, context) -> Result``. ``defaults`` lists every parameter it takes; ``aliases`` maps other parameter
     names onto them; ``validate(params)`` checks the merged parameters and may return a normalised copy.
     """
 
@@ -100,14 +99,6 @@ class Obfuscation:
     doc: str = ""
     aliases: dict[str, str] = field(default_factory=dict)
 
-    def __post_init__(self):
-        try:
-            n_args = len(inspect.signature(self.fn).parameters)
-        except (TypeError, ValueError):
-            n_args = 4
-        if n_args == 3:
-            three = self.fn
-            self.fn = lambda update, params, generator, context: three(update, params, generator)
 
 
 _REGISTRY: dict[str, Obfuscation] = {}
@@ -329,7 +320,7 @@ def _scale(value: Any, factor: float) -> Any:
     return float(value) * factor
 
 
-def _identity(update: Tensors, params: dict[str, Any], generator: torch.Generator) -> Result:
+def _identity(update: Tensors, params: dict[str, Any], generator: torch.Generator, context: Context) -> Result:
     return Result(dict(update), None, {})
 
 

@@ -76,6 +76,11 @@ def index_bits(n: int) -> int:
     return max(0, math.ceil(math.log2(n))) if n > 1 else 0
 
 
+def update_bits(update: dict[str, torch.Tensor]) -> int:
+    """Cost of a float32 update sent dense, or as (index, value) pairs where that is cheaper, per tensor."""
+    return sum(sparse_or_dense_bits(v, FLOAT_BITS) for v in update.values())
+
+
 def sparse_or_dense_bits(t: torch.Tensor, value_bits: int, overhead: int = 0) -> int:
     """Cost of one tensor whose non-zero entries take ``value_bits`` each: the cheaper of the dense code
     (every entry) and the sparse code (each non-zero entry with a fixed-width index), plus ``overhead``

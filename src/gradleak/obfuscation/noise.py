@@ -15,12 +15,8 @@ import torch
 
 from ..errors import UserError
 from . import Context, Obfuscation, Result, Tensors, register
-from ._common import FLOAT_BITS, as_bool, as_choice, as_float, as_int, sparse_or_dense_bits
+from ._common import as_bool, as_choice, as_float, as_int, update_bits
 from .accounting import ACCOUNTANTS, epsilon_spent, noise_multiplier_for
-
-
-def _bits(update: Tensors) -> int:
-    return sum(sparse_or_dense_bits(v, FLOAT_BITS) for v in update.values())
 
 
 def _norm(v: torch.Tensor) -> float:
@@ -126,7 +122,7 @@ def _gaussian(update: Tensors, p: dict[str, Any], generator: torch.Generator, co
         "rounds": rounds,
         "epsilon": epsilon,
     })
-    return Result(out, _bits(out), record)
+    return Result(out, update_bits(out), record)
 
 
 register(Obfuscation(
@@ -165,7 +161,7 @@ def _laplace(update: Tensors, p: dict[str, Any], generator: torch.Generator, con
         e2 = -torch.log1p(-torch.rand(v.shape, generator=generator, dtype=torch.float64))
         noisy[n] = v + (b * (e1 - e2)).to(device=v.device, dtype=v.dtype) if b > 0 else v
     record["sigma"] = b * math.sqrt(2)
-    return Result(noisy, _bits(noisy), record)
+    return Result(noisy, update_bits(noisy), record)
 
 
 register(Obfuscation(
@@ -187,7 +183,7 @@ def _relative(update: Tensors, p: dict[str, Any], generator: torch.Generator, co
     ref = float(np.percentile(nonzero, p["max_percentile"])) if nonzero.size else 0.0
     sigma = p["sigma0"] * ref
     out = _add_gaussian(update, sigma, generator) if p["sigma0"] > 0 else {n: v.detach() for n, v in update.items()}
-    return Result(out, _bits(out), {"sigma": sigma, "reference": ref})
+    return Result(out, update_bits(out), {"sigma": sigma, "reference": ref})
 
 
 register(Obfuscation(
@@ -217,7 +213,7 @@ def _snr(update: Tensors, p: dict[str, Any], generator: torch.Generator, context
         signal = float(flat.var(unbiased=False)) if flat.numel() > 1 else 0.0
         sigma = math.sqrt(signal * ratio)
     out = _add_gaussian(update, sigma, generator)
-    return Result(out, _bits(out), {"sigma": sigma, "signal_variance": signal})
+    return Result(out, update_bits(out), {"sigma": sigma, "signal_variance": signal})
 
 
 register(Obfuscation(

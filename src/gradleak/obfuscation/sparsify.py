@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UserError
 from . import Obfuscation, Result, Tensors, register
-from ._common import FLOAT_BITS, as_choice, as_float, as_int, sparse_or_dense_bits
+from ._common import as_choice, as_float, as_int, update_bits
 
 
 def keep_count(keep: float, n: int) -> int:
@@ -24,10 +24,6 @@ def keep_count(keep: float, n: int) -> int:
 
 def _total(update: Tensors) -> int:
     return sum(int(v.numel()) for v in update.values())
-
-
-def _bits(update: Tensors) -> int:
-    return sum(sparse_or_dense_bits(v, FLOAT_BITS) for v in update.values())
 
 
 # ---------------------------------------------------------------------------------------------- top-k
@@ -76,7 +72,7 @@ def _topk(update: Tensors, p: dict[str, Any], generator: torch.Generator, contex
     record = {"k": k_record, "kept_fraction": fraction}
     if p["k"] is not None:
         record["keep"] = fraction
-    return Result(out, _bits(out), record)
+    return Result(out, update_bits(out), record)
 
 
 register(Obfuscation(
@@ -102,7 +98,7 @@ def _randk(update: Tensors, p: dict[str, Any], generator: torch.Generator, conte
         mask[idx] = numel / k
         out[n] = v.detach() * mask.view(v.shape).to(v.device)
         rescale[n], kept = numel / k, kept + k
-    return Result(out, _bits(out), {"kept_fraction": kept / max(1, _total(update)), "rescale": rescale})
+    return Result(out, update_bits(out), {"kept_fraction": kept / max(1, _total(update)), "rescale": rescale})
 
 
 register(Obfuscation(
@@ -125,7 +121,7 @@ def _prune(update: Tensors, p: dict[str, Any], generator: torch.Generator, conte
         out[n] = torch.where(keep, v.detach(), torch.zeros_like(v))
         thresholds[n], kept = t, kept + int(keep.sum())
     fraction = kept / max(1, _total(update))
-    return Result(out, _bits(out), {"keep": fraction, "kept_fraction": fraction, "threshold": thresholds})
+    return Result(out, update_bits(out), {"keep": fraction, "kept_fraction": fraction, "threshold": thresholds})
 
 
 register(Obfuscation(

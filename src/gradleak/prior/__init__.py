@@ -24,7 +24,7 @@ from ..errors import UserError
 from .degrade import DEFAULT_DEGRADATION, calibrate, degrade
 from .fileformat import FORMAT, load_prior_file, save_prior
 from .network import ARCH, PriorNet
-from .train import TRAIN_DEFAULTS, check_disjoint, select_images, train_prior
+from .train import check_disjoint, select_images, train_prior
 
 
 class Prior:
@@ -70,10 +70,6 @@ class Prior:
         return torch.cat(out) if out else images.clone()
 
 
-def load_prior(path: str | Path, device: str = "cpu") -> Prior:
-    return Prior.load(path, device=device)
-
-
-__all__ = ["Prior", "PriorNet", "load_prior", "save_prior", "load_prior_file", "train_prior", "degrade",
-           "calibrate", "check_disjoint", "select_images", "DEFAULT_DEGRADATION", "TRAIN_DEFAULTS", "FORMAT",
+__all__ = ["Prior", "PriorNet", "save_prior", "load_prior_file", "train_prior", "degrade",
+           "calibrate", "check_disjoint", "select_images", "DEFAULT_DEGRADATION", "FORMAT",
            "ARCH"]

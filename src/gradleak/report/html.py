@@ -79,7 +79,8 @@ def _load_rows(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str]
                     f"folder)")
 
 
-def _utilities(folder: Path) -> dict[str, dict[str, Any]]:
+def read_utilities(folder: Path) -> dict[str, dict[str, Any]]:
+    """The finished utility runs of a sweep folder: ``{utility key: its result summary}``."""
     out = {}
     for p in sorted((folder / "utility").glob("*/result.json")):
         try:
@@ -454,7 +455,7 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
     rows_all, spec, kind = _load_rows(folder)
     rows = [r for r in rows_all if r.get("status") == "ok"]
     failed = [r for r in rows_all if r.get("status") != "ok"]
-    utilities = _utilities(folder)
+    utilities = read_utilities(folder)
     groups, varying = _groups(rows)
     name = spec.get("name") or folder.name
 
