@@ -20,13 +20,21 @@ choosing hyper-parameters) and ``--split report`` (for reporting). Never tune on
 
     python benchmarks/leakage.py --split report --images 2 --batches 1 --time-budget 60
 
-ROG with and without its learned post-processing prior (trained on other patients of the train split)
-is measured by ``benchmarks/prior_gain.py``.
+The ``rog_prior`` row is ROG followed by its learned post-processing prior (``gradleak attack --prior``),
+from the same ROG run as the ``rog`` row when both are asked for. The prior is read from ``--prior FILE``
+or, when that file does not exist yet, trained there first on images of the train split's other patients:
+every patient of the attacked images is excluded, and the benchmark reads the prior file's patient list
+back and stops if any attacked patient trained it. ``benchmarks/prior_gain.py`` measures the prior's gain
+on its own, on a wider set of images.
+
+    python benchmarks/leakage.py --split report --images 1 --batches 0 --attacks ig_plain rog rog_prior \
+        --prior /tmp/leakage_prior.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -38,12 +46,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from gradleak.attacks import run_attack  # noqa: E402
+from gradleak.attacks import apply_postprocessing, run_attack  # noqa: E402
 from gradleak.capture import capture  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
 from gradleak.experiment.outputs import write_json  # noqa: E402
 from gradleak.federated import Protocol  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
+from gradleak.prior import Prior, train_prior  # noqa: E402
 
 OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
     "none": ("none", [], Protocol()),
@@ -63,9 +72,27 @@ ATTACKS: dict[str, tuple[str, str, dict]] = {
     "ig": ("IG, obfuscation-aware", "inverting_gradients", {}),
     "dlg": ("DLG, obfuscation-aware", "dlg", {}),
     "rog": ("ROG (no post-processing), obfuscation-aware", "rog", {}),
+    "rog_prior": ("ROG + learned prior, obfuscation-aware", "rog", {}),
 }
 
 TRAIN_SIZE_SEED = {"tune": 1, "report": 2}
+PRIOR_STEPS = 1500
+
+
+def _prior(ds, a, attacked_patients: list[str]) -> Prior:
+    """The rog_prior row's prior: ``--prior`` (trained there first when missing), never trained on an
+    attacked patient."""
+    path = Path(a.prior) if a.prior else Path("/tmp") / f"gradleak_leakage_prior_{a.size}.safetensors"
+    if not path.exists():
+        print(f"training the prior on up to {a.prior_images} images of patients other than the "
+              f"{len(attacked_patients)} attacked ones -> {path}", file=sys.stderr, flush=True)
+        train_prior(ds, path, size=a.size, exclude_patients=attacked_patients, limit=a.prior_images,
+                    steps=a.prior_steps, seed=0, progress=False)
+    prior = Prior.load(path)
+    prior.check_disjoint(attacked_patients)  # raises (exit 2) if an attacked patient trained it
+    print(f"prior {path}: trained on {len(prior.patients)} patients, none of the {len(attacked_patients)} "
+          f"attacked", file=sys.stderr, flush=True)
+    return prior
 
 
 def draw(n_available: int, split: str, count: int) -> list[int]:
@@ -134,6 +161,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write (and with --resume, reuse) per-observation results here")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--prior", default=None, help="prior file for the rog_prior row (trained there first if "
+                   "it does not exist)")
+    p.add_argument("--prior-images", type=int, default=3000, help="images (other patients) the prior trains on")
+    p.add_argument("--prior-steps", type=int, default=PRIOR_STEPS, help="prior training steps")
     a = p.parse_args(argv)
 
     import yaml
@@ -145,6 +176,9 @@ def main(argv=None) -> int:
 
     ds = load_dataset(f"kaggle:{a.data},split=train", size=a.size)
     obs_list = cells(ds, a.split, a.images, a.batches)
+    prior = None
+    if "rog_prior" in a.attacks:
+        prior = _prior(ds, a, sorted({ds.patient_ids[i] for _, idx in obs_list for i in idx}))
     json_path = Path(a.json) if a.json else None
     results: dict = {}
     if json_path and a.resume and json_path.exists():
@@ -156,16 +190,22 @@ def main(argv=None) -> int:
             batch = ds.batch(idx)
             obs, _ = capture(batch.images, batch.labels, arch=a.arch, protocol=proto, model_seed=0,
                              obfuscations=specs, obfuscation_seed=0, labels_known=False)
+            recs: dict = {}
             for name in a.attacks:
                 key = f"{o}|{name}|{','.join(map(str, idx))}"
                 if key in results:
                     continue
                 _, attack, overrides = ATTACKS[name]
+                row = "rog" if name == "rog_prior" else name
                 settings = {**overrides, "time_budget": a.time_budget, "iterations": a.iterations,
-                            **extra.get(name, {})}
+                            **extra.get(row, {})}
                 if a.restarts:
                     settings["restarts"] = a.restarts
-                rec = run_attack(attack, obs, settings, seed=0, device=a.device, progress=False)
+                rec = recs.get(row) or run_attack(attack, obs, settings, seed=0, device=a.device, progress=False)
+                recs[row] = rec
+                if name == "rog_prior":
+                    rec = apply_postprocessing(dataclasses.replace(rec, extras=dict(rec.extras),
+                                                                     threat_model=dict(rec.threat_model)), prior)
                 m = score(batch.images, batch.labels, rec.images, rec.labels)
                 results[key] = {"obf": o, "attack": name, "B": B, "indices": idx, "psnr": m["psnr"],
                                 "ssim": m["ssim"], "label_accuracy": m.get("label_accuracy", float("nan")),

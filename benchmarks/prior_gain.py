@@ -1,32 +1,36 @@
 """Prior gain benchmark: ROG with vs. without the learned post-processing prior on real chest X-rays.
 
 Data: the Kaggle chest X-ray train split (``../shared/data/chest_xray``), 64 px. The split's patients are
-divided in two: ``--images`` attacked images, one per patient, drawn with a fixed seed; the prior trains on
-up to ``--train-images`` images of the OTHER patients (``gradleak.prior.train_prior`` with the attacked
+divided in two: ``--images`` attacked images, one per patient, drawn with a fixed seed; the priors train
+on up to ``--train-images`` images of the OTHER patients (``gradleak.prior.train_prior`` with the attacked
 patients as its exclusion list). The script proves the disjointness: it reads the patient list back from
-the prior file's header and checks that no attacked patient is in it (and stops otherwise).
+each prior file's header and checks that no attacked patient is in it (and stops otherwise).
 
 Victim: ``lenet5`` at random initialisation (seed 0), one client, FedSGD on B = 1, the update obfuscated as
 listed. Attack: ROG (bicubic decoder, latent 16 x 16), ``--iterations`` steps, one restart, labels NOT given
 (inferred by iDLG), obfuscation known to the attacker (obfuscation-aware objective), no BatchNorm.
-The prior is applied to ROG's output exactly as ``gradleak attack --prior`` does
+Each prior is applied to ROG's output exactly as ``gradleak attack --prior`` does
 (``gradleak.attacks.apply_postprocessing``).
+
+Two priors per obfuscation are compared:
+
+- **default**: one prior for every defence, trained with the built-in degradation settings;
+- **calibrated** (the attacker knows the obfuscation): its degradation fitted to ROG outputs for
+  ``--calibrate`` auxiliary images (other patients again) captured exactly as the attacked observation
+  (``gradleak.experiment.calibrate.calibrate_like``, what ``gradleak prior train --calibrate-like OBS`` does).
 
 Metrics: PSNR (data range 1) and SSIM (Gaussian window, sigma 1.5, 11 x 11), means over the attacked images;
 gain = with prior − without.
 
-With ``--calibrate K`` the degradation model is first calibrated on ROG outputs for K images of the
-prior's own training patients under each obfuscation (``gradleak.prior.calibrate``); by default the
-built-in degradation settings are used.
-
-    python benchmarks/prior_gain.py            # the default run (about 20 minutes on 2 shared cores)
+    python benchmarks/prior_gain.py            # the default run (about 25 minutes on 2 shared cores)
     python benchmarks/prior_gain.py --quick    # a smoke run (fewer images, steps and iterations)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import tempfile
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,7 +48,8 @@ from gradleak.data import load_dataset  # noqa: E402
 from gradleak.experiment.outputs import write_json  # noqa: E402
 from gradleak.federated import Protocol  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
-from gradleak.prior import DEFAULT_DEGRADATION, Prior, calibrate, train_prior  # noqa: E402
+from gradleak.experiment.calibrate import calibrate_like  # noqa: E402
+from gradleak.prior import DEFAULT_DEGRADATION, Prior, train_prior  # noqa: E402
 
 OBFUSCATIONS: dict[str, tuple[str, list[dict]]] = {
     "none": ("none", []),
@@ -74,12 +79,34 @@ def attack_one(task: tuple) -> dict:
     data, size, obf, index, iterations = task
     torch.set_num_threads(1)
     ds = _dataset(data, size)
-    b = ds.batch([index])
-    obs, bits = capture(b.images, b.labels, arch="lenet5", protocol=Protocol(), num_classes=2, model_seed=0,
-                        labels_known=False, obfuscations=OBFUSCATIONS[obf][1], obfuscation_seed=SEED)
+    obs = _observe(ds, obf, index)
     t = time.perf_counter()
     rec = run_attack("rog", obs, {"iterations": iterations, "restarts": 1}, seed=SEED, progress=False)
     return {"obf": obf, "index": index, "rec": rec, "seconds": time.perf_counter() - t}
+
+
+def _observe(ds, obf: str, index: int):
+    b = ds.batch([index])
+    obs, _ = capture(b.images, b.labels, arch="lenet5", protocol=Protocol(), num_classes=2, model_seed=0,
+                     labels_known=False, obfuscations=OBFUSCATIONS[obf][1], obfuscation_seed=SEED)
+    return obs
+
+
+def prior_for(task: tuple) -> dict:
+    """Calibrate (for ``obf``; None: the built-in settings) and train one prior (in a worker process)."""
+    data, size, obf, index, attacked_patients, k, iterations, train_kw, path = task
+    torch.set_num_threads(1)
+    ds = _dataset(data, size)
+    t = time.perf_counter()
+    degradation, calibration = dict(DEFAULT_DEGRADATION), None
+    if obf is not None:
+        fit = calibrate_like(_observe(ds, obf, index), ds, exclude_patients=attacked_patients, images=k,
+                             attack_settings={"iterations": iterations}, seed=SEED + 1)
+        degradation, calibration = fit["degradation"], fit["calibration"]
+    if not Path(path).exists():
+        train_prior(ds, path, size=size, exclude_patients=attacked_patients, degradation=degradation,
+                    calibration=calibration, seed=SEED, progress=False, **train_kw)
+    return {"obf": obf, "path": path, "degradation": degradation, "seconds": time.perf_counter() - t}
 
 
 def main(argv=None) -> int:
@@ -90,19 +117,21 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=3, help="attacked images (one per patient) per obfuscation")
     p.add_argument("--train-images", type=int, default=2000, help="prior training images (other patients)")
     p.add_argument("--steps", type=int, default=1500, help="prior training steps")
-    p.add_argument("--iterations", type=int, default=100, help="ROG iterations per attack")
-    p.add_argument("--calibrate", type=int, default=0, metavar="K",
-                   help="calibrate the degradation on ROG outputs of K prior-training images per obfuscation")
+    p.add_argument("--width", type=int, default=16, help="prior network width")
+    p.add_argument("--loss", choices=["l1", "l2"], default="l2", help="prior training loss")
+    p.add_argument("--iterations", type=int, default=100, help="ROG iterations per attack (and calibration attack)")
+    p.add_argument("--calibrate", type=int, default=4, metavar="K",
+                   help="auxiliary images per obfuscation for the calibrated priors (0: default prior only)")
     p.add_argument("--obfuscations", nargs="+", default=list(OBFUSCATIONS), choices=list(OBFUSCATIONS))
-    p.add_argument("--workers", type=int, default=2, help="attack worker processes")
-    p.add_argument("--prior", default=None, help="prior file to write (default: a temporary file); reused "
-                   "when it exists and its header passes the disjointness check")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--prior-dir", default=None, help="folder for the prior files (default: a temporary one); "
+                   "files already there are reused when their header passes the disjointness check")
     p.add_argument("--json", default=None, help="write the per-image results here")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 images, 300 steps, 40 iterations, "
-                   "none and top-k only")
+                   "none and top-k only, 1 calibration image")
     a = p.parse_args(argv)
     if a.quick:
-        a.images, a.steps, a.iterations, a.train_images = 2, 300, 40, 600
+        a.images, a.steps, a.iterations, a.train_images, a.calibrate = 2, 300, 40, 600, min(a.calibrate, 1)
         a.obfuscations = [o for o in a.obfuscations if o in ("none", "topk1")] or a.obfuscations
     if not Path(a.data).is_dir():
         print(f"chest X-ray folder not found: {a.data} (see ../shared/data/README.md)", file=sys.stderr)
@@ -114,75 +143,86 @@ def main(argv=None) -> int:
     attacked_patients = sorted({ds.patient_ids[i] for i in attacked})
     print(f"attacked: {len(attacked)} images of {len(attacked_patients)} patients of the train split "
           f"(indices {attacked})")
-
+    tmp = None
+    if a.prior_dir:
+        prior_dir = Path(a.prior_dir)
+        prior_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="prior_gain_")
+        prior_dir = Path(tmp.name)
+    train_kw = {"limit": a.train_images, "steps": a.steps, "width": a.width, "loss": a.loss}
+    tag = f"{a.size}px_w{a.width}_{a.steps}_{a.loss}_n{a.train_images}"
+    kinds = [None] + ([o for o in a.obfuscations] if a.calibrate else [])
     pool = ProcessPoolExecutor(max_workers=a.workers)
-    degradation = dict(DEFAULT_DEGRADATION)
-    if a.calibrate:
-        from gradleak.prior import select_images
-
-        aux = select_images(ds.patient_ids, attacked_patients, limit=a.calibrate, seed=SEED + 1)[:a.calibrate]
-        assert not {ds.patient_ids[i] for i in aux} & set(attacked_patients)
-        outs = list(pool.map(attack_one, [(a.data, a.size, o, i, a.iterations) for o in a.obfuscations
-                                          for i in aux]))
-        per_obf = {}
-        for o in a.obfuscations:
-            recs = [r["rec"] for r in outs if r["obf"] == o]
-            per_obf[o] = calibrate(ds.load(aux), torch.cat([r.images for r in recs]))
-            print(f"calibration on {len(aux)} auxiliary images, {o}: {per_obf[o]}")
-        for k in ("latent_noise", "contrast", "brightness", "pixel_noise"):
-            degradation[k] = max(v[k] for v in per_obf.values())
-        print(f"degradation (max over obfuscations): {degradation}")
-
-    # the attacks do not depend on the prior: run them while the prior trains
+    # the priors (calibration attacks + training) first: they are the long tasks
+    prior_futures = [pool.submit(prior_for, (a.data, a.size, o, attacked[0], attacked_patients, a.calibrate,
+                                             a.iterations, train_kw,
+                                             str(prior_dir / f"{o or 'default'}_k{a.calibrate}_{tag}.safetensors")))
+                     for o in kinds]
     futures = [pool.submit(attack_one, (a.data, a.size, o, i, a.iterations)) for o in a.obfuscations
                for i in attacked]
-    prior_path = Path(a.prior) if a.prior else Path(os.environ.get("TMPDIR", "/tmp")) / f"prior_gain_{os.getpid()}.safetensors"
-    t1 = time.perf_counter()
-    if not prior_path.exists():
-        train_prior(ds, prior_path, size=a.size, exclude_patients=attacked_patients, limit=a.train_images,
-                    degradation=degradation, steps=a.steps, seed=SEED, progress=False,
-                    echo=print)
-    train_s = time.perf_counter() - t1
-    prior = Prior.load(prior_path)
-    # proof of disjointness, read back from the prior file itself
-    trained = set(prior.patients)
-    overlap = trained & set(attacked_patients)
-    print(f"prior: {prior_path.name}, {prior.header['training']['num_images']} images of {len(trained)} "
-          f"patients, trained in {train_s:.0f}s; patients shared with the attacked ones: {len(overlap)}")
-    prior.check_disjoint(attacked_patients)
-    assert not overlap
+    priors = {}
+    for f in prior_futures:
+        r = f.result()
+        prior = Prior.load(r["path"])
+        trained = set(prior.patients)
+        overlap = trained & set(attacked_patients)
+        cal = prior.header["training"].get("calibration")
+        print(f"prior {r['obf'] or 'default'}: {prior.header['training']['num_images']} images of {len(trained)} "
+              f"patients ({r['seconds']:.0f}s); patients shared with the attacked ones: {len(overlap)}; "
+              f"degradation {r['degradation']}"
+              + (f"; calibrated on {cal['images']} images of other patients" if cal else ""), flush=True)
+        prior.check_disjoint(attacked_patients)
+        assert not overlap
+        if cal:
+            assert not set(cal["patients"]) & set(attacked_patients)
+        priors[r["obf"]] = prior
 
     results = []
     for f in futures:
         r = f.result()
         truth = ds.batch([r["index"]])
-        rec = apply_postprocessing(r["rec"], prior)
-        m_raw = score(truth.images, truth.labels, rec.extras["without_postprocessing"], rec.labels)
-        m = score(truth.images, truth.labels, rec.images, rec.labels)
-        results.append({"obf": r["obf"], "index": r["index"], "patient": truth.patient_ids[0],
-                        "psnr_raw": m_raw["psnr"], "ssim_raw": m_raw["ssim"], "psnr": m["psnr"],
-                        "ssim": m["ssim"], "attack_s": r["seconds"]})
-        print(f"  {r['obf']:<9} image {r['index']:>5}: PSNR {m_raw['psnr']:.2f} -> {m['psnr']:.2f} dB, "
-              f"SSIM {m_raw['ssim']:.3f} -> {m['ssim']:.3f}", flush=True)
+        row = {"obf": r["obf"], "index": r["index"], "patient": truth.patient_ids[0], "attack_s": r["seconds"]}
+        for kind, prior in (("default", priors[None]), ("calibrated", priors.get(r["obf"]))):
+            if prior is None:
+                continue
+            rec = apply_postprocessing(dataclasses.replace(r["rec"], extras=dict(r["rec"].extras),
+                                                           threat_model=dict(r["rec"].threat_model)), prior)
+            m_raw = score(truth.images, truth.labels, rec.extras["without_postprocessing"], rec.labels)
+            m = score(truth.images, truth.labels, rec.images, rec.labels)
+            row.update({"psnr_raw": m_raw["psnr"], "ssim_raw": m_raw["ssim"], f"psnr_{kind}": m["psnr"],
+                        f"ssim_{kind}": m["ssim"]})
+        results.append(row)
+        print(f"  {r['obf']:<9} image {r['index']:>5}: PSNR {row['psnr_raw']:.2f} -> default "
+              f"{row['psnr_default']:.2f}" + (f", calibrated {row['psnr_calibrated']:.2f}" if "psnr_calibrated" in row
+                                               else "") + " dB", flush=True)
     pool.shutdown()
     if a.json:
-        write_json(Path(a.json), {"args": vars(a), "degradation": degradation, "results": results})
+        write_json(Path(a.json), {"args": vars(a), "results": results,
+                                  "degradation": {k or "default": v.header["degradation"] for k, v in priors.items()}})
 
     print(f"\nROG with vs. without the learned prior: {a.size} px chest X-rays (Kaggle train split), lenet5 "
           f"(random init), FedSGD B = 1, labels inferred (iDLG), obfuscation known to the attacker, "
-          f"{a.iterations} ROG iterations, 1 restart; prior trained on {len(trained)} other patients "
-          f"({a.steps} steps). Means over {len(attacked)} images. PSNR in dB (data range 1); SSIM Gaussian "
-          f"window σ 1.5.\n")
-    print("| obfuscation | PSNR without | PSNR with prior | PSNR gain | SSIM without | SSIM with prior | SSIM gain |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"{a.iterations} ROG iterations, 1 restart; priors (width {a.width}, {a.steps} steps, {a.loss.upper()} "
+          f"loss) trained on up to {a.train_images} images of other patients; calibrated priors fitted on "
+          f"{a.calibrate} auxiliary images each. Means over {len(attacked)} images. PSNR in dB (data range 1); "
+          f"SSIM Gaussian window σ 1.5.\n")
+    print("| obfuscation | PSNR without | default prior | gain | calibrated prior | gain | SSIM without | "
+          "SSIM calibrated | SSIM gain |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for o in a.obfuscations:
         rs = [r for r in results if r["obf"] == o]
-        pr, pp = np.mean([r["psnr_raw"] for r in rs]), np.mean([r["psnr"] for r in rs])
-        sr, sp = np.mean([r["ssim_raw"] for r in rs]), np.mean([r["ssim"] for r in rs])
-        print(f"| {OBFUSCATIONS[o][0]} | {pr:.2f} | {pp:.2f} | {pp - pr:+.2f} | {sr:.3f} | {sp:.3f} | {sp - sr:+.3f} |")
+        pr, pd = np.mean([r["psnr_raw"] for r in rs]), np.mean([r["psnr_default"] for r in rs])
+        sr = np.mean([r["ssim_raw"] for r in rs])
+        if "psnr_calibrated" in rs[0]:
+            pc, sc = np.mean([r["psnr_calibrated"] for r in rs]), np.mean([r["ssim_calibrated"] for r in rs])
+            cal = f"{pc:.2f} | {pc - pr:+.2f} | {sr:.3f} | {sc:.3f} | {sc - sr:+.3f}"
+        else:
+            cal = f"– | – | {sr:.3f} | – | –"
+        print(f"| {OBFUSCATIONS[o][0]} | {pr:.2f} | {pd:.2f} | {pd - pr:+.2f} | {cal} |")
     print(f"\n(total {time.perf_counter() - t0:.0f}s on a shared machine)")
-    if not a.prior:
-        prior_path.unlink(missing_ok=True)
+    if tmp is not None:
+        tmp.cleanup()
     return 0
 
 

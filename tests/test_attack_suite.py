@@ -349,3 +349,14 @@ def test_qsgd_likelihood_is_the_mean_negative_log_probability_of_the_received_le
     d_far = torch.full((50,), 2.0)
     expected = -math.log(0.05) + (d_far - 0.95) / 0.05
     assert torch.allclose(m({"w": far}), expected.mean(), rtol=1e-4)
+
+
+def test_snr_weights_trust_the_layers_above_the_noise_and_all_layers_when_none_is():
+    from gradleak.attacks.aware import snr_weights
+
+    g = torch.Generator().manual_seed(0)
+    target = {"loud": 10 * torch.randn(500, generator=g), "quiet": 0.01 * torch.randn(500, generator=g)}
+    w = snr_weights(target, {"loud": 1.0, "quiet": 1.0})
+    assert 0.95 < w["loud"] < 1 and w["quiet"] == 0
+    # no layer above its noise: weighting them all out would leave nothing to match
+    assert snr_weights(target, {"loud": 1e3, "quiet": 1e3}) == {"loud": 1.0, "quiet": 1.0}

@@ -459,3 +459,20 @@ def test_merge_client_records_reports_the_noise_of_the_mean():
     assert m[0]["per_client"] == [{"sigma": 0.3}, {"sigma": 0.4}] and m[0]["update_bits"] == 100
     assert m[1] == {"name": "qsgd", "levels": 4, "update_bits": 11,
                     "per_client": [{"update_bits": 10}, {"update_bits": 12}]}
+
+
+@pytest.mark.parametrize("spec", [{"name": "topk", "keep": 0.1}, "qsgd:levels=4", {"compress": "uniform", "bits": 4},
+                                  {"name": "gaussian", "clip": 1.0, "noise_multiplier": 0.3}, "prune:p=0.5",
+                                  [{"name": "topk", "keep": 0.2}, {"name": "qsgd", "levels": 8}]])
+def test_each_record_names_the_spec_that_reproduces_it(spec):
+    """Records mix parameters with what the step measured (topk's k per tensor, noise's sigma): the
+    ``spec`` entry alone must reproduce the step, bit for bit with the same generator."""
+    specs = spec if isinstance(spec, list) else [spec]
+    update = {"a": torch.randn(40, 7, generator=torch.Generator().manual_seed(3)), "b": torch.randn(9)}
+    out, records, bits = ob.apply(specs, update, torch.Generator().manual_seed(5))
+    again = [ob.spec_of_record(r) for r in records]
+    out2, records2, bits2 = ob.apply(again, update, torch.Generator().manual_seed(5))
+    assert bits2 == bits and all(torch.equal(out[k], out2[k]) for k in out)
+    assert [r["spec"] for r in records2] == [r["spec"] for r in records]
+    with pytest.raises(UserError, match="does not name its spec"):
+        ob.spec_of_record({k: v for k, v in records[0].items() if k != "spec"})

@@ -207,6 +207,35 @@ def test_degradation_without_noise_is_rogs_decoding_and_calibration_recovers_the
     assert est["contrast"] < 0.1 and est["brightness"] < 0.02
 
 
+def test_calibration_plays_client_on_auxiliary_patients_and_tells_the_regimes_apart():
+    """calibrate_like captures auxiliary images exactly as the observation was made (here: without
+    obfuscation, and under heavy Gaussian noise), runs ROG on them and fits the degradation model: only
+    non-excluded patients, deterministic by seed, and the noisy regime comes out more degraded."""
+    from gradleak.capture import capture
+    from gradleak.experiment.calibrate import calibrate_like
+    from gradleak.federated import Protocol
+    from gradleak.prior.degrade import check_degradation
+
+    ds = load_dataset("phantoms", n=24, size=16)
+    b = ds.batch([0])
+    fits = {}
+    for name, specs in (("none", []), ("noise", [{"name": "gaussian", "clip": 1.0, "noise_multiplier": 0.5}])):
+        obs, _ = capture(b.images, b.labels, arch="lenet_zhu", protocol=Protocol(), obfuscations=specs)
+        fit = calibrate_like(obs, ds, exclude_patients=b.patient_ids, images=3,
+                             attack_settings={"iterations": 30})
+        assert fit == calibrate_like(obs, ds, exclude_patients=b.patient_ids, images=3,
+                                     attack_settings={"iterations": 30})
+        cal = fit["calibration"]
+        assert cal["images"] == 3 and len(cal["patients"]) == 3 and "phantom0" not in cal["patients"]
+        assert cal["obfuscation"] == [{**s, "name": "gaussian"} for s in specs]
+        assert check_degradation(fit["degradation"]) == fit["degradation"]
+        fits[name] = fit["degradation"]
+    assert fits["noise"]["contrast"] > fits["none"]["contrast"] + 0.2
+    assert fits["noise"]["latent_noise"] > fits["none"]["latent_noise"]
+    with pytest.raises(UserError, match="auxiliary patients left"):
+        calibrate_like(obs, ds, exclude_patients=sorted(set(ds.patient_ids)), images=1)
+
+
 # ------------------------------------------------------------------------------------------ command line
 def test_cli_trains_a_prior_and_the_attack_reports_with_and_without_it(tmp_path):
     obs = tmp_path / "cap" / "obs.pt"
@@ -219,6 +248,17 @@ def test_cli_trains_a_prior_and_the_attack_reports_with_and_without_it(tmp_path)
     assert "patients excluded" in p.stdout and prior.is_file()
     p = gradleak("prior", "inspect", prior)
     assert json.loads(p.stdout)["format"] == FORMAT
+    # calibrated to the observation's conditions, on auxiliary patients only; an explicit setting wins
+    calibrated = tmp_path / "calibrated.safetensors"
+    p = gradleak("prior", "train", "--data", "phantoms:n=24", "--size", 16, "--out", calibrated, "--steps", 5,
+                 "--batch-size", 4, "--width", 4, "--exclude-from", truth, "--calibrate-like", obs,
+                 "--calibrate-images", 1, "--calibrate-iterations", 5, "--degradation", "brightness=0.05",
+                 "--loss", "l2", "--quiet")
+    assert "calibrated degradation: scale_factor=4, latent_noise=" in p.stdout and "L2 on a held-out" in p.stdout
+    _, header = load_prior_file(calibrated)
+    cal = header["training"]["calibration"]
+    assert cal["images"] == 2 and not set(cal["patients"]) & {"phantom0"} and cal["arch"] == "lenet_zhu"
+    assert header["degradation"]["brightness"] == 0.05 and header["training"]["loss"] == "l2"
     out = tmp_path / "attack"
     p = gradleak("attack", "--observation", obs, "--attack", "rog", "--out", out, "--truth", truth,
                  "--iterations", 3, "--restarts", 1, "--prior", prior, "--quiet")

@@ -202,16 +202,32 @@ def cmd_prior_train(a: argparse.Namespace) -> int:
     excluded = _excluded_patients(a)
     out = Path(a.out)
     ds = load_dataset(a.data, size=a.size)
+    degradation, calibration = {}, None
+    if a.calibrate_like:
+        from . import observation
+        from .experiment.calibrate import calibrate_like
+
+        obs = observation.load(a.calibrate_like)
+        print(f"calibrating the degradation: ROG on {a.calibrate_images} auxiliary batch(es) captured as "
+              f"{a.calibrate_like} ({obs.model['arch']}, {obs.protocol['algorithm']}, obfuscation "
+              f"{', '.join(r['name'] for r in obs.obfuscation) or 'none'})")
+        fit = calibrate_like(obs, ds, exclude_patients=excluded, images=a.calibrate_images,
+                             attack_settings={"iterations": a.calibrate_iterations}, seed=a.seed,
+                             echo=None if a.quiet else print)
+        degradation, calibration = fit["degradation"], fit["calibration"]
+        print("calibrated degradation: " + ", ".join(f"{k}={v}" for k, v in degradation.items()))
+    degradation.update(dict(a.degradation or []))
     header = train_prior(ds, out, size=a.size, exclude_patients=excluded, limit=a.limit,
-                         degradation=dict(a.degradation or []), steps=a.steps, batch_size=a.batch_size,
+                         degradation=degradation, steps=a.steps, batch_size=a.batch_size,
                          crop=a.crop or None, lr=a.lr, seed=a.seed, width=a.width,
-                         num_classes=a.num_classes if a.label_conditioned else 0,
-                         checkpoint_every=a.checkpoint_every, progress=not a.quiet, echo=print)
+                         num_classes=a.num_classes if a.label_conditioned else 0, loss=a.loss,
+                         calibration=calibration, checkpoint_every=a.checkpoint_every, progress=not a.quiet,
+                         echo=print)
     t = header["training"]
     print(f"prior: {out}  ({header['size']} px, {t['num_images']} images of {t['num_patients']} patients, "
           f"{len(t['excluded_patients'])} patients excluded, {t['steps']} steps)")
-    print(f"L1 on a held-out degraded batch: {t['eval_loss_identity']:.4f} as degraded -> {t['eval_loss']:.4f} "
-          f"after the prior")
+    print(f"{t['loss'].upper()} on a held-out degraded batch: {t['eval_loss_identity']:.4f} as degraded -> "
+          f"{t['eval_loss']:.4f} after the prior")
     return 0
 
 
@@ -398,8 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--width", type=_positive_int, default=16, help="base channels of the U-Net (default 16)")
     pt.add_argument("--label-conditioned", action="store_true", help="condition the prior on the image's label")
     pt.add_argument("--num-classes", type=_positive_int, default=2)
+    pt.add_argument("--loss", choices=["l1", "l2"], default="l1", help="training loss (l2 is what PSNR measures)")
     pt.add_argument("--degradation", type=_kv, action="append", metavar="KEY=VALUE",
-                    help="degradation setting: scale_factor, latent_noise, contrast, brightness, pixel_noise")
+                    help="degradation setting: scale_factor, latent_noise, contrast, brightness, pixel_noise "
+                         "(wins over a calibrated value)")
+    pt.add_argument("--calibrate-like", default=None, metavar="OBS",
+                    help="fit the degradation to ROG outputs for auxiliary images captured as this observation "
+                         "was (architecture, weights, protocol, obfuscation); excluded patients are never used")
+    pt.add_argument("--calibrate-images", type=_positive_int, default=8,
+                    help="auxiliary batches for --calibrate-like (default 8)")
+    pt.add_argument("--calibrate-iterations", type=_positive_int, default=100,
+                    help="ROG iterations per calibration attack (default 100)")
     pt.add_argument("--checkpoint-every", type=_positive_int, default=100,
                     help="steps between checkpoints (PRIOR.ckpt); rerun the same command to resume")
     pt.add_argument("--seed", type=int, default=0)

@@ -305,7 +305,9 @@ def cell_matching(target: Tensors, steps: dict[str, float], masks: Tensors | Non
 
 # ----------------------------------------------------------------------------------------------- noise
 def snr_weights(target: Tensors, sigma: dict[str, float]) -> dict[str, float]:
-    """``snr / (1 + snr)`` per layer, ``snr = max(0, mean(t^2) - sigma^2) / sigma^2``."""
+    """``snr / (1 + snr)`` per layer, ``snr = max(0, mean(t^2) - sigma^2) / sigma^2``. When no layer's
+    energy rises above its noise the estimate says nothing about which layers to trust: every layer then
+    gets weight 1 (matching nothing is no attack)."""
     w = {}
     for k, t in target.items():
         var = sigma[k] ** 2
@@ -314,6 +316,8 @@ def snr_weights(target: Tensors, sigma: dict[str, float]) -> dict[str, float]:
             continue
         snr = max(0.0, float(t.double().pow(2).mean()) - var) / var
         w[k] = snr / (1 + snr)
+    if w and not any(v > 0 for v in w.values()):
+        return {k: 1.0 for k in w}
     return w
 
 

@@ -124,6 +124,15 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def spec_of_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The spec that reproduces an observation's obfuscation record (its ``spec`` entry: the spec as the
+    client was given it, without what the obfuscation measured while running, e.g. the k it kept)."""
+    if not isinstance(record.get("spec"), dict):
+        raise UserError(f"obfuscation record '{record.get('name')}' does not name its spec (an observation "
+                        f"written before records carried one): capture it again")
+    return dict(record["spec"])
+
+
 def dense_bits(update: Tensors) -> int:
     return FLOAT_BITS * sum(int(v.numel()) for v in update.values())
 
@@ -236,8 +245,8 @@ def apply(specs: Sequence[Any], update: Tensors, generator: torch.Generator | No
     """Apply ``specs`` in order. Returns (obfuscated update, records, bits of the final update).
 
     All specs are resolved (and any bad parameter reported) before the first one runs. Each record
-    carries ``update_bits``, the cost of the update after that step; the unobfuscated update costs
-    :data:`FLOAT_BITS` per entry. (The key is not ``bits``: that is a parameter of ``uniform``.)
+    carries ``update_bits``, the cost of the update after that step (the unobfuscated update costs
+    :data:`FLOAT_BITS` per entry), and ``spec``, the spec as given (canonical name), which reproduces the step. (The key is not ``bits``: that is a parameter of ``uniform``.)
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     context = context or Context()
@@ -246,7 +255,7 @@ def apply(specs: Sequence[Any], update: Tensors, generator: torch.Generator | No
     bits = dense_bits(update)
     update = dict(update)
     with torch.no_grad():
-        for ob, params in resolved:
+        for spec, (ob, params) in zip(specs, resolved):
             res = ob.fn(update, dict(params), generator, context)
             update = res.update
             if res.bits is not None:
@@ -254,6 +263,8 @@ def apply(specs: Sequence[Any], update: Tensors, generator: torch.Generator | No
             record = {"name": ob.name, **params, **res.record}
             record["name"] = ob.name
             record["update_bits"] = bits
+            record["spec"] = {**normalize(spec), "name": ob.name}  # what reproduces this step
+
             records.append(plain(record))
     return update, records, bits
 
@@ -328,5 +339,5 @@ register(Obfuscation("none", _identity, doc="no obfuscation"))
 
 from . import noise, quantize, sparsify  # noqa: E402  (register the suite)
 
-__all__ = ["Obfuscation", "Result", "Context", "register", "resolve", "apply", "names", "dense_bits",
+__all__ = ["Obfuscation", "Result", "Context", "register", "resolve", "apply", "names", "dense_bits", "spec_of_record",
            "canonical", "parse_spec", "normalize", "resolve_all", "merge_client_records", "NAME_ALIASES", "FLOAT_BITS"]

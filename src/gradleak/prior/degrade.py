@@ -135,5 +135,7 @@ def calibrate(clean: torch.Tensor, attacked: torch.Tensor, scale_factor: int = 4
         lat.append(float(rl.std()))
         pix.append(float((r - decode(rl, (h, w))).std()))
     q = lambda v: float(torch.tensor(v).quantile(quantile)) if len(v) > 1 else float(v[0])  # noqa: E731
-    return {"scale_factor": int(scale_factor), "latent_noise": round(q(lat), 4), "contrast": round(q(con), 4),
+    # the model's contrast range ends at losing all of it (a = 0): a fit of a < 0 or a > 2 is capped there
+    return {"scale_factor": int(scale_factor), "latent_noise": round(q(lat), 4),
+            "contrast": round(min(q(con), 1.0), 4),
             "brightness": round(q(bri), 4), "pixel_noise": round(q(pix), 4)}

@@ -27,6 +27,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {"steps": 1500, "batch_size": 32, "crop": 32, "
                                   "width": 16, "num_classes": 0, "checkpoint_every": 100}
 
 
+#: training losses: L1 (robust, sharper edges) or L2 (what PSNR measures)
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
+
+
 def select_images(patient_ids: list[str], exclude_patients: Iterable[str] = (), limit: int | None = None,
                   seed: int = 0) -> list[int]:
     """Indices of the images whose patient is not excluded; at most ``limit`` of them, whole patients
@@ -113,11 +117,13 @@ def _load_checkpoint(path: Path, net: PriorNet, opt: torch.optim.Optimizer, key:
 def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_patients: Iterable[str] = (),
                 limit: int | None = None, degradation: dict[str, Any] | None = None, steps: int = 1500,
                 batch_size: int = 32, crop: int | None = 32, lr: float = 2e-3, seed: int = 0, width: int = 16,
-                num_classes: int = 0,
+                num_classes: int = 0, loss: str = "l1", calibration: dict[str, Any] | None = None,
                 checkpoint_every: int = 100, stop_after: int | None = None, progress: bool = True,
                 echo: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """Train a prior on ``dataset``'s images (patients in ``exclude_patients`` left out) and write it to
     ``out``. ``dataset`` is any gradleak data set (``patient_ids``, ``labels``, ``load``, ``describe``).
+    ``calibration`` (how the degradation settings were fitted, e.g. by
+    :func:`gradleak.experiment.calibrate.calibrate_like`) is recorded in the header's ``training`` entry.
     Returns the prior's header; with ``stop_after``, a call that reaches that many steps without
     finishing writes a checkpoint and returns None (the next call resumes: training in slices)."""
     out = Path(out)
@@ -143,11 +149,14 @@ def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_pa
     patients = sorted({str(dataset.patient_ids[i]) for i in idx})
     leaked = sorted(set(patients) & set(excluded))
     assert not leaked, leaked  # select_images never keeps an excluded patient
+    if loss not in LOSSES:
+        raise UserError(f"prior training: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    loss_fn = LOSSES[loss]
     if crop is not None and int(crop) < 4:
         raise UserError(f"prior training: crop must be >= 4 px, got {crop}")
     crop = None if crop is None or int(crop) >= size else int(crop)
     settings = {"steps": int(steps), "batch_size": int(batch_size), "crop": crop, "lr": float(lr),
-                "seed": int(seed), "limit": limit}
+                "seed": int(seed), "limit": limit, "loss": loss}
     key = hashlib.sha1(json.dumps({"s": settings, "w": width, "c": num_classes, "d": degradation, "idx": idx,
                                    "size": size, "data": dataset.describe()}, sort_keys=True,
                                   default=str).encode()).hexdigest()
@@ -168,7 +177,7 @@ def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_pa
     def eval_loss() -> float:
         net.eval()
         with torch.no_grad():
-            loss = float(F.l1_loss(net(ev_in, ev_lab if num_classes else None), ev_clean))
+            loss = float(loss_fn(net(ev_in, ev_lab if num_classes else None), ev_clean))
         net.train()
         return loss
 
@@ -181,11 +190,11 @@ def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_pa
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
         x_in, x, lab = _batch(clean, labels, step, seed, batch_size, degradation, crop)
-        loss = F.l1_loss(net(x_in, lab if num_classes else None), x)
+        batch_loss = loss_fn(net(x_in, lab if num_classes else None), x)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batch_loss.backward()
         opt.step()
-        v = float(loss.detach())
+        v = float(batch_loss.detach())
         ema = v if ema is None else 0.95 * ema + 0.05 * v
         if (step + 1) % max(1, steps // 50) == 0:
             losses.append(round(ema, 6))
@@ -199,13 +208,13 @@ def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_pa
     bar.close()
     net.eval()
     with torch.no_grad():
-        identity = float(F.l1_loss(ev_in, ev_clean))
+        identity = float(loss_fn(ev_in, ev_clean))
     header = {
         "size": size,
         "training": {"data": dataset.describe(), "num_images": len(idx), "num_patients": len(patients),
                      "patients": patients, "excluded_patients": excluded, **settings,
-                     "loss": "L1", "eval_loss_identity": round(identity, 6), "eval_loss": round(eval_loss(), 6),
-                     "loss_curve": losses},
+                     "eval_loss_identity": round(identity, 6), "eval_loss": round(eval_loss(), 6),
+                     "loss_curve": losses, **({"calibration": calibration} if calibration else {})},
         "degradation": degradation,
     }
     save_prior(out, net, header)

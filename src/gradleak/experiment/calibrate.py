@@ -1,0 +1,75 @@
+"""Calibrating the prior's degradation to the conditions of one observation.
+
+ROG's output looks very different from one defence to the next: without obfuscation or under fine
+quantisation it is within a few per cent of the perfect bicubic decoding of its latent, under Gaussian
+noise it keeps the structure but loses most of the contrast. A prior trained for one regime hurts in the
+other (see docs/prior.md), and the attacker knows which regime it is in: the observation names its
+architecture, protocol and obfuscation. So the attacker plays client on a few of its own auxiliary images
+under exactly those conditions (the weights it sent, the same protocol and obfuscation), runs ROG on the
+updates it made, and fits the degradation model to what came out (:func:`gradleak.prior.calibrate`).
+
+Only auxiliary images are used: the patients given as excluded (the attacked ones) are never captured.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..attacks import run_attack
+from ..capture import capture
+from ..errors import UserError
+from ..metrics.matching import pair_by_mse
+from ..observation import Observation
+from .. import obfuscation
+from ..prior import calibrate, select_images
+
+#: ROG settings of the calibration attacks unless given: short runs, one restart
+CALIBRATION_ATTACK: dict[str, Any] = {"iterations": 100, "restarts": 1}
+
+
+def calibrate_like(obs: Observation, dataset, *, exclude_patients: Iterable[str] = (), images: int = 8,
+                   attack_settings: dict[str, Any] | None = None, seed: int = 0,
+                   echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Degradation settings fitted to ROG outputs for ``images`` auxiliary images of ``dataset`` (one per
+    patient, none of ``exclude_patients``), each captured as ``obs`` was: same architecture, weights sent,
+    protocol, obfuscation and batch size. Returns ``{"degradation": ..., "calibration": provenance}``."""
+    if images < 1:
+        raise UserError("calibration needs at least one image")
+    batch = obs.num_images
+    shape = obs.image_shape
+    specs = [obfuscation.spec_of_record(r) for r in obs.obfuscation]
+    idx = select_images(list(dataset.patient_ids), exclude_patients, seed=seed)
+    first: dict[str, int] = {}
+    for i in idx:
+        first.setdefault(str(dataset.patient_ids[i]), i)
+    chosen = list(first.values())[: images * batch]
+    if len(chosen) < batch:
+        raise UserError(f"calibration: only {len(chosen)} auxiliary patients left, the observation's batch "
+                        f"needs {batch}")
+    chosen = chosen[: len(chosen) // batch * batch]
+    settings = {**CALIBRATION_ATTACK, **(attack_settings or {})}
+    clean, outputs = [], []
+    for j in range(0, len(chosen), batch):
+        b = dataset.batch(chosen[j:j + batch])
+        if tuple(b.images.shape[1:]) != tuple(shape):
+            raise UserError(f"calibration: the auxiliary images are {tuple(b.images.shape[1:])}, the "
+                            f"observation's are {tuple(shape)}: load the data at the observation's size")
+        aux, _ = capture(b.images, b.labels, arch=obs.model["arch"], protocol=obs.protocol_obj(),
+                         num_classes=int(obs.model["num_classes"]), global_state=obs.global_state,
+                         labels_known=obs.labels is not None, obfuscations=specs, obfuscation_seed=seed + j,
+                         mean=obs.data.get("mean", (0.5,)), std=obs.data.get("std", (0.5,)),
+                         options=obs.model.get("options"))
+        rec = run_attack("rog", aux, settings, seed=seed + j, progress=False)
+        order = pair_by_mse(b.images, rec.images) if batch > 1 else [0]
+        clean.append(b.images)
+        outputs.append(rec.images[order])
+        if echo:
+            echo(f"calibration attack {j // batch + 1}/{len(chosen) // batch} done")
+    scale = int(rec.settings.get("scale_factor", 4))
+    degradation = calibrate(torch.cat(clean), torch.cat(outputs), scale_factor=scale)
+    provenance = {"images": len(chosen), "patients": sorted({str(dataset.patient_ids[i]) for i in chosen}),
+                  "attack": "rog", "attack_settings": settings, "obfuscation": specs,
+                  "protocol": dict(obs.protocol), "arch": obs.model["arch"], "seed": int(seed)}
+    return {"degradation": degradation, "calibration": provenance}
