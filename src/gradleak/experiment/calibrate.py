@@ -44,7 +44,10 @@ def calibrate_like(obs: Observation, dataset, *, exclude_patients: Iterable[str]
     first: dict[str, int] = {}
     for i in idx:
         first.setdefault(str(dataset.patient_ids[i]), i)
-    chosen = list(first.values())[: images * batch]
+    # one image per patient, in a seeded order: the data set's own order may put one label first
+    firsts = list(first.values())
+    perm = torch.randperm(len(firsts), generator=torch.Generator().manual_seed(int(seed))).tolist()
+    chosen = [firsts[j] for j in perm][: images * batch]
     if len(chosen) < batch:
         raise UserError(f"calibration: only {len(chosen)} auxiliary patients left, the observation's batch "
                         f"needs {batch}")
