@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,7 +83,7 @@ PRIOR_STEPS = 1500
 def _prior(ds, a, attacked_patients: list[str]) -> Prior:
     """The rog_prior row's prior: ``--prior`` (trained there first when missing), never trained on an
     attacked patient."""
-    path = Path(a.prior) if a.prior else Path("/tmp") / f"gradleak_leakage_prior_{a.size}.safetensors"
+    path = Path(a.prior) if a.prior else Path(tempfile.gettempdir()) / f"gradleak_leakage_prior_{a.size}.safetensors"
     if not path.exists():
         print(f"training the prior on up to {a.prior_images} images of patients other than the "
               f"{len(attacked_patients)} attacked ones -> {path}", file=sys.stderr, flush=True)
