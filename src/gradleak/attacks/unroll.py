@@ -33,5 +33,4 @@ def in_delta_units(matching: Matching, step: float) -> Matching:
     """``matching`` (built against the observed weight delta) applied to a simulated gradient ``g`` read
     as the delta ``step * g`` (``step = -local_lr * local_steps``), so the objective's thresholds, noise
     levels and quantization steps stay in the units the obfuscation records."""
-    inner = matching
-    return Matching(inner.name, lambda update: inner({k: v * step for k, v in update.items()}), inner.info)
+    return Matching(matching.name, lambda update: matching({k: v * step for k, v in update.items()}), matching.info)

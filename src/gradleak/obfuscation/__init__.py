@@ -45,8 +45,6 @@ from ._common import FLOAT_BITS
 
 Tensors = dict[str, torch.Tensor]
 
-#: Bits per entry of an unobfuscated float32 update.
-
 
 @dataclass(frozen=True)
 class Context:
@@ -88,8 +86,8 @@ class Result:
 class Obfuscation:
     """A registered obfuscation.
 
-    ``fn(update, params, generator, context) -> Result``. ``defaults`` lists every parameter it takes; ``aliases`` maps other parameter
-    names onto them; ``validate(params)`` checks the merged parameters and may return a normalised copy.
+    ``fn(update, params, generator, context) -> Result``. ``defaults`` lists every parameter it takes;
+    ``aliases`` maps other parameter names onto them; ``validate(params)`` checks the merged parameters and may return a normalised copy.
     """
 
     name: str
@@ -98,7 +96,6 @@ class Obfuscation:
     validate: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
     doc: str = ""
     aliases: dict[str, str] = field(default_factory=dict)
-
 
 
 _REGISTRY: dict[str, Obfuscation] = {}
@@ -246,7 +243,8 @@ def apply(specs: Sequence[Any], update: Tensors, generator: torch.Generator | No
 
     All specs are resolved (and any bad parameter reported) before the first one runs. Each record
     carries ``update_bits``, the cost of the update after that step (the unobfuscated update costs
-    :data:`FLOAT_BITS` per entry), and ``spec``, the spec as given (canonical name), which reproduces the step. (The key is not ``bits``: that is a parameter of ``uniform``.)
+    :data:`FLOAT_BITS` per entry; the key is not ``bits``, a parameter of ``uniform``), and ``spec``, the
+    spec as given (canonical name), which reproduces the step.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     context = context or Context()
@@ -264,7 +262,6 @@ def apply(specs: Sequence[Any], update: Tensors, generator: torch.Generator | No
             record["name"] = ob.name
             record["update_bits"] = bits
             record["spec"] = {**normalize(spec), "name": ob.name}  # what reproduces this step
-
             records.append(plain(record))
     return update, records, bits
 
@@ -339,5 +336,5 @@ register(Obfuscation("none", _identity, doc="no obfuscation"))
 
 from . import noise, quantize, sparsify  # noqa: E402  (register the suite)
 
-__all__ = ["Obfuscation", "Result", "Context", "register", "resolve", "apply", "names", "dense_bits", "spec_of_record",
-           "canonical", "parse_spec", "normalize", "resolve_all", "merge_client_records", "NAME_ALIASES", "FLOAT_BITS"]
+__all__ = ["Obfuscation", "Result", "Context", "register", "resolve", "apply", "names", "dense_bits",
+           "spec_of_record", "canonical", "parse_spec", "normalize", "resolve_all", "merge_client_records", "NAME_ALIASES", "FLOAT_BITS"]

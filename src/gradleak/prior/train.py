@@ -23,10 +23,6 @@ from .fileformat import _atomic_save, read_safetensors, save_prior
 from .network import PriorNet
 
 CHECKPOINT_KEY = "gradleak_prior_checkpoint"
-TRAIN_DEFAULTS: dict[str, Any] = {"steps": 1500, "batch_size": 32, "crop": 32, "lr": 2e-3, "seed": 0,
-                                  "width": 16, "num_classes": 0, "checkpoint_every": 100}
-
-
 #: training losses: L1 (robust, sharper edges) or L2 (what PSNR measures)
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -129,6 +125,9 @@ def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_pa
     out = Path(out)
     if steps < 1 or batch_size < 1 or not lr > 0 or width < 1 or checkpoint_every < 1:
         raise UserError("prior training: steps, batch size, width and checkpoint interval must be >= 1 and lr > 0")
+    if loss not in LOSSES:
+        raise UserError(f"prior training: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    loss_fn = LOSSES[loss]
     try:
         degradation = check_degradation(degradation or {})
     except ValueError as e:
@@ -149,9 +148,6 @@ def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_pa
     patients = sorted({str(dataset.patient_ids[i]) for i in idx})
     leaked = sorted(set(patients) & set(excluded))
     assert not leaked, leaked  # select_images never keeps an excluded patient
-    if loss not in LOSSES:
-        raise UserError(f"prior training: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    loss_fn = LOSSES[loss]
     if crop is not None and int(crop) < 4:
         raise UserError(f"prior training: crop must be >= 4 px, got {crop}")
     crop = None if crop is None or int(crop) >= size else int(crop)
