@@ -27,11 +27,40 @@ class Reconstruction:
     history: list[tuple[int, float]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 
+    #: Whether the matching loss had stopped falling when the budget ended (:func:`loss_converged`);
+    #: None when there is too little history to tell.
+    converged: bool | None = None
+
     def summary(self) -> dict[str, Any]:
-        """JSON-able description (no tensors)."""
+        """JSON-able description (no tensors): the attack, its threat model and its budget."""
         return {"attack": self.attack, "settings": self.settings, "threat_model": self.threat_model,
                 "final_loss": self.loss, "iterations": self.iterations, "seconds": round(self.seconds, 3),
-                "label_method": self.threat_model.get("labels")}
+                "seconds_per_iteration": round(self.seconds / self.iterations, 6) if self.iterations else None,
+                "converged": self.converged, "label_method": self.threat_model.get("labels"),
+                "pipeline": self.extras.get("pipeline")}
+
+
+def loss_converged(history: list[tuple[int, float]], tail: float = 0.2, rel_tol: float = 0.02,
+                   exact: float = 1e-7) -> bool | None:
+    """Was the loss still falling when the run ended? ``history`` is (iteration, loss) pairs.
+
+    Converged means: the best loss of the last ``tail`` of the run improved on the best loss before it
+    by less than ``rel_tol`` (relative), or the loss fell below ``exact`` times its first value (an
+    essentially exact match, whose relative improvements no longer mean anything). None when fewer than
+    five losses were recorded.
+    """
+    pts = [(i, v) for i, v in history if math.isfinite(v)]
+    if len(pts) < 5:
+        return None
+    first, last_it = pts[0][1], pts[-1][0]
+    cut = pts[0][0] + (1 - tail) * (last_it - pts[0][0])
+    before = min(v for i, v in pts if i <= cut)
+    after = min(v for i, v in pts if i > cut) if any(i > cut for i, _ in pts) else before
+    if first > 0 and after <= exact * first:
+        return True
+    if before <= 0:
+        return True
+    return (before - after) / abs(before) < rel_tol
 
 
 class Budget:

@@ -27,7 +27,7 @@ from . import aware
 from . import bn_prior as bn
 from . import decoders
 from . import labels as label_inference
-from .base import Budget, Reconstruction, cosine_annealing, step_decay
+from .base import Budget, Reconstruction, cosine_annealing, loss_converged, step_decay
 from .initialization import INITS, initial
 from .optim import BatchedLBFGS
 from .regularizers import total_variation
@@ -207,4 +207,5 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
         seconds=budget.elapsed,
         history=history,
         extras=extras,
+        converged=loss_converged(history),
     )
