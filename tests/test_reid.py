@@ -113,7 +113,7 @@ def test_reid_on_a_gallery_where_the_answer_is_known():
     # query 2: original index 7 (patient E); images by distance 4(C) 5(C) 3(B) 6(D) 2(B) 7(E) 1(A) 0(A),
     #          so the true image is 6th but patient E is only the 4th distinct patient
     recs = torch.cat([q(0.21), q(0.09), q(0.44)])
-    out = reidentify(recs, [2, 0, 7], gallery, distances=["mse", "ssim"])
+    out = reidentify(recs, [2, 0, 7], gallery, distances=["mse", "ssim"], leave_out=False)
     r = out["by_distance"]["mse"]
     assert r["true_image_rank"] == [1, 2, 6]
     assert r["true_patient_rank"] == [1, 1, 4]
@@ -124,6 +124,53 @@ def test_reid_on_a_gallery_where_the_answer_is_known():
     assert out["chance_top1"] == pytest.approx((2 / 8 + 2 / 8 + 1 / 8) / 3)
     assert out["strongest"]["top1_hits"] == 2
     assert "Yin et al. 2021" in out["variants"]["iip"]
+
+    # leave-the-image-out: the patient must be found through its *other* images; E has none
+    lo = reidentify(recs, [2, 0, 7], gallery, distances=["mse"])
+    r = lo["by_distance"]["mse"]
+    assert lo["leave_the_image_out"] and lo["num_with_other_images"] == 2 and lo["without_other_images"] == 1
+    assert r["true_patient_rank"] == [1, 1, None]  # B via image 3, A via image 1
+    assert (r["n"], r["top1_hits"], r["top1"]) == (2, 2, 1.0)
+    assert r["true_image_rank"] == [1, 2, 6] and r["iip_hits"] == 1 and r["iip_n"] == 3  # image level unchanged
+    assert lo["chance_top1"] == pytest.approx(1 / 7)  # one other image of the patient among 7
+
+
+def test_leave_the_image_out_excludes_the_attacked_image():
+    """A perfect reconstruction finds its own image, but that is not patient re-identification: with the
+    image left out, the patient is found only when its other image is nearer than the other patients'."""
+    levels = [0.0, 0.9, 0.05, 0.5]
+    gallery = _flat_gallery(levels, ["A", "A", "B", "C"])
+    exact = torch.full((1, 1, 16, 16), 0.0)  # the attacked image 0 itself
+    kept = reidentify(exact, [0], gallery, distances=["mse"], leave_out=False)["by_distance"]["mse"]
+    assert kept["top1_hits"] == 1 and kept["iip_hits"] == 1
+    out = reidentify(exact, [0], gallery, distances=["mse"])
+    r = out["by_distance"]["mse"]
+    # image 0 left out: nearest is image 2 (B), then 3 (C), then 1 (A): patient A only third
+    assert r["true_patient_rank"] == [3] and r["top1_hits"] == 0 and r["top5_hits"] == 1
+    assert r["iip_hits"] == 1 and r["true_image_rank"] == [1]  # the image-level rate still sees the image
+    # an exact copy of the attacked image under the same patient is left out too
+    dup = _flat_gallery([0.0, 0.0, 0.05, 0.9], ["A", "A", "B", "A"])
+    r = reidentify(exact, [0], dup, distances=["mse"])["by_distance"]["mse"]
+    assert r["true_patient_rank"] == [2]
+
+
+def test_chance_level_of_a_random_ranking():
+    from gradleak.metrics.reid import chance_top_k
+
+    c = chance_top_k(1, [1] * 9, ks=(1, 5))
+    assert c[1] == pytest.approx(0.1) and c[5] == pytest.approx(0.5, abs=2e-3)  # 10 patients, one image each
+    c = chance_top_k(3, [1, 1, 1], ks=(1, 5))
+    assert c[1] == pytest.approx(0.5) and c[5] == pytest.approx(1.0)
+    # Monte Carlo check with unequal patients
+    rng = np.random.default_rng(0)
+    counts = [2, 1, 4, 3, 1, 2, 5, 1]
+    own, hits = 2, 0
+    owner = np.repeat(np.arange(len(counts) + 1), [own] + counts)
+    for _ in range(20000):
+        perm = owner[rng.permutation(len(owner))]
+        _, first = np.unique(perm, return_index=True)
+        hits += int((first < first[0]).sum() < 3)
+    assert chance_top_k(own, counts, ks=(3,))[3] == pytest.approx(hits / 20000, abs=0.01)
 
 
 def test_iip_searches_only_the_original_label_while_patient_rates_use_the_whole_gallery():
@@ -142,14 +189,22 @@ def test_reid_invariants(seed, n, q, n_pat):
     pids = [f"p{int(i)}" for i in torch.randint(n_pat, (n,), generator=g)]
     gallery = Gallery(images, pids, torch.randint(2, (n,), generator=g), indices=list(range(n)))
     pos = torch.randperm(n, generator=g)[:q].tolist()
-    out = reidentify(images[pos].clone(), pos, gallery, distances=["mse"])["by_distance"]["mse"]
+    out = reidentify(images[pos].clone(), pos, gallery, distances=["mse"], leave_out=False)["by_distance"]["mse"]
     # exact reconstructions: rank 1, patient found, IIP hit
     assert out["true_image_rank"] == [1] * q and out["top1"] == 1.0 and out["iip"] == 1.0
     noisy = (images[pos] + 0.8 * torch.randn(q, 1, 12, 12, generator=g)).clamp(0, 1)
-    r = reidentify(noisy, pos, gallery, distances=["mse"])["by_distance"]["mse"]
+    r = reidentify(noisy, pos, gallery, distances=["mse"], leave_out=False)["by_distance"]["mse"]
     assert all(1 <= k <= n for k in r["true_image_rank"])
     assert all(p <= i for p, i in zip(r["true_patient_rank"], r["true_image_rank"]))
     assert r["top1"] <= r["top5"]
+    # leave-the-image-out: only patients with another image count, and the image level is unchanged
+    lo = reidentify(noisy, pos, gallery, distances=["mse"])
+    rl = lo["by_distance"]["mse"]
+    others = [pids.count(pids[t]) > 1 for t in pos]
+    assert rl["n"] == sum(others) and [x is not None for x in rl["true_patient_rank"]] == others
+    assert rl["true_image_rank"] == r["true_image_rank"] and rl["iip_hits"] == r["iip_hits"]
+    if rl["n"]:
+        assert rl["top1"] <= rl["top5"] and 0 < lo["chance_top1"] <= lo["chance_top5"] <= 1
 
 
 def test_ssim_distance_prefers_structure():
@@ -174,8 +229,8 @@ def test_autoencoder_embedding_is_seeded_saved_and_reidentifies(tmp_path):
     gallery = Gallery(b.images, b.patient_ids, b.labels, b.names, list(range(len(ds))))
     pos = [1, 17, 30]
     recs = (b.images[pos] + 0.02 * torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    out = reidentify(recs, pos, gallery, embedder=e3)
-    assert out["by_distance"]["embedding"]["top1"] == 1.0
+    out = reidentify(recs, pos, gallery, embedder=e3, leave_out=False)
+    assert out["by_distance"]["embedding"]["top1"] == 1.0  # the image itself, when it is in the gallery
     assert out["embedding"]["kind"] == "autoencoder" and "autoencoder" in out["by_distance"]["embedding"]["variant"]
 
 

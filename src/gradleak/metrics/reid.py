@@ -1,8 +1,11 @@
 """Patient re-identification: can a reconstruction be linked back to a patient in an identified gallery?
 
 Threat model (:data:`THREAT_MODEL`): besides the update, the attacker holds a gallery of identified
-images -- the attacked split, many patients, every image with its patient id, the attacked images among
-them -- as a hospital archive would be. For each reconstruction the gallery is ranked by a distance:
+images -- the attacked split, many patients, every image with its patient id -- as a hospital archive
+would be. The archive threat is finding the patient's *other* images, so patient re-identification
+searches a **leave-the-image-out** gallery: the attacked image itself (and any exact copy of it) is
+taken out, leaving the patient's other images and the other patients. For each reconstruction the
+gallery is ranked by a distance:
 
 * ``mse``: pixel mean squared error;
 * ``ssim``: 1 - SSIM (the standard Gaussian-window SSIM of :mod:`gradleak.metrics.image`);
@@ -13,17 +16,22 @@ them -- as a hospital archive would be. For each reconstruction the gallery is r
 
 Reported per distance (ties are broken by gallery order):
 
-* **top-1 / top-5 patient re-identification rate**: patients are ranked by their nearest gallery image;
-  a reconstruction is re-identified at k when its original's patient is among the first k distinct
-  patients. At k = 1 this is "the nearest gallery image belongs to the original's patient". ``chance``
-  is the top-1 rate a random ranking would reach (the original patient's share of the gallery).
-* **rank of the true image**: 1 + the number of gallery images ranked before the original image.
+* **top-1 / top-5 patient re-identification rate** (patient level, leave-the-image-out): patients are
+  ranked by their nearest gallery image; a reconstruction is re-identified at k when its original's
+  patient is among the first k distinct patients. At k = 1 this is "the nearest of the *other* gallery
+  images belongs to the original's patient". Only reconstructions whose patient has another image in the
+  gallery can be re-identified; the rates are over those (``n``; ``without_other_images`` counts the
+  rest). ``chance_top1`` / ``chance_top5`` are what a random ranking of the same gallery would reach
+  (exact for top-1: the patient's share of the other images; numerical integration for top-5).
+* **rank of the true image** (image level, the whole gallery): 1 + the number of gallery images ranked
+  before the original image.
 * **IIP**, image identifiability precision (Yin et al., "See through Gradients: Image Batch Recovery via
-  GradInversion", CVPR 2021, Sec. 5): the fraction of reconstructions whose nearest neighbour, searched
-  among the gallery images carrying the original's label (as in the reference implementation, breaching's
-  ``image_identifiability_precision``), is an exact match of the original -- the original itself or an
-  image whose pixels differ from it by an L2 norm below 1e-3. It is an *image*-level rate; the patient
-  rates above also count a hit on another image of the same patient.
+  GradInversion", CVPR 2021, Sec. 5; image level, the whole gallery, the attacked image in it): the
+  fraction of reconstructions whose nearest neighbour, searched among the gallery images carrying the
+  original's label (as in the reference implementation, breaching's ``image_identifiability_precision``),
+  is an exact match of the original -- the original itself or an image whose pixels differ from it by an
+  L2 norm below 1e-3. It is kept separate from the patient rates: it asks "is this that exact image?",
+  not "whose chest is this?".
 
 Reconstructions must be paired with their originals first (Hungarian matching, as :func:`score` does).
 """
@@ -46,15 +54,22 @@ from .image import ssim
 DISTANCES = ("mse", "ssim", "embedding")
 
 THREAT_MODEL = ("re-identification: the attacker also holds an identified gallery of the attacked split "
-                "(every image with its patient id, the attacked images among them)")
+                "(every image with its patient id); patient re-identification searches it with the attacked "
+                "image left out (the patient's other images plus other patients), image identifiability (IIP) "
+                "with the attacked image in it")
+
+GALLERY_PROTOCOL = ("leave-the-image-out: for patient re-identification the attacked image (and any exact copy "
+                    "of it) is removed from the gallery, which keeps the patient's other images and the other "
+                    "patients")
 
 VARIANTS = {
-    "top1": "top-1 patient re-identification rate: the nearest gallery image belongs to the original's patient",
-    "top5": "top-5 patient re-identification rate: the original's patient is among the 5 nearest distinct "
-            "patients (patients ranked by their nearest image)",
+    "top1": "top-1 patient re-identification rate (leave-the-image-out): the nearest gallery image, the attacked "
+            "image left out, belongs to the original's patient",
+    "top5": "top-5 patient re-identification rate (leave-the-image-out): the original's patient is among the 5 "
+            "nearest distinct patients (patients ranked by their nearest image, the attacked image left out)",
     "true_image_rank": "rank of the original image in the gallery ranking (1 = nearest)",
     "iip": "IIP, image identifiability precision (Yin et al. 2021): nearest same-label gallery image is the "
-           "original",
+           "original (image level, the attacked image in the gallery)",
     "mse": "pixel mean squared error",
     "ssim": "1 - standard SSIM (Gaussian window, sigma 1.5)",
     "embedding": "1 - cosine similarity of learned features",
@@ -283,29 +298,91 @@ def _stable_order(row: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.argsort(row.numpy(), kind="stable"))
 
 
+def chance_top_k(own: int, others: Sequence[int], ks: Sequence[int] = (1, 5), grid: int = 2048
+                 ) -> dict[int, float]:
+    """Top-k patient re-identification rate of a random ranking.
+
+    The searched gallery holds ``own`` images of the true patient and ``others[q]`` images of each other
+    patient q. A random ranking orders the images uniformly at random and ranks patients by their first
+    image. Top-1 is exact (``own / all images``); for larger k the rank of the true patient is integrated
+    over the quantiles of its first position (midpoint rule on ``grid`` points).
+    """
+    others = [int(c) for c in others if int(c) > 0]
+    if own <= 0:
+        return {int(k): 0.0 for k in ks}
+    total = own + sum(others)
+    out: dict[int, float] = {}
+    kmax = max(int(k) for k in ks)
+    u = (np.arange(grid) + 0.5) / grid
+    m = 1.0 - (1.0 - u) ** (1.0 / own)  # quantiles of the true patient's first position in [0, 1]
+    dist = np.zeros((grid, kmax))
+    dist[:, 0] = 1.0  # dist[:, j]: probability that j other patients come first (truncated at kmax - 1)
+    for c in others:
+        p = 1.0 - (1.0 - m) ** c
+        new = dist * (1.0 - p)[:, None]
+        new[:, 1:] += dist[:, :-1] * p[:, None]
+        dist = new
+    for k in ks:
+        k = int(k)
+        out[k] = own / total if k == 1 else float(dist[:, :k].sum(1).mean())
+    return out
+
+
 def reidentify(reconstructions: torch.Tensor, true_positions: Sequence[int], gallery: Gallery, *,
                distances: Sequence[str] = DISTANCES, embedder: Embedder | None = None,
-               ks: Sequence[int] = (1, 5)) -> dict[str, Any]:
+               ks: Sequence[int] = (1, 5), leave_out: bool = True) -> dict[str, Any]:
     """Rank ``gallery`` for each reconstruction and score patient re-identification and IIP.
 
     ``reconstructions[i]`` is the reconstruction paired with the original at gallery position
-    ``true_positions[i]``. Returns rates per distance (see module docstring) and per-image ranks.
+    ``true_positions[i]``. Patient rates search the gallery with that original (and exact copies of it)
+    left out (``leave_out=False`` keeps it, the older exact-image protocol); the true image's rank and IIP
+    search the whole gallery. Returns rates per distance (see module docstring) and per-image ranks.
     """
     recs = reconstructions.detach().cpu().float()
     if len(recs) != len(true_positions):
         raise ValueError(f"{len(recs)} reconstructions but {len(true_positions)} true positions")
     pids = list(gallery.patient_ids)
     n = len(recs)
+    gimg = gallery.images.float()
+    labels = gallery.labels
+    flat = gimg.flatten(1)
+    # per query: the gallery positions left out (the original and its exact copies)
+    left_out: list[set[int]] = []
+    for t in true_positions:
+        if leave_out:
+            d = torch.linalg.vector_norm(flat - flat[t], dim=1)
+            left_out.append({int(j) for j in torch.nonzero(d < IIP_TOLERANCE).flatten().tolist()} | {int(t)})
+        else:
+            left_out.append(set())
+    counts: dict[str, int] = {}
+    for p_ in pids:
+        counts[p_] = counts.get(p_, 0) + 1
+    eligible, chances = [], {int(k): [] for k in ks}
+    for t, out_ in zip(true_positions, left_out):
+        own = counts[pids[t]] - sum(1 for j in out_ if pids[j] == pids[t])
+        eligible.append(own > 0)
+        if own > 0:
+            # exact copies of the original under another patient's id are left out as well
+            removed: dict[str, int] = {}
+            for j in out_:
+                if pids[j] != pids[t]:
+                    removed[pids[j]] = removed.get(pids[j], 0) + 1
+            others = [counts[p_] - removed.get(p_, 0) for p_ in counts if p_ != pids[t]]
+            for k, v in chance_top_k(own, others, ks).items():
+                chances[k].append(v)
+    n_ok = int(sum(eligible))
     out: dict[str, Any] = {
         "threat_model": THREAT_MODEL,
+        "gallery_protocol": GALLERY_PROTOCOL if leave_out else "the attacked image stays in the gallery",
+        "leave_the_image_out": bool(leave_out),
         "gallery": {"images": len(gallery), "patients": len(set(pids)), **gallery.description},
         "variants": {k: v for k, v in VARIANTS.items()},
         "num_reconstructions": n,
-        "chance_top1": float(np.mean([pids.count(pids[t]) / len(pids) for t in true_positions])) if n else None,
+        "num_with_other_images": n_ok,
+        "without_other_images": n - n_ok,
+        **{f"chance_top{k}": (float(np.mean(v)) if v else None) for k, v in chances.items()},
         "by_distance": {},
     }
-    gimg = gallery.images.float()
-    labels = gallery.labels
     for dist in distances:
         if dist == "embedding" and embedder is None:
             out["by_distance"][dist] = {"note": "not computed: no embedder"}
@@ -315,39 +392,53 @@ def reidentify(reconstructions: torch.Tensor, true_positions: Sequence[int], gal
         for i, t in enumerate(true_positions):
             order = _stable_order(d[i])
             img_rank.append(int((order == t).nonzero()[0, 0]) + 1)
-            seen: list[str] = []
-            for j in order.tolist():
-                if pids[j] not in seen:
-                    seen.append(pids[j])
-                    if pids[j] == pids[t]:
-                        break
-            pat_rank.append(len(seen))
-            # IIP: nearest neighbour among the original's label
+            if eligible[i]:
+                seen: list[str] = []
+                for j in order.tolist():
+                    if j in left_out[i]:
+                        continue
+                    if pids[j] not in seen:
+                        seen.append(pids[j])
+                        if pids[j] == pids[t]:
+                            break
+                pat_rank.append(len(seen))
+            else:
+                pat_rank.append(None)
+            # IIP: nearest neighbour among the original's label, the whole gallery
             same = [j for j in order.tolist() if labels is None or int(labels[j]) == int(labels[t])]
             nn_ = same[0]
             if nn_ == t or float(torch.linalg.vector_norm(gimg[nn_] - gimg[t])) < IIP_TOLERANCE:
                 iip_hits += 1
         res: dict[str, Any] = {"variant": VARIANTS[dist] if dist != "embedding" or embedder is None
-                               else embedder.describe().get("variant", VARIANTS[dist]), "n": n}
+                               else embedder.describe().get("variant", VARIANTS[dist]), "n": n_ok}
         for k in ks:
-            hits = sum(r <= k for r in pat_rank)
-            res[f"top{k}"] = hits / n if n else None
+            hits = sum(r is not None and r <= k for r in pat_rank)
+            res[f"top{k}"] = hits / n_ok if n_ok else None
             res[f"top{k}_hits"] = int(hits)
         res["iip"] = iip_hits / n if n else None
         res["iip_hits"] = int(iip_hits)
+        res["iip_n"] = n
         res["true_image_rank"] = img_rank
         res["true_patient_rank"] = pat_rank
         res["median_true_image_rank"] = float(np.median(img_rank)) if n else None
         out["by_distance"][dist] = res
-    scored = {k: v for k, v in out["by_distance"].items() if "top1" in v}
+    scored = {k: v for k, v in out["by_distance"].items() if v.get("top1") is not None}
     if scored:
-        best = max(scored, key=lambda k: (scored[k]["top1"], scored[k]["top5"] if "top5" in scored[k] else 0))
+        best = max(scored, key=lambda k: (scored[k]["top1"], scored[k].get("top5") or 0))
         out["strongest"] = {"distance": best, "top1": scored[best]["top1"], "top1_hits": scored[best]["top1_hits"],
-                            "top5": scored[best].get("top5"), "iip": scored[best]["iip"], "n": n}
+                            "top5": scored[best].get("top5"), "top5_hits": scored[best].get("top5_hits"),
+                            "iip": scored[best]["iip"], "iip_hits": scored[best]["iip_hits"], "iip_n": n,
+                            "n": n_ok}
+    elif out["by_distance"]:
+        any_ = next((v for v in out["by_distance"].values() if "iip" in v), None)
+        if any_ is not None:
+            out["note"] = ("no attacked patient has another image in the gallery: patient re-identification "
+                           "cannot be measured")
     if embedder is not None:
         out["embedding"] = embedder.describe()
     return out
 
 
 __all__ = ["DISTANCES", "THREAT_MODEL", "VARIANTS", "Gallery", "Embedder", "ClassifierEmbedder",
-           "AutoencoderEmbedder", "TinyAutoencoder", "train_autoencoder", "distance_matrix", "reidentify"]
+           "AutoencoderEmbedder", "TinyAutoencoder", "train_autoencoder", "distance_matrix", "reidentify",
+           "chance_top_k", "GALLERY_PROTOCOL"]
