@@ -149,14 +149,44 @@ def cmd_attack(a: argparse.Namespace) -> int:
         prior.check_images(obs.image_shape)
         if truth is not None:
             prior.check_disjoint(truth.patient_ids)
+    ref_ds, ref_note, guesses, aux = None, None, None, None
+    if truth is not None:
+        from .experiment.reference import blind_baseline, data_spec, load_reference
+
+        if a.reference_data:
+            ref_ds = load_reference(a.reference_data, size=int(obs.image_shape[-1]), where="--reference-data")
+        else:
+            spec = data_spec((obs.meta or {}).get("data"))
+            try:
+                ref_ds = load_reference(spec, where="the observation's data")
+            except UserError as e:
+                ref_note = f"{e}; pass --reference-data"
+            if ref_ds is None and ref_note is None:
+                ref_note = "the observation does not say which data set it came from; pass --reference-data"
+        if ref_ds is not None:
+            guesses, aux = blind_baseline(ref_ds, truth, seed=a.seed)
     out = Path(a.out)
     existed = out.exists()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         rec = run_attack(name, obs, overrides, seed=a.seed, device=a.device, progress=not a.quiet,
                          postprocess=prior)
-        extra = {"observation": str(a.observation), **({"prior": str(a.prior)} if prior else {})}
-        metrics = write_reconstruction(staging, rec, truth, extra=extra)
+        extra = {"observation": str(Path(a.observation).resolve()), **({"prior": str(a.prior)} if prior else {}),
+                 "obfuscation": obs.obfuscation, "protocol": obs.protocol,
+                 **({"truth": str(Path(a.truth).resolve())} if truth is not None else {})}
+        metrics = write_reconstruction(staging, rec, truth, extra=extra, guesses=guesses, reference=aux)
+        if metrics is not None and ref_ds is not None:
+            from .experiment.outputs import write_json
+            from .experiment.reference import measure_reid
+
+            perm = [p["paired_reconstruction"] for p in metrics["per_image"]]
+            metrics["reid"] = measure_reid(rec.images[perm], truth, ref_ds, seed=a.seed)
+            write_json(staging / "metrics.json", metrics)
+        elif metrics is not None:
+            metrics["baseline_note"] = metrics["reid_note"] = f"not measured: {ref_note}"
+            from .experiment.outputs import write_json
+
+            write_json(staging / "metrics.json", metrics)
         out.mkdir(parents=True, exist_ok=True)
         for f in staging.iterdir():
             shutil.move(str(f), out / f.name)
@@ -166,7 +196,9 @@ def cmd_attack(a: argparse.Namespace) -> int:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"{name}: {rec.iterations} iterations in {rec.seconds:.1f}s, labels {rec.threat_model['labels']}")
+    conv = {True: "converged", False: "stopped before converging", None: "too few iterations to judge "
+            "convergence"}[rec.converged]
+    print(f"{name}: {rec.iterations} iterations in {rec.seconds:.1f}s ({conv}), labels {rec.threat_model['labels']}")
     if metrics:
         raw = metrics.get("without_postprocessing")
         if raw:
@@ -174,6 +206,11 @@ def cmd_attack(a: argparse.Namespace) -> int:
         print(("with post-processing:    " if raw else "")
               + f"PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}"
               + (f"  label accuracy {metrics['label_accuracy']:.2f}" if "label_accuracy" in metrics else ""))
+        from .experiment.reference import reference_summary
+
+        reference_summary(print, metrics)
+        if metrics.get("baseline_note"):
+            print(f"blind baseline and re-identification {metrics['baseline_note']}")
     print(f"wrote {out}/reconstruction.npz, reconstruction.png" + (", metrics.json" if metrics else ""))
     return 0
 
@@ -251,7 +288,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     cfg = config.load(a.config, overrides=dict(a.set or []))
     folder, metrics = run_experiment(cfg, progress=not a.quiet)
-    print(f"PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  ->  {folder}")
+    g = metrics.get("gain_over_baseline") or {}
+    gain = (f"  (over the blind baseline: {g['psnr_db']:+.2f} dB, SSIM {g['ssim']:+.4f})"
+            if g.get("psnr_db") is not None else "")
+    print(f"PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}{gain}  ->  {folder}")
     return 0
 
 
@@ -393,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior", default=None, metavar="PRIOR_FILE",
                    help="learned post-processing ('gradleak prior train'); results are reported with and without "
                         "it, and with --truth the prior must not have been trained on an attacked patient")
+    t.add_argument("--reference-data", default=None, metavar="SPEC",
+                   help="with --truth: the attacker's reference data set (e.g. kaggle:PATH,split=train): its "
+                        "non-attacked patients give the blind baseline, and it is the identified gallery of "
+                        "patient re-identification (default: the data set the observation names)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_attack)
 

@@ -16,6 +16,7 @@ from ..attacks import Reconstruction
 from ..capture import Truth
 from ..files import atomic_path, write_text  # write_text: re-exported for the experiment layer
 from ..metrics import score
+from ..metrics.baseline import with_baseline
 from ..report.images import grid, save_png
 
 
@@ -44,14 +45,32 @@ def versions() -> dict[str, str]:
             "scipy": scipy.__version__, "python": platform.python_version()}
 
 
+#: What metrics.json says about the attack's budget (from ``Reconstruction.summary()``).
+BUDGET_KEYS = ("iterations", "seconds", "seconds_per_iteration", "converged", "pipeline")
+
+
+def budget(summary: dict[str, Any]) -> dict[str, Any]:
+    """The attack's budget and whether its loss had stopped falling, from ``Reconstruction.summary()``."""
+    settings = summary.get("settings") or {}
+    out = {k: summary.get(k) for k in BUDGET_KEYS}
+    out["iteration_limit"] = settings.get("iterations")
+    out["time_budget"] = settings.get("time_budget")
+    out["restarts"] = settings.get("restarts")
+    return out
+
+
 def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = None,
-                         extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                         extra: dict[str, Any] | None = None, guesses: dict[str, torch.Tensor] | None = None,
+                         reference: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Write ``reconstruction.npz``, ``reconstruction.png``, ``attack.json`` and, with truth, ``metrics.json``.
 
     When the attack's output was post-processed, ``reconstruction.npz`` also holds
     ``images_without_postprocessing``, the picture gets a row for them (originals, without, with), and
-    ``metrics.json`` scores both (``without_postprocessing`` holds the second set). Returns the metrics
-    (or None without truth).
+    ``metrics.json`` scores both (``without_postprocessing`` holds the second set). With ``guesses`` (the
+    blind baseline of :mod:`gradleak.metrics.baseline`, drawn from the auxiliary data ``reference``
+    describes) ``metrics.json`` also holds ``baseline`` and ``gain_over_baseline``, and ``baseline.npz``
+    the guesses. ``metrics.json`` always records the attack's ``budget`` and whether it ``converged``.
+    Returns the metrics (or None without truth).
     """
     out.mkdir(parents=True, exist_ok=True)
     raw = rec.extras.get("without_postprocessing")
@@ -60,6 +79,9 @@ def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = N
         arrays["images_without_postprocessing"] = raw.numpy().astype(np.float32)
     with atomic_path(out / "reconstruction.npz", suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
+    if guesses is not None:
+        with atomic_path(out / "baseline.npz", suffix=".npz") as tmp:
+            np.savez_compressed(tmp, **{k: v.numpy().astype(np.float32) for k, v in guesses.items()})
     metrics = None
     if truth is not None:
         metrics = score(truth.images, truth.labels, rec.images, rec.labels)
@@ -72,6 +94,10 @@ def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = N
             rows.append(raw[[p["paired_reconstruction"] for p in raw_metrics["per_image"]]])
             metrics["without_postprocessing"] = {k: raw_metrics[k] for k in ("psnr", "ssim", "mse", "per_image")}
         rows.append(rec.images[perm])
+        if guesses is not None:
+            metrics = with_baseline(metrics, truth.images, guesses)
+            metrics["baseline"]["auxiliary_data"] = reference or {}
+            rows.append(guesses["mean_image"].expand_as(truth.images))
         picture = grid(rows)
     else:
         picture = grid([raw, rec.images] if raw is not None else [rec.images])
@@ -79,7 +105,12 @@ def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = N
     summary = {**rec.summary(), "versions": versions(), **(extra or {})}
     write_json(out / "attack.json", summary)
     if metrics is not None:
+        if guesses is None:
+            metrics["baseline"] = None
+            metrics["baseline_note"] = "no auxiliary data: the blind baseline was not measured"
         metrics = {**metrics, "threat_model": rec.threat_model, "attack": rec.attack,
-                   **{k: v for k, v in (extra or {}).items() if k in ("bits", "obfuscation")}}
+                   "budget": budget(summary), "converged": summary.get("converged"),
+                   **{k: v for k, v in (extra or {}).items() if k in ("bits", "obfuscation", "protocol", "truth",
+                                                                       "prior", "observation")}}
         write_json(out / "metrics.json", metrics)
     return metrics

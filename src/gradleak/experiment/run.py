@@ -22,6 +22,7 @@ from ..federated import Protocol
 from ..models.checkpoint import check_matches, load_model
 from .config import dump
 from .outputs import versions, write_json, write_reconstruction, write_text
+from .reference import blind_baseline, measure_reid, reference_summary
 
 
 class Log:
@@ -109,13 +110,46 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
     log(f"attack: {name} on {attack_cfg['device']}")
     rec = run_attack(name, seen, attack_cfg["settings"], seed=cfg["seed"], device=attack_cfg["device"],
                      progress=progress, postprocess=prior)
-    log(f"attack done: {rec.iterations} iterations in {rec.seconds:.1f}s, loss {rec.loss:.4g}")
-    metrics = write_reconstruction(folder, rec, truth, extra={"bits": bits, "obfuscation": obs.obfuscation})
+    conv = {True: "converged", False: "still improving when the budget ended", None: "too few iterations to "
+            "judge convergence"}[rec.converged]
+    log(f"attack done: {rec.iterations} iterations in {rec.seconds:.1f}s, loss {rec.loss:.4g} ({conv})")
+    guesses, aux = blind_baseline(ds, truth, seed=cfg["seed"])
+    log(f"blind baseline: mean of {aux['images']} auxiliary images of {aux['patients']} patients "
+        f"(the {aux['excluded_patients']} attacked patients excluded)")
+    metrics = write_reconstruction(folder, rec, truth, extra={"bits": bits, "obfuscation": obs.obfuscation,
+                                                              "protocol": obs.protocol},
+                                   guesses=guesses, reference=aux)
     if "without_postprocessing" in metrics:
         raw = metrics["without_postprocessing"]
         log(f"without post-processing: PSNR {raw['psnr']:.2f} dB, SSIM {raw['ssim']:.4f}")
     log(f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
         f"label accuracy {metrics.get('label_accuracy', float('nan')):.2f}")
+    reference_summary(log, metrics)
+    return metrics
+
+
+def add_reid(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any], log: Log) -> dict[str, Any]:
+    """Patient re-identification (leave-the-image-out, pixel MSE and SSIM rankings) of a finished cell
+    against an identified gallery of its data set; rewrites ``metrics.json`` with ``reid``."""
+    import torch
+
+    from ..capture import load_truth
+
+    truth = load_truth(folder / "truth.npz")
+    with np.load(folder / "reconstruction.npz") as z:
+        rec = torch.from_numpy(z["images"])
+    perm = [p["paired_reconstruction"] for p in metrics["per_image"]]
+    ds = load_dataset(cfg["data"])
+    reid = measure_reid(rec[perm], truth, ds, seed=cfg["seed"])
+    metrics = {**metrics, "reid": reid}
+    write_json(folder / "metrics.json", metrics)
+    s = reid.get("strongest")
+    if s:
+        log(f"patient re-identification (leave-the-image-out, {s['distance']}): top-1 {s['top1_hits']}/{s['n']}, "
+            f"top-5 {s.get('top5_hits')}/{s['n']} (chance {reid.get('chance_top1') or 0:.3f} / "
+            f"{reid.get('chance_top5') or 0:.3f}); exact image (IIP) {s['iip_hits']}/{s['iip_n']}")
+    else:
+        log(f"patient re-identification: {reid.get('note', 'not measured')}")
     return metrics
 
 
@@ -136,6 +170,7 @@ def run_experiment(cfg: dict[str, Any], *, echo: Callable[[str], None] | None = 
     try:
         write_text(partial / "config.yaml", dump(cfg))
         metrics = run_cell(cfg, partial, log=log, progress=progress)
+        metrics = add_reid(partial, cfg, metrics, log)
         write_json(partial / "versions.json", versions())
         write_text(partial / "log.txt", log.text())
         partial.rename(final)

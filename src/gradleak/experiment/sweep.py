@@ -308,7 +308,8 @@ def execute_task(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 (workdir / "observation.pt").unlink(missing_ok=True)
             summary = json.loads((workdir / "attack.json").read_text())
             result.update(status="ok", metrics=metrics,
-                          attack={k: summary.get(k) for k in ("iterations", "seconds", "final_loss", "settings")})
+                          attack={k: summary.get(k) for k in ("iterations", "seconds", "seconds_per_iteration",
+                                                              "converged", "pipeline", "final_loss", "settings")})
         elif task["kind"] == "utility":
             from .utility import run_utility
 
@@ -588,11 +589,20 @@ def _embedder(ctx: ReidContext):
     return _EMBEDDERS[k]
 
 
-def cell_reid(folder: Path, ctx: ReidContext, distances: list[str]) -> dict[str, Any]:
-    """Re-identification of a finished cell's reconstructions against its gallery."""
+_DATASETS: dict[str, Any] = {}
+
+
+def cell_reid(folder: Path, ctx: ReidContext, distances: list[str], data: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+    """Re-identification of a finished cell's reconstructions against its gallery.
+
+    The attacked images and every other image of the attacked patients join the gallery when its seeded
+    subset missed them: patient re-identification searches it with the attacked image left out, so the
+    patients' other images must be there to be found."""
     import torch
 
     from ..capture import load_truth
+    from ..data import load_dataset
     from ..metrics.reid import Gallery, reidentify
 
     truth = load_truth(folder / "truth.npz")
@@ -601,8 +611,22 @@ def cell_reid(folder: Path, ctx: ReidContext, distances: list[str]) -> dict[str,
     metrics = json.loads((folder / "metrics.json").read_text())
     perm = [p["paired_reconstruction"] for p in metrics["per_image"]]
     gallery = Gallery.load(ctx.gallery_path)
-    missing = [k for k, i in enumerate(truth.indices) if i not in set(gallery.indices)]
-    if missing:  # attacked images outside the gallery subset join it
+    have = set(gallery.indices)
+    add = [i for i in truth.indices if i not in have]
+    if data is not None:
+        key = json.dumps(_jsonable(data), sort_keys=True)
+        if key not in _DATASETS:
+            _DATASETS[key] = load_dataset(data)
+        ds = _DATASETS[key]
+        attacked = {str(p) for p in truth.patient_ids}
+        add = sorted(set(add) | {i for i, p in enumerate(ds.patient_ids) if str(p) in attacked and i not in have})
+        if add:
+            b = ds.batch(add)
+            gallery = Gallery(torch.cat([gallery.images, b.images]), gallery.patient_ids + list(b.patient_ids),
+                              (torch.cat([gallery.labels, b.labels]) if gallery.labels is not None else None),
+                              gallery.names + list(b.names), gallery.indices + list(add))
+    elif add:  # attacked images outside the gallery subset join it
+        missing = [k for k, i in enumerate(truth.indices) if i not in have]
         gallery = Gallery(torch.cat([gallery.images, truth.images[missing]]),
                           gallery.patient_ids + [truth.patient_ids[k] for k in missing],
                           (torch.cat([gallery.labels, truth.labels[missing]]) if gallery.labels is not None
@@ -666,6 +690,14 @@ def _row(cell: Cell, result: dict[str, Any], reid: dict[str, Any] | None, ukey: 
                     and isinstance(v["psnr"], (int, float))):
                 row["metrics"][k] = {kk: v[kk] for kk in ("psnr", "ssim", "ms_ssim") if kk in v}
         row["metric_variants"] = m.get("metric_variants", {})
+        if m.get("baseline"):
+            row["baseline"] = {k: v for k, v in m["baseline"].items() if k != "per_image"}
+            row["gain_over_baseline"] = m.get("gain_over_baseline")
+            raw = m.get("without_postprocessing")
+            if isinstance(raw, dict) and raw.get("gain_over_baseline"):
+                row["metrics"]["without_postprocessing"]["gain_over_baseline"] = raw["gain_over_baseline"]
+        row["budget"] = m.get("budget")
+        row["converged"] = m.get("converged")
         row["threat_model"] = m.get("threat_model", {})
         row["reid"] = reid
         row["bits"] = m.get("bits")
@@ -707,6 +739,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def flat_row(row: dict[str, Any], utility: dict[str, Any] | None = None) -> dict[str, Any]:
     """A row for CSV/parquet: nested keys dotted, lists as JSON, per-image details left out."""
     keep = {k: v for k, v in row.items() if k not in ("per_image", "config", "obfuscation", "metric_variants")}
+    base = keep.pop("baseline", None)
+    if base:
+        keep["baseline"] = {k: base.get(k) for k in ("psnr", "ssim", "ms_ssim")}
+    gain = keep.pop("gain_over_baseline", None)
+    if gain:
+        keep["gain_over_baseline"] = {k: gain.get(k) for k in ("psnr_db", "ssim", "ssim_skill")}
     reid = keep.pop("reid", None) or {}
     flat = _flatten(keep)
     for dist, r in (reid.get("by_distance") or {}).items():
@@ -719,6 +757,8 @@ def flat_row(row: dict[str, Any], utility: dict[str, Any] | None = None) -> dict
     if reid:
         flat["reid.gallery_images"] = reid.get("gallery", {}).get("images")
         flat["reid.chance_top1"] = reid.get("chance_top1")
+        flat["reid.chance_top5"] = reid.get("chance_top5")
+        flat["reid.with_other_images"] = reid.get("num_with_other_images")
     if utility:
         for k, v in (utility.get("final") or {}).items():
             flat[f"utility.{k}"] = v
@@ -914,7 +954,7 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
             if result["status"] == "ok" and spec["reid"]["enabled"]:
                 try:
                     ctx = contexts[_data_key(cell.config["data"], spec["reid"])]
-                    reid = cell_reid(workdir, ctx, list(spec["reid"]["distances"]))
+                    reid = cell_reid(workdir, ctx, list(spec["reid"]["distances"]), cell.config["data"])
                 except Exception as e:  # noqa: BLE001 - recorded, like any failing step of a cell
                     result = {**result, "status": "failed",
                               "error": f"re-identification: {type(e).__name__}: {' '.join(str(e).split())}"}

@@ -13,10 +13,11 @@ no scripts) and the plots also as PNG files (``privacy_utility.png``). The page 
   model marked;
 * the details: every setting x attack, failed cells, threat models and definitions.
 
-Verdict thresholds (stated on the page): images are *recognisable* at SSIM >= 0.6, *partly
-recognisable* at SSIM >= 0.3; the risk is *high* when images are recognisable or at least half the
-patients are re-identified (top-1), *moderate* when images are partly recognisable or patients are
-re-identified well above chance, *low* otherwise. They are rules of thumb, not guarantees.
+Verdicts (stated on the page, defined in :mod:`gradleak.report.verdicts` and docs/verdicts.md) are judged on
+the gain of the reconstruction over the blind baseline (the attacker's guess without the update) and on
+leave-the-image-out patient re-identification, never on raw SSIM; an attack that stopped before converging
+makes a setting *inconclusive*, never *low risk*. Every verdict shows the attack's budget. They are rules
+of thumb, not guarantees.
 """
 
 from __future__ import annotations
@@ -37,46 +38,105 @@ from ..errors import UserError
 from ..files import write_bytes, write_text
 from .labels import setting_label
 
-RECOGNISABLE_SSIM = 0.6
-PARTLY_SSIM = 0.3
-HIGH_REID = 0.5
+from .verdicts import (ATTACK_STRENGTH, HIGH_REID, INCONCLUSIVE, PARTLY_SKILL, RECOGNISABLE_SKILL, RISK_ORDER,
+                       above_chance, all_converged, budget_text, image_level, image_phrase, reid_significant,
+                       risk as _risk, strongest_tried)
 
 # grid keys that vary the sample, not the setting: averaged over in the summary
 _SAMPLE_KEYS = ("seed", "capture.indices", "capture.model_seed")
 
 
 # ------------------------------------------------------------------------------------------------- data
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: not a readable JSON file") from None
+
+
+def _single_row(folder: Path) -> dict[str, Any]:
+    """The row of one experiment folder (``gradleak run``) or attack folder (``gradleak attack --truth``)."""
+    import yaml
+
+    m = _read_json(folder / "metrics.json")
+    if not isinstance(m, dict) or not isinstance(m.get("psnr"), (int, float)):
+        raise UserError(f"{folder / 'metrics.json'}: holds no scored reconstruction")
+    cfg: dict[str, Any] = {}
+    if (folder / "config.yaml").is_file():
+        try:
+            cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+    attack = _read_json(folder / "attack.json") if (folder / "attack.json").is_file() else {}
+    if cfg.get("capture"):
+        setting = setting_label(cfg)
+    else:  # an attack folder: the defence as the observation recorded it
+        proto = m.get("protocol") or {"algorithm": (m.get("threat_model") or {}).get("protocol", "fedsgd")}
+        specs = [dict(o["spec"]) if isinstance(o.get("spec"), dict) else {"name": o["name"]}
+                 for o in (m.get("obfuscation") or []) if isinstance(o, dict) and o.get("name")]
+        setting = setting_label({"capture": {"obfuscation": specs, "protocol": {
+            "algorithm": proto.get("algorithm", "fedsgd"), "local_steps": proto.get("local_steps"),
+            "local_lr": proto.get("local_lr")}}})
+    name = str(m.get("attack", attack.get("attack", "?")))
+    tm = m.get("threat_model") or {}
+    if m.get("prior") or cfg.get("attack", {}).get("prior") or tm.get("postprocessing"):
+        name += " + prior"
+    return {"cell": folder.name, "index": 0, "status": "ok", "attack": name, "setting": setting, "params": {},
+            "metrics": {**{k: m.get(k) for k in ("psnr", "ssim", "ms_ssim", "lpips", "lpips_note", "mse",
+                                                 "label_accuracy", "num_images")},
+                        **({"without_postprocessing": m["without_postprocessing"]}
+                           if isinstance(m.get("without_postprocessing"), dict) else {})},
+            "metric_variants": m.get("metric_variants", {}), "threat_model": tm,
+            "baseline": ({k: v for k, v in m["baseline"].items() if k != "per_image"}
+                         if isinstance(m.get("baseline"), dict) else None),
+            "gain_over_baseline": m.get("gain_over_baseline"), "budget": m.get("budget"),
+            "converged": m.get("converged", (m.get("budget") or {}).get("converged")),
+            "reid": m.get("reid"), "bits": m.get("bits"), "obfuscation": m.get("obfuscation", []),
+            "epsilon": _record_epsilon(m.get("obfuscation") or []), "config": cfg,
+            "versions": attack.get("versions"), "_folder": str(folder),
+            "_truth": m.get("truth")}
+
+
+def _record_epsilon(records: list[Any]) -> float | None:
+    eps = [r.get("epsilon") for r in records if isinstance(r, dict) and _num(r.get("epsilon")) is not None]
+    return float(eps[-1]) if eps else None
+
+
 def _load_rows(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
-    """Rows (sweep or one experiment), the spec/config, and the kind."""
+    """Rows (sweep, one experiment or one attack folder), the spec/config, and the kind. A folder with no
+    readable result is a :class:`UserError`."""
     import yaml
 
     if (folder / "results.jsonl").is_file():
         rows = []
         for line in (folder / "results.jsonl").read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict) and "cell" in row and "status" in row:
+                rows.append(row)
+        if not any(r.get("status") == "ok" for r in rows):
+            failed = sum(r.get("status") != "ok" for r in rows)
+            raise UserError(f"{folder}: no finished cell in results.jsonl"
+                            + (f" ({failed} failed; see {folder / 'cells'}/*/log.txt)" if failed else ""))
         spec = {}
         if (folder / "sweep.yaml").is_file():
-            spec = yaml.safe_load((folder / "sweep.yaml").read_text()) or {}
+            try:
+                spec = yaml.safe_load((folder / "sweep.yaml").read_text()) or {}
+            except yaml.YAMLError:
+                spec = {}
         for r in rows:
             r["_folder"] = str(folder / "cells" / r["cell"])
         return rows, spec, "sweep"
     if (folder / "metrics.json").is_file():
-        m = json.loads((folder / "metrics.json").read_text())
-        cfg = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
-        cfg = cfg or {}
-        row = {"cell": folder.name, "index": 0, "status": "ok", "attack": m.get("attack", "?"),
-               "setting": setting_label(cfg) if cfg.get("capture") else "none", "params": {},
-               "metrics": {k: m.get(k) for k in ("psnr", "ssim", "ms_ssim", "lpips", "lpips_note", "mse",
-                                                 "label_accuracy", "num_images")},
-               "metric_variants": m.get("metric_variants", {}), "threat_model": m.get("threat_model", {}),
-               "reid": m.get("reid"), "bits": m.get("bits"), "obfuscation": m.get("obfuscation", []),
-               "epsilon": None, "config": cfg, "_folder": str(folder)}
-        return [row], cfg, "experiment"
-    raise UserError(f"{folder}: holds neither results.jsonl (a sweep folder) nor metrics.json (an experiment "
-                    f"folder)")
+        row = _single_row(folder)
+        return [row], row["config"] or {}, "experiment"
+    if (folder / "reconstruction.npz").is_file():
+        raise UserError(f"{folder}: holds reconstructions but no metrics.json; score them with "
+                        f"'gradleak attack ... --truth TRUTH.npz'")
+    raise UserError(f"{folder}: no readable results (neither results.jsonl of a sweep nor metrics.json of an "
+                    f"experiment or attack)")
 
 
 def read_utilities(folder: Path) -> dict[str, dict[str, Any]]:
@@ -134,29 +194,52 @@ class Group:
     def attack_stats(self, attack: str) -> dict[str, Any]:
         rows = self.by_attack[attack]
         m = lambda k: _mean(r["metrics"].get(k) for r in rows)  # noqa: E731
-        reid_hits = reid_n = iip_hits = 0
+        reid_hits = reid_n = iip_hits = iip_n = 0
         top5_hits = 0
-        chance = []
+        chance, chance5 = [], []
         distances = set()
         rankings: set[str] = set()
+        leave_out = []
         for r in rows:
-            rankings |= {k for k, v in ((r.get("reid") or {}).get("by_distance") or {}).items() if "top1" in v}
-            s = (r.get("reid") or {}).get("strongest")
+            reid = r.get("reid") or {}
+            rankings |= {k for k, v in (reid.get("by_distance") or {}).items() if "top1" in v}
+            s = reid.get("strongest")
             if s:
                 reid_hits += s["top1_hits"]
                 reid_n += s["n"]
-                iip_hits += round((s.get("iip") or 0) * s["n"])
-                top5_hits += round((s.get("top5") or 0) * s["n"])
+                n_img = s.get("iip_n", s["n"])
+                iip_n += n_img
+                iip_hits += s["iip_hits"] if "iip_hits" in s else round((s.get("iip") or 0) * n_img)
+                top5_hits += s["top5_hits"] if s.get("top5_hits") is not None else round((s.get("top5") or 0) * s["n"])
                 distances.add(s["distance"])
-                chance.append((r["reid"] or {}).get("chance_top1"))
-        return {"attack": attack, "cells": len(rows), "psnr": m("psnr"), "ssim": m("ssim"),
+                chance.append(reid.get("chance_top1"))
+                chance5.append(reid.get("chance_top5"))
+                leave_out.append(bool(reid.get("leave_the_image_out")))
+        base = lambda k: _mean((r.get("baseline") or {}).get(k) for r in rows)  # noqa: E731
+        gain = lambda k: _mean((r.get("gain_over_baseline") or {}).get(k) for r in rows)  # noqa: E731
+        ssim_, base_ssim = m("ssim"), base("ssim")
+        from ..metrics.baseline import ssim_skill
+
+        budgets = [r.get("budget") or {} for r in rows]
+        conv = [r["converged"] if "converged" in r else b.get("converged", (r.get("attack_run") or {}).get("converged"))
+                for r, b in zip(rows, budgets)]
+        its = _mean(b.get("iterations", (r.get("attack_run") or {}).get("iterations")) for r, b in zip(rows, budgets))
+        secs = _mean(b.get("seconds", (r.get("timings") or {}).get("attack_s")) for r, b in zip(rows, budgets))
+        return {"attack": attack, "cells": len(rows), "psnr": m("psnr"), "ssim": ssim_,
                 "ms_ssim": m("ms_ssim"), "lpips": m("lpips"), "label_accuracy": m("label_accuracy"),
                 "images": sum(int(r["metrics"].get("num_images") or 0) for r in rows),
+                "baseline_psnr": base("psnr"), "baseline_ssim": base_ssim,
+                "gain_psnr": gain("psnr_db"), "gain_ssim": gain("ssim"),
+                "ssim_skill": (ssim_skill(ssim_, base_ssim) if ssim_ is not None and base_ssim is not None
+                               else None),
+                "converged": conv, "iterations": its, "seconds": secs,
+                "seconds_per_iteration": (secs / its) if its and secs is not None else None,
                 "reid_hits": reid_hits if reid_n else None, "reid_n": reid_n or None,
-                "top5_hits": top5_hits if reid_n else None,
-                "iip_hits": iip_hits if reid_n else None, "reid_distances": sorted(distances),
-                "reid_rankings": sorted(rankings),
-                "chance": _mean(chance), "bits": _mean(r.get("bits") for r in rows),
+                "reid_measured": bool(distances), "top5_hits": top5_hits if reid_n else None,
+                "iip_hits": iip_hits if iip_n else None, "iip_n": iip_n or None,
+                "reid_distances": sorted(distances), "reid_rankings": sorted(rankings),
+                "leave_the_image_out": bool(leave_out) and all(leave_out),
+                "chance": _mean(chance), "chance5": _mean(chance5), "bits": _mean(r.get("bits") for r in rows),
                 "epsilon": _mean(r.get("epsilon") for r in rows),
                 "post": self._post(rows)}
 
@@ -173,12 +256,24 @@ class Group:
         return {k: {"psnr": _mean(v["psnr"]), "ssim": _mean(v["ssim"])} for k, v in out.items()}  # type: ignore
 
     def worst_case(self) -> dict[str, Any]:
-        """The attack that leaks most on this setting: the highest risk level, then the highest patient
-        re-identification rate, then the highest SSIM."""
+        """The attack that leaks most on this setting: the highest risk level (an unconverged attack that
+        shows no leak makes the setting inconclusive), then the highest patient re-identification rate, then
+        the highest SSIM gain over the blind baseline."""
         stats = [self.attack_stats(a) for a in self.by_attack]
-        level = {"low": 0, "moderate": 1, "high": 2}
-        return max(stats, key=lambda s: (level[_risk(s)], (s["reid_hits"] or 0) / (s["reid_n"] or 1),
+        return max(stats, key=lambda s: (RISK_ORDER[_risk(s)], (s["reid_hits"] or 0) / (s["reid_n"] or 1),
+                                         (s["ssim_skill"] if s["ssim_skill"] is not None else -1e9),
                                          (s["ssim"] if s["ssim"] is not None else -1)))
+
+
+def _attack_label(row: dict[str, Any]) -> str:
+    """The attack's name, with '+ prior' when a learned post-processing prior ran after it."""
+    name = str(row.get("attack", "?"))
+    if " + prior" in name:
+        return name
+    att = ((row.get("config") or {}).get("attack") or {})
+    if att.get("prior") or (row.get("threat_model") or {}).get("postprocessing"):
+        return name + " + prior"
+    return name
 
 
 def _groups(rows: list[dict[str, Any]]) -> tuple[list[Group], list[str]]:
@@ -195,54 +290,49 @@ def _groups(rows: list[dict[str, Any]]) -> tuple[list[Group], list[str]]:
     for r in rows:
         key = (r["setting"], _condition(r, varying))
         g = groups.setdefault(key, Group(*key))
-        g.by_attack.setdefault(r["attack"], []).append(r)
+        g.by_attack.setdefault(_attack_label(r), []).append(r)
     # unprotected first, then in the order the grid lists them
     ordered = sorted(groups.values(), key=lambda g: (g.setting != "none",))
     return ordered, varying
 
 
 # --------------------------------------------------------------------------------------------- verdicts
-def above_chance(hits: int | None, n: int | None, chance: float | None, rankings: int = 3) -> bool:
-    """Whether ``hits`` of ``n`` re-identifications beat a random ranking: one-sided binomial test at
-    p < 0.05, Bonferroni-corrected for the choice of the strongest of ``rankings`` rankings."""
-    if not n or hits is None or chance is None:
-        return False
-    from scipy.stats import binomtest
-
-    p = binomtest(int(hits), int(n), min(max(float(chance), 1e-12), 1.0), alternative="greater").pvalue
-    return p * max(1, rankings) < 0.05
-
-
-def _risk(s: dict[str, Any]) -> str:
-    ssim_ = s["ssim"] if s["ssim"] is not None else 0.0
-    rate = (s["reid_hits"] / s["reid_n"]) if s["reid_n"] else None
-    significant = above_chance(s["reid_hits"], s["reid_n"], s["chance"], max(1, len(s["reid_rankings"])))
-    if ssim_ >= RECOGNISABLE_SSIM or (significant and rate is not None and rate >= HIGH_REID):
-        return "high"
-    if ssim_ >= PARTLY_SSIM or significant:
-        return "moderate"
-    return "low"
-
-
-def _image_phrase(ssim_: float | None) -> str:
-    if ssim_ is None:
-        return "image similarity not measured"
-    if ssim_ >= RECOGNISABLE_SSIM:
-        return "images recognisable"
-    if ssim_ >= PARTLY_SSIM:
-        return "images partly recognisable (coarse anatomy visible)"
-    return "images not recognisable"
+def _image_text(s: dict[str, Any]) -> str:
+    level = image_level(s.get("ssim_skill"))
+    text = image_phrase(level)
+    if s.get("baseline_ssim") is not None and s.get("ssim") is not None:
+        sk = s.get("ssim_skill") or 0.0
+        text += (f": SSIM {s['ssim']:.2f} against {s['baseline_ssim']:.2f} for the blind guess "
+                 + (f"({sk * 100:.0f}% of the gap it leaves closed)" if sk >= 0 else "(worse than the blind guess)"))
+        if s.get("gain_psnr") is not None:
+            text += f", PSNR {s['gain_psnr']:+.1f} dB over it"
+    return text
 
 
 def verdict(s: dict[str, Any], utility: dict[str, Any] | None, baseline_auc: float | None) -> str:
-    parts = [_image_phrase(s["ssim"]).capitalize()]
-    if s["reid_n"]:
-        sig = above_chance(s["reid_hits"], s["reid_n"], s["chance"], max(1, len(s["reid_rankings"])))
-        parts.append(f"patient re-identified in {s['reid_hits']}/{s['reid_n']} cases"
-                     + (f" (a random guess: {s['chance'] * s['reid_n']:.1f}/{s['reid_n']}; "
-                        + ("clearly better than guessing" if sig else "not clearly better than guessing") + ")"
-                        if s["chance"] else ""))
+    """The verdict of one setting in plain words, its budget included."""
+    r = _risk(s)
+    parts = []
+    if r == "inconclusive":
+        why = (INCONCLUSIVE if not all_converged(s) else
+               "inconclusive: no blind baseline to judge the images against")
+        parts.append(_cap(why) + " — it can show a leak, never its absence")
+    parts.append(_image_text(s) if parts else _cap(_image_text(s)))
+    if s.get("reid_n"):
+        sig = reid_significant(s)
+        lo = "leave-the-image-out" if s.get("leave_the_image_out") else "the attacked image in the gallery"
+        parts.append(f"patient re-identified in {s['reid_hits']}/{s['reid_n']} cases ({lo}"
+                     + (f"; top-5 {s['top5_hits']}/{s['reid_n']}" if s.get("top5_hits") is not None else "")
+                     + (f"; a random guess: {s['chance'] * s['reid_n']:.1f}/{s['reid_n']}; "
+                        + ("clearly better than guessing" if sig else "not clearly better than guessing")
+                        if s["chance"] else "") + ")")
+    elif s.get("reid_measured") is not None and s.get("iip_n"):
+        parts.append("patient re-identification not measurable (no attacked patient has another image in the "
+                     "gallery)")
+    if s.get("iip_n"):
+        parts.append(f"exact image identified (IIP) in {s['iip_hits']}/{s['iip_n']}")
     text = "; ".join(parts) + "."
+    text += f" Budget: {budget_text(s)}."
     auc = _num((utility or {}).get("final", {}).get("roc_auc"))
     if auc is not None:
         delta = f", {auc - baseline_auc:+.3f} vs. no protection" if baseline_auc is not None else ""
@@ -268,7 +358,8 @@ def privacy_utility_plot(points: list[dict[str, Any]]) -> bytes | None:
     have_reid = any(p["reid"] is not None for p in points)
     if not points:
         return None
-    panels = [("ssim", "Image leakage: SSIM of the strongest attack\n(standard Gaussian-window SSIM; 1 = identical)")]
+    panels = [("skill", "Image leakage beyond the blind guess: SSIM gain\n(share of the gap between the blind "
+                        "guess and the original; 1 = identical)")]
     if have_reid:
         panels.append(("reid", "Patient re-identification rate, top-1\n(strongest ranking; see definitions)"))
     fig = Figure(figsize=(5.2 * len(panels), 4.4))
@@ -279,7 +370,7 @@ def privacy_utility_plot(points: list[dict[str, Any]]) -> bytes | None:
         ax = fig.add_subplot(1, len(panels), i + 1)
         k = 0
         for p in points:
-            y = p[key]
+            y = p[key] if p[key] is None else max(p[key], -1.0)
             x = p["auc"] if have_utility else p["bits"]
             base = p["setting"] == "none"
             color = "#c0392b" if base else palette[k % len(palette)]
@@ -295,9 +386,10 @@ def privacy_utility_plot(points: list[dict[str, Any]]) -> bytes | None:
             ax.set_xscale("log")
             ax.set_xlabel("Bits per update (utility not measured in this run)")
         ax.set_ylabel(ylabel, fontsize=9)
-        ax.set_ylim(-0.05, 1.05)
+        ys = [p[key] for p in points if p[key] is not None]
+        ax.set_ylim(min([-0.05] + [max(y, -1.0) - 0.05 for y in ys]), 1.05)
         ax.grid(alpha=0.3)
-        ax.axhspan(RECOGNISABLE_SSIM if key == "ssim" else HIGH_REID, 1.05, color="#c0392b", alpha=0.06)
+        ax.axhspan(RECOGNISABLE_SKILL if key == "skill" else HIGH_REID, 1.05, color="#c0392b", alpha=0.06)
     if handles:
         fig.legend(list(handles.values()), [t[:60] for t in handles], loc="lower center",
                    ncol=min(3, len(handles)), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02 - 0.035 *
@@ -343,9 +435,12 @@ th{background:#eef2f6;text-align:center;font-weight:600}
 td.l,th.l{text-align:left}
 .risk{display:inline-block;padding:2px 9px;border-radius:10px;font-weight:600;font-size:13px;white-space:nowrap}
 .high{background:#fbe3e1;color:#a3261b}.moderate{background:#fdf1d8;color:#8a5a00}.low{background:#e2f4e6;color:#1e6b34}
+.inconclusive{background:#e8eaee;color:#39424d}
 .note{color:#5b6672;font-size:13px}
-.grid td{padding:4px;text-align:left;vertical-align:middle}.grid td.l{width:280px}
-.grid img{image-rendering:pixelated;height:96px}
+.grid td{padding:6px 4px;text-align:left;vertical-align:top;border:none;border-bottom:1px solid #e3e7ec}
+.grid .cap{margin-bottom:4px}
+.grid img{image-rendering:pixelated;max-width:none}
+.scroll{overflow-x:auto}
 sup{color:#2c6fbb}
 dl dt{font-weight:600;margin-top:8px}dl dd{margin-left:18px}
 code{background:#f1f3f5;padding:1px 4px;border-radius:3px}
@@ -370,64 +465,139 @@ def _threat_text(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _grid_section(groups: list[Group], max_images: int = 8) -> str:
-    """Originals above their reconstruction under each defence, for one batch of images."""
-    import torch
+#: Size of one image in the report's grids, in CSS pixels (never shrunk by the page).
+TILE = 128
 
+
+def _truth_path(folder: Path, row: dict[str, Any]) -> Path | None:
+    """The truth file of a result folder: its own ``truth.npz`` (experiments, sweep cells) or the file
+    ``gradleak attack --truth`` read (recorded in metrics.json)."""
+    if (folder / "truth.npz").is_file():
+        return folder / "truth.npz"
+    t = row.get("_truth")
+    for cand in ([Path(t), folder / t] if t else []):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _tile_img(images, alt: str, pad: int = 3) -> str:
     from .images import grid
 
+    pic = grid([images], tile=TILE, pad=pad)
+    w, h = pic.size
+    return f"<img alt='{_e(alt)}' width='{w}' height='{h}' src='{_b64(_grid_png(pic))}'>"
+
+
+def _grid_section(groups: list[Group], max_images: int = 8) -> str:
+    """Originals, the blind baseline and the reconstruction under each defence, image above image, each
+    image at least :data:`TILE` px on screen."""
+    import torch
+
     # samples (truth files) and the (setting, attack) pairs that attacked them
-    by_sample: dict[str, dict[tuple[str, str], Path]] = OrderedDict()
+    by_sample: dict[str, dict[tuple[str, str], tuple[Path, Path]]] = OrderedDict()
+    unpaired: list[tuple[str, str, Path]] = []
     for g in groups:
         for attack, rows in g.by_attack.items():
             for r in rows:
                 folder = Path(r.get("_folder", ""))
-                t = folder / "truth.npz"
-                if not (t.is_file() and (folder / "reconstruction.npz").is_file()):
+                if not (folder / "reconstruction.npz").is_file():
+                    continue
+                t = _truth_path(folder, r)
+                if t is None:
+                    unpaired.append((g.label, attack, folder))
                     continue
                 with np.load(t) as z:
-                    key = json.dumps([z["indices"].tolist(), r.get("config", {}).get("data")], default=str)
-                by_sample.setdefault(key, {}).setdefault((g.label, attack), folder)
+                    key = json.dumps([z["indices"].tolist() if "indices" in z else [],
+                                      r.get("config", {}).get("data"), str(t) if "indices" not in z else ""],
+                                     default=str)
+                by_sample.setdefault(key, {}).setdefault((g.label, attack), (folder, t))
     if not by_sample:
-        return "<p class='note'>No reconstructions on disk to show.</p>"
+        if not unpaired:
+            return "<p class='note'>No reconstructions on disk to show.</p>"
+        items = []
+        for label, attack, folder in unpaired:
+            with np.load(folder / "reconstruction.npz") as z:
+                rec = torch.from_numpy(z["images"])[:max_images]
+            items.append(f"<tr><td><div class='cap'><b>{_e(label)}</b> <span class='note'>{_e(attack)}</span></div>"
+                         f"{_tile_img(rec, f'reconstruction under {label} by {attack}')}</td></tr>")
+        return ("<p class='note'>The originals are not on disk (the truth file this result was scored with has "
+                "moved), so the reconstructions are shown alone.</p>"
+                f"<div class='scroll'><table class='grid'>{''.join(items)}</table></div>")
     most = max(len(v) for v in by_sample.values())
     chosen, count = [], 0
     for k, v in by_sample.items():  # samples every pair attacked, up to `max_images` images
         if len(v) == most and count < max_images:
             chosen.append(v)
-            with np.load(next(iter(v.values())) / "truth.npz") as z:
+            with np.load(next(iter(v.values()))[1]) as z:
                 count += len(z["images"])
     pairs = list(chosen[0])
     originals, pids = [], []
     for v in chosen:
-        with np.load(next(iter(v.values())) / "truth.npz") as z:
+        with np.load(next(iter(v.values()))[1]) as z:
             originals.append(torch.from_numpy(z["images"]))
             pids += [str(p) for p in z["patient_ids"]] if "patient_ids" in z else [""] * len(z["images"])
     originals_t = torch.cat(originals)[:max_images]
-    tile = 96
-    rows_html = [f"<tr><td class='l'><b>Originals</b><br><span class='note'>patients "
-                 f"{_e(', '.join(pids[:max_images]))}</span></td><td><img alt='original images' "
-                 f"src='{_b64(_grid_png(grid([originals_t], tile=tile, pad=3)))}'></td></tr>"]
+    n0 = len(originals_t)
+    rows_html = [f"<tr><td><div class='cap'><b>Originals</b> <span class='note'>patients "
+                 f"{_e(', '.join(pids[:max_images]))}</span></div>{_tile_img(originals_t, 'original images')}</td></tr>"]
+    # the blind baseline: the guess without the update, as scored against these originals
+    base_imgs, base_ps, base_ss = [], [], []
+    for v in chosen:
+        folder, _ = next(iter(v.values()))
+        bp = folder / "baseline.npz"
+        m = _read_json(folder / "metrics.json")
+        if not bp.is_file() or not isinstance(m.get("baseline"), dict):
+            base_imgs = []
+            break
+        with np.load(bp) as z:
+            mean_img = torch.from_numpy(z["mean_image"])
+        k = int(m.get("num_images") or len(m.get("per_image") or []))
+        base_imgs.append(mean_img.expand(k, *mean_img.shape[1:]))
+        base_ps += [p.get("baseline_psnr") for p in m.get("per_image", [])]
+        base_ss += [p.get("baseline_ssim") for p in m.get("per_image", [])]
+    if base_imgs:
+        aux = (_read_json(next(iter(chosen[0].values()))[0] / "metrics.json").get("baseline") or {}).get(
+            "auxiliary_data") or {}
+        what = (f"the mean of {aux['images']} auxiliary images of patients not attacked" if aux.get("images")
+                else "the mean auxiliary image")
+        rows_html.append(
+            f"<tr><td><div class='cap'><b>Blind baseline</b> <span class='note'>the attacker's guess without the "
+            f"update: {_e(what)}; PSNR {_fmt(_mean(base_ps[:n0]), 1)} dB, SSIM {_fmt(_mean(base_ss[:n0]))} against "
+            f"these originals</span></div>{_tile_img(torch.cat(base_imgs)[:max_images], 'blind baseline')}</td></tr>")
     for label, attack in pairs:
-        recs, ps, ss = [], [], []
+        recs, ps, ss, gs = [], [], [], []
         for v in chosen:
-            folder = v[(label, attack)]
-            m = json.loads((folder / "metrics.json").read_text())
+            folder, _ = v[(label, attack)]
+            m = _read_json(folder / "metrics.json")
             perm = [p["paired_reconstruction"] for p in m["per_image"]]
             with np.load(folder / "reconstruction.npz") as z:
                 recs.append(torch.from_numpy(z["images"])[perm])
             ps += [p["psnr"] for p in m["per_image"]]
             ss += [p["ssim"] for p in m["per_image"]]
+            gs += [p.get("gain_ssim") for p in m["per_image"]]
         rec = torch.cat(recs)[:max_images]
         n = len(rec)
+        g_ = _mean(gs[:n])
         rows_html.append(
-            f"<tr><td class='l'><b>{_e(label)}</b><br><span class='note'>{_e(attack)}: PSNR "
-            f"{_fmt(_mean(ps[:n]), 1)} dB, SSIM {_fmt(_mean(ss[:n]))} on these {n}</span></td><td><img "
-            f"alt='reconstruction under {_e(label)} by {_e(attack)}' "
-            f"src='{_b64(_grid_png(grid([rec], tile=tile, pad=3)))}'></td></tr>")
-    return ("<p>The same private images (top row) reconstructed by the curious server under each defence, "
-            "each image below the original it was paired with. Pixels are shown enlarged.</p>"
-            f"<table class='grid'>{''.join(rows_html)}</table>")
+            f"<tr><td><div class='cap'><b>{_e(label)}</b> <span class='note'>{_e(attack)}: PSNR "
+            f"{_fmt(_mean(ps[:n]), 1)} dB, SSIM {_fmt(_mean(ss[:n]))}"
+            + (f" ({g_:+.2f} over the blind baseline)" if g_ is not None else "")
+            + f" on these {n}</span></div>{_tile_img(rec, f'reconstruction under {label} by {attack}')}</td></tr>")
+    return ("<p>The same private images (top row), the attacker's blind guess without the update, and what the "
+            "curious server reconstructed under each defence, each image below the original it was paired with. "
+            f"Every image is shown at {TILE} px, pixels enlarged.</p>"
+            f"<div class='scroll'><table class='grid'>{''.join(rows_html)}</table></div>")
+
+
+def _baseline_variant(rows: list[dict[str, Any]]) -> str:
+    from ..metrics.baseline import VARIANT
+
+    for r in rows:
+        v = (r.get("baseline") or {}).get("variant")
+        if v:
+            return str(v)
+    return VARIANT + " (not measured for these results)"
 
 
 def _cap(text: str) -> str:
@@ -480,17 +650,24 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
         strength = strength.rstrip(")") if strength else ""
         if " + " in g.setting:
             defence, strength = g.setting, ""
-        rate = f"{w['reid_hits']}/{w['reid_n']}" if w["reid_n"] else "–"
+        rate = (f"{w['reid_hits']}/{w['reid_n']}" + (f" <span class='note'>(chance {w['chance'] * w['reid_n']:.1f})"
+                                                       f"</span>" if w.get("chance") is not None else "")
+                if w["reid_n"] else "–")
+        gain = (f"{_fmt(w['gain_psnr'], 1)} dB<br>{_fmt(w['gain_ssim'])}" if w.get("gain_ssim") is not None
+                else "–")
         summary_rows.append(
             f"<tr><td class='l'><b>{_e(defence)}</b>{('<br><span class=note>' + _e(g.condition) + '</span>') if g.condition else ''}</td>"
-            f"<td class='l'>{_e(strength) or '–'}</td><td class='l'>{_e(w['attack'])}</td>"
+            f"<td class='l'>{_e(strength) or '–'}</td><td class='l'>{_e(w['attack'])}<br><span class='note'>"
+            f"{_e(budget_text({**w, 'attack': None}))}</span></td>"
             f"<td>{_fmt(w['psnr'], 1)}</td><td>{_fmt(w['ssim'])}</td><td>{_fmt(w['ms_ssim'])}</td>"
-            f"<td>{rate}</td><td>{(str(w['iip_hits']) + '/' + str(w['reid_n'])) if w['reid_n'] else '–'}</td>"
+            f"<td>{_fmt(w.get('baseline_ssim'))}</td><td>{gain}</td>"
+            f"<td>{rate}</td><td>{(str(w['iip_hits']) + '/' + str(w['iip_n'])) if w.get('iip_n') else '–'}</td>"
             f"<td>{_fmt(final.get('roc_auc'), 3)}</td><td>{_fmt(final.get('accuracy'), 3)}</td>"
             f"<td>{_bits(w['bits'])}</td><td>{_fmt(eps, 2) if eps is not None else '–'}</td>"
-            f"<td class='l'><span class='risk {risk}'>{risk} risk</span></td></tr>")
-        verdicts.append(f"<li><span class='risk {risk}'>{risk} risk</span> <b>{_e(g.label)}</b>: {_e(v)}</li>")
-        points.append({"setting": g.setting, "label": g.label, "ssim": w["ssim"],
+            f"<td class='l'><span class='risk {risk}'>{risk}{'' if risk == 'inconclusive' else ' risk'}</span></td></tr>")
+        verdicts.append(f"<li><span class='risk {risk}'>{risk}{'' if risk == 'inconclusive' else ' risk'}</span> "
+                        f"<b>{_e(g.label)}</b>: {_e(v)}</li>")
+        points.append({"setting": g.setting, "label": g.label, "skill": w["ssim_skill"],
                        "reid": (w["reid_hits"] / w["reid_n"]) if w["reid_n"] else None,
                        "auc": _num(final.get("roc_auc")), "bits": w["bits"], "risk": risk})
 
@@ -504,7 +681,9 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
     base = next((p for p in points if p["setting"] == "none"), None)
     if base:
         gb = next(g for g in groups if g.setting == "none")
-        bl.append(f"<b>Without protection</b>, {_e(verdict(gb.worst_case(), None, None)[0].lower() + verdict(gb.worst_case(), None, None)[1:])}")
+        vb = verdict(gb.worst_case(), None, None)
+        bl.append(f"<b>Without protection</b>{'' if base['risk'] == 'inconclusive' else ' (' + base['risk'] + ' risk)'}: "
+                  f"{_e(vb[0].lower() + vb[1:])}")
     protected = [p for p in points if p["setting"] != "none"]
     if protected:
         low = [p for p in protected if p["risk"] == "low"]
@@ -515,6 +694,16 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
                       f"the one that keeps the model best is <b>{_e(best['label'])}</b>{cost}.")
         else:
             bl.append(f"<b>None of the {len(protected)} protected setting(s) tested brought the risk down to low.</b>")
+    unsure = [p for p in points if p["risk"] == "inconclusive"]
+    if unsure:
+        bl.append(f"{len(unsure)} setting(s) are <b>inconclusive</b>: the attack stopped before converging, so their "
+                  f"result shows no leak but cannot show its absence; rerun them with a larger budget.")
+    tried = [a for g in groups for a in g.by_attack]
+    best_attack, stronger = strongest_tried(tried)
+    if best_attack is not None:
+        bl.append(f"Strongest attack tried: <b>{_e(best_attack)}</b>"
+                  + (f"; stronger attacks not run: {_e(', '.join(stronger))}." if stronger else
+                     " (the strongest gradleak has)."))
     if failed:
         bl.append(f"{len(failed)} cell(s) failed and are listed at the end.")
 
@@ -544,9 +733,12 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
                 f"<td>{_fmt(s['ms_ssim'])}</td><td>{_fmt(s['lpips'], 3) if s['lpips'] is not None else 'n/a'}</td>"
                 f"<td>{(str(s['reid_hits']) + '/' + str(s['reid_n'])) if s['reid_n'] else '–'}</td>"
                 f"<td>{(str(s['top5_hits']) + '/' + str(s['reid_n'])) if s['reid_n'] else '–'}</td>"
-                f"<td>{(str(s['iip_hits']) + '/' + str(s['reid_n'])) if s['reid_n'] else '–'}</td>"
+                f"<td>{(str(s['iip_hits']) + '/' + str(s['iip_n'])) if s.get('iip_n') else '–'}</td>"
                 f"<td class='l'>{_e(', '.join(s['reid_distances'])) or '–'}</td>"
-                f"<td>{_fmt(s['label_accuracy'])}</td></tr>")
+                f"<td>{_fmt(s['label_accuracy'])}</td><td>{_fmt(s.get('baseline_ssim'))}</td>"
+                f"<td>{_fmt(s.get('gain_psnr'), 1)} dB, {_fmt(s.get('gain_ssim'))}</td>"
+                f"<td class='l'><span class='risk {_risk(s)}'>{_risk(s)}</span><br><span class='note'>"
+                f"{_e(budget_text({**s, 'attack': None}))}</span></td></tr>")
     lpips_note = next((r["metrics"].get("lpips_note") for r in rows if r["metrics"].get("lpips_note")), None)
 
     failed_html = ""
@@ -578,18 +770,24 @@ defence costs the model. Generated by gradleak {_e(versions.get('gradleak', ''))
 
 <h2>Verdict per defence setting</h2>
 <ul>{''.join(verdicts)}</ul>
-<p class="note">Each verdict uses the strongest attack tested on that setting (the worst case for the patients: the highest risk level, then the most patients re-identified, then the highest SSIM).
-Images count as recognisable at SSIM &ge; {RECOGNISABLE_SSIM}, partly recognisable at SSIM &ge; {PARTLY_SSIM}; risk is
-high when images are recognisable or at least {int(HIGH_REID * 100)}% of patients are re-identified clearly better than
-guessing, moderate when images are partly recognisable or patients are re-identified clearly better than guessing
-("clearly": one-sided binomial test against a random ranking, p &lt; 0.05 after correcting for picking the strongest
-of the rankings). These are rules of thumb, not guarantees;
-a low risk here does not prove privacy against stronger attacks.</p>
+<p class="note">Each verdict uses the attack that leaks most on that setting (the worst case for the patients: the
+highest risk level, then the most patients re-identified, then the largest gain over the blind baseline) and states its
+budget. Images are judged against the <b>blind baseline</b>, the attacker's best guess without the update (the mean of
+its auxiliary images of other patients): they count as recognisable when the reconstruction closes at least
+{int(RECOGNISABLE_SKILL * 100)}% of the SSIM gap between that guess and the original, partly recognisable at
+{int(PARTLY_SKILL * 100)}%; raw SSIM alone is never the verdict, since a blurry average chest already scores high.
+Risk is high when images are recognisable or at least {int(HIGH_REID * 100)}% of patients are re-identified from
+their <i>other</i> images clearly better than guessing, moderate when images are partly recognisable or patients are
+re-identified clearly better than guessing ("clearly": one-sided binomial test against a random ranking, p &lt; 0.05
+after correcting for picking the strongest of the rankings), and <b>inconclusive</b> instead of low when the attack
+stopped before its loss had stopped falling: an attack cut short can show a leak, never its absence. These are rules
+of thumb, not guarantees; a low risk here does not prove privacy against stronger attacks.</p>
 
 <h2>Summary per defence and strength</h2>
 <table>
-<tr><th class="l">Defence</th><th class="l">Strength</th><th class="l">Strongest attack</th>
+<tr><th class="l">Defence</th><th class="l">Strength</th><th class="l">Attack that leaks most (budget)</th>
 <th>PSNR (dB)<sup>1</sup></th><th>SSIM<sup>2</sup></th><th>MS-SSIM<sup>3</sup></th>
+<th>Blind baseline SSIM<sup>10</sup></th><th>Gain over the baseline (PSNR, SSIM)<sup>10</sup></th>
 <th>Patients re-identified (top-1)<sup>4</sup></th><th>Exact image identified (IIP)<sup>5</sup></th>
 <th>Model ROC AUC<sup>6</sup></th><th>Model accuracy<sup>6</sup></th><th>Bits per update<sup>7</sup></th>
 <th>&epsilon;<sup>8</sup></th><th class="l">Risk</th></tr>
@@ -610,7 +808,8 @@ mean more leakage. Numbered notes are defined under "Definitions" below.</p>
 <table>
 <tr><th class="l">Setting</th><th class="l">Attack</th><th>Cells</th><th>Images</th><th>PSNR (dB)<sup>1</sup></th>
 <th>SSIM<sup>2</sup></th><th>MS-SSIM<sup>3</sup></th><th>LPIPS<sup>9</sup></th><th>Re-id top-1<sup>4</sup></th>
-<th>Re-id top-5<sup>4</sup></th><th>IIP<sup>5</sup></th><th class="l">Strongest ranking</th><th>Label accuracy</th></tr>
+<th>Re-id top-5<sup>4</sup></th><th>IIP<sup>5</sup></th><th class="l">Strongest ranking</th><th>Label accuracy</th>
+<th>Blind baseline SSIM<sup>10</sup></th><th>Gain (PSNR, SSIM)<sup>10</sup></th><th class="l">Risk and budget<sup>11</sup></th></tr>
 {''.join(detail)}
 </table>
 {failed_html}
@@ -647,6 +846,13 @@ without one).</dd>
 <dt>9 LPIPS</dt><dd>{_e(def_items.get('LPIPS', ''))}{('. ' + _e(_cap(lpips_note))) if lpips_note else ''}</dd>
 <dt>Label accuracy</dt><dd>Share of the batch's labels the attack recovered, compared as a multiset (the attacker
 does not know which image carries which label).</dd>
+<dt>10 Blind baseline and gain</dt><dd>{_e(_cap(_baseline_variant(rows)))}. The gain is the reconstruction's PSNR
+(dB) and SSIM minus the baseline's; verdicts use the SSIM gain as a share of the gap the baseline leaves,
+(SSIM &minus; baseline SSIM) / (1 &minus; baseline SSIM).</dd>
+<dt>11 Budget and convergence</dt><dd>The attack's iterations, wall-clock seconds and seconds per iteration, and
+whether its matching loss had stopped falling when the budget ended (converged: the best loss of the last fifth of the
+run improved on the best before it by less than 2%). An attack that had not converged, or ran too few iterations to
+tell, makes a setting inconclusive rather than low risk.</dd>
 </dl>
 <p class="note">Software: {_e(', '.join(f'{k} {v}' for k, v in versions.items()))}.</p>
 </body></html>

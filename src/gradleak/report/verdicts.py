@@ -1,0 +1,148 @@
+"""Verdicts in plain words, as pure functions over a setting's numbers (see docs/verdicts.md).
+
+A reconstruction leaks only what it recovers beyond the attacker's blind guess (the mean auxiliary image,
+:mod:`gradleak.metrics.baseline`), so image verdicts are judged on the *gain over that baseline*, never on
+raw SSIM: ``ssim_skill = (SSIM - baseline SSIM) / (1 - baseline SSIM)``, the share of the gap between
+the blind guess and the original that the attack closed.
+
+* images **recognisable**: ``ssim_skill >= 0.5`` (the reconstruction is nearer the original than the
+  blind guess by at least half the distance the guess leaves);
+* images **partly recognisable**: ``ssim_skill >= 0.2``;
+* **not recognisable** otherwise (a reconstruction equal to the baseline has skill 0).
+
+Risk, per setting, for the attack that leaks most:
+
+* **high**: images recognisable, or at least half of the patients re-identified (leave-the-image-out,
+  top-1) clearly better than a random ranking;
+* **moderate**: images partly recognisable, or patients re-identified clearly better than a random ranking;
+* **inconclusive** (instead of low): the attack stopped before converging -- an attack that stopped early
+  can show a leak, never its absence -- or there is no blind baseline to judge the images against;
+* **low**: none of the above, with every attack converged.
+
+"Clearly better": one-sided binomial test against the chance level, p < 0.05 after a Bonferroni
+correction for picking the strongest of the rankings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+RECOGNISABLE_SKILL = 0.5
+PARTLY_SKILL = 0.2
+HIGH_REID = 0.5
+
+#: Attacks from the strongest to the weakest; names not listed are shown as tried but not ranked.
+ATTACK_STRENGTH = ("auto", "rog", "inverting_gradients", "idlg", "dlg")
+
+RISK_ORDER = {"low": 0, "inconclusive": 1, "moderate": 2, "high": 3}
+
+INCONCLUSIVE = "inconclusive: the attack stopped before converging"
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def above_chance(hits: int | None, n: int | None, chance: float | None, rankings: int = 3) -> bool:
+    """Whether ``hits`` of ``n`` re-identifications beat a random ranking: one-sided binomial test at
+    p < 0.05, Bonferroni-corrected for the choice of the strongest of ``rankings`` rankings."""
+    if not n or hits is None or chance is None:
+        return False
+    from scipy.stats import binomtest
+
+    p = binomtest(int(hits), int(n), min(max(float(chance), 1e-12), 1.0), alternative="greater").pvalue
+    return p * max(1, rankings) < 0.05
+
+
+def image_level(ssim_skill: float | None) -> str | None:
+    """``recognisable``, ``partly`` or ``not`` from the SSIM gain over the blind baseline (None: unknown)."""
+    s = _num(ssim_skill)
+    if s is None:
+        return None
+    if s >= RECOGNISABLE_SKILL:
+        return "recognisable"
+    if s >= PARTLY_SKILL:
+        return "partly"
+    return "not"
+
+
+def image_phrase(level: str | None) -> str:
+    return {"recognisable": "images recognisable",
+            "partly": "images partly recognisable (coarse anatomy beyond the blind guess)",
+            "not": "images not recognisable (no clearer than the blind guess)",
+            None: "images not judged (no blind baseline)"}[level]
+
+
+def reid_significant(s: dict[str, Any]) -> bool:
+    return above_chance(s.get("reid_hits"), s.get("reid_n"), s.get("chance"),
+                        max(1, len(s.get("reid_rankings") or [])))
+
+
+def all_converged(s: dict[str, Any]) -> bool:
+    conv = s.get("converged") or []
+    return bool(conv) and all(c is True for c in conv)
+
+
+def risk(s: dict[str, Any]) -> str:
+    """The risk level of one attack's numbers on one setting (see the module docstring).
+
+    ``s`` holds ``ssim_skill``, ``reid_hits``, ``reid_n``, ``chance``, ``reid_rankings`` and
+    ``converged`` (one entry per cell: True, False or None)."""
+    level = image_level(s.get("ssim_skill"))
+    rate = (s["reid_hits"] / s["reid_n"]) if s.get("reid_n") else None
+    significant = reid_significant(s)
+    if level == "recognisable" or (significant and rate is not None and rate >= HIGH_REID):
+        return "high"
+    if level == "partly" or significant:
+        return "moderate"
+    if not all_converged(s) or level is None:
+        return "inconclusive"
+    return "low"
+
+
+def strength_rank(attack: str) -> int | None:
+    base = str(attack).split(" + ")[0].strip()
+    return ATTACK_STRENGTH.index(base) if base in ATTACK_STRENGTH else None
+
+
+def strongest_tried(attacks: Iterable[str]) -> tuple[str | None, list[str]]:
+    """The strongest attack among ``attacks`` (by :data:`ATTACK_STRENGTH`) and the stronger ones not run."""
+    names = list(dict.fromkeys(str(a) for a in attacks))
+    ranked = [(strength_rank(a), a) for a in names if strength_rank(a) is not None]
+    if not ranked:
+        return (names[0] if names else None), list(ATTACK_STRENGTH)
+    best_rank = min(r for r, _ in ranked)
+    # prefer the variant with a prior when both ran
+    best = sorted([a for r, a in ranked if r == best_rank], key=lambda a: (" + " not in a, a))[0]
+    return best, list(ATTACK_STRENGTH[:best_rank])
+
+
+def budget_text(s: dict[str, Any]) -> str:
+    """``inverting_gradients: 200 iterations in 12 s (0.06 s/iteration), converged``."""
+    it, sec, spi = _num(s.get("iterations")), _num(s.get("seconds")), _num(s.get("seconds_per_iteration"))
+    conv = s.get("converged") or []
+    parts = []
+    if it is not None:
+        parts.append(f"{it:.0f} iterations" + (f" in {sec:.0f} s" if sec is not None else "")
+                     + (f" ({spi:.3g} s/iteration)" if spi is not None else ""))
+    elif sec is not None:
+        parts.append(f"{sec:.0f} s")
+    if conv:
+        n_true = sum(c is True for c in conv)
+        if n_true == len(conv):
+            parts.append("converged" if len(conv) == 1 else f"converged in all {len(conv)} runs")
+        elif all(c is None for c in conv):
+            parts.append("too few iterations to judge convergence")
+        else:
+            parts.append("stopped before converging" if len(conv) == 1
+                         else f"converged in {n_true} of {len(conv)} runs")
+    else:
+        parts.append("convergence not recorded")
+    budget = ", ".join(parts)
+    return f"{s.get('attack')}: {budget}" if s.get("attack") else budget
+
+
+__all__ = ["RECOGNISABLE_SKILL", "PARTLY_SKILL", "HIGH_REID", "ATTACK_STRENGTH", "RISK_ORDER", "INCONCLUSIVE",
+           "above_chance", "image_level", "image_phrase", "reid_significant", "all_converged", "risk",
+           "strength_rank", "strongest_tried", "budget_text"]
