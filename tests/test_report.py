@@ -61,11 +61,23 @@ def test_report_cli_on_a_single_experiment(tmp_path):
                             "data": {"source": "phantoms", "size": 16, "n": 16},
                             "capture": {"arch": "lenet_zhu", "batch_size": 2},
                             "attack": {"name": "ig", "settings": {"iterations": 5, "restarts": 1}}})
-    folder, _ = run_experiment(cfg, echo=None, progress=False)
+    folder, metrics = run_experiment(cfg, echo=None, progress=False)
+    # metrics.json carries the blind baseline, the gain over it, the budget and patient re-identification
+    assert {"baseline", "gain_over_baseline", "budget", "converged", "reid"} <= set(metrics)
+    assert {"psnr_db", "ssim", "ssim_skill"} <= set(metrics["gain_over_baseline"])
+    assert metrics["gain_over_baseline"]["psnr_db"] == pytest.approx(metrics["psnr"] - metrics["baseline"]["psnr"])
+    assert metrics["budget"]["iterations"] == 5 and metrics["budget"]["seconds_per_iteration"] > 0
+    assert metrics["baseline"]["auxiliary_data"]["excluded_patients"] >= 1
+    assert metrics["reid"]["leave_the_image_out"] and metrics["reid"]["chance_top1"] is not None
+    assert (folder / "baseline.npz").is_file()
     p = gradleak("report", folder)
     assert str(folder / "report.html") in p.stdout
     page = (folder / "report.html").read_text()
     assert "Privacy report: one" in page and "inverting_gradients" in page
+    # five iterations: never "low risk", always the budget
+    assert "inconclusive: the attack stopped before converging" in page.lower()
+    assert "low risk" not in page.split("Verdict per defence setting")[1].split("</ul>")[0]
+    assert "5 iterations in" in page and "Blind baseline" in page
 
 
 def test_re_identification_must_beat_guessing():
@@ -118,3 +130,66 @@ def test_settings_are_grouped_by_defence_and_judged_by_the_worst_case_attack():
     assert groups[0].worst_case()["attack"] == "inverting_gradients"
     # under 'sign' only ROG reaches partly recognisable images
     assert groups[1].worst_case()["attack"] == "rog"
+
+
+def _tiny_attack_folder(tmp_path, iterations=5):
+    """A `gradleak attack --truth` output folder on 16 px phantoms (the attack's own folder, no truth copy)."""
+    obs = tmp_path / "cap" / "obs.pt"
+    gradleak("capture", "--data", "phantoms:n=24", "--size", 16, "--batch-size", 2, "--arch", "lenet_zhu",
+             "--out", obs)
+    out = tmp_path / "attack"
+    p = gradleak("attack", "--observation", obs, "--attack", "ig", "--out", out, "--truth",
+                 tmp_path / "cap" / "truth.npz", "--iterations", iterations, "--restarts", 1, "--quiet")
+    return out, p
+
+
+def test_attack_folder_report_shows_its_images_in_headless_chromium(tmp_path):
+    out, p = _tiny_attack_folder(tmp_path)
+    assert "blind baseline" in p.stdout and "leave-the-image-out" in p.stdout
+    r = gradleak("report", out)
+    page = (out / "report.html").read_text()
+    assert str(out / "report.html") in r.stdout
+    assert "No reconstructions on disk" not in page
+    for alt in ("original images", "blind baseline", "reconstruction under none by inverting_gradients"):
+        assert f"alt='{alt}'" in page, alt
+    # every image at least 128 px on screen: the grids are drawn at 128 px a tile and never shrunk
+    sizes = [(int(w), int(h)) for w, h in re.findall(r"<img alt='[^']*' width='(\d+)' height='(\d+)'", page)]
+    assert len(sizes) == 3 and all(h >= 128 and w >= 2 * 128 for w, h in sizes)
+    assert "max-width:none" in page
+    # the budget and the convergence stand next to the verdict; 5 iterations cannot show an absence
+    assert "5 iterations in" in page and "inconclusive: the attack stopped before converging" in page.lower()
+    assert "low risk" not in page.split("Verdict per defence setting")[1].split("</ul>")[0]
+    if _chromium() is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    url = (out / "report.html").resolve().as_uri()
+    dom = _chrome(url, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert len(re.findall(r"<img ", dom.stdout)) >= 4  # originals, baseline, reconstruction, plot
+    shot = tmp_path / "shot.png"
+    s = _chrome(url, f"--screenshot={shot}", "--window-size=1280,2600", "--hide-scrollbars")
+    assert s.returncode == 0 and shot.is_file(), s.stderr[-2000:]
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    # the image grid: somewhere on the page a 128 px tall band holds grey X-ray pixels (not text on white)
+    grey = ((img > 20) & (img < 235)).mean(axis=1)
+    run = best = 0
+    for v in grey > 0.1:
+        run = run + 1 if v else 0
+        best = max(best, run)
+    assert best >= 128, best
+
+
+def test_report_on_a_folder_without_results_is_one_line_exit_2(tmp_path):
+    from test_cli import assert_user_error
+
+    (tmp_path / "empty").mkdir()
+    assert_user_error(gradleak("report", tmp_path / "empty", check=False), "no readable results")
+    assert_user_error(gradleak("report", tmp_path / "missing", check=False), "not found")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{not json")
+    assert_user_error(gradleak("report", bad, check=False), "metrics.json")
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "results.jsonl").write_text('{"cell": "0000-x", "status": "failed", "error": "boom"}\n')
+    assert_user_error(gradleak("report", sweep, check=False), "no finished cell")
+    assert not (tmp_path / "empty" / "report.html").exists()

@@ -172,7 +172,10 @@ def cmd_attack(a: argparse.Namespace) -> int:
         rec = run_attack(name, obs, overrides, seed=a.seed, device=a.device, progress=not a.quiet,
                          postprocess=prior)
         extra = {"observation": str(Path(a.observation).resolve()), **({"prior": str(a.prior)} if prior else {}),
-                 "obfuscation": obs.obfuscation, "protocol": obs.protocol,
+                 "obfuscation": obs.obfuscation, "protocol": obs.protocol, "model": obs.model,
+                 "data_description": (obs.meta or {}).get("data"),
+                 "bits": ((obs.obfuscation[-1].get("update_bits") if obs.obfuscation else None)
+                          or 32 * sum(int(v.numel()) for v in obs.update.values())),
                  **({"truth": str(Path(a.truth).resolve())} if truth is not None else {})}
         metrics = write_reconstruction(staging, rec, truth, extra=extra, guesses=guesses, reference=aux)
         if metrics is not None and ref_ds is not None:

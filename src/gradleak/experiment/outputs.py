@@ -111,6 +111,7 @@ def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = N
         metrics = {**metrics, "threat_model": rec.threat_model, "attack": rec.attack,
                    "budget": budget(summary), "converged": summary.get("converged"),
                    **{k: v for k, v in (extra or {}).items() if k in ("bits", "obfuscation", "protocol", "truth",
-                                                                       "prior", "observation")}}
+                                                                       "prior", "observation", "model",
+                                                                       "data_description")}}
         write_json(out / "metrics.json", metrics)
     return metrics

@@ -68,7 +68,7 @@ def _single_row(folder: Path) -> dict[str, Any]:
         except yaml.YAMLError:
             cfg = {}
     attack = _read_json(folder / "attack.json") if (folder / "attack.json").is_file() else {}
-    if cfg.get("capture"):
+    if cfg.get("capture") and "obfuscation" in cfg["capture"]:
         setting = setting_label(cfg)
     else:  # an attack folder: the defence as the observation recorded it
         proto = m.get("protocol") or {"algorithm": (m.get("threat_model") or {}).get("protocol", "fedsgd")}
@@ -79,6 +79,13 @@ def _single_row(folder: Path) -> dict[str, Any]:
             "local_lr": proto.get("local_lr")}}})
     name = str(m.get("attack", attack.get("attack", "?")))
     tm = m.get("threat_model") or {}
+    if not cfg.get("capture") and isinstance(m.get("model"), dict):  # what the observation says it captured
+        d = m.get("data_description") or {}
+        cfg = {"data": {k: d[k] for k in ("source", "path", "split", "size") if d.get(k) is not None},
+               "capture": {"arch": m["model"].get("arch"), "batch_size": m.get("num_images"),
+                           "protocol": m.get("protocol") or {}}}
+        if not cfg["data"]:
+            cfg.pop("data")
     if m.get("prior") or cfg.get("attack", {}).get("prior") or tm.get("postprocessing"):
         name += " + prior"
     return {"cell": folder.name, "index": 0, "status": "ok", "attack": name, "setting": setting, "params": {},
@@ -356,7 +363,8 @@ def privacy_utility_plot(points: list[dict[str, Any]]) -> bytes | None:
 
     have_utility = any(p["auc"] is not None for p in points)
     have_reid = any(p["reid"] is not None for p in points)
-    if not points:
+    if not points or not any((p["auc"] if have_utility else p["bits"]) is not None
+                             and (p["skill"] is not None or p["reid"] is not None) for p in points):
         return None
     panels = [("skill", "Image leakage beyond the blind guess: SSIM gain\n(share of the gap between the blind "
                         "guess and the original; 1 = identical)")]
