@@ -46,6 +46,19 @@ def test_capture_attack_metrics_end_to_end(tmp_path):
     assert {"psnr", "ssim", "per_image", "metric_variants", "threat_model", "label_accuracy"} <= set(m)
     assert m["threat_model"]["labels_known"] is False
     assert len(m["per_image"]) == 2
+    # the blind baseline from the observation's own data set (attacked patients excluded), its gain, the budget
+    assert m["baseline"]["auxiliary_data"]["data"] == "phantoms" and m["baseline"]["auxiliary_data"]["excluded_patients"]
+    assert m["gain_over_baseline"]["ssim"] == pytest.approx(m["ssim"] - m["baseline"]["ssim"])
+    assert m["budget"]["iterations"] == 20 and m["budget"]["restarts"] == 2 and "converged" in m
+    # patient re-identification, leave-the-image-out, with the chance level
+    assert m["reid"]["leave_the_image_out"] and m["reid"]["strongest"]["n"] == 2
+    assert 0 < m["reid"]["chance_top1"] < m["reid"]["chance_top5"] < 1
+    assert "blind baseline" in p.stdout and (out / "baseline.npz").is_file()
+    # a bad reference data set is refused in one line, before any work
+    assert_user_error(gradleak("attack", "--observation", obs, "--out", tmp_path / "x", "--truth", truth,
+                               "--iterations", 1, "--reference-data", "phantom:n=8", check=False),
+                      "--reference-data", "did you mean 'phantoms'")
+    assert not (tmp_path / "x").exists()
     # inspect reads the same file
     assert "lenet_zhu" in gradleak("inspect", obs).stdout
 

@@ -111,6 +111,13 @@ def test_sweep_writes_rows_records_failures_and_exports(tiny_sweep):
     assert set(reid["by_distance"]) == {"mse", "ssim", "embedding"}
     assert reid["gallery"]["images"] == 24 and reid["embedding"]["kind"] == "autoencoder"
     assert sorted(reid["by_distance"]["mse"]["true_image_rank"])[0] >= 1
+    # patient re-identification with the attacked image left out; the image level kept apart
+    assert reid["leave_the_image_out"] and 0 < reid["chance_top1"] <= reid["chance_top5"] <= 1
+    assert reid["strongest"]["iip_n"] == 2 and reid["num_with_other_images"] == 2  # phantoms: 4 images a patient
+    # every row carries its blind baseline, the gain over it and the attack's budget
+    assert r["baseline"]["ssim"] > 0 and "mean of its auxiliary images" in r["baseline"]["variant"]
+    assert r["gain_over_baseline"]["ssim"] == pytest.approx(r["metrics"]["ssim"] - r["baseline"]["ssim"])
+    assert r["budget"]["iterations"] == 20 and r["budget"]["seconds"] > 0 and "converged" in r
     # each cell's files, renamed into place; no leftovers
     for row in rows:
         assert (out / "cells" / row["cell"] / "row.json").is_file()
@@ -120,7 +127,8 @@ def test_sweep_writes_rows_records_failures_and_exports(tiny_sweep):
     assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"cell", "status", "metrics.psnr", "metrics.ssim", "reid.strongest.top1", "bits", "epsilon",
-            "error", "params.capture.batch_size"} <= set(header)
+            "error", "params.capture.batch_size", "baseline.ssim", "gain_over_baseline.ssim_skill",
+            "budget.iterations", "budget.converged", "reid.chance_top5"} <= set(header)
     try:
         import pyarrow.parquet as pq
     except ImportError:
