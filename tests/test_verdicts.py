@@ -1,5 +1,6 @@
 """Verdicts judged on the gain over the blind baseline, on re-identification and on convergence."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -106,3 +107,58 @@ def test_strongest_attack_tried_and_the_stronger_ones_not_run():
     assert strongest_tried(["rog", "rog + prior", "idlg"]) == ("rog + prior", ["auto"])
     assert strongest_tried(["auto", "rog"]) == ("auto", [])
     assert strongest_tried(["my_attack"]) == ("my_attack", list(ATTACK_STRENGTH))
+
+
+def test_utility_runs_over_seeds_give_a_mean_and_a_95_percent_interval(tmp_path):
+    import json
+
+    from scipy.stats import t
+
+    from gradleak.report.html import _auc_text, aggregate_utility, read_utilities
+
+    aucs = [0.70, 0.74, 0.66]
+    for k, auc in enumerate(aucs):
+        d = tmp_path / "utility" / ("abc" if k == 0 else f"abc-s{k}")
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"status": "ok", "utility": {
+            "final": {"roc_auc": auc, "accuracy": 0.6}, "epsilon": [1.0, 2.0 + k], "delta": 1e-5}}))
+    (tmp_path / "utility" / "zzz").mkdir()
+    (tmp_path / "utility" / "zzz" / "result.json").write_text(json.dumps({"status": "ok", "utility": {
+        "final": {"roc_auc": 0.5}}}))
+    u = read_utilities(tmp_path)
+    assert set(u) == {"abc", "zzz"} and u["abc"]["seeds"] == 3 and u["zzz"]["seeds"] == 1
+    half = t.ppf(0.975, 2) * np.std(aucs, ddof=1) / np.sqrt(3)
+    assert u["abc"]["final"]["roc_auc"] == pytest.approx(0.70)
+    assert u["abc"]["final_ci95"]["roc_auc"] == pytest.approx([0.70 - half, 0.70 + half])
+    assert u["abc"]["epsilon"] == 4.0  # the largest spent
+    assert "95% interval" in _auc_text(u["abc"]) and "3 seeds" in _auc_text(u["abc"])
+    assert "one seed, no interval" in _auc_text(u["zzz"])
+    assert aggregate_utility([]) == {}
+
+
+def test_utility_runs_default_to_the_attacked_architecture_and_protocol():
+    from gradleak.experiment.sweep import expand, spec_from_dict, utility_config
+
+    spec = spec_from_dict({"name": "u", "base": {"data": {"source": "phantoms", "size": 16, "n": 24},
+                                                 "capture": {"arch": "lenet_zhu", "protocol": {"algorithm": "fedsgd"}}},
+                           "grid": {"capture.obfuscation": ["none", "qsgd:levels=4"]},
+                           "utility": {"enabled": True, "config": {"federation": {"rounds": 2}}}})
+    assert spec["utility"]["seeds"] == 3
+    cells = expand(spec)
+    u = utility_config(spec, cells[1].config)
+    assert u["model"]["arch"] == "lenet_zhu" and u["federation"]["algorithm"] == "fedsgd"
+    assert u["obfuscation"] == [{"name": "qsgd", "levels": 4}]
+    # a utility config that names its own model keeps it (and the report says so)
+    spec2 = spec_from_dict({**spec, "utility": {"enabled": True, "config": {"model": {"arch": "convnet"}}}})
+    assert utility_config(spec2, cells[0].config)["model"]["arch"] == "convnet"
+
+
+def test_the_report_says_when_utility_comes_from_another_configuration():
+    from gradleak.report.html import _utility_mismatch
+
+    row = {"utility_key": "k", "config": {"capture": {"arch": "lenet5", "protocol": {"algorithm": "fedsgd"}}}}
+    same = {"k": {"model": {"arch": "lenet5"}, "protocol": {"algorithm": "fedsgd"}}}
+    other = {"k": {"model": {"arch": "convnet"}, "protocol": {"algorithm": "fedavg"}}}
+    assert _utility_mismatch([row], same) == ""
+    text = _utility_mismatch([row], other)
+    assert "trained convnet, the attacks ran on lenet5" in text and "used fedavg, the attacked updates fedsgd" in text

@@ -74,7 +74,10 @@ SWEEP_SCHEMA: dict[str, Any] = {
     },
     "utility": {
         "enabled": False,
-        "config": OPEN({}),  # a `gradleak utility` config; each cell's capture.obfuscation is applied to it
+        # a `gradleak utility` config; each cell's capture.obfuscation is applied to it, and the cell's
+        # architecture and protocol unless the config names its own (the report prints any difference)
+        "config": OPEN({}),
+        "seeds": 3,  # runs per utility config (seed and model seed + 0, 1, ...): mean and 95 % interval
     },
     "keep_observations": False,  # observation.pt can be large (the model's weights twice); off by default
     "gpus_per_cell": 1.0,  # GPUs a Ray task asks for when the cell's attack.device is cuda
@@ -127,6 +130,8 @@ def spec_from_dict(user: Any, source: str = "sweep", overrides: dict[str, Any] |
         raise UserError(f"{source}: 'reid.embedding' must be auto, autoencoder, none or classifier:PATH, got '{emb}'")
     if r["gallery_size"] < 1:
         raise UserError(f"{source}: 'reid.gallery_size' must be >= 1")
+    if spec["utility"]["seeds"] < 1:
+        raise UserError(f"{source}: 'utility.seeds' must be >= 1")
     if not spec["gpus_per_cell"] >= 0:
         raise UserError(f"{source}: 'gpus_per_cell' must be >= 0")
     return spec
@@ -647,7 +652,12 @@ def _epsilon(records: list[dict[str, Any]]) -> float | None:
 #: What a sweep keeps of a utility run's result (the full ``utility.json`` stays in its folder).
 _UTILITY_KEYS = ("final", "best", "best_round", "rounds_run", "bits_per_round", "bits_per_update",
                  "dense_bits_per_update", "epsilon", "delta", "threat_model", "metric_variants", "model",
-                 "seconds")
+                 "protocol", "seconds")
+
+
+def utility_run_id(key: str, k: int) -> str:
+    """The folder of the ``k``-th seed of utility config ``key`` (the first keeps the bare key)."""
+    return key if k == 0 else f"{key}-s{k}"
 
 
 def utility_config(spec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -655,6 +665,16 @@ def utility_config(spec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     utility config names its own) and the cell's obfuscation, checked by the utility simulation."""
     ucfg = copy.deepcopy(spec["utility"]["config"])
     ucfg.setdefault("data", copy.deepcopy(cfg["data"]))
+    cap = cfg["capture"]
+    model = ucfg.setdefault("model", {})
+    if isinstance(model, dict) and "arch" not in model:  # the attacked architecture, as captured
+        model["arch"] = cap["arch"]
+        for k in ("options", "mean", "std", "num_classes"):
+            if cap.get(k) is not None:
+                model.setdefault(k, copy.deepcopy(cap[k]))
+    fed = ucfg.setdefault("federation", {})
+    if isinstance(fed, dict) and "algorithm" not in fed:  # the attacked protocol
+        fed["algorithm"] = cap["protocol"]["algorithm"]
     ucfg["obfuscation"] = copy.deepcopy(cfg["capture"]["obfuscation"])
     ucfg.setdefault("name", f"{spec['name']}-utility")
     ucfg.pop("output_dir", None)
@@ -854,6 +874,8 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
             old = yaml.safe_load(spec_path.read_text()) or {}
         except yaml.YAMLError:
             raise UserError(f"{spec_path}: not valid YAML; move the folder away or use another --out") from None
+        if isinstance(old.get("utility"), dict):  # written before utility.seeds existed
+            old["utility"].setdefault("seeds", SWEEP_SCHEMA["utility"]["seeds"])
         if _spec_for_compare(old) != _spec_for_compare({"format": SWEEP_FORMAT, **spec}):
             raise UserError(f"{folder} holds a different sweep (its sweep.yaml differs from this spec); "
                             f"use another --out to run this one")
@@ -893,9 +915,16 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
             ucfg = checked[k]
             key = digest(ucfg, 10)
             ukeys[c.id] = key
-            if not (folder / "utility" / key / "result.json").is_file() and key not in utasks:
-                utasks[key] = {"kind": "utility", "id": key, "config": ucfg,
-                               "label": obfuscation_label(ucfg["obfuscation"]), "device": str(ucfg.get("device", "cpu"))}
+            for k_seed in range(int(spec["utility"]["seeds"])):
+                sid = utility_run_id(key, k_seed)
+                if not (folder / "utility" / sid / "result.json").is_file() and sid not in utasks:
+                    ucfg_s = copy.deepcopy(ucfg)
+                    ucfg_s["seed"] = int(ucfg["seed"]) + k_seed
+                    ucfg_s["model"]["model_seed"] = int(ucfg["model"]["model_seed"]) + k_seed
+                    utasks[sid] = {"kind": "utility", "id": sid, "config": ucfg_s,
+                                   "label": obfuscation_label(ucfg["obfuscation"]) + (f" (seed {ucfg_s['seed']})"
+                                                                                      if k_seed else ""),
+                                   "device": str(ucfg.get("device", "cpu"))}
     # utility results that failed before are retried
     for key in list(utasks):
         shutil.rmtree(folder / "utility" / f".{key}.partial", ignore_errors=True)

@@ -147,16 +147,71 @@ def _load_rows(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str]
 
 
 def read_utilities(folder: Path) -> dict[str, dict[str, Any]]:
-    """The finished utility runs of a sweep folder: ``{utility key: its result summary}``."""
-    out = {}
+    """The finished utility runs of a sweep folder: ``{utility key: its result summary}``; the runs of
+    one config under several seeds (folders ``KEY``, ``KEY-s1``, ...) are merged by
+    :func:`aggregate_utility`."""
+    import re
+
+    runs: dict[str, list[dict[str, Any]]] = OrderedDict()
     for p in sorted((folder / "utility").glob("*/result.json")):
         try:
             r = json.loads(p.read_text())
         except json.JSONDecodeError:
             continue
         if r.get("status") == "ok":
-            out[p.parent.name] = r.get("utility") or {}
+            key = re.sub(r"-s\d+$", "", p.parent.name)
+            runs.setdefault(key, []).append(r.get("utility") or {})
+    return {k: aggregate_utility(v) for k, v in runs.items()}
+
+
+#: Final metrics whose mean and 95 % interval over seeds the report shows.
+_INTERVAL_METRICS = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "loss")
+
+
+def aggregate_utility(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One utility config run under several seeds: ``final`` holds the mean of each final metric,
+    ``final_ci95`` its two-sided 95 % Student-t interval over the seeds (None for one seed), ``seeds`` the
+    number of runs and ``per_seed_final`` each run's final metrics. Other keys come from the first run
+    (epsilon: the largest)."""
+    if not runs:
+        return {}
+    out = dict(runs[0])
+    finals = [r.get("final") or {} for r in runs]
+    n = len(runs)
+    out["seeds"] = n
+    out["per_seed_final"] = finals
+    mean: dict[str, Any] = dict(finals[0])
+    ci: dict[str, Any] = {}
+    for k in _INTERVAL_METRICS:
+        vals = [v for v in (_num(f.get(k)) for f in finals) if v is not None]
+        if not vals:
+            continue
+        m = float(np.mean(vals))
+        mean[k] = m
+        if len(vals) > 1:
+            from scipy.stats import t
+
+            half = float(t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / np.sqrt(len(vals)))
+            ci[k] = [m - half, m + half]
+        else:
+            ci[k] = None
+    out["final"] = mean
+    out["final_ci95"] = ci
+    eps = [e for e in (_last(r.get("epsilon")) for r in runs) if e is not None]
+    out["epsilon"] = max(eps) if eps else None
     return out
+
+
+def _auc_text(utility: dict[str, Any] | None, html_: bool = True) -> str:
+    """ROC AUC with its 95 % interval over seeds (or the note that one seed gives none)."""
+    final = (utility or {}).get("final") or {}
+    auc = _num(final.get("roc_auc"))
+    if auc is None:
+        return "–"
+    ci = ((utility or {}).get("final_ci95") or {}).get("roc_auc")
+    seeds = int((utility or {}).get("seeds") or 1)
+    note = (f"95% interval {ci[0]:.3f}–{ci[1]:.3f}, {seeds} seeds" if ci else "one seed, no interval")
+    return f"{auc:.3f}<br><span class='note'>{note}</span>" if html_ else f"{auc:.3f} ({note})"
 
 
 def _num(x: Any) -> float | None:
@@ -343,7 +398,7 @@ def verdict(s: dict[str, Any], utility: dict[str, Any] | None, baseline_auc: flo
     auc = _num((utility or {}).get("final", {}).get("roc_auc"))
     if auc is not None:
         delta = f", {auc - baseline_auc:+.3f} vs. no protection" if baseline_auc is not None else ""
-        text += f" Model ROC AUC {auc:.3f}{delta}."
+        text += f" Model ROC AUC {_auc_text(utility, html_=False)}{delta}."
     return text
 
 
@@ -598,6 +653,48 @@ def _grid_section(groups: list[Group], max_images: int = 8) -> str:
             f"<div class='scroll'><table class='grid'>{''.join(rows_html)}</table></div>")
 
 
+def _utility_mismatch(rows: list[dict[str, Any]], utilities: dict[str, dict[str, Any]]) -> str:
+    """How the utility runs' model and protocol differ from the attacked ones ('' when they match)."""
+    diffs: set[str] = set()
+    for r in rows:
+        u = utilities.get(r.get("utility_key") or "")
+        cap = (r.get("config") or {}).get("capture") or {}
+        if not u or not cap:
+            continue
+        ua, ca = (u.get("model") or {}).get("arch"), cap.get("arch")
+        up, cp = (u.get("protocol") or {}).get("algorithm"), (cap.get("protocol") or {}).get("algorithm")
+        if ua and ca and ua != ca:
+            diffs.add(f"the utility runs trained {ua}, the attacks ran on {ca}")
+        if up and cp and up != cp:
+            diffs.add(f"the utility runs used {up}, the attacked updates {cp}")
+    return "; ".join(sorted(diffs)) + "." if diffs else ""
+
+
+def _epsilon_text(utility: dict[str, Any] | None, rows: list[dict[str, Any]]) -> str:
+    """Epsilon with what it depends on: delta, the rounds accounted and the client sampling rate. From the
+    utility run when there is one (the whole training), else from the attacked update's record (one
+    round as recorded)."""
+    if utility and _last(utility.get("epsilon")) is not None:
+        eps, delta = _last(utility.get("epsilon")), utility.get("delta")
+        rounds = utility.get("rounds_run")
+        q = (((utility.get("threat_model") or {}).get("dp") or {}).get("sample_rate"))
+        where = "training"
+    else:
+        recs = [o for r in rows for o in (r.get("obfuscation") or []) if isinstance(o, dict)
+                and _num(o.get("epsilon")) is not None]
+        if not recs:
+            return "–"
+        o = recs[-1]
+        eps, delta, rounds, q = o["epsilon"], o.get("delta"), o.get("rounds"), o.get("sample_rate")
+        where = "capture"
+    parts = [f"&delta; {_e(f'{delta:g}')}" if _num(delta) is not None else None,
+             f"{rounds} round{'s' if rounds != 1 else ''}" if rounds is not None else None,
+             f"sample rate {_e(f'{q:g}')}" if _num(q) is not None else None]
+    extra = ", ".join(x for x in parts if x)
+    return (f"{_fmt(eps, 2)}<br><span class='note'>{extra}" + (f"; {where}" if where == "capture" else "")
+            + "</span>") if extra else _fmt(eps, 2)
+
+
 def _baseline_variant(rows: list[dict[str, Any]]) -> str:
     from ..metrics.baseline import VARIANT
 
@@ -652,8 +749,7 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
         final = (u or {}).get("final", {})
         risk = _risk(w)
         v = verdict(w, u, base_auc)
-        eps = _last((u or {}).get("epsilon")) if u else None
-        eps = eps if eps is not None else w["epsilon"]
+        eps_text = _epsilon_text(u, g.by_attack[w["attack"]])
         defence, _, strength = g.setting.partition("(")
         strength = strength.rstrip(")") if strength else ""
         if " + " in g.setting:
@@ -670,8 +766,8 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
             f"<td>{_fmt(w['psnr'], 1)}</td><td>{_fmt(w['ssim'])}</td><td>{_fmt(w['ms_ssim'])}</td>"
             f"<td>{_fmt(w.get('baseline_ssim'))}</td><td>{gain}</td>"
             f"<td>{rate}</td><td>{(str(w['iip_hits']) + '/' + str(w['iip_n'])) if w.get('iip_n') else '–'}</td>"
-            f"<td>{_fmt(final.get('roc_auc'), 3)}</td><td>{_fmt(final.get('accuracy'), 3)}</td>"
-            f"<td>{_bits(w['bits'])}</td><td>{_fmt(eps, 2) if eps is not None else '–'}</td>"
+            f"<td>{_auc_text(u)}</td><td>{_fmt(final.get('accuracy'), 3)}</td>"
+            f"<td>{_bits(w['bits'])}</td><td>{eps_text}</td>"
             f"<td class='l'><span class='risk {risk}'>{risk}{'' if risk == 'inconclusive' else ' risk'}</span></td></tr>")
         verdicts.append(f"<li><span class='risk {risk}'>{risk}{'' if risk == 'inconclusive' else ' risk'}</span> "
                         f"<b>{_e(g.label)}</b>: {_e(v)}</li>")
@@ -702,6 +798,9 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
                       f"the one that keeps the model best is <b>{_e(best['label'])}</b>{cost}.")
         else:
             bl.append(f"<b>None of the {len(protected)} protected setting(s) tested brought the risk down to low.</b>")
+        if base and base["risk"] in ("low", "inconclusive") and low:
+            bl.append("Even without protection the attacks tried showed no leak by these criteria, so a low risk "
+                      "under a defence says little about that defence.")
     unsure = [p for p in points if p["risk"] == "inconclusive"]
     if unsure:
         bl.append(f"{len(unsure)} setting(s) are <b>inconclusive</b>: the attack stopped before converging, so their "
@@ -764,6 +863,9 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
                  + "Shaded band: the high-risk zone.</p>") if plot else "<p class='note'>No plot.</p>"
     utility_note = ("" if utilities else "<p class='note'>Model utility (ROC AUC, accuracy) was not measured in "
                     "this run (enable <code>utility</code> in the sweep spec).</p>")
+    mismatch = _utility_mismatch(rows, utilities)
+    if mismatch:
+        utility_note += f"<p class='note'><b>Utility of another configuration:</b> {_e(mismatch)}</p>"
 
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>gradleak privacy report: {_e(name)}</title>
@@ -846,11 +948,14 @@ reported. "Chance" is what a random ranking would reach.</dd>
 <dt>5 IIP</dt><dd>{_e((reid_def.get('variants') or {}).get('iip', 'image identifiability precision (Yin et al. 2021)'))},
 counted per attacked image.</dd>
 <dt>6 Model utility</dt><dd>ROC AUC and accuracy of the federated pneumonia classifier trained under the same
-defence, on held-out patients.</dd>
+defence (by default also the attacked architecture and protocol; any difference is stated above the table), on
+held-out patients (a patient-disjoint split), as the mean over seeds with a two-sided 95% Student-t interval.</dd>
 <dt>7 Bits per update</dt><dd>Communication cost of one client update after the defence (32 bits per value
 without one).</dd>
-<dt>8 &epsilon;</dt><dd>Differential-privacy budget spent (for DP noise settings; lower is more private);
-"–" where the defence gives no DP guarantee.</dd>
+<dt>8 &epsilon;</dt><dd>Client-level differential-privacy budget spent (for DP noise settings; lower is more
+private), always with its &delta;, the rounds it was accounted over and the client sampling rate: from the utility
+run's whole training when there is one, otherwise from the attacked update as captured ("capture"). "–" where the
+defence gives no DP guarantee.</dd>
 <dt>9 LPIPS</dt><dd>{_e(def_items.get('LPIPS', ''))}{('. ' + _e(_cap(lpips_note))) if lpips_note else ''}</dd>
 <dt>Label accuracy</dt><dd>Share of the batch's labels the attack recovered, compared as a multiset (the attacker
 does not know which image carries which label).</dd>
