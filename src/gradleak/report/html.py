@@ -38,9 +38,9 @@ from ..errors import UserError
 from ..files import write_bytes, write_text
 from .labels import setting_label
 
-from .verdicts import (ATTACK_STRENGTH, HIGH_REID, INCONCLUSIVE, PARTLY_SKILL, RECOGNISABLE_SKILL, RISK_ORDER,
+from .verdicts import (HIGH_REID, INCONCLUSIVE, PARTLY_SKILL, RECOGNISABLE_SKILL, RISK_ORDER,
                        above_chance, all_converged, budget_text, image_level, image_phrase, reid_significant,
-                       risk as _risk, strongest_tried)
+                       risk as _risk, strongest_tried)  # above_chance: re-exported
 
 # grid keys that vary the sample, not the setting: averaged over in the summary
 _SAMPLE_KEYS = ("seed", "capture.indices", "capture.model_seed")
