@@ -210,7 +210,7 @@ def _auc_text(utility: dict[str, Any] | None, html_: bool = True) -> str:
         return "–"
     ci = ((utility or {}).get("final_ci95") or {}).get("roc_auc")
     seeds = int((utility or {}).get("seeds") or 1)
-    note = (f"95% interval {ci[0]:.3f}–{ci[1]:.3f}, {seeds} seeds" if ci else "one seed, no interval")
+    note = (f"95% interval {ci[0]:.2f}–{ci[1]:.2f}, {seeds} seeds" if ci else "one seed, no interval")
     return f"{auc:.3f}<br><span class='note'>{note}</span>" if html_ else f"{auc:.3f} ({note})"
 
 
@@ -385,7 +385,7 @@ def verdict(s: dict[str, Any], utility: dict[str, Any] | None, baseline_auc: flo
         lo = "leave-the-image-out" if s.get("leave_the_image_out") else "the attacked image in the gallery"
         parts.append(f"patient re-identified in {s['reid_hits']}/{s['reid_n']} cases ({lo}"
                      + (f"; top-5 {s['top5_hits']}/{s['reid_n']}" if s.get("top5_hits") is not None else "")
-                     + (f"; a random guess: {s['chance'] * s['reid_n']:.1f}/{s['reid_n']}; "
+                     + (f"; a random guess: {s['chance'] * s['reid_n']:.2g}/{s['reid_n']}; "
                         + ("clearly better than guessing" if sig else "not clearly better than guessing")
                         if s["chance"] else "") + ")")
     elif s.get("reid_measured") is not None and s.get("iip_n"):
@@ -492,8 +492,9 @@ padding:0 20px;color:#1d232a;line-height:1.45;font-size:15px}
 h1{font-size:26px;margin-bottom:4px}h2{font-size:20px;margin-top:34px;border-bottom:2px solid #e3e7ec;padding-bottom:4px}
 .sub{color:#5b6672;margin-top:0}
 .bottom{background:#f5f7fa;border-left:6px solid #2c6fbb;padding:12px 18px;margin:18px 0;font-size:16px}
-table{border-collapse:collapse;width:100%;margin:10px 0;font-size:14px}
-th,td{border:1px solid #d5dbe1;padding:6px 8px;text-align:right;vertical-align:top}
+table{border-collapse:collapse;width:100%;margin:10px 0;font-size:13px}
+th,td{border:1px solid #d5dbe1;padding:5px 6px;text-align:right;vertical-align:top}
+td .note{font-size:12px}
 th{background:#eef2f6;text-align:center;font-weight:600}
 td.l,th.l{text-align:left}
 .risk{display:inline-block;padding:2px 9px;border-radius:10px;font-weight:600;font-size:13px;white-space:nowrap}
@@ -754,7 +755,7 @@ def build_report(folder: Path) -> tuple[str, dict[str, bytes]]:
         strength = strength.rstrip(")") if strength else ""
         if " + " in g.setting:
             defence, strength = g.setting, ""
-        rate = (f"{w['reid_hits']}/{w['reid_n']}" + (f" <span class='note'>(chance {w['chance'] * w['reid_n']:.1f})"
+        rate = (f"{w['reid_hits']}/{w['reid_n']}" + (f" <span class='note'>(chance {w['chance'] * w['reid_n']:.2g})"
                                                        f"</span>" if w.get("chance") is not None else "")
                 if w["reid_n"] else "–")
         gain = (f"{_fmt(w['gain_psnr'], 1)} dB<br>{_fmt(w['gain_ssim'])}" if w.get("gain_ssim") is not None
@@ -894,7 +895,7 @@ stopped before its loss had stopped falling: an attack cut short can show a leak
 of thumb, not guarantees; a low risk here does not prove privacy against stronger attacks.</p>
 
 <h2>Summary per defence and strength</h2>
-<table>
+<div class="scroll"><table>
 <tr><th class="l">Defence</th><th class="l">Strength</th><th class="l">Attack that leaks most (budget)</th>
 <th>PSNR (dB)<sup>1</sup></th><th>SSIM<sup>2</sup></th><th>MS-SSIM<sup>3</sup></th>
 <th>Blind baseline SSIM<sup>10</sup></th><th>Gain over the baseline (PSNR, SSIM)<sup>10</sup></th>
@@ -902,7 +903,7 @@ of thumb, not guarantees; a low risk here does not prove privacy against stronge
 <th>Model ROC AUC<sup>6</sup></th><th>Model accuracy<sup>6</sup></th><th>Bits per update<sup>7</sup></th>
 <th>&epsilon;<sup>8</sup></th><th class="l">Risk</th></tr>
 {''.join(summary_rows)}
-</table>
+</table></div>
 <p class="note">Numbers are means over the cells (seeds, images) of each setting for its strongest attack;
 re-identification counts are summed over all attacked images. Higher PSNR/SSIM/MS-SSIM and more re-identifications
 mean more leakage. Numbered notes are defined under "Definitions" below.</p>
@@ -915,13 +916,13 @@ mean more leakage. Numbered notes are defined under "Definitions" below.</p>
 {plot_html}
 
 <h2>All settings and attacks</h2>
-<table>
+<div class="scroll"><table>
 <tr><th class="l">Setting</th><th class="l">Attack</th><th>Cells</th><th>Images</th><th>PSNR (dB)<sup>1</sup></th>
 <th>SSIM<sup>2</sup></th><th>MS-SSIM<sup>3</sup></th><th>LPIPS<sup>9</sup></th><th>Re-id top-1<sup>4</sup></th>
 <th>Re-id top-5<sup>4</sup></th><th>IIP<sup>5</sup></th><th class="l">Strongest ranking</th><th>Label accuracy</th>
 <th>Blind baseline SSIM<sup>10</sup></th><th>Gain (PSNR, SSIM)<sup>10</sup></th><th class="l">Risk and budget<sup>11</sup></th></tr>
 {''.join(detail)}
-</table>
+</table></div>
 {failed_html}
 
 <h2>What was tested</h2>
@@ -978,7 +979,7 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"experiment folder not found: {folder}")
-    page, files = build_report(folder)
+    page, files = build_report(folder.resolve())
     target = Path(out) if out else folder / "report.html"
     for name, data in files.items():
         write_bytes(target.parent / name, data)
