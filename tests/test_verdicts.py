@@ -162,3 +162,9 @@ def test_the_report_says_when_utility_comes_from_another_configuration():
     assert _utility_mismatch([row], same) == ""
     text = _utility_mismatch([row], other)
     assert "trained convnet, the attacks ran on lenet5" in text and "used fedavg, the attacked updates fedsgd" in text
+
+
+def test_without_a_blind_baseline_images_are_not_judged_and_the_risk_is_not_low():
+    s = {**_stats(converged=(True,)), "ssim_skill": None, "baseline_ssim": None}
+    assert image_level(None) is None and risk(s) == "inconclusive"
+    assert "no blind baseline" in verdict(s, None, None)

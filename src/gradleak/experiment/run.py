@@ -113,9 +113,13 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
     conv = {True: "converged", False: "still improving when the budget ended", None: "too few iterations to "
             "judge convergence"}[rec.converged]
     log(f"attack done: {rec.iterations} iterations in {rec.seconds:.1f}s, loss {rec.loss:.4g} ({conv})")
-    guesses, aux = blind_baseline(ds, truth, seed=cfg["seed"])
-    log(f"blind baseline: mean of {aux['images']} auxiliary images of {aux['patients']} patients "
-        f"(the {aux['excluded_patients']} attacked patients excluded)")
+    try:
+        guesses, aux = blind_baseline(ds, truth, seed=cfg["seed"])
+        log(f"blind baseline: mean of {aux['images']} auxiliary images of {aux['patients']} patients "
+            f"(the {aux['excluded_patients']} attacked patients excluded)")
+    except UserError as e:  # e.g. a data set of the attacked patients only: scored without a baseline
+        guesses, aux = None, None
+        log(f"blind baseline not measured: {e}")
     metrics = write_reconstruction(folder, rec, truth, extra={"bits": bits, "obfuscation": obs.obfuscation,
                                                               "protocol": obs.protocol},
                                    guesses=guesses, reference=aux)
