@@ -64,11 +64,13 @@ OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
     "topk10": ("top-k 10 %", [{"name": "topk", "keep": 0.1}], Protocol()),
     "topk1": ("top-k 1 %", [{"name": "topk", "keep": 0.01}], Protocol()),
     "relgauss": ("Gaussian, relative σ0 = 0.1", [{"name": "relative_gaussian", "sigma0": 0.1}], Protocol()),
+    "relgauss1": ("Gaussian, relative σ0 = 1", [{"name": "relative_gaussian", "sigma0": 1.0}], Protocol()),
     "fedavg5": ("FedAvg τ = 5", [], Protocol("fedavg", local_steps=5, local_lr=0.1)),
 }
 
 PLAIN = {"attacker_knows_obfuscation": False, "unroll_local_steps": False}
 ATTACKS: dict[str, tuple[str, str, dict]] = {
+    "auto": ("auto (disaggregation + inversion + refinement)", "auto", {}),
     "ig_plain": ("plain IG (obfuscation unknown)", "inverting_gradients", PLAIN),
     "ig": ("IG, obfuscation-aware", "inverting_gradients", {}),
     "dlg": ("DLG, obfuscation-aware", "dlg", {}),
@@ -105,11 +107,11 @@ def draw(n_available: int, split: str, count: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(TRAIN_SIZE_SEED["report"]).permutation(rest)[:count]]
 
 
-def cells(dataset, split: str, n_single: int, n_batches: int) -> list[tuple[int, list[int]]]:
-    idx = draw(len(dataset), split, n_single + 4 * n_batches)
+def cells(dataset, split: str, n_single: int, n_batches: int, batch_size: int = 4) -> list[tuple[int, list[int]]]:
+    idx = draw(len(dataset), split, n_single + batch_size * n_batches)
     out = [(1, [i]) for i in idx[:n_single]]
     rest = idx[n_single:]
-    out += [(4, rest[4 * b: 4 * b + 4]) for b in range(n_batches)]
+    out += [(batch_size, rest[batch_size * b: batch_size * b + batch_size]) for b in range(n_batches)]
     return out
 
 
@@ -128,18 +130,25 @@ def table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -> str
         for o in obfs:
             c = cell(a, o)
             row.append("–" if c is None else f"{c[0]:.1f} / {c[1]:.3f} / {c[2]:.2f}")
-        lines.append(f"| {ATTACKS[a][0]} | " + " | ".join(row) + " |")
+        label = "blind baseline (mean auxiliary image)" if a == "blind" else ATTACKS[a][0]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
     gains = []
     for o in obfs:
         base = cell("ig_plain", o)
-        others = [cell(a, o) for a in attacks if a != "ig_plain"]
-        others = [(c, a) for c, a in zip(others, [a for a in attacks if a != "ig_plain"]) if c is not None]
+        names = [a for a in attacks if a not in ("ig_plain", "blind")]
+        others = [(c, a) for c, a in zip([cell(a, o) for a in names], names) if c is not None]
         if base is None or not others:
             gains.append("–")
             continue
         best, who = max(others, key=lambda t: t[0][0])
         gains.append(f"{best[0] - base[0]:+.1f} dB ({who})")
     lines.append("| best aware − plain IG (PSNR) | " + " | ".join(gains) + " |")
+    over = []
+    for o in obfs:
+        base, top = cell("blind", o), [cell(a, o) for a in attacks if a != "blind"]
+        top = [c for c in top if c is not None]
+        over.append("–" if base is None or not top else f"{max(c[0] for c in top) - base[0]:+.1f} dB")
+    lines.append("| best − blind baseline (PSNR) | " + " | ".join(over) + " |")
     return "\n".join(lines)
 
 
@@ -149,7 +158,10 @@ def main(argv=None) -> int:
                    help="Kaggle chest X-ray folder (default ../shared/data/chest_xray); the train split is used")
     p.add_argument("--split", choices=["tune", "report"], default="report")
     p.add_argument("--images", type=int, default=2, help="B = 1 observations (one image each)")
-    p.add_argument("--batches", type=int, default=1, help="B = 4 observations")
+    p.add_argument("--batches", type=int, default=1, help="batch observations (of --batch-size images)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch observation (default 4)")
+    p.add_argument("--blind-images", type=int, default=512,
+                   help="auxiliary images (never the attacked ones) whose mean is the blind baseline")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--arch", default="lenet5")
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds per attack per observation")
@@ -176,7 +188,10 @@ def main(argv=None) -> int:
         extra.setdefault(row, {})[key] = yaml.safe_load(v)
 
     ds = load_dataset(f"kaggle:{a.data},split=train", size=a.size)
-    obs_list = cells(ds, a.split, a.images, a.batches)
+    obs_list = cells(ds, a.split, a.images, a.batches, a.batch_size)
+    attacked = {i for _, idx in obs_list for i in idx}
+    aux = [i for i in np.random.default_rng(7).permutation(len(ds)).tolist() if i not in attacked][: a.blind_images]
+    blind = ds.batch(aux).images.mean(dim=0, keepdim=True)  # the attacker's guess without the update
     prior = None
     if "rog_prior" in a.attacks:
         prior = _prior(ds, a, sorted({ds.patient_ids[i] for _, idx in obs_list for i in idx}))
@@ -192,6 +207,11 @@ def main(argv=None) -> int:
             obs, _ = capture(batch.images, batch.labels, arch=a.arch, protocol=proto, model_seed=0,
                              obfuscations=specs, obfuscation_seed=0, labels_known=False)
             recs: dict = {}
+            bkey = f"{o}|blind|{','.join(map(str, idx))}"
+            if bkey not in results:
+                m = score(batch.images, batch.labels, blind.expand_as(batch.images), batch.labels)
+                results[bkey] = {"obf": o, "attack": "blind", "B": B, "indices": idx, "psnr": m["psnr"],
+                                 "ssim": m["ssim"], "label_accuracy": float("nan")}
             for name in a.attacks:
                 key = f"{o}|{name}|{','.join(map(str, idx))}"
                 if key in results:
@@ -211,7 +231,8 @@ def main(argv=None) -> int:
                 results[key] = {"obf": o, "attack": name, "B": B, "indices": idx, "psnr": m["psnr"],
                                 "ssim": m["ssim"], "label_accuracy": m.get("label_accuracy", float("nan")),
                                 "iterations": rec.iterations, "seconds": rec.seconds,
-                                "objective": rec.threat_model.get("objective")}
+                                "objective": rec.threat_model.get("objective"), "converged": rec.converged,
+                                "pipeline": (rec.extras.get("pipeline") or {}).get("note")}
                 print(f"[{time.time() - started:6.0f}s] {o:9s} B={B} {name:9s} {idx}: PSNR {m['psnr']:.2f} "
                       f"SSIM {m['ssim']:.3f} labels {m.get('label_accuracy', float('nan')):.2f} "
                       f"({rec.iterations} it, {rec.threat_model.get('objective')})", file=sys.stderr, flush=True)
@@ -223,11 +244,11 @@ def main(argv=None) -> int:
           + (f", at most {a.iterations} iterations" if a.iterations else "")
           + f" (torch {torch.__version__}, {torch.get_num_threads()} threads, {a.device}).\n")
     print("Cells: PSNR (dB) / SSIM (Gaussian σ = 1.5) / label accuracy, means over the observations.\n")
-    for B in (1, 4):
+    for B in sorted({b for b, _ in obs_list}):
         n = len([1 for b, _ in obs_list if b == B])
         if n:
             print(f"## B = {B} ({n} observation{'s' if n > 1 else ''})\n")
-            print(table(results, B, a.attacks, a.obfuscations) + "\n")
+            print(table(results, B, ["blind"] + a.attacks, a.obfuscations) + "\n")
     return 0
 
 

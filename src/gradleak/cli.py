@@ -423,8 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("attack", help="attacker side: reconstruct images from an observation file")
     t.add_argument("--observation", required=True)
-    t.add_argument("--attack", default="inverting_gradients",
-                   help="attack: inverting_gradients (ig), dlg, idlg or rog (default inverting_gradients)")
+    t.add_argument("--attack", default="auto",
+                   help="attack: auto (the strongest the model allows: linear-layer disaggregation + feature "
+                        "inversion + refinement, else optimisation), rog, inverting_gradients (ig), dlg or idlg "
+                        "(default auto)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--truth", default=None, help="truth.npz to score against (metrics.json)")
     t.add_argument("--iterations", type=_positive_int, default=None)

@@ -9,6 +9,8 @@ YAML preset in ``gradleak/configs/attacks`` (which may inherit another) and can 
     idlg                 DLG with iDLG / count-based labels (Zhao et al. 2020)
     inverting_gradients  Inverting Gradients (Geiping et al. 2020), alias ig
     rog                  ROG (Yue et al. 2023): low-resolution latent, bicubic decoder, post-processing hook
+    auto                 the strongest pipeline the model allows: linear-layer disaggregation + feature
+                         inversion + refinement where a layer leaks the batch, else optimisation (:mod:`.auto`)
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import yaml
 
 from ..errors import UserError
 from ..observation import Observation
-from . import dlg, engine, inverting, rog
+from . import auto, dlg, engine, inverting, rog
 from .base import Reconstruction
 
-_ATTACKS = {"inverting_gradients": inverting, "dlg": dlg, "idlg": dlg, "rog": rog}
+_ATTACKS = {"auto": auto, "inverting_gradients": inverting, "dlg": dlg, "idlg": dlg, "rog": rog}
 ALIASES = {"ig": "inverting_gradients"}
 
 #: A post-processing step: (images B x C x H x W in [0, 1], labels) -> images of the same shape.
@@ -89,6 +91,13 @@ def resolve_settings(name: str, overrides: dict[str, Any] | None = None) -> dict
     for key in ("tv_weight", "bn_prior_weight"):
         if float(settings.get(key, 0.0)) < 0:
             raise UserError(f"{key} must be >= 0, got {settings[key]}")
+    if "leak_share" in settings and not 0 < float(settings["leak_share"]) <= 1:
+        raise UserError(f"leak_share must be in (0, 1], got {settings['leak_share']}")
+    if "invert_iterations" in settings and int(settings["invert_iterations"]) < 1:
+        raise UserError(f"invert_iterations must be >= 1, got {settings['invert_iterations']}")
+    for key in ("fallback_single", "fallback_batch"):
+        if key in settings and canonical(str(settings[key])) == "auto":
+            raise UserError(f"{key} must name an optimisation attack, not auto")
     if not float(settings.get("lr", 1.0)) > 0:
         raise UserError(f"lr must be > 0, got {settings['lr']}")
     return settings
@@ -108,7 +117,12 @@ def run_attack(name: str, obs: Observation, overrides: dict[str, Any] | None = N
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' asked for, but this torch build has no CUDA device")
     generator = torch.Generator().manual_seed(int(seed))
-    rec = engine.run(obs, settings, attack=name, device=device, generator=generator, progress=progress)
+    if name == "auto":
+        rec = auto.run(obs, settings, device=device, generator=generator, progress=progress,
+                       fallback_settings=lambda n: {k: v for k, v in preset(n).items()
+                                                    if k not in ("iterations", "time_budget")})
+    else:
+        rec = engine.run(obs, settings, attack=name, device=device, generator=generator, progress=progress)
     rec.settings = {**rec.settings, "seed": int(seed), "device": device}
     if postprocess is not None:
         apply_postprocessing(rec, postprocess)

@@ -18,6 +18,8 @@ simulated for every restart in one ``vmap`` call, and the restart with the lowes
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 import torch
@@ -69,6 +71,31 @@ CHOICES: dict[str, tuple[str, ...]] = {
 SCHEDULES = {"step": step_decay, "cosine": cosine_annealing, "constant": lambda f: 1.0}
 
 
+def halving_rungs(restarts: int) -> list[float]:
+    """Budget fractions at which successive halving drops the worse half of the restarts.
+
+    With R restarts there are ceil(log2 R) rungs splitting the first half of the budget equally; the
+    last restart has the second half to itself.
+    Since the cost of an iteration grows with the number of restarts, the restart-iterations spent in
+    all stages add up to what one restart would run in the whole budget, and the survivor runs at least
+    half of that itself.
+    """
+    n = math.ceil(math.log2(restarts)) if restarts > 1 else 0
+    return [0.5 * (k + 1) / n for k in range(n)]
+
+
+def _keep_restarts(opt: torch.optim.Optimizer, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Slice the restart axis of ``z`` and of its Adam state to ``keep``; the optimiser follows the new
+    leaf tensor."""
+    new = z.detach()[keep].clone().requires_grad_(True)
+    state = opt.state.pop(z, {})
+    opt.state[new] = {k: (v[keep].clone() if torch.is_tensor(v) and v.dim() and v.shape[0] == z.shape[0] else v)
+                      for k, v in state.items()}
+    for group in opt.param_groups:
+        group["params"] = [new if p is z else p for p in group["params"]]
+    return new
+
+
 def threat_model(obs: Observation, label_method: str, sim: Simulator, obfuscation_known: bool = False,
                  uses_bn_statistics: bool = False, local_steps: str | None = None,
                  objective: str | None = None) -> dict[str, Any]:
@@ -90,7 +117,15 @@ def threat_model(obs: Observation, label_method: str, sim: Simulator, obfuscatio
 
 
 def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str = "cpu",
-        generator: torch.Generator | None = None, progress: bool = True) -> Reconstruction:
+        generator: torch.Generator | None = None, progress: bool = True,
+        init_images: torch.Tensor | None = None,
+        labels: tuple[torch.Tensor, str] | None = None) -> Reconstruction:
+    """Optimise ``settings['restarts']`` candidate batches against ``obs``'s update.
+
+    ``init_images`` (B x C x H x W in [0, 1]) start every restart from those images (e.g. the output of
+    a disaggregation) instead of ``settings['init']``; ``labels`` (labels, how they were obtained)
+    replace label inference when the observation does not carry labels.
+    """
     s = {**COMMON, **settings}
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     sim = Simulator(obs, device)
@@ -107,13 +142,22 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
             matching = in_delta_units(matching, -float(obs.protocol["local_lr"]) * int(obs.protocol["local_steps"]))
     R, B, K = int(s["restarts"]), sim.num_images, sim.num_classes
     decoder = decoders.build(s["decoder"], sim.image_shape, int(s["scale_factor"]))
-    z = initial((R, B, *decoder.latent_shape), s["init"], g).to(sim.device).requires_grad_(True)
+    if init_images is not None:
+        start = init_images.float().reshape(1, B, *sim.image_shape).expand(R, *([-1] * 4))
+        if decoder.name != "identity":
+            start = torch.nn.functional.interpolate(start.reshape(R * B, *sim.image_shape),
+                                                    size=decoder.latent_shape[1:], mode="area")
+        z = start.reshape(R, B, *decoder.latent_shape).clone().to(sim.device).requires_grad_(True)
+    else:
+        z = initial((R, B, *decoder.latent_shape), s["init"], g).to(sim.device).requires_grad_(True)
     params = [z]
     joint = s["labels"] == "joint"
     if joint:
         label_logits = torch.randn(R, B, K, generator=g).to(sim.device).requires_grad_(True)
         params.append(label_logits)
         label_method, y = "joint", None
+    elif labels is not None and obs.labels is None:
+        y, label_method = labels[0].to(torch.int64).to(sim.device), labels[1]
     else:
         y, label_method = label_inference.infer(sim, obs.labels, g)
         y = y.to(sim.device)
@@ -147,7 +191,26 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
 
     budget = Budget(s["iterations"], s["time_budget"], desc=attack, progress=progress)
     history: list[tuple[int, float]] = []
+    initial_losses = None
+    # successive halving under a time budget: the worse half of the restarts is dropped at each rung,
+    # so the survivor gets most of the budget (Adam-type optimisers; L-BFGS keeps every restart)
+    rungs = halving_rungs(R) if s["time_budget"] is not None and s["optimizer"] != "lbfgs" and not joint else []
+    dropped: list[float] = []
     for it in budget:
+        if rungs and budget.fraction >= rungs[0] and z.shape[0] > 1:
+            rungs.pop(0)
+            keep = torch.argsort(torch.where(torch.isfinite(m), m, torch.full_like(m, float("inf"))))
+            keep = keep[: max(1, z.shape[0] // 2)]
+            dropped += [float(v) for i, v in enumerate(m) if i not in set(keep.tolist())]
+            z = _keep_restarts(opt, z, keep)
+            params = [z]
+            if initial_losses is not None:
+                initial_losses = initial_losses[keep]
+        if it == 5 and progress and s["time_budget"] is not None:
+            per = budget.elapsed / 5
+            print(f"{attack}: {per:.3g} s/iteration with {z.shape[0]} restart(s); the {float(s['time_budget']):g} s "
+                  f"budget buys about {int(float(s['time_budget']) / max(per, 1e-9))} more", file=sys.stderr,
+                  flush=True)
         if s["optimizer"] == "lbfgs":
             def closure():
                 for p in params:
@@ -169,6 +232,8 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
                 if signed:
                     p.grad.sign_()
             opt.step()
+        if it == 0:  # the loss of the starting point (every step above evaluates before it moves)
+            initial_losses = m.detach().clone()
         if box:
             with torch.no_grad():
                 z.clamp_(0, 1)
@@ -190,6 +255,10 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
             y_out = y.cpu()
     extras: dict[str, Any] = {"restart_losses": [float(v) for v in final], "best_restart": best,
                               "objective": matching.name}
+    if initial_losses is not None:
+        extras["initial_losses"] = [float(v) for v in initial_losses]
+    if dropped:
+        extras["halving"] = {"restarts": R, "dropped_losses": dropped}
     if joint:
         extras["soft_labels"] = soft.cpu()
     if decoder.name != "identity":

@@ -46,7 +46,7 @@ SCHEMA: dict[str, Any] = {
         "obfuscation": [],
     },
     "attack": {
-        "name": "inverting_gradients",
+        "name": "auto",
         "device": "cpu",
         "prior": None,  # a prior file ('gradleak prior train'): post-process, report with and without it
         "settings": OPEN({}),  # overrides of the attack preset (iterations, restarts, time_budget, ...)

@@ -23,10 +23,23 @@ class LeNet5(VictimNet):
         self.fc1 = nn.Linear(64 * side * side, 512, bias=False)
         self.classifier = nn.Linear(512, num_classes, bias=False)
 
-    def features(self, x):
+    #: The linear layer whose output goes through a ReLU: its update leaks each image's input to it.
+    leaky_linear = "fc1"
+    #: ``fc1``'s ReLU output feeds the classifier directly (its rows are subset sums of the images').
+    leaky_feeds_classifier = True
+
+    def leaky_input(self, x):
+        """The input of ``fc1`` (the flattened convolutional features) for normalised images ``x``."""
         x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
         x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return torch.relu(self.fc1(x.flatten(1)))
+        return x.flatten(1)
+
+    def after_leaky(self, z):
+        """The logits from ``fc1``'s pre-activation output ``z``."""
+        return self.classifier(torch.relu(z))
+
+    def features(self, x):
+        return torch.relu(self.fc1(self.leaky_input(x)))
 
 
 class LeNetZhu(VictimNet):

@@ -1,0 +1,151 @@
+"""Linear-layer disaggregation, feature inversion, the auto pipeline and the restart budget."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gradleak.attacks import run_attack
+from gradleak.attacks.disaggregate import complete, separate
+from gradleak.attacks.engine import halving_rungs
+from gradleak.attacks.linear_leak import leak
+from gradleak.attacks.simulate import Simulator
+from gradleak.capture import capture
+from gradleak.data import load_dataset
+from gradleak.federated import Protocol
+from gradleak.metrics import score
+from gradleak import observation
+
+
+def _best_cos(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """For each true row of H, the best |cosine| with a recovered row of X."""
+    c = (X / X.norm(dim=1, keepdim=True)) @ (H / H.norm(dim=1, keepdim=True)).T
+    return c.abs().amax(dim=0)
+
+
+@pytest.mark.parametrize("r", [2, 4, 8])
+def test_subset_sum_rows_give_each_input_with_its_scale(r):
+    g = torch.Generator().manual_seed(r)
+    m, n = 256, 300
+    H = torch.rand(r, n, generator=g, dtype=torch.float64)  # non-negative inputs (post-ReLU)
+    a = torch.rand(r, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    a[::2] *= -1
+    M = (torch.rand(m, r, generator=g) < 0.5).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    G = (v[:, None] * M * a / r) @ H
+    sep = separate(G, r, row_scale=v, generator=g)
+    assert sep.info["separated"] == r
+    truth = a[:, None] * H / r
+    for x in sep.X:  # each recovered row is one image's a_i h_i / r, scale and sign included
+        err = ((truth - x).norm(dim=1) / truth.norm(dim=1)).min()
+        assert err < 1e-6
+
+
+def test_completion_recovers_a_low_rank_matrix_from_a_third_of_its_entries():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(120, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 200, generator=g, dtype=torch.float64)
+    seen = torch.rand(A.shape, generator=g) < 0.35
+    filled = complete(torch.where(seen, A, torch.zeros_like(A)), seen, 3, iterations=200)
+    assert float((filled - A).norm() / A.norm()) < 1e-3
+
+
+def _phantom_obs(B: int, size: int = 16, obfuscations=(), protocol: Protocol | None = None, seed: int = 0):
+    ds = load_dataset("phantoms:n=64", size=size)
+    batch = ds.batch(list(range(seed, seed + 3 * B, 3)))
+    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=protocol or Protocol(), model_seed=0,
+                     obfuscations=list(obfuscations), obfuscation_seed=0, labels_known=False)
+    return obs, batch
+
+
+@pytest.mark.parametrize("B,size", [(2, 16), (4, 16), (8, 32)])
+def test_lenet5_update_leaks_every_image_input_exactly(B, size):
+    # (at 16 px eight phantoms' ReLU patterns on fc1 are too few to single out every image: 32 px)
+    obs, batch = _phantom_obs(B, size=size)
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - 0.5) / 0.5).double()
+    cos = _best_cos(found.features, h)
+    assert found.info["separated"] == B, found.info
+    assert bool((cos > 0.999).all()), cos
+    # the scale is the true one too (subset sums + the two-class head), and so are the labels
+    ratio = found.features.norm(dim=1) / h.norm(dim=1)[((found.features / found.features.norm(dim=1, keepdim=True))
+                                                         @ (h / h.norm(dim=1, keepdim=True)).T).argmax(dim=1)]
+    assert bool(((ratio - 1).abs() < 1e-3).all()), ratio
+    assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())
+
+
+def test_disaggregation_under_qsgd_stays_close():
+    obs, batch = _phantom_obs(4, obfuscations=[{"name": "qsgd", "levels": 64}])
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - 0.5) / 0.5).double()
+    assert found.info["separated"] == 4
+    assert bool((_best_cos(found.features, h) > 0.98).all())
+
+
+def test_auto_reconstructs_a_lenet5_batch_and_says_how():
+    obs, batch = _phantom_obs(4)
+    rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 200}, progress=False)
+    m = score(batch.images, batch.labels, rec.images, rec.labels)
+    assert m["psnr"] > 35, m["psnr"]
+    assert m["label_accuracy"] == 1.0
+    p = rec.extras["pipeline"]
+    assert p["leaky_layer"] == "fc1" and p["separated"] == 4
+    assert "disaggregation" in rec.threat_model["attack_pipeline"]
+    assert rec.summary()["pipeline"]["leaky_layer"] == "fc1"
+
+
+def test_auto_falls_back_to_optimisation_without_a_leaky_layer():
+    ds = load_dataset("phantoms:n=16", size=16)
+    batch = ds.batch([0, 1])
+    obs, _ = capture(batch.images, batch.labels, arch="convnet", protocol=Protocol(), options={"width": 4})
+    rec = run_attack("auto", obs, {"iterations": 3}, progress=False)
+    p = rec.extras["pipeline"]
+    assert p["leaky_layer"] is None and p["stages"] == ["rog"]
+    assert "no linear layer" in p["note"]
+    assert rec.images.shape == batch.images.shape
+
+
+@pytest.mark.parametrize("R", [1, 2, 3, 4, 8, 16])
+def test_halving_spends_the_budget_of_one_restart_and_leaves_the_survivor_at_least_half(R):
+    rungs = halving_rungs(R)
+    assert len(rungs) == (math.ceil(math.log2(R)) if R > 1 else 0)
+    assert rungs == sorted(rungs) and all(0 < f <= 0.5 for f in rungs)
+    # iteration cost proportional to the live restarts: restart-iterations over the whole budget
+    edges = [0.0] + rungs + [1.0]
+    live, spent, survivor = R, 0.0, 0.0
+    for lo, hi in zip(edges, edges[1:]):
+        iters = (hi - lo) / live  # iterations in this stage, in units of one restart's budget
+        spent += iters * live
+        survivor += iters
+        live = max(1, math.ceil(live / 2))
+    assert spent == pytest.approx(1.0)  # never fewer restart-iterations than one restart would run
+    assert survivor >= 0.5 - 1e-12
+
+
+def test_time_budget_halves_the_restarts_to_one():
+    obs, _ = _phantom_obs(2)
+    rec = run_attack("ig", obs, {"iterations": None, "time_budget": 3.0, "restarts": 4}, progress=False)
+    assert len(rec.extras["restart_losses"]) == 1
+    assert len(rec.extras["halving"]["dropped_losses"]) == 3
+    assert rec.seconds < 3.0 * 1.05 + 1.0
+
+
+def test_cli_attack_defaults_to_auto(tmp_path):
+    obs, batch = _phantom_obs(2)
+    observation.save(obs, tmp_path / "obs.pt")
+    out = tmp_path / "rec"
+    r = subprocess.run([sys.executable, "-m", "gradleak.cli", "attack", "--observation", str(tmp_path / "obs.pt"),
+                        "--out", str(out), "--iterations", "5", "--set", "invert_iterations=100", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files, files
+    text = " ".join(p.read_text() for p in out.glob("*.json"))
+    assert '"auto"' in text and "fc1" in text, files
