@@ -254,13 +254,14 @@ def test_bound_objectives_equal_their_definitions(seed, scale):
 
 # ------------------------------------------------------------------------------------------- presets
 def test_presets_load_and_inherit():
-    assert set(names()) == {"dlg", "idlg", "inverting_gradients", "rog"}
-    dlg, idlg, ig, rog = (preset(n) for n in ("dlg", "idlg", "ig", "rog"))
+    assert set(names()) == {"auto", "dlg", "idlg", "inverting_gradients", "rog"}
+    dlg, idlg, ig, rog, auto = (preset(n) for n in ("dlg", "idlg", "ig", "rog", "auto"))
+    assert auto["restarts"] == 1 and auto["fallback_batch"] == "rog" and 0 < auto["leak_share"] <= 1
     assert dlg["optimizer"] == "lbfgs" and dlg["labels"] == "joint" and dlg["objective"] == "l2"
     assert {**dlg, "labels": "infer"} == idlg  # idlg inherits dlg and changes only the labels
     assert ig["optimizer"] == "signed_adam" and ig["objective"] == "cosine" and ig["schedule"] == "step"
     assert rog["decoder"] == "bicubic" and rog["scale_factor"] == 4 and rog["schedule"] == "cosine"
-    for p in (dlg, idlg, ig, rog):  # default.yaml is inherited by all
+    for p in (dlg, idlg, ig, rog, auto):  # default.yaml is inherited by all
         assert p["attacker_knows_obfuscation"] is True and p["unroll_local_steps"] is True
     assert resolve_settings("rog", {"scale_factor": 2, "objective": "cosine"})["scale_factor"] == 2
     with pytest.raises(UserError, match="optimizer must be one of"):

@@ -12,7 +12,7 @@ def test_defaults_fill_a_minimal_config(tmp_path):
     assert cfg["name"] == "x" and cfg["capture"]["batch_size"] == 2
     assert cfg["capture"]["arch"] == "lenet5"
     assert cfg["capture"]["protocol"]["algorithm"] == "fedsgd"
-    assert cfg["attack"]["name"] == "inverting_gradients"
+    assert cfg["attack"]["name"] == "auto"
 
 
 @pytest.mark.parametrize("text,message", [

@@ -34,8 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.01,
     "tv_weight": 0.0,
     "iterations": 500,
-    "invert_iterations": 400,
-    "leak_share": 0.5,
+    "invert_iterations": 5000,
+    "leak_share": 0.75,
     "fallback_single": "inverting_gradients",
     "fallback_batch": "rog",
 }
@@ -53,18 +53,30 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     start = time.perf_counter()
     T = None if s.get("time_budget") is None else float(s["time_budget"])
     sim = Simulator(obs, device)
-    found = leak(obs, sim, generator=g, time_limit=None if T is None else float(s["leak_share"]) * T,
-                 invert_iterations=int(s["invert_iterations"]))
+    why = None
+    found = None
+    if any(r.get("name") == "sign" for r in obs.obfuscation):
+        why = "signSGD leaves no magnitudes, and the subset-sum structure of the layer needs them"
+    else:
+        found = leak(obs, sim, generator=g, time_limit=None if T is None else float(s["leak_share"]) * T,
+                     invert_iterations=int(s["invert_iterations"]))
+        if found is None:
+            why = (f"{obs.model['arch']} has no linear layer followed by a ReLU feeding a two-class classifier, "
+                   f"whose update would leak the batch")
+        elif int(found.info.get("separated", 0)) == 0:
+            why = f"the update of layer '{found.layer}' did not separate into images (too degraded)"
     budget = {"iterations": s["iterations"], "time_budget": s["time_budget"]}
-    if found is None:
+    if why is not None:
         name = s["fallback_single"] if obs.num_images == 1 else s["fallback_batch"]
         base = fallback_settings(name) if fallback_settings is not None else {}
+        if T is not None:
+            budget["time_budget"] = max(1.0, T - (time.perf_counter() - start))
         rec = engine.run(obs, {**base, **budget}, attack="auto", device=device, generator=g, progress=progress)
-        rec.extras["pipeline"] = {
-            "leaky_layer": None, "stages": [name],
-            "note": f"{obs.model['arch']} has no linear layer followed by a ReLU whose update leaks the batch; "
-                    f"fell back to optimisation ({name})"}
+        rec.extras["pipeline"] = {"leaky_layer": None if found is None else found.layer, "stages": [name],
+                                  "separated": 0, "images": obs.num_images,
+                                  "note": f"{why}; fell back to optimisation ({name})"}
         rec.threat_model["attack_pipeline"] = f"optimisation only ({name})"
+        rec.seconds = time.perf_counter() - start
         return rec
     leak_seconds = time.perf_counter() - start
     refine = {k: v for k, v in s.items() if k not in OWN}

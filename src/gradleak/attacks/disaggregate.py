@@ -8,7 +8,7 @@ initialisation), so ``G = D X`` with every column of ``D`` sparse. This is the s
 R-GAP (Zhu & Blaschko 2021), the Cocktail Party Attack (Kariyappa et al. 2023) and SPEAR (Dimitrov et
 al. 2024); the procedure here follows SPEAR's idea, written from the mathematics:
 
-1. project the (possibly noisy, quantised or completed) update on its top N singular vectors,
+1. project the (possibly noisy or quantised) update on its top N singular vectors,
    ``G ~ P V^T`` with ``P = U S``;
 2. sample sets of N - 1 rows of ``P``; if all of them are rows where one image i is inactive, the null
    vector ``q`` of those rows makes ``P q`` proportional to ``d_i`` (sparse); a random set gives a dense
@@ -18,13 +18,12 @@ al. 2024); the procedure here follows SPEAR's idea, written from the mathematics
 4. ``X = Q^{-1} V^T`` recovers every ``h_i`` up to sign and scale, fixed later from what the server
    knows (:mod:`.linear_leak`).
 
-Sparsified updates (top-k, random-k, pruning) are first completed to rank N on their sent entries
-(:func:`complete`). Everything here is plain linear algebra on tensors; nothing depends on a model.
+Everything here is plain linear algebra on tensors; nothing depends on a model (sparsified updates are
+handled in :mod:`.linear_leak`, on their sent entries).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,35 +42,45 @@ class Separation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def complete(G: torch.Tensor, observed: torch.Tensor, rank: int, iterations: int = 40,
-             bound: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Rank-``rank`` completion of ``G`` from its ``observed`` entries (hard impute: fill the missing
-    entries from the current rank-r estimate, project again). ``bound``: the missing entries are known
-    to be at most this large in magnitude (top-k and pruning reveal it), so the fill is clipped to it."""
-    G = G.double()
-    obs = observed.bool()
-    est = torch.where(obs, G, torch.zeros_like(G))
-    # the observed entries carry the mass of the matrix: start from their projection, rescaled to the
-    # fraction observed (the unbiased fill of a random mask)
-    frac = float(obs.double().mean())
-    low = _rank_project(est / max(frac, 1e-6), rank, generator)
-    for _ in range(int(iterations)):
-        fill = low if bound is None else low.clamp(-bound, bound)
-        est = torch.where(obs, G, fill)
-        low = _rank_project(est, rank, generator)
-    return low
+def _consistency(Q: torch.Tensor, Pk: torch.Tensor, vk: torch.Tensor, WV: torch.Tensor,
+                 vsum: torch.Tensor) -> float:
+    """How well the inputs ``X = Q^-1 V^T`` reproduce the ReLU patterns the dual vectors ``Q`` read off
+    the rows: the fraction of (row, image) pairs where ``s_i W_j x_i > 0`` iff image i is active in row j,
+    ``s_i`` the sign that makes ``x_i`` non-negative on the whole (``W V`` and ``V^T 1`` precomputed)."""
+    try:
+        Qinv = torch.linalg.inv(Q)
+    except RuntimeError:
+        return -1.0
+    sign = torch.sign(Qinv @ vsum)
+    pre = (WV @ Qinv.T) * sign  # rows x images: W_j x_i with x_i made non-negative
+    active = (Pk @ Q) / vk[:, None] > 0.5
+    return float(((pre > 0) == active).double().mean())
 
 
-def _rank_project(M: torch.Tensor, rank: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    if min(M.shape) <= 3 * rank + 10:
-        u, s, vh = torch.linalg.svd(M, full_matrices=False)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            if generator is not None:
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            u, s, v = torch.svd_lowrank(M, q=rank + 8, niter=4)
-        vh = v.T
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+def _most_consistent(found: list, chosen: list[int], Pk: torch.Tensor, vk: torch.Tensor, WV: torch.Tensor,
+                     vsum: torch.Tensor, max_spread: float, rounds: int = 4) -> list[int]:
+    """Greedy swaps among the fitting dual vectors towards the most ReLU-consistent set."""
+    def q_of(idx):
+        return torch.stack([found[t][0] for t in idx], dim=1)
+
+    best = _consistency(q_of(chosen), Pk, vk, WV, vsum)
+    pool = [t for t in range(len(found)) if -found[t][1] <= max_spread and t not in chosen]
+    for _ in range(rounds):
+        improved = False
+        for pos in range(len(chosen)):
+            for t in list(pool):
+                trial = chosen[:pos] + [t] + chosen[pos + 1:]
+                Q = q_of(trial)
+                if int(torch.linalg.matrix_rank(Q, rtol=1e-6)) < len(trial):
+                    continue
+                score = _consistency(Q, Pk, vk, WV, vsum)
+                if score > best + 1e-9:
+                    pool.remove(t)
+                    pool.append(chosen[pos])
+                    chosen, best, improved = trial, score, True
+        if not improved:
+            break
+    return chosen
 
 
 def _null_vectors(rows: torch.Tensor) -> torch.Tensor:
@@ -102,7 +111,7 @@ def _subset_refine(P: torch.Tensor, v: torch.Tensor, q: torch.Tensor, rounds: in
     return q, spread, float(one.double().mean())
 
 
-def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
+def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: torch.Tensor | None = None,
              generator: torch.Generator | None = None, max_trials: int = 400_000,
              chunk: int = 4096, time_limit: float | None = None, max_spread: float = 0.2) -> Separation:
     """Split ``G`` (m x n) into ``rank`` output-gradient columns and their input rows.
@@ -113,6 +122,10 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
     ``diag(1/v) P q_i`` exactly 0/1 (the ReLU pattern of image i), and the rows of ``X`` come out with
     their true scale ``a_i h_i / N``. (Sparsity alone, SPEAR's criterion for a general layer, is not
     used: on chest X-rays the images' ReLU patterns are so alike that spurious sparse combinations win.)
+
+    ``weight`` (the layer's weight matrix, m x n): when several sets of dual vectors fit (nested ReLU
+    patterns make a subset-sum decomposition ambiguous), keep the set whose inputs reproduce their own
+    ReLU patterns best (``W h_i > 0`` exactly where image i is active), SPEAR's consistency check.
 
     Sampling stops
     when every image has been found twice, after ``max_trials`` row sets, or after ``time_limit``
@@ -137,13 +150,12 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
     spectrum = [float(x) for x in s[: r + 1]]
     mode = "subset sums"
     v = row_scale.double().reshape(-1)
-    if True:
-        keep = v.abs() > 0.1 * v.pow(2).mean().sqrt()
-        Pk, vk = P[keep], v[keep]
-        Pt = Pk / vk[:, None]
-        norms = P[keep].norm(dim=1)
-        live = norms > 0.2 * torch.quantile(norms, 0.9)  # rows no image activates carry no constraint
-        rows = Pt[live] / Pt[live].norm(dim=1, keepdim=True).clamp_min(1e-300)
+    keep = v.abs() > 0.1 * v.pow(2).mean().sqrt()  # rows with a tiny |v_j| only amplify noise
+    Pk, vk = P[keep], v[keep]
+    Pt = Pk / vk[:, None]
+    norms = Pk.norm(dim=1)
+    live = norms > 0.05 * torch.quantile(norms, 0.9)  # rows no image activates carry no constraint
+    rows = Pt[live] / Pt[live].norm(dim=1, keepdim=True).clamp_min(1e-300)
     mr = rows.shape[0]
     found: list[tuple[torch.Tensor, float]] = []  # (q, quality: higher is better)
     hits: list[int] = []
@@ -175,19 +187,18 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
         idx = torch.rand(k, mr, generator=g).argsort(dim=1)[:, : r - 1]
         qs = _null_vectors(rows[idx])  # k x r
         trials += k
-        if True:
-            w = Pt[live] @ qs.T  # mr x k: should be 0 on the sampled rows and one other value elsewhere
-            big = w.abs() >= w.abs().amax(dim=0, keepdim=True) * 0.5
-            alpha = torch.where(big, w, torch.zeros_like(w)).sum(dim=0) / big.sum(dim=0).clamp_min(1)
-            wn = w / alpha.where(alpha != 0, torch.ones_like(alpha))
-            close = ((wn.abs() < 0.3) | ((wn - 1).abs() < 0.3)).double().mean(dim=0)
-            best = torch.argsort(close, descending=True)[:16]
-            cands = [qs[j] / alpha[j] for j in best.tolist() if float(close[j]) > 0.6]
+        w = Pt[live] @ qs.T  # mr x k: should be 0 on the sampled rows and one other value elsewhere
+        big = w.abs() >= w.abs().amax(dim=0, keepdim=True) * 0.5
+        alpha = torch.where(big, w, torch.zeros_like(w)).sum(dim=0) / big.sum(dim=0).clamp_min(1)
+        wn = w / alpha.where(alpha != 0, torch.ones_like(alpha))
+        close = ((wn.abs() < 0.3) | ((wn - 1).abs() < 0.3)).double().mean(dim=0)
+        best = torch.argsort(close, descending=True)[:16]
+        cands = [qs[j] / alpha[j] for j in best.tolist() if float(close[j]) > 0.6]
         for q in cands:
             consider(q)
         if len(found) >= r:
             top = sorted(range(len(found)), key=lambda t: -found[t][1])[:r]
-            if all(hits[t] >= 2 and -found[t][1] < 0.25 * max_spread for t in top):
+            if all(hits[t] >= 2 and -found[t][1] < 0.25 * max_spread for t in top) and trials >= 4 * chunk:
                 break
     # keep the r best that are linearly independent
     order = sorted(range(len(found)), key=lambda t: -found[t][1])
@@ -198,6 +209,8 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
             chosen.append(t)
         if len(chosen) == r:
             break
+    if weight is not None and len(found) > len(chosen) == r:
+        chosen = _most_consistent(found, chosen, Pk, vk, weight.double()[keep] @ Vh.T, Vh.sum(dim=1), max_spread)
     separated = len(chosen)
     cols = [found[c][0] for c in chosen]
     if separated < r:  # complete the basis with directions orthogonal to what was found
@@ -210,4 +223,4 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
     return Separation(D=D, X=X,
                       info={"mode": mode, "separated": separated, "trials": trials, "spectrum": spectrum,
                             "seconds": round(time.perf_counter() - start, 3),
-                            "best_spreads": sorted(spreads)[:2 * r]})
+                            "best_spreads": sorted(spreads)[:2 * r], "candidates": len(found)})

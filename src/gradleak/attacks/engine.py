@@ -199,9 +199,10 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
     for it in budget:
         if rungs and budget.fraction >= rungs[0] and z.shape[0] > 1:
             rungs.pop(0)
-            keep = torch.argsort(torch.where(torch.isfinite(m), m, torch.full_like(m, float("inf"))))
+            md = m.detach()
+            keep = torch.argsort(torch.where(torch.isfinite(md), md, torch.full_like(md, float("inf"))))
             keep = keep[: max(1, z.shape[0] // 2)]
-            dropped += [float(v) for i, v in enumerate(m) if i not in set(keep.tolist())]
+            dropped += [float(v) for i, v in enumerate(md) if i not in set(keep.tolist())]
             z = _keep_restarts(opt, z, keep)
             params = [z]
             if initial_losses is not None:

@@ -5,8 +5,9 @@ through a ReLU), ``leaky_input(x)`` (normalised images -> that layer's input) an
 (that layer's pre-activation output -> logits) leaks every image of a batch:
 
 1. the observed weight update of the layer is split into per-image inputs (:mod:`.disaggregate`); a
-   FedAvg weight delta is read as ``-delta / (lr * steps)``, a sparsified update is completed to rank N
-   on its sent entries first;
+   FedAvg weight delta is read as ``-delta / (lr * steps)``; a sparsified update is separated on a
+   dense block of sent entries, and every column is then solved from its own sent entries, which are
+   exact;
 2. sign, scale and label of each image follow from what the server knows: for a layer feeding a
    two-class classifier (``leaky_feeds_classifier``) the subset-sum structure gives ``a_i h_i / N``
    exactly, the features are non-negative (post-ReLU) so the sign of ``a_i = p_i - y_i`` gives the
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..observation import Observation
-from .disaggregate import Separation, complete, separate
+from .disaggregate import separate
 from .simulate import Simulator
 
 SPARSIFIERS = ("topk", "randk", "prune")
@@ -55,9 +56,10 @@ def leaky_layer(sim: Simulator) -> str | None:
     return name
 
 
-def observed_matrix(obs: Observation, sim: Simulator, layer: str, rank: int,
-                    generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The layer's weight update as a mean gradient (m x n), completed where it was sparsified."""
+def observed_matrix(obs: Observation, sim: Simulator, layer: str
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """The layer's weight update as a mean gradient (m x n), and the mask of its sent entries where it
+    was sparsified (None otherwise)."""
     G = sim.target[f"{layer}.weight"].double().cpu()
     info: dict[str, Any] = {}
     p = sim.protocol
@@ -65,31 +67,86 @@ def observed_matrix(obs: Observation, sim: Simulator, layer: str, rank: int,
         G = G * (-1.0 / (float(p.local_lr) * int(p.local_steps)))
         info["fedavg"] = "delta read as -delta / (lr * steps)"
     names = [r.get("name") for r in obs.obfuscation]
+    observed = None
     if any(n in SPARSIFIERS for n in names):
         observed = G != 0
-        bound = None
-        sent = G.abs()[observed]
         if "randk" in names:
             rec = next(r for r in obs.obfuscation if r.get("name") == "randk")
             res = rec.get("rescale")
             res = res.get(f"{layer}.weight") if isinstance(res, dict) else res
             if res:
                 G = G / float(res)
-        elif sent.numel():
-            bound = float(G.abs()[observed].min())
-        G = complete(G, observed, rank, bound=bound, generator=generator)
-        info["completed"] = f"rank-{rank} completion from {float(observed.double().mean()):.1%} sent entries"
-    return G, info
+        info["sent"] = round(float(observed.double().mean()), 6)
+    return G, observed, info
 
 
-def _fix_subset(sim: Simulator, layer: str, sep: Separation, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+class _NoBlock(Exception):
+    """The sent entries hold no dense block to separate on."""
+
+
+def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor, n: int,
+                       generator: torch.Generator, time_limit: float | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Separation of a sparsified update from its sent entries alone (they are exact).
+
+    The rows are separated on a dense, exact block (the rows that sent most entries and the columns all
+    of them sent), which gives each image's input on those columns; each active row's ReLU pattern is
+    then read from the block's columns it sent, and every column is solved by least squares over the
+    rows it sent,
+    ``G[j, k] = v_j sum_i m_ji x_ik``. Returns the rows ``x_i = a_i h_i / N`` (0 where unknown), the mask
+    of the columns solved, and what was done."""
+    live = observed.any(dim=1)
+    O, Gl, vl = observed[live], G[live], v[live]
+    # a dense exact block: the rows that sent most, and the columns all of them sent
+    rows_by_count = torch.argsort(O.double().sum(dim=1), descending=True)
+    need = 4 * n + 16
+    for k in (256, 192, 128, 96, 64, 48, 32, 24, 16):
+        R = rows_by_count[: min(k, len(rows_by_count))]
+        C = torch.nonzero(O[R].all(dim=0)).reshape(-1)
+        if len(C) >= need and len(R) > 2 * n:
+            break
+    if len(C) < n or len(R) <= n:
+        raise _NoBlock("the sent entries hold no dense block to separate on")
+    sep = separate(Gl[R][:, C], n, row_scale=vl[R], generator=generator, time_limit=time_limit)
+    if sep.info["separated"] < n:  # the per-row patterns below need every image's input
+        raise _NoBlock(f"the dense block of sent entries ({len(R)} x {len(C)}) separated "
+                       f"{sep.info['separated']} of {n} images")
+    XC = sep.X  # n x |C|: exact a_i h_i / N on the block's columns
+    # every live row's ReLU pattern, from the block's columns it sent
+    M = torch.zeros(len(vl), n, dtype=torch.float64)
+    for j in range(len(vl)):
+        cols = C[O[j, C]]
+        if len(cols) < n:
+            continue
+        XCk = XC[:, O[j, C]]
+        sol = torch.linalg.lstsq(XCk.T, (Gl[j, cols] / vl[j])[:, None]).solution[:, 0]
+        M[j] = (sol > 0.5).double()
+    A = M * vl[:, None]  # G[live] = A X
+    Od = O.double()
+    X = torch.zeros(n, G.shape[1], dtype=torch.float64)
+    known = torch.zeros(G.shape[1], dtype=torch.bool)
+    for lo in range(0, G.shape[1], 2048):
+        hi = min(G.shape[1], lo + 2048)
+        o = Od[:, lo:hi]  # rows x cols
+        normal = torch.einsum("rc,ri,rj->cij", o, A, A) + 1e-12 * torch.eye(n, dtype=torch.float64)
+        rhs = torch.einsum("rc,ri->ci", o * Gl[:, lo:hi], A)
+        ok = torch.linalg.matrix_rank(normal, rtol=1e-6) == n
+        sol = torch.linalg.solve(normal, rhs[..., None])[..., 0]
+        X[:, lo:hi] = torch.where(ok[:, None], sol, torch.zeros_like(sol)).T
+        known[lo:hi] = ok
+    info = {**sep.info, "block": [int(len(R)), int(len(C))], "columns_solved": int(known.sum()),
+            "columns": int(G.shape[1])}
+    return X, known, info
+
+
+def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels from subset-sum rows ``a_i h_i / n`` (two classes, non-negative inputs)."""
     lin = getattr(sim.model, layer)
     W = lin.weight.detach().double().cpu()
     b = None if lin.bias is None else lin.bias.detach().double().cpu()
     feats, labels = [], []
     grid = torch.logspace(-6, 0, 3000, dtype=torch.float64)
-    for x in sep.X:
+    for x in rows:
         g = x * n  # = a h
         a_sign = 1.0 if float(g.sum()) >= 0 else -1.0
         y = 0 if a_sign > 0 else 1
@@ -114,15 +171,19 @@ def _fix_subset(sim: Simulator, layer: str, sep: Separation, n: int) -> tuple[to
 
 
 def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool, iterations: int,
-                    time_limit: float | None = None, chunk: int = 20
+                    time_limit: float | None = None, chunk: int = 100, mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, list[tuple[int, float]]]:
     """Images in [0, 1] whose inputs to the leaky layer match ``targets`` (N x n): relative squared
     error when the scale is known, else one minus cosine. One batched L-BFGS problem (strong Wolfe line
     search) for all images, projected on [0, 1] every ``chunk`` iterations; stops after ``iterations``
-    or ``time_limit`` seconds. Returns the images and (iteration, mean loss per image) pairs."""
+    or ``time_limit`` seconds; ``mask`` (n, boolean) keeps only the features that are known. Returns the
+    images and (iteration, mean loss per image) pairs."""
     model = sim.model
     C, H, W = sim.image_shape
     t = targets.float().to(sim.device)
+    sel = None if mask is None else torch.nonzero(mask.reshape(-1)).reshape(-1).to(sim.device)
+    if sel is not None:
+        t = t[:, sel]
     tn = t.pow(2).sum(dim=1).clamp_min(1e-30)
     x = torch.full((t.shape[0], C, H, W), 0.5, device=sim.device, requires_grad=True)
     start = time.perf_counter()
@@ -133,6 +194,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
 
     def objective() -> torch.Tensor:
         h = model.leaky_input((x - model.input_mean) / model.input_std)
+        if sel is not None:
+            h = h[:, sel]
         if scale_known:
             return ((h - t).pow(2).sum(dim=1) / tn).sum()
         return (1 - F.cosine_similarity(h, t, dim=1)).sum()
@@ -164,25 +227,41 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
 
 
 def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_limit: float | None = None,
-         invert_iterations: int = 400) -> Leak | None:
+         invert_iterations: int = 5000) -> Leak | None:
     """Disaggregate and invert; None when the model has no leaky linear layer."""
     layer = leaky_layer(sim)
     if layer is None or not (sim.num_classes == 2 and bool(getattr(sim.model, "leaky_feeds_classifier", False))):
         return None
     start = time.perf_counter()
     n = sim.num_images
-    G, info = observed_matrix(obs, sim, layer, n, generator)
+    G, observed, info = observed_matrix(obs, sim, layer)
     w2 = sim.model.classifier.weight.detach().double().cpu()
     v = w2[1] - w2[0]
     share = None if time_limit is None else 0.35 * time_limit
-    sep = separate(G, n, row_scale=v, generator=generator, time_limit=share)
-    info.update(sep.info)
+    known = None
+    if observed is None:
+        W = getattr(sim.model, layer).weight.detach().double().cpu()
+        sep = separate(G, n, row_scale=v, weight=W, generator=generator, time_limit=share)
+        info.update(sep.info)
+        feats, labels = _fix_subset(sim, layer, sep.X, n)
+        scale_known = True
+    else:  # sparsified: exact values on the sent entries, nothing known elsewhere
+        try:
+            X, known, sinfo = _sparse_separation(G, observed, v, n, generator, share)
+        except _NoBlock as e:
+            X, known = torch.zeros(n, G.shape[1], dtype=torch.float64), None
+            sinfo = {"separated": 0, "seconds": 0.0, "note": str(e)}
+        info.update(sinfo)
+        labels = torch.tensor([0 if float(x.sum()) >= 0 else 1 for x in X], dtype=torch.int64)
+        feats = X * torch.where(labels == 0, 1.0, -1.0).double()[:, None]  # a_i h_i up to |a_i|: h_i >= 0
+        scale_known = False
     info["separation_seconds"] = info.pop("seconds")
-    feats, labels = _fix_subset(sim, layer, sep, n)
-    scale_known = True
+    if int(info.get("separated", 0)) == 0:  # nothing to invert: the caller falls back to optimisation
+        return Leak(layer=layer, images=torch.full((n, *sim.image_shape), 0.5), labels=None, features=feats,
+                    scale_known=scale_known, info=info)
     left = None if time_limit is None else max(1.0, time_limit - (time.perf_counter() - start))
     images, history = invert_features(sim, feats, scale_known=scale_known, iterations=invert_iterations,
-                                      time_limit=left)
+                                      time_limit=left, mask=known)
     info["inversion_iterations"] = history[-1][0] if history else 0
     info["seconds"] = round(time.perf_counter() - start, 3)
     return Leak(layer=layer, images=images, labels=labels, features=feats, scale_known=scale_known,
