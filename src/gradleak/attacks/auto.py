@@ -66,12 +66,17 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         elif int(found.info.get("separated", 0)) == 0:
             why = f"the update of layer '{found.layer}' did not separate into images (too degraded)"
     budget = {"iterations": s["iterations"], "time_budget": s["time_budget"]}
-    if why is not None:
-        name = s["fallback_single"] if obs.num_images == 1 else s["fallback_batch"]
+    name = s["fallback_single"] if obs.num_images == 1 else s["fallback_batch"]
+
+    def fallback(share: float = 1.0) -> Reconstruction:
         base = fallback_settings(name) if fallback_settings is not None else {}
+        b = dict(budget)
         if T is not None:
-            budget["time_budget"] = max(1.0, T - (time.perf_counter() - start))
-        rec = engine.run(obs, {**base, **budget}, attack="auto", device=device, generator=g, progress=progress)
+            b["time_budget"] = max(1.0, share * (T - (time.perf_counter() - start)))
+        return engine.run(obs, {**base, **b}, attack="auto", device=device, generator=g, progress=progress)
+
+    if why is not None:
+        rec = fallback()
         rec.extras["pipeline"] = {"leaky_layer": None if found is None else found.layer, "stages": [name],
                                   "separated": 0, "images": obs.num_images,
                                   "note": f"{why}; fell back to optimisation ({name})"}
@@ -79,9 +84,10 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         rec.seconds = time.perf_counter() - start
         return rec
     leak_seconds = time.perf_counter() - start
+    partial = int(found.info.get("separated", 0)) < obs.num_images
     refine = {k: v for k, v in s.items() if k not in OWN}
-    if T is not None:
-        refine["time_budget"] = max(1.0, T - leak_seconds)
+    if T is not None:  # with some images left as mixtures, the optimisation attack gets half of what is left
+        refine["time_budget"] = max(1.0, (0.5 if partial else 1.0) * (T - leak_seconds))
     labels = None
     if found.labels is not None:
         labels = (found.labels, "disaggregation (sign of each image's output gradient)")
@@ -104,6 +110,18 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     rec.extras["leak_images"] = found.images
     rec.threat_model["attack_pipeline"] = (f"linear-layer disaggregation ({found.layer}) + feature inversion "
                                            f"+ refinement")
+    if partial:  # some inputs are mixtures: the optimisation attack competes, the better match wins
+        alt = fallback()
+        rec.extras["pipeline"]["competitor"] = {"attack": name, "loss": alt.loss, "leak_loss": rec.loss}
+        if alt.loss < rec.loss:
+            alt.extras["pipeline"] = {**rec.extras["pipeline"], "kept": f"{name} (matched the update better "
+                                      f"than the partly separated batch)", "stages": rec.extras["pipeline"]["stages"]
+                                      + [name]}
+            alt.threat_model["attack_pipeline"] = rec.threat_model["attack_pipeline"] + f", then {name} (kept)"
+            alt.extras["leak_images"] = found.images
+            alt.seconds = time.perf_counter() - start
+            alt.iterations += rec.iterations + int(found.info.get("inversion_iterations", 0))
+            return alt
     rec.seconds = time.perf_counter() - start
     inv_hist = found.info.get("inversion_history") or []
     rec.converged = loss_converged(rec.history) if kept == "refined" else loss_converged(inv_hist)

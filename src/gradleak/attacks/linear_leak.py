@@ -260,6 +260,8 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         return Leak(layer=layer, images=torch.full((n, *sim.image_shape), 0.5), labels=None, features=feats,
                     scale_known=scale_known, info=info)
     left = None if time_limit is None else max(1.0, time_limit - (time.perf_counter() - start))
+    if left is not None and int(info.get("separated", 0)) < n:  # mixtures: leave time to the fallback
+        left = min(left, 0.25 * time_limit)
     images, history = invert_features(sim, feats, scale_known=scale_known, iterations=invert_iterations,
                                       time_limit=left, mask=known)
     info["inversion_iterations"] = history[-1][0] if history else 0
