@@ -118,9 +118,15 @@ def run_attack(name: str, obs: Observation, overrides: dict[str, Any] | None = N
         raise UserError(f"device '{device}' asked for, but this torch build has no CUDA device")
     generator = torch.Generator().manual_seed(int(seed))
     if name == "auto":
+        user = dict(overrides or {})
+
+        def fallback_settings(n: str) -> dict[str, Any]:
+            """The fallback's preset with the user's overrides that apply to it (its own iteration count
+            unless the user gave one)."""
+            return resolve_settings(n, {k: v for k, v in user.items() if k in preset(n) and k not in auto.OWN})
+
         rec = auto.run(obs, settings, device=device, generator=generator, progress=progress,
-                       fallback_settings=lambda n: {k: v for k, v in preset(n).items()
-                                                    if k not in ("iterations", "time_budget")})
+                       fallback_settings=fallback_settings)
     else:
         rec = engine.run(obs, settings, attack=name, device=device, generator=generator, progress=progress)
     rec.settings = {**rec.settings, "seed": int(seed), "device": device}

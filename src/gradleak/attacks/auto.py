@@ -44,12 +44,27 @@ DEFAULTS: dict[str, Any] = {
 OWN = ("invert_iterations", "leak_share", "fallback_single", "fallback_batch")
 
 
+def _in_label_order(images: torch.Tensor, found: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Reorder the separated images so each sits where the known labels put an image of its class (the
+    separation returns them in no particular order); unchanged when the class counts differ."""
+    if sorted(found.tolist()) != sorted(known.tolist()):
+        return images
+    out = images.clone()
+    for c in torch.unique(known).tolist():
+        out[known == c] = images[found == c]
+    return out
+
+
 def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         generator: torch.Generator | None = None, progress: bool = True,
         fallback_settings=None) -> Reconstruction:
     """``fallback_settings(name)`` -> the resolved settings of the optimisation attack ``name``."""
     s = {**DEFAULTS, **settings}
     g = generator if generator is not None else torch.Generator().manual_seed(0)
+    # one generator per stage, drawn up front: how many numbers one stage draws (a time-limited search)
+    # never changes what the next stage gets, so a seed gives the same stages whatever the timing
+    g_leak, g_refine, g_fallback = (torch.Generator().manual_seed(int(x))
+                                    for x in torch.randint(0, 2**62, (3,), generator=g))
     start = time.perf_counter()
     T = None if s.get("time_budget") is None else float(s["time_budget"])
     sim = Simulator(obs, device)
@@ -58,22 +73,20 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     if any(r.get("name") == "sign" for r in obs.obfuscation):
         why = "signSGD leaves no magnitudes, and the subset-sum structure of the layer needs them"
     else:
-        found = leak(obs, sim, generator=g, time_limit=None if T is None else float(s["leak_share"]) * T,
+        found = leak(obs, sim, generator=g_leak, time_limit=None if T is None else float(s["leak_share"]) * T,
                      invert_iterations=int(s["invert_iterations"]))
         if found is None:
             why = (f"{obs.model['arch']} has no linear layer followed by a ReLU feeding a two-class classifier, "
                    f"whose update would leak the batch")
         elif int(found.info.get("separated", 0)) == 0:
             why = f"the update of layer '{found.layer}' did not separate into images (too degraded)"
-    budget = {"iterations": s["iterations"], "time_budget": s["time_budget"]}
     name = s["fallback_single"] if obs.num_images == 1 else s["fallback_batch"]
 
-    def fallback(share: float = 1.0) -> Reconstruction:
-        base = fallback_settings(name) if fallback_settings is not None else {}
-        b = dict(budget)
+    def fallback() -> Reconstruction:
+        base = dict(fallback_settings(name)) if fallback_settings is not None else {}
         if T is not None:
-            b["time_budget"] = max(1.0, share * (T - (time.perf_counter() - start)))
-        return engine.run(obs, {**base, **b}, attack="auto", device=device, generator=g, progress=progress)
+            base["time_budget"] = max(0.5, T - (time.perf_counter() - start))
+        return engine.run(obs, base, attack="auto", device=device, generator=g_fallback, progress=progress)
 
     if why is not None:
         rec = fallback()
@@ -87,16 +100,19 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     partial = int(found.info.get("separated", 0)) < obs.num_images
     refine = {k: v for k, v in s.items() if k not in OWN}
     if T is not None:  # with some images left as mixtures, the optimisation attack gets half of what is left
-        refine["time_budget"] = max(1.0, (0.5 if partial else 1.0) * (T - leak_seconds))
+        refine["time_budget"] = max(0.5, (0.5 if partial else 1.0) * (T - leak_seconds))
     labels = None
     if found.labels is not None:
         labels = (found.labels, "disaggregation (sign of each image's output gradient)")
-    rec = engine.run(obs, refine, attack="auto", device=device, generator=g, progress=progress,
-                     init_images=found.images, labels=labels)
+    start_images = found.images
+    if obs.labels is not None and found.labels is not None:  # known labels are in the batch's order
+        start_images = _in_label_order(found.images, found.labels, obs.labels)
+    rec = engine.run(obs, refine, attack="auto", device=device, generator=g_refine, progress=progress,
+                     init_images=start_images, labels=labels)
     initial = rec.extras.get("initial_losses", [float("inf")])[rec.extras["best_restart"]]
     kept = "refined"
     if not rec.loss <= initial:  # refinement made the match worse: keep the inverted batch
-        rec.images = found.images.clamp(0, 1).float()
+        rec.images = start_images.clamp(0, 1).float()
         rec.loss = float(initial)
         kept = "inverted (refinement did not improve the match)"
     info = {k: v for k, v in found.info.items() if k != "inversion_history"}
@@ -112,8 +128,13 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
                                            f"+ refinement")
     if partial:  # some inputs are mixtures: the optimisation attack competes, the better match wins
         alt = fallback()
-        rec.extras["pipeline"]["competitor"] = {"attack": name, "loss": alt.loss, "leak_loss": rec.loss}
-        if alt.loss < rec.loss:
+        # both batches scored by the refinement's objective (the fallback's own loss may be another one)
+        score = engine.run(obs, {**refine, "iterations": 1, "time_budget": None}, attack="auto", device=device,
+                           generator=g_refine, progress=False, init_images=alt.images,
+                           labels=(alt.labels, alt.threat_model.get("labels", "inferred")))
+        alt_loss = score.extras["initial_losses"][0]
+        rec.extras["pipeline"]["competitor"] = {"attack": name, "loss": alt_loss, "leak_loss": rec.loss}
+        if alt_loss < rec.loss:
             alt.extras["pipeline"] = {**rec.extras["pipeline"], "kept": f"{name} (matched the update better "
                                       f"than the partly separated batch)", "stages": rec.extras["pipeline"]["stages"]
                                       + [name]}
@@ -123,7 +144,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
             alt.iterations += rec.iterations + int(found.info.get("inversion_iterations", 0))
             return alt
     rec.seconds = time.perf_counter() - start
-    inv_hist = found.info.get("inversion_history") or []
-    rec.converged = loss_converged(rec.history) if kept == "refined" else loss_converged(inv_hist)
+    rec.converged = (loss_converged(rec.history) if kept == "refined"
+                     else found.info.get("inversion_stop") == "converged")
     rec.iterations = rec.iterations + int(found.info.get("inversion_iterations", 0))
     return rec

@@ -3,20 +3,21 @@
 A linear layer ``z = W h (+ b)`` trained on a batch of N images has the weight update
 ``G = sum_i d_i h_i^T`` (``d_i`` the loss gradient at the layer's output for image i, divided by N): a
 matrix of rank at most N whose row space is spanned by the images' inputs ``h_i``. When a ReLU follows
-the layer, each ``d_i`` is zero wherever image i leaves a unit inactive (about half of them at random
-initialisation), so ``G = D X`` with every column of ``D`` sparse. This is the structure exploited by
-R-GAP (Zhu & Blaschko 2021), the Cocktail Party Attack (Kariyappa et al. 2023) and SPEAR (Dimitrov et
-al. 2024); the procedure here follows SPEAR's idea, written from the mathematics:
+the layer and a two-class classifier follows the ReLU, ``d_i = v * m_i * a_i / N`` with ``v`` the
+classifier's weight difference (known to the server), ``m_i`` image i's ReLU pattern (0/1) and ``a_i``
+a scalar, so every row of ``diag(1/v) G`` is a *subset sum* of the vectors ``a_i h_i / N``. The same
+linear-layer leakage drives R-GAP (Zhu & Blaschko 2021), the Cocktail Party Attack (Kariyappa et al.
+2023) and SPEAR (Dimitrov et al. 2024); the procedure here is written from the mathematics:
 
-1. project the (possibly noisy or quantised) update on its top N singular vectors,
-   ``G ~ P V^T`` with ``P = U S``;
-2. sample sets of N - 1 rows of ``P``; if all of them are rows where one image i is inactive, the null
-   vector ``q`` of those rows makes ``P q`` proportional to ``d_i`` (sparse); a random set gives a dense
-   vector, so sparsity tells the two apart;
-3. refine each sparse candidate by least squares over its whole estimated zero set (hundreds of rows
-   instead of N - 1: this is what makes it robust to noise), merge duplicates, keep the N sparsest;
-4. ``X = Q^{-1} V^T`` recovers every ``h_i`` up to sign and scale, fixed later from what the server
-   knows (:mod:`.linear_leak`).
+1. project the (possibly noisy or quantised) update on its top N singular vectors, ``G ~ P V^T``;
+2. sample sets of N - 1 rows; if all of them are rows where one image i is inactive, the null vector
+   ``q`` of those rows makes ``diag(1/v) P q`` take two values only (0 and the one where image i is
+   active), which a random set does not;
+3. refine each such candidate by least squares over all rows, each row assigned to the nearer of the
+   levels 0 and 1 (hundreds of rows instead of N - 1: this is what makes it robust to noise), merge
+   duplicates, keep the N that fit best (and, among sets that fit equally, the one whose inputs
+   reproduce their own ReLU patterns);
+4. ``X = Q^{-1} V^T`` gives every ``a_i h_i / N``, sign and scale included.
 
 Everything here is plain linear algebra on tensors; nothing depends on a model (sparsified updates are
 handled in :mod:`.linear_leak`, on their sent entries).
@@ -33,13 +34,24 @@ import torch
 
 @dataclass
 class Separation:
-    """``D`` (m x r): each image's output-gradient column; ``X`` (r x n): each image's input row, with
-    ``D X`` the rank-r projection of the update. Columns and rows are in the same order; each pair is
-    known only up to ``(d, x) -> (d / c, c x)``."""
+    """``X`` (r x n): each separated image's row ``a_i h_i / N`` (its input to the layer times its scalar
+    output-gradient factor), in no particular order; ``info`` says how many were separated and how."""
 
-    D: torch.Tensor
     X: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _top_singular(G: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k`` singular triplets of a wide or tall matrix from the eigen-decomposition of its small
+    Gram matrix (deterministic, no random range finder)."""
+    wide = G.shape[0] <= G.shape[1]
+    A = G if wide else G.T
+    evals, evecs = torch.linalg.eigh(A @ A.T)
+    order = torch.argsort(evals, descending=True)[:k]
+    s = evals[order].clamp_min(0).sqrt()
+    u = evecs[:, order]
+    vh = (u.T @ A) / s.clamp_min(1e-300)[:, None]
+    return (u, s, vh) if wide else (vh.T, s, u.T)
 
 
 def _consistency(Q: torch.Tensor, Pk: torch.Tensor, vk: torch.Tensor, WV: torch.Tensor,
@@ -98,7 +110,7 @@ def _subset_refine(P: torch.Tensor, v: torch.Tensor, q: torch.Tensor, rounds: in
     w = (P @ q) / v
     for _ in range(rounds):
         one = w > 0.5
-        if int(one.sum()) == 0 or int((~one).sum()) == 0:
+        if int(one.sum()) == 0:
             break
         q_new = torch.linalg.lstsq(P, (v * one.double())[:, None]).solution[:, 0]
         w_new = (P @ q_new) / v
@@ -137,18 +149,11 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     Gd = G.double()
     m, n = Gd.shape
     r = int(rank)
-    if r < 1 or r > min(m, n):
+    if r < 1 or r >= min(m, n):
         raise ValueError(f"rank {r} does not fit a {m} x {n} update")
-    if min(m, n) > 3 * r + 10:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-            u, s, v = torch.svd_lowrank(Gd, q=r + 10, niter=6)
-        vh = v.T
-    else:
-        u, s, vh = torch.linalg.svd(Gd, full_matrices=False)
+    u, s, vh = _top_singular(Gd, r + 1)
     P, Vh = u[:, :r] * s[:r], vh[:r]
     spectrum = [float(x) for x in s[: r + 1]]
-    mode = "subset sums"
     v = row_scale.double().reshape(-1)
     keep = v.abs() > 0.1 * v.pow(2).mean().sqrt()  # rows with a tiny |v_j| only amplify noise
     Pk, vk = P[keep], v[keep]
@@ -164,7 +169,7 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     def consider(q: torch.Tensor) -> None:
         q, spread, frac = _subset_refine(Pk, vk, q)
         spreads.append(spread)
-        if spread > max_spread or not 0 < frac < 1:
+        if spread > max_spread or frac <= 0 or (frac >= 1 and r > 1):
             return
         col, quality = Pk @ q, -spread
         for t, (qf, zf) in enumerate(found):
@@ -177,9 +182,9 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         found.append((q, quality))
         hits.append(1)
 
-    if r == 1:
-        found, hits = [(torch.ones(1, dtype=torch.float64), 1.0)], [2]
     spreads: list[float] = []
+    if r == 1 and mr:  # one image: every live row is that image's value, so 1 / (any row) is the dual vector
+        consider(1.0 / Pt[live][int(Pt[live].abs().argmax())].reshape(1))
     while r > 1 and trials < max_trials and mr >= r - 1:
         if time_limit is not None and time.perf_counter() - start > time_limit:
             break
@@ -218,9 +223,8 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         full, _ = torch.linalg.qr(torch.cat([basis, torch.eye(r, dtype=torch.float64)], dim=1))
         cols += [full[:, j] for j in range(separated, r)]
     Q = torch.stack(cols, dim=1)
-    D = P @ Q
     X = torch.linalg.solve(Q, Vh)
-    return Separation(D=D, X=X,
-                      info={"mode": mode, "separated": separated, "trials": trials, "spectrum": spectrum,
+    return Separation(X=X,
+                      info={"separated": separated, "trials": trials, "spectrum": spectrum,
                             "seconds": round(time.perf_counter() - start, 3),
                             "best_spreads": sorted(spreads)[:2 * r], "candidates": len(found)})

@@ -76,9 +76,9 @@ def halving_rungs(restarts: int) -> list[float]:
 
     With R restarts there are ceil(log2 R) rungs splitting the first half of the budget equally; the
     last restart has the second half to itself.
-    Since the cost of an iteration grows with the number of restarts, the restart-iterations spent in
-    all stages add up to what one restart would run in the whole budget, and the survivor runs at least
-    half of that itself.
+    Where an iteration costs in proportion to the live restarts (batched restarts on a CPU), the
+    restart-iterations of all stages add up to what one restart would run in the whole budget, and the
+    survivor runs at least half of that itself.
     """
     n = math.ceil(math.log2(restarts)) if restarts > 1 else 0
     return [0.5 * (k + 1) / n for k in range(n)]
@@ -202,16 +202,17 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
             md = m.detach()
             keep = torch.argsort(torch.where(torch.isfinite(md), md, torch.full_like(md, float("inf"))))
             keep = keep[: max(1, z.shape[0] // 2)]
-            dropped += [float(v) for i, v in enumerate(md) if i not in set(keep.tolist())]
+            kept = set(keep.tolist())
+            dropped += [float(v) for i, v in enumerate(md) if i not in kept]
             z = _keep_restarts(opt, z, keep)
             params = [z]
             if initial_losses is not None:
                 initial_losses = initial_losses[keep]
         if it == 5 and progress and s["time_budget"] is not None:
             per = budget.elapsed / 5
-            print(f"{attack}: {per:.3g} s/iteration with {z.shape[0]} restart(s); the {float(s['time_budget']):g} s "
-                  f"budget buys about {int(float(s['time_budget']) / max(per, 1e-9))} more", file=sys.stderr,
-                  flush=True)
+            print(f"{attack}: {per:.3g} s/iteration with {z.shape[0]} restart(s); at this rate the "
+                  f"{float(s['time_budget']):g} s budget buys about {int(float(s['time_budget']) / max(per, 1e-9))} "
+                  f"iterations in all (more once restarts are dropped)", file=sys.stderr, flush=True)
         if s["optimizer"] == "lbfgs":
             def closure():
                 for p in params:

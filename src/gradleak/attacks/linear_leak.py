@@ -12,8 +12,12 @@ through a ReLU), ``leaky_input(x)`` (normalised images -> that layer's input) an
    two-class classifier (``leaky_feeds_classifier``) the subset-sum structure gives ``a_i h_i / N``
    exactly, the features are non-negative (post-ReLU) so the sign of ``a_i = p_i - y_i`` gives the
    label, and ``|a_i|`` solves ``a = softmax(head(h / a))_1 - y``;
-3. each recovered input is inverted to its image through the layers before it (a batched problem:
-   Adam on the pixels in [0, 1]).
+3. each recovered input is inverted to its image through the layers before it (one batched L-BFGS
+   problem on the pixels, projected on [0, 1]).
+
+Where the protocol rescales each image's term (per-example clipping, clipping of the whole update,
+FedAvg with local mini-batches or several steps), ``|a_i|`` cannot be read off exactly: the sign (and so
+the label) still holds, and the inversion then matches directions only (cosine).
 
 Models without such a layer (global-pooling CNNs, ResNets), and classifiers of more than two classes,
 are left to optimisation (:func:`leak` returns None).
@@ -37,7 +41,7 @@ SPARSIFIERS = ("topk", "randk", "prune")
 
 @dataclass
 class Leak:
-    """What the layer gave away: per-image inputs (``features``; None where not separated), labels,
+    """What the layer gave away: per-image inputs (``features``, in no particular order), their labels,
     the images inverted from them, and how."""
 
     layer: str
@@ -100,12 +104,16 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     # a dense exact block: the rows that sent most, and the columns all of them sent
     rows_by_count = torch.argsort(O.double().sum(dim=1), descending=True)
     need = 4 * n + 16
-    for k in (256, 192, 128, 96, 64, 48, 32, 24, 16):
-        R = rows_by_count[: min(k, len(rows_by_count))]
-        C = torch.nonzero(O[R].all(dim=0)).reshape(-1)
-        if len(C) >= need and len(R) > 2 * n:
+    R = C = None
+    for k in (512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2):
+        Rk = rows_by_count[: min(k, len(rows_by_count))]
+        Ck = torch.nonzero(O[Rk].all(dim=0)).reshape(-1)
+        if len(Ck) > n and len(Rk) > n and (R is None or len(Rk) * len(Ck) > len(R) * len(C)):
+            R, C = Rk, Ck  # the largest feasible block so far
+        if len(Ck) >= need and len(Rk) > 2 * n:
+            R, C = Rk, Ck
             break
-    if len(C) < n or len(R) <= n:
+    if R is None:
         raise _NoBlock("the sent entries hold no dense block to separate on")
     sep = separate(Gl[R][:, C], n, row_scale=vl[R], generator=generator, time_limit=time_limit)
     if sep.info["separated"] < n:  # the per-row patterns below need every image's input
@@ -137,6 +145,15 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     info = {**sep.info, "block": [int(len(R)), int(len(C))], "columns_solved": int(known.sum()),
             "columns": int(G.shape[1])}
     return X, known, info
+
+
+def exact_scale(obs: Observation, sim: Simulator) -> bool:
+    """Whether every image's term enters the layer's update with weight exactly 1/N: FedSGD (or FedAvg
+    with one full-batch step), no per-example clipping, no clipping of the whole update."""
+    p = sim.protocol
+    one_step = p.algorithm == "fedsgd" or (int(p.local_steps) == 1 and p.local_batch_size is None)
+    clipped = p.per_example_clip is not None or any(r.get("clip") is not None for r in obs.obfuscation)
+    return one_step and not clipped
 
 
 def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,12 +189,13 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
 
 def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool, iterations: int,
                     time_limit: float | None = None, chunk: int = 100, mask: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, list[tuple[int, float]]]:
+                    ) -> tuple[torch.Tensor, list[tuple[int, float]], str]:
     """Images in [0, 1] whose inputs to the leaky layer match ``targets`` (N x n): relative squared
     error when the scale is known, else one minus cosine. One batched L-BFGS problem (strong Wolfe line
-    search) for all images, projected on [0, 1] every ``chunk`` iterations; stops after ``iterations``
-    or ``time_limit`` seconds; ``mask`` (n, boolean) keeps only the features that are known. Returns the
-    images and (iteration, mean loss per image) pairs."""
+    search) for all images, projected on [0, 1] every ``chunk`` iterations; stops after ``iterations``,
+    after ``time_limit`` seconds, or when a chunk improves the loss by less than 0.01 %; ``mask`` (n,
+    boolean) keeps only the features that are known. Returns the images, (iteration, mean loss per
+    image) pairs and why it stopped (``converged``, ``time`` or ``iterations``)."""
     model = sim.model
     C, H, W = sim.image_shape
     t = targets.float().to(sim.device)
@@ -200,12 +218,19 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
             return ((h - t).pow(2).sum(dim=1) / tn).sum()
         return (1 - F.cosine_similarity(h, t, dim=1)).sum()
 
+    stop = "iterations"
     try:
         done = 0
+        per_iteration = None
         while done < int(iterations):
-            if time_limit is not None and done > 0 and time.perf_counter() - start > time_limit:
+            elapsed = time.perf_counter() - start
+            if time_limit is not None and done > 0 and elapsed >= time_limit:
+                stop = "time"
                 break
             steps = min(chunk, int(iterations) - done)
+            if time_limit is not None:  # a first short chunk measures the cost, later ones fit what is left
+                steps = min(steps, 10) if per_iteration is None else \
+                    max(1, min(steps, int((time_limit - elapsed) / max(per_iteration, 1e-9))))
             opt = torch.optim.LBFGS([x], lr=1, max_iter=steps, history_size=50, line_search_fn="strong_wolfe",
                                     tolerance_grad=1e-12, tolerance_change=1e-15)
 
@@ -215,20 +240,28 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
                 loss.backward()
                 return loss
 
+            t0 = time.perf_counter()
             opt.step(closure)
-            done += steps
+            ran = int(opt.state[x].get("n_iter", steps)) if x in opt.state else steps
+            done += max(1, ran)
+            per_iteration = (time.perf_counter() - t0) / max(1, ran)
             with torch.no_grad():
                 x.clamp_(0, 1)
                 history.append((done, float(objective()) / t.shape[0]))
+            if history[-1][1] < 1e-12 or (len(history) > 1 and
+                                          abs(history[-2][1] - history[-1][1]) <= 1e-4 * history[-2][1]):
+                stop = "converged"  # the last chunk changed the loss by less than 0.01 %
+                break
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return x.detach().cpu(), history
+    return x.detach().cpu(), history, stop
 
 
 def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_limit: float | None = None,
          invert_iterations: int = 5000) -> Leak | None:
-    """Disaggregate and invert; None when the model has no leaky linear layer."""
+    """Disaggregate and invert; None when the model has no leaky linear layer feeding a two-class
+    classifier (``leaky_linear`` and ``leaky_feeds_classifier``)."""
     layer = leaky_layer(sim)
     if layer is None or not (sim.num_classes == 2 and bool(getattr(sim.model, "leaky_feeds_classifier", False))):
         return None
@@ -239,12 +272,20 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     v = w2[1] - w2[0]
     share = None if time_limit is None else 0.35 * time_limit
     known = None
+    exact = exact_scale(obs, sim)
+    if observed is not None and (bool(observed.all()) or sim.protocol.num_clients_averaged > 1):
+        # noise after the sparsifier, or several clients' masks averaged: the sent values are not exact
+        observed = None
     if observed is None:
         W = getattr(sim.model, layer).weight.detach().double().cpu()
         sep = separate(G, n, row_scale=v, weight=W, generator=generator, time_limit=share)
         info.update(sep.info)
-        feats, labels = _fix_subset(sim, layer, sep.X, n)
-        scale_known = True
+        if exact:
+            feats, labels = _fix_subset(sim, layer, sep.X, n)
+        else:
+            labels = torch.tensor([0 if float(x.sum()) >= 0 else 1 for x in sep.X], dtype=torch.int64)
+            feats = sep.X * torch.where(labels == 0, 1.0, -1.0).double()[:, None]
+        scale_known = exact
     else:  # sparsified: exact values on the sent entries, nothing known elsewhere
         try:
             X, known, sinfo = _sparse_separation(G, observed, v, n, generator, share)
@@ -259,12 +300,13 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     if int(info.get("separated", 0)) == 0:  # nothing to invert: the caller falls back to optimisation
         return Leak(layer=layer, images=torch.full((n, *sim.image_shape), 0.5), labels=None, features=feats,
                     scale_known=scale_known, info=info)
-    left = None if time_limit is None else max(1.0, time_limit - (time.perf_counter() - start))
+    left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
     if left is not None and int(info.get("separated", 0)) < n:  # mixtures: leave time to the fallback
         left = min(left, 0.25 * time_limit)
-    images, history = invert_features(sim, feats, scale_known=scale_known, iterations=invert_iterations,
-                                      time_limit=left, mask=known)
+    images, history, stop = invert_features(sim, feats, scale_known=scale_known, iterations=invert_iterations,
+                                            time_limit=left, mask=known)
     info["inversion_iterations"] = history[-1][0] if history else 0
+    info["inversion_stop"] = stop
     info["seconds"] = round(time.perf_counter() - start, 3)
     return Leak(layer=layer, images=images, labels=labels, features=feats, scale_known=scale_known,
                 info={**info, "inversion_history": history})

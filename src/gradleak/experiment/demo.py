@@ -1,7 +1,7 @@
 """``gradleak demo``: a small privacy audit on synthetic chest radiographs, end to end.
 
 A curious server attacks FedSGD updates of a LeNet-5 on 32 px phantoms under a few client-side defences
-with Inverting Gradients and ROG, measures what leaked (image similarity and patient re-identification
+with ``auto`` (linear-layer disaggregation + feature inversion + refinement), Inverting Gradients and ROG, measures what leaked (image similarity and patient re-identification
 against the whole synthetic archive), measures what each defence costs the model (a short federated
 training run per defence), and writes the HTML report. ROG's learned post-processing is a tiny
 prior trained first (bounded steps) on the archive's other patients — never the attacked ones — and ROG
@@ -19,7 +19,7 @@ from ..errors import UserError
 
 #: The defences and attacks the demo shows.
 DEMO_OBFUSCATIONS = ["none", "qsgd:levels=16", "topk:keep=0.1", "gaussian:noise_multiplier=0.01,clip=1.0"]
-DEMO_ATTACKS = ["inverting_gradients", "rog"]
+DEMO_ATTACKS = ["auto", "inverting_gradients", "rog"]
 
 DEMO_BASE: dict[str, Any] = {
     "seed": 0,
