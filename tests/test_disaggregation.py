@@ -164,9 +164,12 @@ def test_known_labels_are_paired_with_the_right_images_and_the_seed_fixes_the_re
     rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 300}, progress=False)
     again = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 300}, progress=False)
     assert torch.equal(rec.images, again.images)
-    # with known labels the images come back in the batch's order: image i is the i-th original
-    err = (rec.images - batch.images).flatten(1).pow(2).mean(dim=1)
-    assert float(err.max()) < 1e-3, err
+    # with known labels each image sits where the batch has an image of its class (images of one class
+    # can still be permuted among themselves: nothing in the update orders them)
+    d = (rec.images[:, None] - batch.images[None]).flatten(2).pow(2).mean(dim=2)  # reconstruction x original
+    nearest = d.argmin(dim=1)
+    assert torch.equal(batch.labels[nearest], batch.labels), (nearest, batch.labels)
+    assert score(batch.images, batch.labels, rec.images, rec.labels)["psnr"] > 30
 
 
 def test_cli_attack_defaults_to_auto(tmp_path):
