@@ -140,8 +140,8 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     ReLU patterns best (``W h_i > 0`` exactly where image i is active), SPEAR's consistency check.
 
     Sampling stops
-    when every image has been found twice, after ``max_trials`` row sets, or after ``time_limit``
-    seconds. ``info["separated"]`` counts the distinct columns found; when fewer than ``rank``, the rest
+    when every image has been found twice, after ``max_trials`` row sets, after ``time_limit``
+    seconds, or after a third of them with nothing found. ``info["separated"]`` counts the distinct columns found; when fewer than ``rank``, the rest
     are completed with the remaining directions (their rows are mixtures, not single images).
     """
     start = time.perf_counter()
@@ -186,8 +186,9 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     if r == 1 and mr:  # one image: every live row is that image's value, so 1 / (any row) is the dual vector
         consider(1.0 / Pt[live][int(Pt[live].abs().argmax())].reshape(1))
     while r > 1 and trials < max_trials and mr >= r - 1:
-        if time_limit is not None and time.perf_counter() - start > time_limit:
-            break
+        used = time.perf_counter() - start
+        if time_limit is not None and (used > time_limit or (not found and used > 0.3 * time_limit)):
+            break  # out of time, or nothing fits after a third of it: leave the rest to the fallback
         k = min(chunk, max_trials - trials)
         idx = torch.rand(k, mr, generator=g).argsort(dim=1)[:, : r - 1]
         qs = _null_vectors(rows[idx])  # k x r
