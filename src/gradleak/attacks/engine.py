@@ -197,7 +197,7 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
     rungs = halving_rungs(R) if s["time_budget"] is not None and s["optimizer"] != "lbfgs" and not joint else []
     dropped: list[float] = []
     for it in budget:
-        if rungs and budget.fraction >= rungs[0] and z.shape[0] > 1:
+        if it > 0 and rungs and budget.fraction >= rungs[0] and z.shape[0] > 1:  # m: the last step's losses
             rungs.pop(0)
             md = m.detach()
             keep = torch.argsort(torch.where(torch.isfinite(md), md, torch.full_like(md, float("inf"))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .simulate import Simulator
+from .unroll import delta_to_gradient
 
 
 def last_layer_gradient(sim: Simulator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -16,7 +17,7 @@ def last_layer_gradient(sim: Simulator) -> tuple[torch.Tensor, torch.Tensor | No
     w = sim.target["classifier.weight"]
     b = sim.target.get("classifier.bias")
     if sim.protocol.algorithm == "fedavg":
-        scale = -1.0 / (sim.protocol.local_lr * sim.protocol.local_steps)
+        scale = delta_to_gradient(sim.protocol)
         w = w * scale
         b = None if b is None else b * scale
     return w, b

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from ..observation import Observation
+from .aware import SPARSIFIERS, _per_tensor
 from .disaggregate import separate
 from .simulate import Simulator
-
-SPARSIFIERS = ("topk", "randk", "prune")
+from .unroll import delta_to_gradient
 
 
 @dataclass
@@ -68,7 +68,7 @@ def observed_matrix(obs: Observation, sim: Simulator, layer: str
     info: dict[str, Any] = {}
     p = sim.protocol
     if p.algorithm == "fedavg":
-        G = G * (-1.0 / (float(p.local_lr) * int(p.local_steps)))
+        G = G * delta_to_gradient(p)
         info["fedavg"] = "delta read as -delta / (lr * steps)"
     names = [r.get("name") for r in obs.obfuscation]
     observed = None
@@ -76,8 +76,7 @@ def observed_matrix(obs: Observation, sim: Simulator, layer: str
         observed = G != 0
         if "randk" in names:
             rec = next(r for r in obs.obfuscation if r.get("name") == "randk")
-            res = rec.get("rescale")
-            res = res.get(f"{layer}.weight") if isinstance(res, dict) else res
+            res = _per_tensor(rec.get("rescale"), f"{layer}.weight")
             if res:
                 G = G / float(res)
         info["sent"] = round(float(observed.double().mean()), 6)

@@ -18,12 +18,20 @@ from .objectives import Matching
 from .simulate import Simulator
 
 
+def delta_to_gradient(protocol) -> float:
+    """The factor that reads a FedAvg weight delta as one mean gradient: ``-1 / (local_lr * local_steps)``
+    (1 for FedSGD, whose update already is the gradient)."""
+    if protocol.algorithm != "fedavg":
+        return 1.0
+    return -1.0 / (float(protocol.local_lr) * int(protocol.local_steps))
+
+
 def assume_fedsgd(sim: Simulator) -> Simulator:
     """Turn ``sim`` into a FedSGD simulator whose target is the delta read as a mean gradient."""
     p = sim.protocol
     if p.algorithm != "fedavg":
         return sim
-    scale = -1.0 / (float(p.local_lr) * int(p.local_steps))
+    scale = delta_to_gradient(p)
     sim.target = {k: v * scale for k, v in sim.target.items()}
     sim.protocol = dataclasses.replace(p, algorithm="fedsgd", local_steps=1, local_lr=0.0, local_batch_size=None)
     return sim
