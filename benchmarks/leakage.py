@@ -53,6 +53,7 @@ from gradleak.data import load_dataset  # noqa: E402
 from gradleak.experiment.outputs import write_json  # noqa: E402
 from gradleak.federated import Protocol  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
+from gradleak.metrics.baseline import blind_guesses  # noqa: E402
 from gradleak.prior import Prior, train_prior  # noqa: E402
 
 OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     obs_list = cells(ds, a.split, a.images, a.batches, a.batch_size)
     attacked = {i for _, idx in obs_list for i in idx}
     aux = [i for i in np.random.default_rng(7).permutation(len(ds)).tolist() if i not in attacked][: a.blind_images]
-    blind = ds.batch(aux).images.mean(dim=0, keepdim=True)  # the attacker's guess without the update
+    blind = blind_guesses(ds.batch(aux).images)["mean_image"]  # the attacker's guess without the update
     prior = None
     if "rog_prior" in a.attacks:
         prior = _prior(ds, a, sorted({ds.patient_ids[i] for _, idx in obs_list for i in idx}))
