@@ -17,7 +17,7 @@ from ..capture import Truth
 from ..files import atomic_path, write_text  # write_text: re-exported for the experiment layer
 from ..metrics import score
 from ..metrics.baseline import with_baseline
-from ..report.images import grid, save_png
+from ..figures.images import grid, save_png
 
 
 def _jsonable(x: Any) -> Any:

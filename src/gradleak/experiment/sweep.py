@@ -53,7 +53,7 @@ from .. import obfuscation
 from ..errors import UserError
 from ..files import atomic_path
 from ..report.html import read_utilities
-from ..report.labels import obfuscation_label, setting_label
+from .labels import obfuscation_label, setting_label
 from . import config as config_mod
 from .config import OPEN, SCHEMA
 from .outputs import _jsonable, write_json, write_text

@@ -279,7 +279,7 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
             "files": sorted(files + ["utility.json", "learning_curves.png", "config.yaml", "log.txt",
                                      "versions.json"]),
         }
-        from ..report.curves import learning_curves
+        from ..figures.curves import learning_curves
 
         title = f"{cfg['name']}: {st.algorithm}, {st.num_clients} clients, obfuscation " + \
             ", ".join(result["threat_model"]["obfuscation"])

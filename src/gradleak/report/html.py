@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import write_bytes, write_text
-from .labels import setting_label
+from ..experiment.labels import setting_label
 
 from .verdicts import (HIGH_REID, INCONCLUSIVE, PARTLY_SKILL, RECOGNISABLE_SKILL, RISK_ORDER,
                        above_chance, all_converged, budget_text, image_level, image_phrase, reid_significant,
@@ -546,7 +546,7 @@ def _truth_path(folder: Path, row: dict[str, Any]) -> Path | None:
 
 
 def _tile_img(images, alt: str, pad: int = 3) -> str:
-    from .images import grid
+    from ..figures.images import grid
 
     pic = grid([images], tile=TILE, pad=pad)
     w, h = pic.size
