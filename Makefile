@@ -8,23 +8,29 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed
+BASE    = $(VENV)/.installed
+TESTS   = $(VENV)/.installed-test
 
 .PHONY: demo test venv clean
 
-$(STAMP): pyproject.toml
+# the demo needs only the package; the tests add their extras (reference metrics, pydicom, Ray, pyarrow)
+$(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e .
+	touch $(BASE)
+
+$(TESTS): $(BASE)
 	$(BIN)/pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	touch $(TESTS)
 
-venv: $(STAMP)
+venv: $(BASE)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/gradleak demo
 
-test: $(STAMP)
+test: $(TESTS)
 	$(BIN)/python -m pytest -q
 
 clean:
