@@ -8,8 +8,3 @@ line on stderr and exit code 2; anything else is a bug and keeps its traceback.
 class UserError(Exception):
     """A problem with the user's input (path, file, config, parameter), not with gradleak."""
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise UserError(message)

@@ -21,7 +21,6 @@ weights are the first M standard weights renormalised to sum to 1. Every result 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +155,3 @@ def _as_batch(x: torch.Tensor) -> torch.Tensor:
         return x[None]
     return x
 
-
-def summarize(values: torch.Tensor) -> dict[str, float]:
-    v = [float(x) for x in values]
-    mean = sum(v) / len(v) if v else math.nan
-    return {"mean": mean, "min": min(v) if v else math.nan, "max": max(v) if v else math.nan}
