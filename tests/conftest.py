@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REQUIRE_SHARED_DATA = "GRADLEAK_REQUIRE_SHARED_DATA"
+os.environ.setdefault("GRADLEAK_PSEUDONYM_KEY", "test key: pseudonyms made by the test suite")  # no home key
 
 
 def shared_data_dir() -> Path:

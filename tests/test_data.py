@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import struct
+import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from gradleak.data import (ChestXrayDataset, DicomDataset, FolderDataset, ImageD
                            render_phantom, split_by_patient)
 from gradleak.data.chest_xray import match_patient_id
 from gradleak.data.phantoms import patient_labels
+from gradleak.data.pseudonym import ENV_KEY, PATTERN, as_pseudonym, name_pseudonym, patient_pseudonym
 from gradleak.errors import UserError
 
 
@@ -86,13 +92,18 @@ def test_kaggle_loader_labels_order_ids_sizes(tmp_path):
     root = _kaggle_tree(tmp_path / "cx")
     ds = load_dataset({"source": "kaggle", "path": str(root), "size": 16})
     assert isinstance(ds, ChestXrayDataset) and len(ds) == 9
-    assert ds.names == sorted(KAGGLE_FILES["NORMAL"]) + sorted(KAGGLE_FILES["PNEUMONIA"])
+    files = [p.name for p in ds.paths]
+    assert files == sorted(KAGGLE_FILES["NORMAL"]) + sorted(KAGGLE_FILES["PNEUMONIA"])
     assert ds.labels.tolist() == [0] * 4 + [1] * 5
-    ids = dict(zip(ds.names, ds.patient_ids))
-    assert ids["NORMAL2-IM-0383-0001.jpeg"] == "NORMAL2-IM-0383"
-    assert ids["IM-0115-0001.jpeg"] == ids["IM-0115-0002.jpg"] == "IM-0115"
-    assert ids["person1_bacteria_1.jpeg"] == ids["person1_virus_6.jpeg"] == "person1"
-    assert ids["odd name.jpeg"] == "odd name"
+    ids = dict(zip(files, ds.patient_ids))
+    assert ids["NORMAL2-IM-0383-0001.jpeg"] == patient_pseudonym("NORMAL2-IM-0383")
+    assert ids["IM-0115-0001.jpeg"] == ids["IM-0115-0002.jpg"] == patient_pseudonym("IM-0115")
+    assert ids["person1_bacteria_1.jpeg"] == ids["person1_virus_6.jpeg"] == patient_pseudonym("person1")
+    assert ids["odd name.jpeg"] == patient_pseudonym("odd name")
+    assert len(set(ds.patient_ids)) == 7 and all(PATTERN.match(i) for i in ds.patient_ids)
+    # file names carry patient numbers: only their pseudonyms are kept, with the extension
+    assert ds.names == [name_pseudonym(f) for f in files] and ds.names[0].startswith("im-")
+    assert not any("person" in n or "IM-" in n for n in ds.names + ds.patient_ids)
     b = ds.batch(range(len(ds)))
     assert b.images.shape == (9, 1, 16, 16) and b.images.dtype == torch.float32
     assert 0.0 <= float(b.images.min()) and float(b.images.max()) <= 1.0
@@ -120,7 +131,7 @@ def test_kaggle_nested_archive_reads_one_tree(tmp_path):
     _jpeg(top / "chest_xray" / "train" / "NORMAL" / "._IM-0115-0001.jpeg")  # resource fork beside it
     ds = load_dataset(f"kaggle:{top},size=8")
     assert ds.tree == top / "chest_xray"
-    assert len(ds) == 9 and "IM-9999-0001.jpeg" not in ds.names
+    assert len(ds) == 9 and "IM-9999-0001.jpeg" not in [p.name for p in ds.paths]
     assert ds.describe()["counts"] == {"NORMAL": 4, "PNEUMONIA": 5}
     # only the nested copy present: it is found one level further down
     only = tmp_path / "only"
@@ -132,7 +143,7 @@ def test_kaggle_split_selection_and_missing_split(tmp_path):
     root = _kaggle_tree(tmp_path / "cx", splits=("train",))
     _jpeg(root / "val" / "NORMAL" / "IM-0001-0001.jpeg")
     val = load_dataset(f"chest_xray:{root},split=val,size=8")
-    assert val.names == ["IM-0001-0001.jpeg"] and val.describe()["split"] == "val"
+    assert val.names == [name_pseudonym("IM-0001-0001.jpeg")] and val.describe()["split"] == "val"
     with pytest.raises(UserError, match=r"split 'test' not found in .*found: train, val"):
         load_dataset(f"kaggle:{root},split=test")
     with pytest.raises(UserError, match="split must be one of"):
@@ -201,7 +212,8 @@ def test_medmnist_splits_native_size_and_ids(tmp_path):
     assert isinstance(ds, MedMNISTDataset) and len(ds) == 3 and ds.size == 28
     np.testing.assert_allclose(ds.load([1])[0, 0].numpy(), arrays["val_images"][1] / 255, atol=1e-6)
     assert ds.labels.tolist() == [0, 1, 0] and ds.classes == ["normal", "pneumonia"]
-    assert ds.patient_ids == ["npz-val-0", "npz-val-1", "npz-val-2"]
+    assert ds.patient_ids == [patient_pseudonym(f"npz-val-{i}") for i in range(3)]
+    assert ds.names == ["val[0]", "val[1]", "val[2]"]
     d = ds.describe()
     _json_ok(d)
     assert d["counts"] == {"normal": 2, "pneumonia": 1} and "npz-<split>-<index>" in d["patient_ids"]
@@ -235,6 +247,74 @@ def test_medmnist_errors(tmp_path):
         load_dataset(f"medmnist:{multi}")
 
 
+@pytest.mark.parametrize("labels, message", [
+    (np.array([0.0, 1.5]), "fractional label 1.5"),
+    (np.array([0, -1]), "negative label -1"),
+    (np.array([0.0, np.nan]), "NaN or infinite labels"),
+    (np.array(["0", "1"]), "<U1 values"),
+    (np.array([0, 10 ** 12]), "at most 10000 classes"),
+])
+def test_medmnist_labels_are_whole_numbers_never_truncated(tmp_path, labels, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, train_images=np.zeros((2, 28, 28), np.uint8), train_labels=labels)
+    with pytest.raises(UserError, match=message):
+        load_dataset(f"medmnist:{path}")
+    np.savez(path, train_images=np.zeros((2, 28, 28), np.uint8), train_labels=np.array([[1.0], [0.0]]))
+    assert load_dataset(f"medmnist:{path}").labels.tolist() == [1, 0]  # whole floats are taken
+
+
+def test_medmnist_refuses_text_pixels_nan_and_huge_images_before_reading(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, train_images=np.array([[["a"] * 8] * 8]), train_labels=np.zeros(1))
+    with pytest.raises(UserError, match="<U1 values; expected image pixels"):
+        load_dataset(f"medmnist:{path}")
+    np.savez(path, train_images=np.full((1, 8, 8), np.nan, np.float32), train_labels=np.zeros(1))
+    with pytest.raises(UserError, match="NaN or infinite pixels"):
+        load_dataset(f"medmnist:{path}")
+    # a compressed 15000 x 15000 image: refused from the array header, before 225 MB are decompressed
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("train_images.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (1, 15000, 15000)})
+            f.write(b"\0" * 1000)
+        with z.open("train_labels.npy", "w") as f:
+            np.save(f, np.zeros(1, np.uint8))
+    with pytest.raises(UserError, match="15000 x 15000 px is larger than the limit"):
+        load_dataset(f"medmnist:{path}")
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares ``width`` x ``height`` grey pixels and holds (almost) none of them."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [9000, 15000])  # 81 Mpx: Pillow warns; 225 Mpx: Pillow refuses
+def test_decompression_bomb_is_one_line_before_decoding(tmp_path, side):
+    _png_header_only(tmp_path / "imgs" / "big.png", side, side)
+    ds = load_dataset(f"folder:{tmp_path / 'imgs'},size=8")
+    with pytest.raises(UserError, match=r"big.png: .*(px is larger than the limit of 64 megapixels|"
+                                        r"decompression bomb)") as e:
+        ds.load([0])
+    assert "\n" not in str(e.value)
+
+
+def test_dicom_too_many_pixels_refused_from_the_header(tmp_path):
+    p = _dicom(tmp_path / "d" / "a.dcm", _ramp(8))
+    import pydicom
+
+    ds = pydicom.dcmread(p)
+    ds.Rows = ds.Columns = 9000
+    ds.save_as(p)
+    with pytest.raises(UserError, match="9000 x 9000 px is larger than the limit"):
+        load_dataset(f"dicom:{tmp_path / 'd'}").load([0])
+
+
 def test_download_medmnist_offline_says_what_to_do(tmp_path):
     with pytest.raises(UserError) as e:
         download_medmnist("pneumoniamnist", 64, tmp_path, base_url="http://127.0.0.1:9/", timeout=5)
@@ -259,13 +339,16 @@ def test_folder_classes_patients_and_16bit(tmp_path):
     ds = load_dataset(f"folder:{root}", size=12)
     assert isinstance(ds, FolderDataset)
     assert ds.classes == ["healthy", "sick"]
-    assert ds.names == ["healthy/d.tif", "healthy/deep/c.bmp", "sick/a.jpg", "sick/b.png"]
-    assert ds.labels.tolist() == [0, 0, 1, 1] and ds.patient_ids == ["d", "c", "a", "b"]
+    rels = ["healthy/d.tif", "healthy/deep/c.bmp", "sick/a.jpg", "sick/b.png"]
+    assert [p.relative_to(root).as_posix() for p in ds.paths] == rels
+    assert ds.names == [name_pseudonym(r) for r in rels] and ds.names[0].endswith(".tif")
+    assert ds.labels.tolist() == [0, 0, 1, 1] and ds.patient_ids == [patient_pseudonym(x) for x in "dcab"]
     assert ds.load(range(4)).shape == (4, 1, 12, 12)
     _json_ok(ds.describe())
     (root / "patients.csv").write_text("filename,patient_id\nsick/a.jpg,P1\nb.png,P1\n")
     ds = load_dataset(f"folder:{root}")
-    assert ds.patient_ids == ["d", "c", "P1", "P1"] and ds.describe()["patient_id_fallbacks"] == 2
+    assert ds.patient_ids == [patient_pseudonym(x) for x in ("d", "c", "P1", "P1")]
+    assert ds.describe()["patient_id_fallbacks"] == 2
     # 16-bit grey keeps its depth
     a16 = np.full((8, 8), 30000, dtype=np.uint16)
     p16 = tmp_path / "deep16" / "x" / "img.png"
@@ -339,9 +422,10 @@ def test_dicom_monochrome_rescale_window_and_ids(tmp_path):
     _dicom(root / "PNEUMONIA" / "d.dcm", _ramp() + 50000, patient="")  # high 16-bit values, no PatientID
     ds = load_dataset(f"dicom:{root},size=16")
     assert isinstance(ds, DicomDataset)
-    assert ds.names == ["NORMAL/a.dcm", "NORMAL/b.dcm", "PNEUMONIA/d.dcm", "PNEUMONIA/sub/c.dcm"]
+    rels = ["NORMAL/a.dcm", "NORMAL/b.dcm", "PNEUMONIA/d.dcm", "PNEUMONIA/sub/c.dcm"]
+    assert [p.relative_to(root).as_posix() for p in ds.paths] == rels and ds.names == [name_pseudonym(r) for r in rels]
     assert ds.classes == ["NORMAL", "PNEUMONIA"] and ds.labels.tolist() == [0, 0, 1, 1]
-    assert ds.patient_ids == ["PA", "PA", "d", "PB"]
+    assert ds.patient_ids == [patient_pseudonym(x) for x in ("PA", "PA", "d", "PB")]
     x = ds.load(range(4))[:, 0, :, 0].numpy()  # first column: one value per 4-row band
     # DICOM linear window: (v - (c - 0.5)) / (w - 1) + 0.5, clipped to [0, 1]
     want = np.clip((np.array([-1000, 1000, 3000, 5000]) - 1999.5) / 4000 + 0.5, 0, 1)
@@ -529,7 +613,7 @@ def test_real_kaggle_train_listing():
     ds = load_dataset(f"kaggle:{root},split=train")
     d = ds.describe()
     assert d["counts"] == {"NORMAL": 1341, "PNEUMONIA": 3875}
-    assert all(match_patient_id(n) is not None for n in ds.names) and d["patient_id_fallbacks"] == 0
+    assert all(match_patient_id(p.name) is not None for p in ds.paths) and d["patient_id_fallbacks"] == 0
     assert ds.load([0, len(ds) - 1]).shape == (2, 1, 64, 64)
     # the top of the shared folder also finds (exactly) this tree
     assert load_dataset(f"kaggle:{root.parent},split=val").tree == root
@@ -551,3 +635,37 @@ def test_real_pneumoniamnist():
     assert sizes == {"train": 3882, "val": 524, "test": 624}
     x = load_dataset(f"medmnist:{path},split=val", size=64).load([0])
     assert x.shape == (1, 1, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------ pseudonyms
+
+
+def test_pseudonyms_are_keyed_stable_and_recognisable(monkeypatch):
+    a = patient_pseudonym("person1234")
+    assert PATTERN.match(a) and a == patient_pseudonym("person1234") != patient_pseudonym("person1235")
+    assert name_pseudonym("DOE^JANE/scan 1.DCM").endswith(".dcm") and "DOE" not in name_pseudonym("DOE^JANE.dcm")
+    assert as_pseudonym(a) == a and as_pseudonym(" person1234 ") == a and as_pseudonym("phantom3") == "phantom3"
+    monkeypatch.setenv(ENV_KEY, "another key of the right length")
+    assert patient_pseudonym("person1234") != a  # another key, other pseudonyms
+    monkeypatch.setenv(ENV_KEY, "short")
+    with pytest.raises(UserError, match=f"{ENV_KEY} must hold at least 16 characters"):
+        patient_pseudonym("x")
+
+
+def test_pseudonym_key_file_is_made_once_private_and_stable(tmp_path):
+    """Without the variable, a key file in XDG_CONFIG_HOME (never the real home) is created with mode 0600 and
+    gives the same pseudonyms in every later process; the key itself appears in no pseudonym."""
+    env = {k: v for k, v in os.environ.items() if k != ENV_KEY}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "cfg"), HOME=str(tmp_path / "home"))
+    code = "from gradleak.data.pseudonym import patient_pseudonym as p; print(p('person7'))"
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    key = tmp_path / "cfg" / "gradleak" / "pseudonym.key"
+    assert runs[0].stdout == runs[1].stdout and PATTERN.match(runs[0].stdout.strip())
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and not (tmp_path / "home").exists()
+    assert len(key.read_text().strip()) == 64 and key.read_text().strip() not in runs[0].stdout
+    key.write_text("x")  # a damaged key file is one line, not a silent new key
+    _jpeg(tmp_path / "imgs" / "a.png", fmt="PNG")
+    bad = subprocess.run([sys.executable, "-m", "gradleak.cli", "capture", "--data", f"folder:{tmp_path / 'imgs'}",
+                          "--out", tmp_path / "o.pt"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "pseudonym key" in bad.stderr and "Traceback" not in bad.stderr

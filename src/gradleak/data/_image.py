@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ RESAMPLE_NAME = "bicubic (Pillow)"
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
 
 MIN_SIZE, MAX_SIZE = 8, 2048
+# The largest image decoded: far above any radiograph (a 43 x 43 cm detector at 0.1 mm is 18 Mpx), far below
+# what exhausts memory. Pillow's own bomb warning and error are turned into the same one-line refusal.
+MAX_PIXELS = 64_000_000
+MAX_CLASSES = 10_000
 SKIP_DIRS = {"__MACOSX"}
 
 
@@ -64,13 +69,48 @@ def grey_float(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
 
 
+def check_pixels(where, width: int, height: int, frames: int = 1) -> None:
+    """Refuse an image larger than :data:`MAX_PIXELS` before its pixels are decoded (a decompression bomb
+    or a wrong file costs no memory)."""
+    if int(width) * int(height) * max(int(frames), 1) > MAX_PIXELS:
+        raise UserError(f"{where}: image of {int(width)} x {int(height)} px"
+                        + (f" x {int(frames)} frames" if int(frames) > 1 else "")
+                        + f" is larger than the limit of {MAX_PIXELS // 1_000_000} megapixels")
+
+
+def integer_labels(values: np.ndarray, where: str) -> np.ndarray:
+    """Class labels as int64, refusing text, negative, non-finite and fractional values (a float label
+    that is a whole number is taken, never truncated)."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "biuf":
+        raise UserError(f"{where} holds {a.dtype} values; labels must be whole numbers 0, 1, ...")
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise UserError(f"{where} holds NaN or infinite labels; labels must be whole numbers 0, 1, ...")
+        fractional = a[a != np.round(a)]
+        if fractional.size:
+            raise UserError(f"{where} holds the fractional label {fractional.flat[0]:g}; labels must be whole "
+                            f"numbers 0, 1, ...")
+    if a.size and a.min() < 0:
+        raise UserError(f"{where} holds the negative label {a.min()}; labels must be 0, 1, ...")
+    if a.size and a.max() >= MAX_CLASSES:
+        raise UserError(f"{where} holds the label {a.max():g}; at most {MAX_CLASSES} classes (0 to "
+                        f"{MAX_CLASSES - 1}) are supported")
+    return a.astype(np.int64)
+
+
 def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to float grey in [0, 1]; an unreadable file is the user's error."""
+    """Decode an image file to float grey in [0, 1]; an unreadable file, and one larger than
+    :data:`MAX_PIXELS` (checked from its header, before decoding), is the user's error."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return grey_float(img)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                check_pixels(f"cannot read image {path}", *img.size)
+                img.load()
+                return grey_float(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError,
+            ValueError, SyntaxError, EOFError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
 
 

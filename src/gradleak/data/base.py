@@ -8,6 +8,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from gradleak.data.pseudonym import pseudonymise_names, pseudonymise_patients
+from gradleak.errors import UserError
+
 
 @dataclass
 class Batch:
@@ -15,8 +18,8 @@ class Batch:
 
     images: torch.Tensor  # float32, N x C x H x W, values in [0, 1]
     labels: torch.Tensor  # int64, N
-    patient_ids: list[str]
-    names: list[str]  # file name (or synthetic id) of each image
+    patient_ids: list[str]  # pseudonyms (synthetic ids for the phantoms)
+    names: list[str]  # pseudonymised file name (or synthetic id) of each image
     indices: list[int] = field(default_factory=list)  # positions in the data set
 
 
@@ -24,8 +27,9 @@ class ImageDataset:
     """Base class of every data source.
 
     Subclasses fill ``labels`` (int64 array), ``patient_ids``, ``names`` and ``classes`` when they are
-    built, and implement :meth:`_load_one`. Decoding is lazy, so listing a folder of 5 000 X-rays is cheap
-    and only the images asked for are read.
+    built, and implement :meth:`_load_one`. Sources that read files set the ids and names through
+    :meth:`set_identities`, which keeps only pseudonyms (:mod:`gradleak.data.pseudonym`). Decoding is
+    lazy, so listing a folder of 5 000 X-rays is cheap and only the images asked for are read.
     """
 
     source: str = "base"
@@ -41,6 +45,13 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def set_identities(self, patient_ids: Sequence[str], names: Sequence[str] | None = None) -> None:
+        """Keep keyed pseudonyms of the patients' identifiers (and of the images' names, when given): no
+        identifier read from the data ever reaches anything written."""
+        self.patient_ids = pseudonymise_patients(patient_ids)
+        if names is not None:
+            self.names = pseudonymise_names(names)
+
     def _load_one(self, index: int) -> np.ndarray:
         """Return image ``index`` as float32 H x W (or C x H x W) in [0, 1] at ``self.size``."""
         raise NotImplementedError
@@ -50,6 +61,8 @@ class ImageDataset:
         out = []
         for i in indices:
             a = np.asarray(self._load_one(int(i)), dtype=np.float32)
+            if not np.isfinite(a).all():
+                raise UserError(f"{self.source}: image {int(i)} ({self.names[int(i)]}) holds NaN or infinite values")
             if a.ndim == 2:
                 a = a[None]
             out.append(a)

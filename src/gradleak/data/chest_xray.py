@@ -9,7 +9,8 @@ with a NORMAL or PNEUMONIA folder in it. Two such folders at the same depth are 
 
 Images are decoded to grey with Pillow's ``convert("L")`` (the files are grey content stored as RGB or
 L), optionally centre-cropped to a square, and resized to ``size`` x ``size`` with Pillow's bicubic filter.
-Label 0 = NORMAL, 1 = PNEUMONIA. Files are ordered by class, then by name.
+Label 0 = NORMAL, 1 = PNEUMONIA. Files are ordered by class, then by name. Patient ids (``person1234``,
+``IM-0115``) and file names are kept only as keyed pseudonyms (:mod:`gradleak.data.pseudonym`).
 """
 
 from __future__ import annotations
@@ -135,10 +136,9 @@ class ChestXrayDataset(ImageDataset):
             raise UserError(f"kaggle: no images (.jpeg/.jpg/.png) in {split_dir}")
         self.paths: list[Path] = paths
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.names = [p.name for p in paths]
-        matched = [match_patient_id(n) for n in self.names]
+        matched = [match_patient_id(p.name) for p in paths]
         self.patient_id_fallbacks = sum(m is None for m in matched)
-        self.patient_ids = [m or Path(n).stem for m, n in zip(matched, self.names)]
+        self.set_identities([m or p.stem for m, p in zip(matched, paths)], [p.name for p in paths])
         self.classes = list(CLASSES)
 
     def _load_one(self, index: int) -> np.ndarray:
@@ -151,6 +151,7 @@ class ChestXrayDataset(ImageDataset):
             "resample": RESAMPLE_NAME, "grey": 'Pillow convert("L")',
             "counts": {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)},
             "num_patients": len(set(self.patient_ids)),
+            "patient_ids": "pseudonymised file-name patient numbers (keyed hash)",
             "patient_id_fallbacks": self.patient_id_fallbacks,
         })
         return d

@@ -7,7 +7,9 @@ Multi-frame files give their first frame; colour files become grey with the ITU-
 
 Labels come from ``ROOT/labels.csv`` (columns ``filename,label``; filename relative to ROOT or a bare
 file name; labels are integers or class names), else from the first folder under ROOT as in
-:mod:`gradleak.data.folder`. Patient id = the PatientID tag (the file stem when the tag is empty).
+:mod:`gradleak.data.folder`. Patient id = the PatientID tag (the file stem when the tag is empty), kept
+only as a keyed pseudonym, as are the file names (:mod:`gradleak.data.pseudonym`); no other tag (names,
+accession numbers, descriptions) is read.
 pydicom is imported only here; without it the loader says to install ``gradleak[dicom]``.
 """
 
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gradleak.data._image import (GREY_WEIGHTS, RESAMPLE_NAME, check_bool, check_dir, check_size, class_layout,
-                                  lookup, read_csv_map, to_square)
+from gradleak.data._image import (GREY_WEIGHTS, RESAMPLE_NAME, check_bool, check_dir, check_pixels, check_size,
+                                  class_layout, integer_labels, lookup, read_csv_map, to_square)
 from gradleak.data.base import ImageDataset
 from gradleak.data.folder import list_files
 from gradleak.errors import UserError
@@ -90,7 +92,6 @@ class DicomDataset(ImageDataset):
         if not self.paths:
             raise UserError(f"dicom: no .dcm files in {path}")
         rels = [p.relative_to(root).as_posix() for p in self.paths]
-        self.names = rels
         labels_csv = root / LABELS_CSV
         if labels_csv.is_file():
             table = read_csv_map(labels_csv, "filename", "label", "dicom")
@@ -101,10 +102,8 @@ class DicomDataset(ImageDataset):
                     raise UserError(f"dicom: {r} has no row in {labels_csv}")
                 raw.append(v)
             if all(v.lstrip("-").isdigit() for v in raw):
-                labels = [int(v) for v in raw]
-                if min(labels) < 0:
-                    raise UserError(f"dicom: negative label in {labels_csv}")
-                self.classes = [str(i) for i in range(max(labels) + 1)]
+                labels = integer_labels(np.array([float(v) for v in raw]), f"dicom: {labels_csv}")
+                self.classes = [str(i) for i in range(int(labels.max()) + 1)]
             else:
                 self.classes = sorted(set(raw))
                 labels = [self.classes.index(v) for v in raw]
@@ -118,7 +117,7 @@ class DicomDataset(ImageDataset):
             ds = self._read(p, header_only=True)
             ids.append(str(ds.get("PatientID", "") or "").strip())
         self.patient_id_fallbacks = sum(not i for i in ids)
-        self.patient_ids = [i or p.stem for i, p in zip(ids, self.paths)]
+        self.set_identities([i or p.stem for i, p in zip(ids, self.paths)], rels)
 
     def _read(self, p: Path, header_only: bool = False):
         try:
@@ -128,6 +127,9 @@ class DicomDataset(ImageDataset):
 
     def _load_one(self, index: int) -> np.ndarray:
         p = self.paths[index]
+        head = self._read(p, header_only=True)  # the size is checked before the pixels are read
+        check_pixels(f"dicom: {p}", _first(head.get("Columns"), 0), _first(head.get("Rows"), 0),
+                     _first(head.get("NumberOfFrames", 1), 1))
         ds = self._read(p)
         try:
             a = dicom_to_unit(ds)
@@ -142,6 +144,7 @@ class DicomDataset(ImageDataset):
             "counts": {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)},
             "labels_from": self.labels_from,
             "num_patients": len(set(self.patient_ids)),
-            "patient_ids": "PatientID tag", "patient_id_fallbacks": self.patient_id_fallbacks,
+            "patient_ids": "pseudonymised PatientID tag (keyed hash)",
+            "patient_id_fallbacks": self.patient_id_fallbacks,
         })
         return d

@@ -5,7 +5,8 @@ inside each class folder and ordered by their path. When every image lies direct
 folder is one unlabelled class. Patient id = the file stem, unless ``ROOT/patients.csv`` (columns
 ``filename,patient_id``; filename relative to ROOT or a bare file name) names it. Images are decoded to
 grey (Pillow ``convert("L")``; 16-bit images keep their depth), optionally centre-cropped, and resized
-with Pillow's bicubic filter.
+with Pillow's bicubic filter. Patient ids and file names are kept only as keyed pseudonyms
+(:mod:`gradleak.data.pseudonym`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,12 @@ class FolderDataset(ImageDataset):
         self.classes, labels = class_layout(root, self.paths, "folder")
         self.labels = np.asarray(labels, dtype=np.int64)
         rels = [p.relative_to(root).as_posix() for p in self.paths]
-        self.names = rels
         table = read_csv_map(root / PATIENTS_CSV, "filename", "patient_id", "folder") \
             if (root / PATIENTS_CSV).is_file() else {}
         self.patient_table = PATIENTS_CSV if table else None
         ids = [lookup(table, r, p.name) for r, p in zip(rels, self.paths)]
         self.patient_id_fallbacks = sum(not i for i in ids)
-        self.patient_ids = [i or p.stem for i, p in zip(ids, self.paths)]
+        self.set_identities([i or p.stem for i, p in zip(ids, self.paths)], rels)
 
     def _load_one(self, index: int) -> np.ndarray:
         return to_square(read_image(self.paths[index]), self.size, self.crop)
@@ -67,7 +67,8 @@ class FolderDataset(ImageDataset):
             "path": self.path, "split": None, "crop": self.crop, "resample": RESAMPLE_NAME,
             "counts": {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)},
             "num_patients": len(set(self.patient_ids)),
-            "patient_ids": f"from {self.patient_table}" if self.patient_table else "file stem",
+            "patient_ids": ("pseudonymised " + (f"ids from {self.patient_table}" if self.patient_table
+                                                else "file stems") + " (keyed hash)"),
             "patient_id_fallbacks": self.patient_id_fallbacks if self.patient_table else None,
         })
         return d

@@ -3,8 +3,9 @@
 Keys ``{train,val,test}_images`` (N x H x W uint8 grey, or N x H x W x 3 colour, turned grey with the
 ITU-R 601-2 weights of Pillow's ``convert("L")``) and ``{split}_labels`` (N x 1). Images are resized with
 Pillow's bicubic filter when ``size`` differs from the stored size (default: keep the stored size).
-MedMNIST carries no patient identity, so every image gets its own id ``npz-<split>-<index>``: splitting
-"by patient" is then splitting by image, and re-identification cannot be scored on this source.
+MedMNIST carries no patient identity, so every image gets its own id, the pseudonym of
+``npz-<split>-<index>`` (:mod:`gradleak.data.pseudonym`): splitting "by patient" is then splitting by
+image, and re-identification cannot be scored on this source.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradleak.data._image import GREY_WEIGHTS, RESAMPLE_NAME, check_size, to_square
+from gradleak.data._image import GREY_WEIGHTS, RESAMPLE_NAME, check_pixels, check_size, integer_labels, to_square
 from gradleak.data.base import ImageDataset
 from gradleak.errors import UserError
 
@@ -46,6 +47,55 @@ def _get(npz, path: Path, key: str) -> np.ndarray:
         raise UserError(f"medmnist: cannot read key '{key}' of {path} ({e})") from None
 
 
+def _peek(npz, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype of an npz member read from its header, before its data are decompressed (None for a
+    header version this reader does not know; the array is then checked after reading)."""
+    if key not in npz.files:
+        _get(npz, path, key)  # says which keys there are
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with npz.zip.open(f"{key}.npy") as f:
+            reader = readers.get(np.lib.format.read_magic(f))
+            return None if reader is None else reader(f)[::2]
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"medmnist: cannot read key '{key}' of {path} ({e})") from None
+
+
+def _check_images_header(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if dtype.kind not in "uif":
+        raise UserError(f"medmnist: {path} key '{key}' holds {dtype} values; expected image pixels (numbers)")
+    if len(shape) in (3, 4):
+        check_pixels(f"medmnist: {path} key '{key}'", shape[2], shape[1])
+
+
+def _read_split(p: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N x H x W or N x H x W x 3) and integer labels (N) of one split, checked."""
+    key, lkey = f"{split}_images", f"{split}_labels"
+    with _open_npz(p) as npz:
+        head = _peek(npz, p, key)
+        if head is not None:
+            _check_images_header(p, key, *head)
+        images = _get(npz, p, key)
+        labels = _get(npz, p, lkey)
+    _check_images_header(p, key, images.shape, images.dtype)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        raise UserError(f"medmnist: {p} key '{key}' has shape {images.shape}; expected N x H x W or N x H x W x 3")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise UserError(f"medmnist: {p} key '{key}' holds NaN or infinite pixels")
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] != 1:
+        raise UserError(f"medmnist: {p} key '{lkey}' has shape {labels.shape}: multi-label sets "
+                        f"are not supported (one label per image needed)")
+    labels = integer_labels(labels.reshape(-1), f"medmnist: {p} key '{lkey}'")
+    if len(labels) != len(images):
+        raise UserError(f"medmnist: {p} has {len(images)} '{key}' but {len(labels)} '{lkey}'")
+    if len(images) == 0:
+        raise UserError(f"medmnist: {p} key '{key}' holds no images")
+    return images, labels
+
+
 def _to_unit(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8:
         return a.astype(np.float32) / 255.0
@@ -67,30 +117,14 @@ class MedMNISTDataset(ImageDataset):
         p = Path(path).expanduser()
         if not p.is_file():
             raise UserError(f"medmnist: file not found: {path}")
-        with _open_npz(p) as npz:
-            images = _get(npz, p, f"{split}_images")
-            labels = _get(npz, p, f"{split}_labels")
-        key = f"{split}_images"
-        if images.ndim == 4 and images.shape[-1] == 1:
-            images = images[..., 0]
-        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
-            raise UserError(f"medmnist: {p} key '{key}' has shape {images.shape}; expected N x H x W or N x H x W x 3")
-        labels = np.asarray(labels)
-        if labels.ndim == 2 and labels.shape[1] != 1:
-            raise UserError(f"medmnist: {p} key '{split}_labels' has shape {labels.shape}: multi-label sets "
-                            f"are not supported (one label per image needed)")
-        labels = labels.reshape(-1)
-        if len(labels) != len(images):
-            raise UserError(f"medmnist: {p} has {len(images)} '{key}' but {len(labels)} '{split}_labels'")
-        if len(images) == 0:
-            raise UserError(f"medmnist: {p} key '{key}' holds no images")
+        images, labels = _read_split(p, split)
         self.stored_size = int(images.shape[1])
         super().__init__(size=check_size("medmnist", self.stored_size if size is None else size))
         self.path, self.split = str(path), split
         self._images = images
-        self.labels = labels.astype(np.int64)
+        self.labels = labels
         self.names = [f"{split}[{i}]" for i in range(len(labels))]
-        self.patient_ids = [f"npz-{split}-{i}" for i in range(len(labels))]
+        self.set_identities([f"npz-{split}-{i}" for i in range(len(labels))])
         named = _NAMED_CLASSES.get(p.stem.split("_")[0].lower())
         n_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self.classes = named if named and n_classes <= len(named) else [str(i) for i in range(n_classes)]
@@ -108,7 +142,7 @@ class MedMNISTDataset(ImageDataset):
             "resample": RESAMPLE_NAME if self.stored_size != self.size else None,
             "counts": {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)},
             "num_patients": len(self),
-            "patient_ids": "none in MedMNIST: one id per image, npz-<split>-<index>",
+            "patient_ids": "none in MedMNIST: one id per image, the pseudonym of npz-<split>-<index>",
         })
         return d
 
