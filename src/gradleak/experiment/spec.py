@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,12 @@ def _values(key: str, v: Any, source: str) -> list[Any]:
             if not isinstance(args, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
                                                      for a in args):
                 raise UserError(f"{source}: grid '{key}': {kind} takes a list of numbers, got {args!r}")
+            _check_count(key, kind, args, source)
             if kind == "range":
-                if len(args) not in (1, 2, 3):
-                    raise UserError(f"{source}: grid '{key}': range takes [stop], [start, stop] or "
-                                    f"[start, stop, step], got {args!r}")
                 if all(isinstance(a, int) for a in args):
                     out = list(range(*args))
                 else:
-                    start, stop, step = (([0.0] + list(args)) if len(args) == 1 else list(args) + [1.0])[:3]
-                    if step == 0:
-                        raise UserError(f"{source}: grid '{key}': range step must not be 0")
+                    start, stop, step = ([0.0, *args, 1.0] if len(args) == 1 else [*args, 1.0])[:3]
                     out = [float(x) for x in np.arange(start, stop, step)]
             else:
                 if len(args) != 3 or int(args[2]) != args[2] or args[2] < 1:
@@ -152,6 +149,28 @@ def _values(key: str, v: Any, source: str) -> list[Any]:
     if dup is not None:
         raise UserError(f"{source}: grid '{key}' lists the value {dup} twice")
     return out
+
+
+#: The most values one grid entry may expand to (a sweep of more cells is a mistake, not a plan).
+MAX_VALUES = 100_000
+
+
+def _check_count(key: str, kind: str, args: list[Any], source: str) -> None:
+    """Refuse a range/linspace/logspace of more than :data:`MAX_VALUES` values, counted without building it."""
+    if kind == "range":
+        if len(args) not in (1, 2, 3):
+            raise UserError(f"{source}: grid '{key}': range takes [stop], [start, stop] or "
+                            f"[start, stop, step], got {args!r}")
+        start, stop, step = ([0, *args, 1] if len(args) == 1 else [*args, 1])[:3]
+        if step == 0:
+            raise UserError(f"{source}: grid '{key}': range step must not be 0")
+        span = (stop - start) / step
+        n = math.ceil(span) if math.isfinite(span) else math.inf
+    else:
+        n = args[2] if len(args) == 3 else 0
+    if not n <= MAX_VALUES:
+        raise UserError(f"{source}: grid '{key}': {kind} {args!r} would give {n:.4g} values; "
+                        f"a grid entry may hold at most {MAX_VALUES}")
 
 
 def normalize_obfuscation(value: Any, where: str = "obfuscation") -> list[dict[str, Any]]:
