@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from test_cli import gradleak
 
-from gradleak.report.html import above_chance, write_report
+from gradleak.report.html import write_report
+from gradleak.report.verdicts import above_chance
 
 
 def _chromium():
@@ -113,7 +114,7 @@ def test_report_renders_in_headless_chromium(tiny_sweep, tmp_path):
 
 
 def test_settings_are_grouped_by_defence_and_judged_by_the_worst_case_attack():
-    from gradleak.report.html import _groups
+    from gradleak.report.summary import groups
 
     def row(setting, attack, ssim, hits):
         return {"setting": setting, "attack": attack, "status": "ok",
@@ -124,12 +125,12 @@ def test_settings_are_grouped_by_defence_and_judged_by_the_worst_case_attack():
 
     rows = [row("none", "inverting_gradients", 0.65, 4), row("none", "rog", 0.75, 0),
             row("sign", "inverting_gradients", 0.10, 0), row("sign", "rog", 0.35, 0)]
-    groups, varying = _groups(rows)
-    assert [g.label for g in groups] == ["none", "sign"] and varying == []  # the attack is not a defence
+    gs, varying = groups(rows)
+    assert [g.label for g in gs] == ["none", "sign"] and varying == []  # the attack is not a defence
     # both attacks make 'none' high risk; the one that re-identifies patients is the worst case
-    assert groups[0].worst_case()["attack"] == "inverting_gradients"
+    assert gs[0].worst_case()["attack"] == "inverting_gradients"
     # under 'sign' only ROG reaches partly recognisable images
-    assert groups[1].worst_case()["attack"] == "rog"
+    assert gs[1].worst_case()["attack"] == "rog"
 
 
 def _tiny_attack_folder(tmp_path, iterations=5):
@@ -193,3 +194,35 @@ def test_report_on_a_folder_without_results_is_one_line_exit_2(tmp_path):
     (sweep / "results.jsonl").write_text('{"cell": "0000-x", "status": "failed", "error": "boom"}\n')
     assert_user_error(gradleak("report", sweep, check=False), "no finished cell")
     assert not (tmp_path / "empty" / "report.html").exists()
+
+
+def test_names_from_the_results_are_escaped_and_the_page_stays_self_contained(tiny_sweep, tmp_path):
+    import json
+    import shutil
+
+    import yaml
+
+    folder = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep[0], folder)
+    hostile = "<script>alert('x')</script> & co"
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    for r in rows:
+        if r["status"] == "ok":
+            r["setting"] = f"{r['setting']} {hostile}"
+            r["attack"] = f"ig {hostile}"
+            r["config"]["data"]["path"] = f"/data/{hostile}"
+        else:
+            r["error"] = f"failed {hostile}"
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = yaml.safe_load((folder / "sweep.yaml").read_text())
+    (folder / "sweep.yaml").write_text(yaml.safe_dump({**spec, "name": f"study {hostile}"}))
+
+    page = write_report(folder, out=tmp_path / "report.html").read_text()
+    assert "<script" not in page and "alert('x')" not in page
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; co"
+    assert f"<title>gradleak privacy report: study {escaped}</title>" in page
+    assert f"<b>none {escaped}</b>" in page  # the setting, in the verdict list
+    assert f"alt='reconstruction under none {escaped} by ig {escaped}'" in page  # an image's alt text
+    assert f"/data/{escaped}" in page and f"failed {escaped}" in page
+    # the stylesheet is inlined as it is (quotes not escaped), nothing is loaded from elsewhere
+    assert 'font-family:-apple-system,"Segoe UI"' in page and "<link" not in page

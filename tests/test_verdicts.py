@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from gradleak.metrics import score
 from gradleak.metrics.baseline import blind_guesses, score_guesses, ssim_skill, with_baseline
-from gradleak.report.html import verdict
+from gradleak.report.summary import verdict
 from gradleak.report.verdicts import (ATTACK_STRENGTH, INCONCLUSIVE, image_level, risk, strongest_tried)
 
 
@@ -114,7 +114,8 @@ def test_utility_runs_over_seeds_give_a_mean_and_a_95_percent_interval(tmp_path)
 
     from scipy.stats import t
 
-    from gradleak.report.html import _auc_text, aggregate_utility, read_utilities
+    from gradleak.experiment.store import aggregate_utility, read_utilities
+    from gradleak.report.summary import auc_text
 
     aucs = [0.70, 0.74, 0.66]
     for k, auc in enumerate(aucs):
@@ -131,8 +132,8 @@ def test_utility_runs_over_seeds_give_a_mean_and_a_95_percent_interval(tmp_path)
     assert u["abc"]["final"]["roc_auc"] == pytest.approx(0.70)
     assert u["abc"]["final_ci95"]["roc_auc"] == pytest.approx([0.70 - half, 0.70 + half])
     assert u["abc"]["epsilon"] == 4.0  # the largest spent
-    assert "95% interval" in _auc_text(u["abc"]) and "3 seeds" in _auc_text(u["abc"])
-    assert "one seed, no interval" in _auc_text(u["zzz"])
+    assert "95% interval" in auc_text(u["abc"]) and "3 seeds" in auc_text(u["abc"])
+    assert "one seed, no interval" in auc_text(u["zzz"])
     assert aggregate_utility([]) == {}
 
 
@@ -154,13 +155,13 @@ def test_utility_runs_default_to_the_attacked_architecture_and_protocol():
 
 
 def test_the_report_says_when_utility_comes_from_another_configuration():
-    from gradleak.report.html import _utility_mismatch
+    from gradleak.report.summary import utility_mismatch
 
     row = {"utility_key": "k", "config": {"capture": {"arch": "lenet5", "protocol": {"algorithm": "fedsgd"}}}}
     same = {"k": {"model": {"arch": "lenet5"}, "protocol": {"algorithm": "fedsgd"}}}
     other = {"k": {"model": {"arch": "convnet"}, "protocol": {"algorithm": "fedavg"}}}
-    assert _utility_mismatch([row], same) == ""
-    text = _utility_mismatch([row], other)
+    assert utility_mismatch([row], same) == ""
+    text = utility_mismatch([row], other)
     assert "trained convnet, the attacks ran on lenet5" in text and "used fedavg, the attacked updates fedsgd" in text
 
 

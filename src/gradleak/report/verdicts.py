@@ -40,7 +40,8 @@ RISK_ORDER = {"low": 0, "inconclusive": 1, "moderate": 2, "high": 3}
 INCONCLUSIVE = "inconclusive: the attack stopped before converging"
 
 
-def _num(x: Any) -> float | None:
+def num(x: Any) -> float | None:
+    """``x`` as a float when it is a finite number (not a bool), else None."""
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
@@ -57,7 +58,7 @@ def above_chance(hits: int | None, n: int | None, chance: float | None, rankings
 
 def image_level(ssim_skill: float | None) -> str | None:
     """``recognisable``, ``partly`` or ``not`` from the SSIM gain over the blind baseline (None: unknown)."""
-    s = _num(ssim_skill)
+    s = num(ssim_skill)
     if s is None:
         return None
     if s >= RECOGNISABLE_SKILL:
@@ -120,7 +121,7 @@ def strongest_tried(attacks: Iterable[str]) -> tuple[str | None, list[str]]:
 
 def budget_text(s: dict[str, Any]) -> str:
     """``inverting_gradients: 200 iterations in 12 s (0.06 s/iteration), converged``."""
-    it, sec, spi = _num(s.get("iterations")), _num(s.get("seconds")), _num(s.get("seconds_per_iteration"))
+    it, sec, spi = num(s.get("iterations")), num(s.get("seconds")), num(s.get("seconds_per_iteration"))
     conv = s.get("converged") or []
     parts = []
     if it is not None:
@@ -144,5 +145,5 @@ def budget_text(s: dict[str, Any]) -> str:
 
 
 __all__ = ["RECOGNISABLE_SKILL", "PARTLY_SKILL", "HIGH_REID", "ATTACK_STRENGTH", "RISK_ORDER", "INCONCLUSIVE",
-           "above_chance", "image_level", "image_phrase", "reid_significant", "all_converged", "risk",
+           "num", "above_chance", "image_level", "image_phrase", "reid_significant", "all_converged", "risk",
            "strength_rank", "strongest_tried", "budget_text"]
