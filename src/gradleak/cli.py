@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -13,6 +14,42 @@ import yaml
 
 from . import __version__
 from .errors import UserError
+from .files import check_output
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit code 2, as every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sub = self.prog.removeprefix("gradleak").strip()
+        print(f"gradleak: error: {sub + ': ' if sub else ''}{' '.join(message.split())} "
+              f"(see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has: cpu, cuda, cuda:N (or mps)."""
+    t = text.strip().lower()
+    if not _DEVICE.match(t):
+        raise argparse.ArgumentTypeError(f"unknown device '{text}' (expected cpu, cuda or cuda:N)")
+    if t == "cpu":
+        return t
+    import torch
+
+    if t == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError("device 'mps' is not available on this machine (use cpu)")
+        return t
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device '{text}': CUDA is not available on this machine (use cpu)")
+    index = int(t.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"device '{text}': this machine has {torch.cuda.device_count()} CUDA "
+                                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return t
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -64,6 +101,10 @@ def cmd_capture(a: argparse.Namespace) -> int:
 
     from .models.checkpoint import check_matches, load_model
 
+    out = check_output(a.out, "file", "--out")
+    truth_path = check_output(a.truth or out.parent / "truth.npz", "file", "--truth")
+    if truth_path.resolve() == out.resolve():
+        raise UserError(f"--truth and --out name the same file {out}; the truth goes to a file of its own")
     specs = [parse_spec(s) for s in a.obfuscation or []]
     resolve_all(specs)  # a bad spec fails before the data are read
     proto = Protocol(algorithm=a.algorithm, local_steps=a.local_steps, local_lr=a.local_lr,
@@ -86,13 +127,20 @@ def cmd_capture(a: argparse.Namespace) -> int:
         kw.update(global_state=ckpt["state_dict"], options=ckpt["model"].get("options"),
                   mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])
         kw["meta"].update(model_state=str(a.model_state), model_round=ckpt["round"])
+    if len(batch.labels) and int(batch.labels.max()) >= num_classes:
+        raise UserError(f"{a.data}: label {int(batch.labels.max())} is out of range for a model of {num_classes} "
+                        f"classes (labels 0 to {num_classes - 1}); set --num-classes")
     obs, bits = capture(batch.images, batch.labels, arch=arch, protocol=proto, num_classes=num_classes,
                         model_seed=a.model_seed, labels_known=a.labels_known, obfuscations=specs,
                         obfuscation_seed=a.seed, **kw)
-    out = Path(a.out)
-    truth_path = Path(a.truth) if a.truth else out.parent / "truth.npz"
+    new_obs = not out.exists()
     observation.save(obs, out)
-    save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx), truth_path)
+    try:
+        save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx), truth_path)
+    except BaseException:
+        if new_obs:
+            out.unlink(missing_ok=True)  # a failed capture leaves nothing new
+        raise
     clients = f", {k} clients x {len(idx) // k} images averaged" if k > 1 else ""
     applied = ", ".join(o["name"] for o in obs.obfuscation) or "none"
     victim = f"{arch} from {a.model_state}" if ckpt is not None else arch
@@ -108,6 +156,7 @@ def cmd_obfuscate(a: argparse.Namespace) -> int:
     from . import observation
     from .obfuscation import Context, apply, parse_spec, resolve_all
 
+    check_output(a.out, "file", "--out")
     specs = [parse_spec(s) for s in a.spec]
     resolve_all(specs)
     obs = observation.load(a.observation)
@@ -128,6 +177,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
     from .capture import load_truth
     from .experiment.outputs import write_reconstruction
 
+    check_output(a.out, "folder", "--out")
     obs = observation.load(a.observation)
     truth = load_truth(a.truth) if a.truth else None
     if truth is not None and tuple(truth.images.shape) != (obs.num_images, *obs.image_shape):
@@ -220,7 +270,10 @@ def cmd_attack(a: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ prior
 def _excluded_patients(a: argparse.Namespace) -> list[str]:
-    """Patients named by --exclude-patients and in each --exclude-from file (truth.npz or one id a line)."""
+    """Patients named by --exclude-patients and in each --exclude-from file (truth.npz or one id a line), as
+    the pseudonyms the data sets use (a pseudonym given stays as it is)."""
+    from .data.pseudonym import as_pseudonym
+
     out = [p.strip() for p in (a.exclude_patients or "").split(",") if p.strip()]
     for f in a.exclude_from or []:
         path = Path(f)
@@ -230,17 +283,20 @@ def _excluded_patients(a: argparse.Namespace) -> list[str]:
             from .capture import load_truth
 
             out += load_truth(path).patient_ids
-        else:
-            out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return out
+            continue
+        try:
+            out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--exclude-from: {path} is not a text file of patient ids ({e})") from None
+    return [as_pseudonym(p) for p in out]
 
 
 def cmd_prior_train(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .prior import train_prior
 
+    out = check_output(a.out, "file", "--out")
     excluded = _excluded_patients(a)
-    out = Path(a.out)
     ds = load_dataset(a.data, size=a.size)
     degradation, calibration = {}, None
     if a.calibrate_like:
@@ -290,6 +346,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .experiment.run import run_experiment
 
     cfg = config.load(a.config, overrides=dict(a.set or []))
+    check_output(cfg["output_dir"], "folder", f"{a.config}: output_dir")
     folder, metrics = run_experiment(cfg, progress=not a.quiet)
     g = metrics.get("gain_over_baseline") or {}
     gain = (f"  (over the blind baseline: {g['psnr_db']:+.2f} dB, SSIM {g['ssim']:+.4f})"
@@ -307,7 +364,9 @@ def cmd_utility(a: argparse.Namespace) -> int:
     if a.save_rounds is not None:
         overrides["save_rounds"] = a.save_rounds
     cfg = utility.load(a.config, overrides=overrides)
-    out = Path(a.out) if a.out else None
+    out = check_output(a.out, "folder", "--out") if a.out else None
+    if out is None:
+        check_output(cfg["output_dir"], "folder", f"{a.config}: output_dir")
     res = utility.run_utility(cfg, progress=not a.quiet, folder=out)
     f = res["final"] or {}
     eps = res["epsilon"]
@@ -327,6 +386,7 @@ def cmd_utility(a: argparse.Namespace) -> int:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from .experiment.sweep import load_spec, run_sweep
 
+    check_output(a.out, "folder", "--out")
     spec = load_spec(a.spec, overrides=dict(a.set or []))
     summary = run_sweep(spec, a.out, backend=a.backend, address=a.address, workers=a.workers,
                         progress=not a.quiet, source=str(a.spec))
@@ -346,7 +406,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from .report.html import write_report
 
-    path = write_report(Path(a.experiment), out=Path(a.out) if a.out else None)
+    folder = Path(a.experiment)
+    if not folder.is_dir():
+        raise UserError(f"experiment folder not found: {folder}" if not folder.exists() else
+                        f"{folder} is a file; give a sweep folder or an experiment folder")
+    out = check_output(a.out or folder / "report.html", "file", "--out")
+    path = write_report(folder, out=out)
     print(f"report: {path}")
     return 0
 
@@ -354,7 +419,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .experiment.demo import demo
 
-    demo(out_root=Path(a.out), iterations=a.iterations, quiet=a.quiet)
+    demo(out_root=check_output(a.out, "folder", "--out"), iterations=a.iterations, quiet=a.quiet)
     return 0
 
 
@@ -376,7 +441,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradleak", description="Reconstruct private images from federated "
+    p = _Parser(prog="gradleak", description="Reconstruct private images from federated "
                                 "updates (as a curious server would) and measure what leaked.")
     p.add_argument("--version", action="version", version=f"gradleak {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -433,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=_positive_float, default=None, help="wall-clock seconds")
     t.add_argument("--restarts", type=_positive_int, default=None)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    t.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     t.add_argument("--set", type=_kv, action="append", metavar="KEY=VALUE", help="override a preset setting")
     t.add_argument("--prior", default=None, metavar="PRIOR_FILE",
                    help="learned post-processing ('gradleak prior train'); results are reported with and without "
