@@ -380,7 +380,8 @@ def test_folder_errors(tmp_path):
 
 
 def _dicom(path: Path, pixels: np.ndarray, photometric="MONOCHROME2", patient="P1", slope=None,
-           intercept=None, center=None, width=None, signed=False):
+           intercept=None, center=None, width=None, signed=False, **tags):
+    """A small DICOM radiograph; ``tags`` set further elements (PatientName=..., AccessionNumber=...)."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -403,6 +404,8 @@ def _dicom(path: Path, pixels: np.ndarray, photometric="MONOCHROME2", patient="P
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     if center is not None:
         ds.WindowCenter, ds.WindowWidth = center, width
+    for name, value in tags.items():
+        setattr(ds, name, value)
     ds.PixelData = pixels.astype("<i2" if signed else "<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
     assert pydicom.dcmread(path).pixel_array.shape == pixels.shape
