@@ -1,4 +1,5 @@
-"""Sweeps: grid expansion, resumption (also after SIGKILL), failures, exports, the Ray backend, the CLI."""
+"""Sweeps: grid expansion, resumption (also after SIGKILL), failures, exports, the Ray backend, the CLI,
+and hostile input (huge grids, missing data, a killed sweep's workers)."""
 
 import json
 import os
@@ -16,8 +17,11 @@ from conftest import TINY_SWEEP
 from test_cli import assert_user_error, gradleak
 
 from gradleak.errors import UserError
-from gradleak.experiment.sweep import (ResultStore, check_cells, expand, load_spec, normalize_obfuscation, run_sweep,
-                                       setting_label, spec_from_dict)
+from gradleak.experiment.grid import MAX_CELLS, check_cells, count_cells, expand
+from gradleak.experiment.labels import setting_label
+from gradleak.experiment.spec import load_spec, normalize_obfuscation, spec_from_dict
+from gradleak.experiment.store import ResultRow, ResultStore
+from gradleak.experiment.sweep import run_sweep
 
 
 def _rows(folder):
@@ -89,6 +93,22 @@ def test_unknown_names_fail_before_any_work():
         check_cells(expand(spec_from_dict({"grid": {"attack.name": ["ig", "igg"]}})))
 
 
+def test_a_huge_grid_is_refused_before_it_is_built():
+    with pytest.raises(UserError, match=r"grid 'seed': range \[0, 1000000000000\] would give 1e\+12 values"):
+        spec_from_dict({"grid": {"seed": {"range": [0, 10 ** 12]}}}, source="s.yaml")
+    with pytest.raises(UserError, match="linspace"):
+        spec_from_dict({"grid": {"attack.settings.tv_weight": {"linspace": [0, 1, 10 ** 9]}}})
+    # each entry is small, their product is not: counted, never expanded
+    spec = spec_from_dict({"grid": {"seed": {"range": [1000]}, "capture.model_seed": {"range": [1000]}}})
+    assert count_cells(spec) == 10 ** 6 > MAX_CELLS
+    with pytest.raises(UserError, match=r"s.yaml: the grid holds 1,000,000 cells \(1000 seed x 1000 capture.model_seed\)"):
+        expand(spec, source="s.yaml")
+    with pytest.raises(UserError, match="step must not be 0"):
+        spec_from_dict({"grid": {"seed": {"range": [0, 4, 0]}}})
+    assert spec_from_dict({"grid": {"attack.settings.tv_weight": {"range": [0.5]}}})["grid"][
+        "attack.settings.tv_weight"] == [0.0]
+
+
 # ------------------------------------------------------------------------------------ running, resuming
 def test_sweep_writes_rows_records_failures_and_exports(tiny_sweep):
     out, summary = tiny_sweep
@@ -138,6 +158,23 @@ def test_sweep_writes_rows_records_failures_and_exports(tiny_sweep):
         assert t.num_rows == 4 and "metrics.psnr" in t.column_names
 
 
+def test_every_row_round_trips_through_the_typed_row(tiny_sweep):
+    out, _ = tiny_sweep
+    lines = (out / "results.jsonl").read_text().splitlines()
+    for line in lines:
+        row = ResultRow.from_json(line, "results.jsonl")
+        assert row.to_json() == line and row.as_dict() == json.loads(line)
+        assert list(row.as_dict()) == list(json.loads(line))  # the file's key order
+    stored = ResultStore(out).read()
+    assert [r.as_dict() for r in stored.values()] == _rows(out)
+    ok = next(r for r in stored.values() if r.status == "ok")
+    assert ok.metrics["num_images"] == 2 and ok.reid["strongest"]["iip_n"] == 2
+    failed = next(r for r in stored.values() if r.status == "failed")
+    assert "metrics" not in failed.as_dict() and "larger than the data set" in failed.error
+    cell = json.loads((out / "cells" / ok.cell / "row.json").read_text())
+    assert cell == ok.as_dict()
+
+
 def test_rerun_skips_done_cells_retries_failed_and_repairs_the_store(tiny_sweep, tmp_path):
     src, _ = tiny_sweep
     out = tmp_path / "copy"
@@ -159,14 +196,6 @@ def test_rerun_skips_done_cells_retries_failed_and_repairs_the_store(tiny_sweep,
     other = {**TINY_SWEEP, "grid": {"capture.batch_size": [1]}}
     with pytest.raises(UserError, match="different sweep"):
         run_sweep(spec_from_dict(other), out, progress=False, echo=None)
-
-
-def test_store_ignores_a_cut_line(tmp_path):
-    store = ResultStore(tmp_path)
-    store.append({"cell": "a", "x": 1})
-    with open(store.path, "a") as f:
-        f.write('{"cell": "b", "x"')
-    assert list(store.read()) == ["a"]
 
 
 def test_sigkill_and_rerun_completes_with_no_lost_or_duplicated_rows(tmp_path):
@@ -233,6 +262,8 @@ def test_sweep_cli_errors_are_one_line(tmp_path):
     assert_user_error(gradleak("sweep", bad, "--out", tmp_path / "o", check=False), "qsdg")
     bad.write_text("grid:\n  capture.batchsize: [1, 2]\n")
     assert_user_error(gradleak("sweep", bad, "--out", tmp_path / "o", check=False), "capture.batch_size")
+    bad.write_text("grid:\n  seed: {range: [0, 1000000000000]}\n")
+    assert_user_error(gradleak("sweep", bad, "--out", tmp_path / "o", check=False), "seed", "at most 100000")
     assert not (tmp_path / "o").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
@@ -240,3 +271,64 @@ def test_sweep_cli_errors_are_one_line(tmp_path):
     assert_user_error(gradleak("sweep", bad, "--out", tmp_path / "full", check=False), "sweep.yaml")
     assert_user_error(gradleak("report", tmp_path / "full", check=False), "results.jsonl")
     assert_user_error(gradleak("report", tmp_path / "missing", check=False), "not found")
+
+
+def test_a_sweep_on_a_missing_data_path_stops_before_any_cell(tmp_path):
+    spec = {**TINY_SWEEP, "base": {**TINY_SWEEP["base"],
+                                   "data": {"source": "folder", "path": str(tmp_path / "no-such-data"), "size": 16}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert_user_error(gradleak("sweep", path, "--out", out, check=False), "cell 0", "no-such-data")
+    assert not out.exists()  # no results, no report, no folder
+    # in an existing sweep folder it stops the same way, before the folder is touched
+    out.mkdir()
+    (out / "sweep.yaml").write_text("x: 1\n")
+    assert_user_error(gradleak("sweep", path, "--out", out, check=False), "no-such-data")
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.yaml"]
+
+
+def _process_group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``, from /proc."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            found.append(int(d.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process table from /proc")
+def test_workers_exit_when_the_sweep_is_killed(tmp_path):
+    spec = {"name": "orphans", "base": {"data": {"source": "phantoms", "size": 16, "n": 24},
+                                        "capture": {"arch": "lenet_zhu", "batch_size": 1},
+                                        "attack": {"name": "ig", "settings": {"iterations": 100000, "restarts": 1}}},
+            "grid": {"seed": [0, 1]}, "reid": {"enabled": False}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    exe = Path(sys.executable).with_name("gradleak")
+    p = subprocess.Popen([str(exe), "sweep", str(path), "--out", str(out), "--workers", "2", "--quiet", "--no-report"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        running = []
+        while time.time() < deadline and p.poll() is None and len(running) < 2:
+            running = list((out / "cells").glob(".*.partial/config.yaml"))  # written by a worker as it starts
+            time.sleep(0.05)
+        assert p.poll() is None and len(running) == 2, "the workers did not start"
+        assert len(_process_group(p.pid)) >= 3  # the sweep and its two workers (and multiprocessing's helpers)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        time.sleep(5)
+        assert _process_group(p.pid) == []
+        assert not list((out / "cells").glob(".*.result.json"))  # no worker finished into the void
+    finally:
+        for pid in _process_group(p.pid):  # only on failure: leave nothing behind
+            os.kill(pid, signal.SIGKILL)

@@ -127,7 +127,9 @@ def demo(out_root: Path = Path("experiments"), iterations: int | None = None, qu
          workers: int | None = None) -> Path:
     from ..report.html import write_report
     from .run import new_folder
-    from .sweep import run_sweep, spec_from_dict
+    from .spec import spec_from_dict
+    from .store import ResultStore
+    from .sweep import run_sweep
 
     import time
 
@@ -145,7 +147,7 @@ def demo(out_root: Path = Path("experiments"), iterations: int | None = None, qu
     print()
     summary = run_sweep(spec, folder, progress=not quiet, echo=None if quiet else print, workers=workers,
                         source="demo")
-    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    rows = [r.as_dict() for r in ResultStore(folder).read().values()]
     if not any(r.get("status") == "ok" for r in rows):
         raise UserError(f"every demo cell failed; see {folder}/cells/*/log.txt")
     report = write_report(folder)

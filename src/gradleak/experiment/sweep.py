@@ -23,443 +23,41 @@ The folder ``DIR`` holds ``sweep.yaml`` (the resolved spec), ``cells/<cell id>/`
 renamed into place when complete), ``results.jsonl`` (one row per cell, key ``cell``), ``results.csv``
 (and ``results.parquet`` when pyarrow is installed), ``reid/`` (galleries and embedders) and ``utility/``.
 Rerunning skips the cells already done; cells that failed are retried. Killing a sweep at any point
-(even with SIGKILL) loses at most the cells that were running.
+(even with SIGKILL) loses at most the cells that were running, and its workers exit with it.
+
+This module runs a sweep; the parts live beside it: :mod:`.spec` (reading and checking the spec),
+:mod:`.grid` (cells), :mod:`.backends` (local processes, Ray), :mod:`.store` (``results.jsonl``, the typed
+row, CSV/parquet) and :mod:`gradleak.metrics.reid` (galleries).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import hashlib
-import io
-import itertools
 import json
 import os
 import shutil
-import socket
 import sys
-import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import yaml
 
-from .. import obfuscation
 from ..errors import UserError
-from ..files import atomic_path
+from ..metrics.reid import ReidContext, cell_reid, prepare_reid
+from .backends import LocalBackend, RayBackend
+from .grid import Cell, check_cells, check_data, digest, expand, params_text
 from .labels import obfuscation_label, setting_label
-from . import config as config_mod
 from .outputs import _jsonable, write_json, write_text
 from .spec import SWEEP_FORMAT, SWEEP_SCHEMA, load_spec, normalize_obfuscation, spec_from_dict
-from .store import ResultStore, read_utilities
+from .store import ResultRow, ResultStore, read_utilities
 
 # execution options that may change between a run and its resumption
 _EXECUTION_KEYS: tuple[str, ...] = ("gpus_per_cell",)
 
 
-# ------------------------------------------------------------------------------------------------ cells
-@dataclass
-class Cell:
-    id: str
-    index: int
-    params: dict[str, Any]  # the grid values of this cell, by dotted key
-    config: dict[str, Any]  # the full experiment config
-
-    @property
-    def device(self) -> str:
-        return str(self.config["attack"]["device"])
-
-
-def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    node = cfg
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def digest(obj: Any, n: int = 10) -> str:
-    return hashlib.sha1(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()[:n]
-
-
-def expand(spec: dict[str, Any], source: str = "sweep") -> list[Cell]:
-    """The cells of ``spec``'s grid (Cartesian product in the order the keys are written)."""
-    grid = spec["grid"]
-    keys = list(grid)
-    cells = []
-    for index, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
-        cfg = copy.deepcopy(spec["base"])
-        params = dict(zip(keys, combo))
-        for k, v in params.items():
-            _set(cfg, k, v)
-        cfg["name"] = spec["name"]
-        cfg = config_mod.from_dict(cfg, source=f"{source} (cell {index})")
-        cfg.pop("output_dir", None)
-        cells.append(Cell(id=f"{index:04d}-{digest(cfg, 8)}", index=index, params=params, config=cfg))
-    return cells
-
-
-def check_cells(cells: list[Cell]) -> None:
-    """Fail early, before any work, on names a cell would only trip over later."""
-    from ..attacks import canonical, resolve_settings
-
-    seen: set[str] = set()
-    for c in cells:
-        att = c.config["attack"]
-        key = json.dumps([att["name"], att["settings"]], sort_keys=True, default=str)
-        if key not in seen:
-            seen.add(key)
-            try:
-                resolve_settings(canonical(att["name"]), att["settings"])
-            except UserError as e:
-                raise UserError(f"cell {c.index} ({_params_text(c.params)}): {e}") from None
-        for spec in c.config["capture"]["obfuscation"]:
-            try:
-                obfuscation.resolve(spec)
-            except UserError as e:
-                raise UserError(f"cell {c.index} ({_params_text(c.params)}): {e}") from None
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={json.dumps(_jsonable(v))}" for k, v in params.items()) or "base"
-
-
-# ---------------------------------------------------------------------------------------- tasks (worker)
-def _set_threads(n: int) -> None:
-    import torch
-    torch.set_num_threads(max(1, int(n)))
-
-
-def execute_task(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Run one task (a cell or a utility run) into ``workdir``. Never raises: failures are results."""
-    from .run import Log, run_cell
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _set_threads(task.get("threads", 1))
-    started = time.time()
-    t0 = time.perf_counter()
-    log = Log(None)
-    result: dict[str, Any] = {"kind": task["kind"], "id": task["id"], "started": started,
-                              "host": socket.gethostname()}
-    try:
-        if task["kind"] == "cell":
-            cfg = task["config"]
-            write_text(workdir / "config.yaml", config_mod.dump(cfg))
-            metrics = run_cell(cfg, workdir, log=log, progress=False)
-            if not task.get("keep_observation", False):
-                (workdir / "observation.pt").unlink(missing_ok=True)
-            summary = json.loads((workdir / "attack.json").read_text())
-            result.update(status="ok", metrics=metrics,
-                          attack={k: summary.get(k) for k in ("iterations", "seconds", "seconds_per_iteration",
-                                                              "converged", "pipeline", "final_loss", "settings")})
-        elif task["kind"] == "utility":
-            from .utility import run_utility
-
-            cfg = {**task["config"], "threads": int(task.get("threads", 1))}
-            out = run_utility(cfg, progress=False, folder=workdir / "run")
-            result.update(status="ok", utility=_jsonable({k: out[k] for k in _UTILITY_KEYS if k in out}))
-        else:  # pragma: no cover - a bug
-            raise ValueError(f"unknown task kind {task['kind']!r}")
-    except BaseException as e:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        result.update(status="failed", error=f"{type(e).__name__}: {msg}",
-                      traceback=traceback.format_exc(limit=20))
-        log(f"failed: {type(e).__name__}: {msg}")
-    result["seconds"] = round(time.perf_counter() - t0, 3)
-    result["finished"] = time.time()
-    write_text(workdir / "log.txt", log.text() + (result.get("traceback", "") or ""))
-    return _jsonable(result)
-
-
-def _child_main(task: dict[str, Any], workdir: str, result_path: str) -> None:
-    """Entry point of a local worker process."""
-    _die_with_parent()
-    result = execute_task(task, Path(workdir))
-    write_json(Path(result_path), result)
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this process when its parent dies (e.g. the sweep got SIGKILL)."""
-    if sys.platform != "linux":
-        return
-    try:
-        import ctypes
-        import signal
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:
-            os._exit(1)
-    except OSError:
-        pass
-
-
-def _ray_task(task: dict[str, Any]) -> dict[str, Any]:
-    """A task on a Ray worker: run in a temporary folder, return the result and the files as bytes, so
-    that workers need no shared file system with the driver."""
-    with tempfile.TemporaryDirectory(prefix="gradleak-task-") as tmp:
-        result = execute_task(task, Path(tmp))
-        files = {}
-        for p in Path(tmp).rglob("*"):
-            if p.is_file():
-                files[str(p.relative_to(tmp))] = p.read_bytes()
-    return {"result": result, "files": files}
-
-
-# ---------------------------------------------------------------------------------------------- backends
-class LocalBackend:
-    """One worker process per task (forked from a preloaded server), at most ``workers`` at a time."""
-
-    name = "local"
-
-    def __init__(self, workers: int):
-        import multiprocessing as mp
-        self.workers = max(1, int(workers))
-        self.threads = max(1, (os.cpu_count() or 1) // self.workers)
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        self.ctx = mp.get_context(method)
-        if method == "forkserver":
-            # torch.func imports torch._dynamo on first use (seconds): import it once, in the server
-            self.ctx.set_forkserver_preload(["torch._dynamo", "gradleak.experiment.sweep", "gradleak.experiment.run",
-                                             "gradleak.attacks"])
-
-    def run(self, tasks: list[dict[str, Any]], staging: Callable[[dict[str, Any]], Path],
-            done: Callable[[dict[str, Any], dict[str, Any], Path], None]) -> None:
-        from multiprocessing.connection import wait
-
-        queue = list(tasks)
-        running: dict[Any, tuple[Any, dict[str, Any], Path, Path]] = {}
-        try:
-            while queue or running:
-                while queue and len(running) < self.workers:
-                    task = {**queue.pop(0), "threads": self.threads}
-                    workdir = staging(task)
-                    result_path = workdir.parent / f".{workdir.name}.result.json"
-                    result_path.unlink(missing_ok=True)
-                    p = self.ctx.Process(target=_child_main, args=(task, str(workdir), str(result_path)),
-                                         daemon=True)
-                    p.start()
-                    running[p.sentinel] = (p, task, workdir, result_path)
-                for sentinel in wait(list(running), timeout=1.0):
-                    p, task, workdir, result_path = running.pop(sentinel)
-                    p.join()
-                    if result_path.is_file():
-                        result = json.loads(result_path.read_text())
-                        result_path.unlink()
-                    else:
-                        result = {"kind": task["kind"], "id": task["id"], "status": "failed",
-                                  "error": f"worker process died (exit code {p.exitcode})", "seconds": None}
-                    done(task, result, workdir)
-        finally:
-            for p, *_ in running.values():
-                p.kill()
-                p.join()
-
-
-class RayBackend:
-    """Tasks as Ray tasks on an existing cluster (``address``) or a local Ray started here."""
-
-    name = "ray"
-
-    def __init__(self, address: str | None, workers: int | None, gpus_per_cell: float):
-        try:
-            import ray
-        except ImportError:
-            raise UserError("the ray backend needs Ray: pip install 'gradleak[ray]'") from None
-        self.ray = ray
-        self.gpus_per_cell = float(gpus_per_cell)
-        self.started_here = not ray.is_initialized()
-        if self.started_here:
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "configure_logging": False}
-            if address:
-                kwargs["address"] = address
-            elif workers:
-                kwargs["num_cpus"] = int(workers)
-            pythonpath = os.environ.get("PYTHONPATH")
-            if pythonpath and not address:
-                kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
-            try:
-                ray.init(**kwargs)
-            except Exception as e:  # noqa: BLE001 - no cluster at that address, etc.
-                where = f" at {address}" if address else ""
-                raise UserError(f"could not connect to Ray{where}: {' '.join(str(e).split())[:300]}") from None
-
-    def run(self, tasks, staging, done) -> None:
-        ray = self.ray
-        remote = ray.remote(_ray_task)
-        pending = {}
-        if self.gpus_per_cell > 0 and any(t.get("device", "cpu").startswith("cuda") for t in tasks):
-            have = float(ray.cluster_resources().get("GPU", 0))
-            if have < self.gpus_per_cell:
-                if self.started_here:
-                    ray.shutdown()
-                raise UserError(f"cells run on cuda and ask Ray for {self.gpus_per_cell:g} GPU each, but the "
-                                f"Ray cluster has {have:g} GPUs")
-        for task in tasks:
-            gpus = self.gpus_per_cell if task.get("device", "cpu").startswith("cuda") else 0
-            ref = remote.options(num_cpus=1, num_gpus=gpus, max_retries=0).remote({**task, "threads": 1})
-            pending[ref] = task
-        try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    task = pending.pop(ref)
-                    workdir = staging(task)
-                    try:
-                        out = ray.get(ref)
-                        for rel, data in out["files"].items():
-                            path = workdir / rel
-                            path.parent.mkdir(parents=True, exist_ok=True)
-                            path.write_bytes(data)
-                        result = out["result"]
-                    except Exception as e:  # noqa: BLE001 - the worker died; record and go on
-                        result = {"kind": task["kind"], "id": task["id"], "status": "failed",
-                                  "error": f"Ray task failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}",
-                                  "seconds": None}
-                    done(task, result, workdir)
-        finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            if self.started_here:
-                ray.shutdown()
-
-
-# ------------------------------------------------------------------------------------------------ re-id
-@dataclass
-class ReidContext:
-    key: str
-    gallery_path: Path
-    embedder_path: Path | None
-    embedder_kind: str | None
-    description: dict[str, Any] = field(default_factory=dict)
-
-
-def _data_key(data: dict[str, Any], r: dict[str, Any]) -> str:
-    return digest({"data": data, "gallery_size": r["gallery_size"], "seed": r["seed"]})
-
-
-def prepare_reid(folder: Path, data: dict[str, Any], r: dict[str, Any], classifier: Path | None,
-                 echo: Callable[[str], None]) -> ReidContext:
-    """Build (or reuse) the gallery of one data set and its learned embedding."""
-    from ..data import load_dataset
-    from ..metrics.reid import Gallery, train_autoencoder
-
-    key = _data_key(data, r)
-    d = folder / "reid" / key
-    gpath = d / "gallery.npz"
-    if not gpath.is_file():
-        ds = load_dataset(data)
-        n = len(ds)
-        if n <= r["gallery_size"]:
-            idx = list(range(n))
-        else:
-            idx = sorted(int(i) for i in np.random.default_rng(r["seed"]).choice(n, r["gallery_size"],
-                                                                                  replace=False))
-        echo(f"re-identification gallery: {len(idx)} of {n} images of {ds.describe().get('source')}")
-        b = ds.batch(idx)
-        Gallery(b.images, b.patient_ids, b.labels, b.names, idx).save(gpath)
-        write_json(d / "gallery.json", {"data": data, "data_description": ds.describe(), "images": len(idx),
-                                        "patients": len(set(b.patient_ids)), "data_set_images": n})
-    emb = str(r["embedding"])
-    kind, epath = None, None
-    if "embedding" in r["distances"] and emb != "none":
-        if emb.startswith("classifier:"):
-            kind, epath = "classifier", Path(emb.split(":", 1)[1])
-        elif emb == "auto" and classifier is not None:
-            kind, epath = "classifier", classifier
-        else:
-            kind, epath = "autoencoder", d / "autoencoder.pt"
-            if not epath.is_file():
-                echo("training the re-identification autoencoder on the gallery ...")
-                g = Gallery.load(gpath)
-                train_autoencoder(g.images, seed=r["seed"], steps=r["autoencoder_steps"]).save(epath)
-    desc = json.loads((d / "gallery.json").read_text())
-    return ReidContext(key, gpath, epath, kind, desc)
-
-
-_EMBEDDERS: dict[str, Any] = {}
-
-
-def _embedder(ctx: ReidContext):
-    from ..metrics.reid import AutoencoderEmbedder, ClassifierEmbedder
-
-    if ctx.embedder_path is None:
-        return None
-    k = str(ctx.embedder_path)
-    if k not in _EMBEDDERS:
-        _EMBEDDERS[k] = (ClassifierEmbedder.from_file(ctx.embedder_path) if ctx.embedder_kind == "classifier"
-                         else AutoencoderEmbedder.load(ctx.embedder_path))
-    return _EMBEDDERS[k]
-
-
-_DATASETS: dict[str, Any] = {}
-
-
-def cell_reid(folder: Path, ctx: ReidContext, distances: list[str], data: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
-    """Re-identification of a finished cell's reconstructions against its gallery.
-
-    The attacked images and every other image of the attacked patients join the gallery when its seeded
-    subset missed them: patient re-identification searches it with the attacked image left out, so the
-    patients' other images must be there to be found."""
-    import torch
-
-    from ..capture import load_truth
-    from ..data import load_dataset
-    from ..metrics.reid import Gallery, reidentify
-
-    truth = load_truth(folder / "truth.npz")
-    with np.load(folder / "reconstruction.npz") as z:
-        rec = torch.from_numpy(z["images"])
-    metrics = json.loads((folder / "metrics.json").read_text())
-    perm = [p["paired_reconstruction"] for p in metrics["per_image"]]
-    gallery = Gallery.load(ctx.gallery_path)
-    have = set(gallery.indices)
-    add = [i for i in truth.indices if i not in have]
-    if data is not None:
-        key = json.dumps(_jsonable(data), sort_keys=True)
-        if key not in _DATASETS:
-            _DATASETS[key] = load_dataset(data)
-        ds = _DATASETS[key]
-        attacked = {str(p) for p in truth.patient_ids}
-        add = sorted(set(add) | {i for i, p in enumerate(ds.patient_ids) if str(p) in attacked and i not in have})
-        if add:
-            b = ds.batch(add)
-            gallery = Gallery(torch.cat([gallery.images, b.images]), gallery.patient_ids + list(b.patient_ids),
-                              (torch.cat([gallery.labels, b.labels]) if gallery.labels is not None else None),
-                              gallery.names + list(b.names), gallery.indices + list(add))
-    elif add:  # attacked images outside the gallery subset join it
-        missing = [k for k, i in enumerate(truth.indices) if i not in have]
-        gallery = Gallery(torch.cat([gallery.images, truth.images[missing]]),
-                          gallery.patient_ids + [truth.patient_ids[k] for k in missing],
-                          (torch.cat([gallery.labels, truth.labels[missing]]) if gallery.labels is not None
-                           else None),
-                          gallery.names + [truth.names[k] for k in missing],
-                          gallery.indices + [truth.indices[k] for k in missing])
-    gallery.description = {"data": ctx.description.get("data_description", {}).get("source")}
-    return reidentify(rec[perm], gallery.position(truth.indices), gallery, distances=distances,
-                      embedder=_embedder(ctx))
-
-
-# ------------------------------------------------------------------------------------------------- rows
-def _epsilon(records: list[dict[str, Any]]) -> float | None:
-    eps = [r.get("epsilon") for r in records if isinstance(r, dict) and r.get("epsilon") is not None]
-    return float(eps[-1]) if eps else None
-
-
-#: What a sweep keeps of a utility run's result (the full ``utility.json`` stays in its folder).
-_UTILITY_KEYS = ("final", "best", "best_round", "rounds_run", "bits_per_round", "bits_per_update",
-                 "dense_bits_per_update", "epsilon", "delta", "threat_model", "metric_variants", "model",
-                 "protocol", "seconds")
-
-
+# --------------------------------------------------------------------------------------------- utility
 def utility_run_id(key: str, k: int) -> str:
     """The folder of the ``k``-th seed of utility config ``key`` (the first keeps the bare key)."""
     return key if k == 0 else f"{key}-s{k}"
@@ -491,141 +89,96 @@ def utility_config(spec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _row(cell: Cell, result: dict[str, Any], reid: dict[str, Any] | None, ukey: str | None,
-         backend: str) -> dict[str, Any]:
-    from ..attacks import canonical
-    from .outputs import versions
-
-    m = result.get("metrics") or {}
+def _utility_done(path: Path) -> bool:
+    """Whether a utility run's ``result.json`` is there and readable (a damaged one is run again)."""
     try:
-        attack = canonical(cell.config["attack"]["name"])
-    except UserError:
-        attack = str(cell.config["attack"]["name"])
-    row: dict[str, Any] = {
-        "cell": cell.id, "index": cell.index, "status": result["status"],
-        "setting": setting_label(cell.config), "attack": attack,
-        "params": cell.params,
-    }
-    if result["status"] == "ok":
-        keys = ("psnr", "ssim", "ms_ssim", "lpips", "lpips_note", "mse", "label_accuracy", "num_images")
-        row["metrics"] = {k: m[k] for k in keys if k in m}
-        row["per_image"] = m.get("per_image", [])
-        for k, v in m.items():  # e.g. an attack's result before post-processing
-            if (k != "metric_variants" and isinstance(v, dict) and {"psnr", "ssim"} <= set(v)
-                    and isinstance(v["psnr"], (int, float))):
-                row["metrics"][k] = {kk: v[kk] for kk in ("psnr", "ssim", "ms_ssim") if kk in v}
-        row["metric_variants"] = m.get("metric_variants", {})
-        if m.get("baseline"):
-            row["baseline"] = {k: v for k, v in m["baseline"].items() if k != "per_image"}
-            row["gain_over_baseline"] = m.get("gain_over_baseline")
-            raw = m.get("without_postprocessing")
-            if isinstance(raw, dict) and raw.get("gain_over_baseline"):
-                row["metrics"]["without_postprocessing"]["gain_over_baseline"] = raw["gain_over_baseline"]
-        row["budget"] = m.get("budget")
-        row["converged"] = m.get("converged")
-        row["threat_model"] = m.get("threat_model", {})
-        row["reid"] = reid
-        row["bits"] = m.get("bits")
-        row["obfuscation"] = m.get("obfuscation", [])
-        row["epsilon"] = _epsilon(row["obfuscation"])
-    else:
-        row["error"] = result.get("error")
-    row["utility_key"] = ukey
-    if result.get("attack"):
-        row["attack_run"] = {k: v for k, v in result["attack"].items() if k != "seconds"}
-    row["timings"] = {"cell_s": result.get("seconds"), "attack_s": (result.get("attack") or {}).get("seconds"),
-                      "started": _iso(result.get("started")),
-                      "finished": _iso(result.get("finished"))}
-    row["host"] = result.get("host")
-    row["backend"] = backend
-    row["versions"] = versions()
-    row["config"] = cell.config
-    return row
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def plan_utilities(spec: dict[str, Any], cells: list[Cell], folder: Path
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, str | None]]:
+    """The utility runs still to do (once per distinct utility config, i.e. per obfuscation, and per
+    seed) by run id, and each cell's utility key (None without utility runs)."""
+    utasks: dict[str, dict[str, Any]] = {}
+    ukeys: dict[str, str | None] = {c.id: None for c in cells}
+    if not spec["utility"]["enabled"]:
+        return utasks, ukeys
+    checked: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        k = json.dumps(_jsonable([c.config["data"], c.config["capture"]["obfuscation"]]), sort_keys=True)
+        if k not in checked:
+            checked[k] = utility_config(spec, c.config)
+        ucfg = checked[k]
+        key = ukeys[c.id] = digest(ucfg, 10)
+        for k_seed in range(int(spec["utility"]["seeds"])):
+            sid = utility_run_id(key, k_seed)
+            if sid in utasks or _utility_done(folder / "utility" / sid / "result.json"):
+                continue
+            ucfg_s = copy.deepcopy(ucfg)
+            ucfg_s["seed"] = int(ucfg["seed"]) + k_seed
+            ucfg_s["model"]["model_seed"] = int(ucfg["model"]["model_seed"]) + k_seed
+            label = obfuscation_label(ucfg["obfuscation"]) + (f" (seed {ucfg_s['seed']})" if k_seed else "")
+            utasks[sid] = {"kind": "utility", "id": sid, "config": ucfg_s, "label": label,
+                           "device": str(ucfg.get("device", "cpu"))}
+    return utasks, ukeys
+
+
+# ------------------------------------------------------------------------------------------------- rows
+def _epsilon(records: list[dict[str, Any]]) -> float | None:
+    eps = [r.get("epsilon") for r in records if isinstance(r, dict) and r.get("epsilon") is not None]
+    return float(eps[-1]) if eps else None
 
 
 def _iso(t: float | None) -> str | None:
     return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    key = prefix[:-1]
-    if isinstance(d, (list, tuple)):
-        out[key] = json.dumps(_jsonable(d))
-    else:
-        out[key] = d
-    return out
+def _scored(m: dict[str, Any], reid: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields of a finished cell's row, from its metrics and re-identification."""
+    keys = ("psnr", "ssim", "ms_ssim", "lpips", "lpips_note", "mse", "label_accuracy", "num_images")
+    row: dict[str, Any] = {"metrics": {k: m[k] for k in keys if k in m}, "per_image": m.get("per_image", [])}
+    for k, v in m.items():  # e.g. an attack's result before post-processing
+        if (k != "metric_variants" and isinstance(v, dict) and {"psnr", "ssim"} <= set(v)
+                and isinstance(v["psnr"], (int, float))):
+            row["metrics"][k] = {kk: v[kk] for kk in ("psnr", "ssim", "ms_ssim") if kk in v}
+    row["metric_variants"] = m.get("metric_variants", {})
+    if m.get("baseline"):
+        row["baseline"] = {k: v for k, v in m["baseline"].items() if k != "per_image"}
+        row["gain_over_baseline"] = m.get("gain_over_baseline")
+        raw = m.get("without_postprocessing")
+        if isinstance(raw, dict) and raw.get("gain_over_baseline"):
+            row["metrics"]["without_postprocessing"]["gain_over_baseline"] = raw["gain_over_baseline"]
+    row.update(budget=m.get("budget"), converged=m.get("converged"), threat_model=m.get("threat_model", {}),
+               reid=reid, bits=m.get("bits"), obfuscation=m.get("obfuscation", []))
+    row["epsilon"] = _epsilon(row["obfuscation"])
+    return row
 
 
-def flat_row(row: dict[str, Any], utility: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A row for CSV/parquet: nested keys dotted, lists as JSON, per-image details left out."""
-    keep = {k: v for k, v in row.items() if k not in ("per_image", "config", "obfuscation", "metric_variants")}
-    base = keep.pop("baseline", None)
-    if base:
-        keep["baseline"] = {k: base.get(k) for k in ("psnr", "ssim", "ms_ssim")}
-    gain = keep.pop("gain_over_baseline", None)
-    if gain:
-        keep["gain_over_baseline"] = {k: gain.get(k) for k in ("psnr_db", "ssim", "ssim_skill")}
-    reid = keep.pop("reid", None) or {}
-    flat = _flatten(keep)
-    for dist, r in (reid.get("by_distance") or {}).items():
-        for k in ("top1", "top5", "iip", "median_true_image_rank", "note"):
-            if k in r:
-                flat[f"reid.{dist}.{k}"] = r[k]
-    if reid.get("strongest"):
-        for k, v in reid["strongest"].items():
-            flat[f"reid.strongest.{k}"] = v
-    if reid:
-        flat["reid.gallery_images"] = reid.get("gallery", {}).get("images")
-        flat["reid.chance_top1"] = reid.get("chance_top1")
-        flat["reid.chance_top5"] = reid.get("chance_top5")
-        flat["reid.with_other_images"] = reid.get("num_with_other_images")
-    if utility:
-        for k, v in (utility.get("final") or {}).items():
-            flat[f"utility.{k}"] = v
-        for k in ("bits_per_round", "epsilon"):
-            if k in utility:
-                flat[f"utility.{k}"] = utility[k] if not isinstance(utility[k], (list, dict)) else json.dumps(
-                    _jsonable(utility[k]))
-    flat["config"] = json.dumps(_jsonable(row.get("config")), sort_keys=True)
-    return flat
+def build_row(cell: Cell, result: dict[str, Any], reid: dict[str, Any] | None, ukey: str | None,
+              backend: str) -> ResultRow:
+    """The row of a cell from its task's result."""
+    from ..attacks import canonical
+    from .outputs import versions
 
-
-def export_tables(folder: Path, rows: list[dict[str, Any]], utilities: dict[str, dict[str, Any]]) -> list[Path]:
-    flats = [flat_row(r, utilities.get(r.get("utility_key") or "")) for r in rows]
-    columns: list[str] = []
-    for f in flats:
-        for k in f:
-            if k not in columns:
-                columns.append(k)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    for f in flats:
-        w.writerow({k: ("" if f.get(k) is None else f.get(k)) for k in columns})
-    written = [write_text(folder / "results.csv", buf.getvalue())]
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        return written
-    cols = {}
-    for k in columns:
-        vals = [f.get(k) for f in flats]
-        kinds = {type(v) for v in vals if v is not None}
-        if kinds and not kinds <= {int, float} and not kinds <= {str} and not kinds <= {bool}:
-            vals = [None if v is None else str(v) for v in vals]
-        elif kinds and kinds <= {int, float} and float in kinds:
-            vals = [None if v is None else float(v) for v in vals]
-        cols[k] = vals
-    with atomic_path(folder / "results.parquet", suffix=".parquet") as tmp:
-        pq.write_table(pa.table(cols), tmp)
-    written.append(folder / "results.parquet")
-    return written
+        attack = canonical(cell.config["attack"]["name"])
+    except UserError:
+        attack = str(cell.config["attack"]["name"])
+    row: dict[str, Any] = {"cell": cell.id, "index": cell.index, "status": result["status"],
+                           "setting": setting_label(cell.config), "attack": attack, "params": cell.params}
+    if result["status"] == "ok":
+        row.update(_scored(result.get("metrics") or {}, reid))
+    else:
+        row["error"] = result.get("error")
+    row["utility_key"] = ukey
+    if result.get("attack"):
+        row["attack_run"] = {k: v for k, v in result["attack"].items() if k != "seconds"}
+    row["timings"] = {"cell_s": result.get("seconds"), "attack_s": (result.get("attack") or {}).get("seconds"),
+                      "started": _iso(result.get("started")), "finished": _iso(result.get("finished"))}
+    row.update(host=result.get("host"), backend=backend, versions=versions(), config=cell.config)
+    return ResultRow.from_dict(_jsonable(row), f"cell {cell.id}")
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -644,6 +197,33 @@ def _spec_for_compare(spec: dict[str, Any]) -> str:
     return json.dumps(_jsonable(s), sort_keys=True)
 
 
+def open_folder(folder: Path, spec: dict[str, Any]) -> Path:
+    """Create (or reopen, for the same spec) the sweep's folder; write its ``sweep.yaml``."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} exists and is not a folder")
+    spec_path = folder / "sweep.yaml"
+    if spec_path.is_file():
+        try:
+            old = yaml.safe_load(spec_path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise UserError(f"{spec_path}: not valid YAML; move the folder away or use another --out") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{spec_path}: not a sweep spec; move the folder away or use another --out")
+        if isinstance(old.get("utility"), dict):  # written before utility.seeds existed
+            old["utility"].setdefault("seeds", SWEEP_SCHEMA["utility"]["seeds"])
+        if _spec_for_compare(old) != _spec_for_compare({"format": SWEEP_FORMAT, **spec}):
+            raise UserError(f"{folder} holds a different sweep (its sweep.yaml differs from this spec); "
+                            f"use another --out to run this one")
+    elif folder.exists() and any(folder.iterdir()):
+        raise UserError(f"--out {folder} exists, is not empty and holds no sweep.yaml; use another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(spec_path, yaml.safe_dump(_jsonable({"format": SWEEP_FORMAT, **spec}), sort_keys=False))
+    (folder / "cells").mkdir(exist_ok=True)
+    for leftover in (folder / "cells").glob(".*"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    return folder
+
+
 def run_sweep(spec: dict[str, Any], out: str | Path, *, backend: str = "local", address: str | None = None,
               workers: int | None = None, progress: bool = True, echo: Callable[[str], None] | None = print,
               source: str = "sweep") -> SweepSummary:
@@ -660,171 +240,165 @@ def run_sweep(spec: dict[str, Any], out: str | Path, *, backend: str = "local", 
 
 
 def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) -> SweepSummary:
-    from tqdm import tqdm
-
-    say = echo or (lambda _m: None)
     t0 = time.perf_counter()
-    folder = Path(out)
     if backend not in ("local", "ray"):
         raise UserError(f"unknown backend '{backend}' (use local or ray)")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     cells = expand(spec, source)
     check_cells(cells)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {folder} exists and is not a folder")
-    spec_path = folder / "sweep.yaml"
-    if spec_path.is_file():
+    check_data(cells)
+    sweep = _Sweep(spec, open_folder(Path(out), spec), cells, progress=progress, echo=echo)
+    sweep.say(f"sweep '{spec['name']}': {len(cells)} cells, {len(sweep.done)} done, {len(sweep.todo)} to run "
+              f"-> {sweep.folder}")
+    sweep.execute(backend, address, workers)
+    sweep.finish()
+    return SweepSummary(folder=sweep.folder, cells=len(cells), ran=len(sweep.todo), skipped=len(sweep.done),
+                        failed=sweep.failed, seconds=time.perf_counter() - t0)
+
+
+class _Sweep:
+    """One run of a sweep in its folder: what is done, what to run, and what to do as each task ends."""
+
+    def __init__(self, spec: dict[str, Any], folder: Path, cells: list[Cell], *, progress: bool,
+                 echo: Callable[[str], None] | None):
+        self.spec, self.folder, self.cells, self.progress = spec, folder, cells, progress
+        self._echo = echo or (lambda _m: None)
+        self.by_id = {c.id: c for c in cells}
+        self.store = ResultStore(folder)
+        self.done = {k: r for k, r in self._rows().items() if r.status == "ok"}
+        self.store.rewrite([self.done[c.id] for c in cells if c.id in self.done])
+        self.todo = [c for c in cells if c.id not in self.done]
+        self.utasks, self.ukeys = plan_utilities(spec, cells, folder)
+        for key in self.utasks:  # utility results that failed before are retried
+            shutil.rmtree(folder / "utility" / f".{key}.partial", ignore_errors=True)
+        self.failed: list[tuple[str, str]] = []
+        self.contexts: dict[str, ReidContext] = {}
+        self.bar: Any = None
+        self.backend_name = "local"
+
+    def say(self, message: str) -> None:
+        if self.progress and self.bar is not None:
+            self.bar.write(message)
+        else:
+            self._echo(message)
+
+    def _rows(self) -> dict[str, ResultRow]:
+        """The rows of this sweep's cells: ``results.jsonl``, plus the rows of cells renamed into place
+        whose row was not appended yet (their ``row.json``; a damaged one reruns the cell)."""
         try:
-            old = yaml.safe_load(spec_path.read_text()) or {}
-        except yaml.YAMLError:
-            raise UserError(f"{spec_path}: not valid YAML; move the folder away or use another --out") from None
-        if isinstance(old.get("utility"), dict):  # written before utility.seeds existed
-            old["utility"].setdefault("seeds", SWEEP_SCHEMA["utility"]["seeds"])
-        if _spec_for_compare(old) != _spec_for_compare({"format": SWEEP_FORMAT, **spec}):
-            raise UserError(f"{folder} holds a different sweep (its sweep.yaml differs from this spec); "
-                            f"use another --out to run this one")
-    elif folder.exists() and any(folder.iterdir()):
-        raise UserError(f"--out {folder} exists, is not empty and holds no sweep.yaml; use another folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text(spec_path, yaml.safe_dump(_jsonable({"format": SWEEP_FORMAT, **spec}), sort_keys=False))
-    (folder / "cells").mkdir(exist_ok=True)
-    for leftover in (folder / "cells").glob(".*"):
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-
-    # what is done already: results.jsonl, plus rows of cells renamed into place but not yet appended
-    store = ResultStore(folder)
-    by_id = {c.id: c for c in cells}
-    rows = {k: v for k, v in store.read().items() if k in by_id}
-    for c in cells:
-        rj = folder / "cells" / c.id / "row.json"
-        if c.id not in rows and rj.is_file():
-            try:
-                rows[c.id] = json.loads(rj.read_text())
-            except json.JSONDecodeError:
-                pass
-    done = {k: v for k, v in rows.items() if v.get("status") == "ok"}
-    store.rewrite([done[c.id] for c in cells if c.id in done])
-    todo = [c for c in cells if c.id not in done]
-    say(f"sweep '{spec['name']}': {len(cells)} cells, {len(done)} done, {len(todo)} to run -> {folder}")
-
-    # utility runs, once per distinct utility config (i.e. per obfuscation)
-    utasks: dict[str, dict[str, Any]] = {}
-    ukeys: dict[str, str | None] = {c.id: None for c in cells}
-    if spec["utility"]["enabled"]:
-        checked: dict[str, dict[str, Any]] = {}
-        for c in cells:
-            k = json.dumps(_jsonable([c.config["data"], c.config["capture"]["obfuscation"]]), sort_keys=True)
-            if k not in checked:
-                checked[k] = utility_config(spec, c.config)
-            ucfg = checked[k]
-            key = digest(ucfg, 10)
-            ukeys[c.id] = key
-            for k_seed in range(int(spec["utility"]["seeds"])):
-                sid = utility_run_id(key, k_seed)
-                if not (folder / "utility" / sid / "result.json").is_file() and sid not in utasks:
-                    ucfg_s = copy.deepcopy(ucfg)
-                    ucfg_s["seed"] = int(ucfg["seed"]) + k_seed
-                    ucfg_s["model"]["model_seed"] = int(ucfg["model"]["model_seed"]) + k_seed
-                    utasks[sid] = {"kind": "utility", "id": sid, "config": ucfg_s,
-                                   "label": obfuscation_label(ucfg["obfuscation"]) + (f" (seed {ucfg_s['seed']})"
-                                                                                      if k_seed else ""),
-                                   "device": str(ucfg.get("device", "cpu"))}
-    # utility results that failed before are retried
-    for key in list(utasks):
-        shutil.rmtree(folder / "utility" / f".{key}.partial", ignore_errors=True)
-
-    nworkers = workers or max(1, min(os.cpu_count() or 1, max(len(todo), len(utasks), 1)))
-    bar = tqdm(total=len(todo) + len(utasks), desc="sweep", unit="task", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-    failed: list[tuple[str, str]] = []
-    be = None
-    try:
-        if todo or utasks:
-            be = (LocalBackend(nworkers) if backend == "local"
-                  else RayBackend(address, workers, spec["gpus_per_cell"]))
-
-        def staging(task: dict[str, Any]) -> Path:
-            base = folder / ("cells" if task["kind"] == "cell" else "utility")
-            w = base / f".{task['id']}.partial"
-            shutil.rmtree(w, ignore_errors=True)
-            w.mkdir(parents=True)
-            return w
-
-        def finish_utility(task, result, workdir: Path) -> None:
-            write_json(workdir / "result.json", {**result, "config": task["config"], "label": task["label"]})
-            final = folder / "utility" / task["id"]
-            shutil.rmtree(final, ignore_errors=True)
-            workdir.rename(final)
-            if result["status"] != "ok":
-                failed.append((f"utility {task['label']}", result.get("error", "")))
-                (final / "result.json").rename(final / "failed.json")
-            bar.update(1)
-            bar.set_postfix(failed=len(failed))
-
-        if utasks:
-            be.run(list(utasks.values()), staging, finish_utility)
-
-        classifier = None
-        if spec["reid"]["enabled"] and spec["reid"]["embedding"] == "auto":
-            unprotected = [k for k, t in utasks.items() if not t["config"]["obfuscation"]] or \
-                [ukeys[c.id] for c in cells if not c.config["capture"]["obfuscation"] and ukeys[c.id]]
-            for key in unprotected:
-                mp = folder / "utility" / str(key) / "run" / "model.pt"
-                if mp.is_file():
-                    classifier = mp
-                    break
-        contexts: dict[str, ReidContext] = {}
-        if spec["reid"]["enabled"]:
-            for c in todo:
-                k = _data_key(c.config["data"], spec["reid"])
-                if k not in contexts:
-                    contexts[k] = prepare_reid(folder, c.config["data"], spec["reid"], classifier,
-                                               lambda m: (bar.write(m) if progress else say(m)))
-
-        def finish_cell(task, result, workdir: Path) -> None:
-            cell = by_id[task["id"]]
-            reid = None
-            if result["status"] == "ok" and spec["reid"]["enabled"]:
+            rows = {k: r for k, r in self.store.read().items() if k in self.by_id}
+        except UserError as e:
+            raise UserError(f"{e}; move it away and rerun: the finished cells' row.json files restore it") from None
+        for c in self.cells:
+            rj = self.folder / "cells" / c.id / "row.json"
+            if c.id not in rows and rj.is_file():
                 try:
-                    ctx = contexts[_data_key(cell.config["data"], spec["reid"])]
-                    reid = cell_reid(workdir, ctx, list(spec["reid"]["distances"]), cell.config["data"])
-                except Exception as e:  # noqa: BLE001 - recorded, like any failing step of a cell
-                    result = {**result, "status": "failed",
-                              "error": f"re-identification: {type(e).__name__}: {' '.join(str(e).split())}"}
-            row = _row(cell, result, reid, ukeys[cell.id], be.name if be else backend)
-            write_json(workdir / "row.json", row)
-            final = folder / "cells" / cell.id
-            shutil.rmtree(final, ignore_errors=True)
-            workdir.rename(final)
-            store.append(row)
-            if row["status"] != "ok":
-                failed.append((f"cell {cell.id} ({_params_text(cell.params)})", row.get("error", "")))
-                bar.write(f"cell {cell.id} failed: {row.get('error')}") if progress else say(
-                    f"cell {cell.id} failed: {row.get('error')}")
-            bar.update(1)
-            bar.set_postfix(failed=len(failed))
+                    rows[c.id] = ResultRow.from_json(rj.read_text(), str(rj))
+                except (UserError, OSError, UnicodeDecodeError):
+                    pass
+        return rows
 
-        if todo:
-            tasks = [{"kind": "cell", "id": c.id, "config": c.config, "device": c.device,
-                      "keep_observation": spec["keep_observations"]} for c in todo]
-            be.run(tasks, staging, finish_cell)
-    finally:
-        bar.close()
+    # ------------------------------------------------------------------------------ as tasks end
+    def staging(self, task: dict[str, Any]) -> Path:
+        base = self.folder / ("cells" if task["kind"] == "cell" else "utility")
+        w = base / f".{task['id']}.partial"
+        shutil.rmtree(w, ignore_errors=True)
+        w.mkdir(parents=True)
+        return w
 
-    # final tables: rows in grid order, failed ones included (they are dropped and retried on the next run)
-    rows = {**{k: v for k, v in store.read().items() if k in by_id}}
-    for c in cells:
-        rj = folder / "cells" / c.id / "row.json"
-        if c.id not in rows and rj.is_file():
-            rows[c.id] = json.loads(rj.read_text())
-    ordered = [rows[c.id] for c in cells if c.id in rows]
-    utilities = read_utilities(folder)
-    store.rewrite(ordered)
-    export_tables(folder, ordered, utilities)
-    return SweepSummary(folder=folder, cells=len(cells), ran=len(todo), skipped=len(done), failed=failed,
-                        seconds=time.perf_counter() - t0)
+    def _advance(self) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(failed=len(self.failed))
+
+    def finish_utility(self, task: dict[str, Any], result: dict[str, Any], workdir: Path) -> None:
+        write_json(workdir / "result.json", {**result, "config": task["config"], "label": task["label"]})
+        final = self.folder / "utility" / task["id"]
+        shutil.rmtree(final, ignore_errors=True)
+        workdir.rename(final)
+        if result["status"] != "ok":
+            self.failed.append((f"utility {task['label']}", result.get("error", "")))
+            (final / "result.json").rename(final / "failed.json")
+        self._advance()
+
+    def _reid_key(self, cell: Cell) -> str:
+        r = self.spec["reid"]
+        return digest({"data": cell.config["data"], "gallery_size": r["gallery_size"], "seed": r["seed"]})
+
+    def finish_cell(self, task: dict[str, Any], result: dict[str, Any], workdir: Path) -> None:
+        cell = self.by_id[task["id"]]
+        reid = None
+        if result["status"] == "ok" and self.spec["reid"]["enabled"]:
+            try:
+                reid = cell_reid(workdir, self.contexts[self._reid_key(cell)], list(self.spec["reid"]["distances"]),
+                                 cell.config["data"])
+            except Exception as e:  # noqa: BLE001 - recorded, like any failing step of a cell
+                result = {**result, "status": "failed",
+                          "error": f"re-identification: {type(e).__name__}: {' '.join(str(e).split())}"}
+        row = build_row(cell, result, reid, self.ukeys[cell.id], self.backend_name)
+        write_json(workdir / "row.json", row.as_dict())
+        final = self.folder / "cells" / cell.id
+        shutil.rmtree(final, ignore_errors=True)
+        workdir.rename(final)
+        self.store.append(row)
+        if row.status != "ok":
+            self.failed.append((f"cell {cell.id} ({params_text(cell.params)})", row.error or ""))
+            self.say(f"cell {cell.id} failed: {row.error}")
+        self._advance()
+
+    # ------------------------------------------------------------------------------------ running
+    def _classifier(self) -> Path | None:
+        """The unprotected utility run's model, which ``reid.embedding: auto`` uses as embedder."""
+        if not (self.spec["reid"]["enabled"] and self.spec["reid"]["embedding"] == "auto"):
+            return None
+        unprotected = [k for k, t in self.utasks.items() if not t["config"]["obfuscation"]] or \
+            [self.ukeys[c.id] for c in self.cells if not c.config["capture"]["obfuscation"] and self.ukeys[c.id]]
+        for key in unprotected:
+            mp = self.folder / "utility" / str(key) / "run" / "model.pt"
+            if mp.is_file():
+                return mp
+        return None
+
+    def _prepare_reid(self) -> None:
+        if not self.spec["reid"]["enabled"]:
+            return
+        classifier = self._classifier()
+        for c in self.todo:
+            k = self._reid_key(c)
+            if k not in self.contexts:
+                self.contexts[k] = prepare_reid(self.folder / "reid" / k, c.config["data"], self.spec["reid"],
+                                                classifier, self.say)
+
+    def execute(self, backend: str, address: str | None, workers: int | None) -> None:
+        """Run the utility runs, then the cells, on ``backend``."""
+        from tqdm import tqdm
+
+        nworkers = workers or max(1, min(os.cpu_count() or 1, max(len(self.todo), len(self.utasks), 1)))
+        self.bar = tqdm(total=len(self.todo) + len(self.utasks), desc="sweep", unit="task", disable=not self.progress,
+                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+        try:
+            if not (self.todo or self.utasks):
+                return
+            be = LocalBackend(nworkers) if backend == "local" else \
+                RayBackend(address, workers, self.spec["gpus_per_cell"])
+            self.backend_name = be.name
+            if self.utasks:
+                be.run(list(self.utasks.values()), self.staging, self.finish_utility)
+            self._prepare_reid()
+            if self.todo:
+                be.run([{"kind": "cell", "id": c.id, "config": c.config, "device": c.device,
+                         "keep_observation": self.spec["keep_observations"]} for c in self.todo],
+                       self.staging, self.finish_cell)
+        finally:
+            self.bar.close()
+
+    def finish(self) -> None:
+        """The final tables: rows in grid order, failed ones included (they are retried on the next run)."""
+        rows = self._rows()
+        ordered = [rows[c.id] for c in self.cells if c.id in rows]
+        self.store.rewrite(ordered)
+        self.store.export_tables(ordered, read_utilities(self.folder))
 
 
 __all__ = ["SWEEP_SCHEMA", "Cell", "load_spec", "spec_from_dict", "expand", "check_cells", "run_sweep",
-           "normalize_obfuscation", "setting_label", "flat_row", "ResultStore"]
+           "normalize_obfuscation", "setting_label", "ResultStore", "utility_config", "SweepSummary"]

@@ -38,6 +38,7 @@ Reconstructions must be paired with their originals first (Hungarian matching, a
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +47,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..files import atomic_path
+from ..files import atomic_path, write_text
+from .embedding import AutoencoderEmbedder, ClassifierEmbedder, Embedder, TinyAutoencoder, train_autoencoder
 from .image import ssim
 
 DISTANCES = ("mse", "ssim", "embedding")
@@ -122,150 +123,13 @@ class Gallery:
                        labels=labels, names=[str(n) for n in z["names"]],
                        indices=[int(i) for i in z["indices"]])
 
-
-# ------------------------------------------------------------------------------------------ embeddings
-class Embedder:
-    """Maps images (N x C x H x W in [0, 1]) to feature vectors N x D."""
-
-    kind = "embedder"
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind}
-
-
-class ClassifierEmbedder(Embedder):
-    """Penultimate features of a classifier (a :class:`gradleak.models.VictimNet`)."""
-
-    kind = "classifier"
-
-    def __init__(self, model: nn.Module, image_size: int, source: str = ""):
-        self.model = model.eval()
-        self.image_size = int(image_size)
-        self.source = source
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "ClassifierEmbedder":
-        """Load a ``model.pt`` written by a utility run: ``{"model": header, "state_dict": ...}`` (and the
-        input normalisation under ``data``, when present)."""
-        from ..models import build_from_header
-        from ..models.checkpoint import load_model
-
-        ck = load_model(path)  # checks the header, names and shapes; one-line errors
-        model = build_from_header(ck["model"], ck["data"])
-        model.load_state_dict(ck["state_dict"])
-        return cls(model, ck["model"]["image_size"], source=str(path))
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = _resize(images.float(), self.image_size)
-        return torch.cat([self.model.penultimate(x[i:i + 256]).flatten(1) for i in range(0, len(x), 256)])
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "source": self.source,
-                "variant": "penultimate features of a pneumonia classifier, cosine distance"}
-
-
-class TinyAutoencoder(nn.Module):
-    """A small convolutional autoencoder on 32 x 32 grey images; its code is the embedding."""
-
-    def __init__(self, latent: int = 32, size: int = 32, channels: int = 1):
-        super().__init__()
-        self.size, self.latent, self.channels = int(size), int(latent), int(channels)
-        s = self.size // 8
-        self.encoder = nn.Sequential(
-            nn.Conv2d(channels, 8, 4, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * s * s, latent))
-        self.decoder = nn.Sequential(
-            nn.Linear(latent, 32 * s * s), nn.ReLU(), nn.Unflatten(1, (32, s, s)),
-            nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(16, 8, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(8, channels, 4, 2, 1), nn.Sigmoid())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
-
-
-class AutoencoderEmbedder(Embedder):
-    kind = "autoencoder"
-
-    def __init__(self, model: TinyAutoencoder, info: dict[str, Any] | None = None):
-        self.model = model.eval()
-        self.info = dict(info or {})
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = _resize(images.float(), self.model.size)
-        return torch.cat([self.model.encoder(x[i:i + 256]) for i in range(0, len(x), 256)])
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, **self.info,
-                "variant": f"code of a {self.model.latent}-d convolutional autoencoder trained on the gallery "
-                           f"({self.model.size} px), cosine distance"}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        with atomic_path(path) as tmp:
-            torch.save({"kind": self.kind, "latent": self.model.latent, "size": self.model.size,
-                        "channels": self.model.channels, "info": self.info,
-                        "state_dict": self.model.state_dict()}, tmp)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "AutoencoderEmbedder":
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        model = TinyAutoencoder(blob["latent"], blob["size"], blob["channels"])
-        model.load_state_dict(blob["state_dict"])
-        return cls(model, blob.get("info"))
-
-
-def train_autoencoder(images: torch.Tensor, *, seed: int = 0, steps: int = 200, batch_size: int = 32,
-                      latent: int = 32, size: int = 32, lr: float = 2e-3, threads: int | None = 1,
-                      progress: Callable[[int, float], None] | None = None) -> AutoencoderEmbedder:
-    """Train :class:`TinyAutoencoder` on ``images`` (MSE, Adam). Same seed, same weights on CPU.
-
-    The network is small enough that one CPU thread is fastest (more threads only contend, badly so on
-    a busy machine); ``threads=None`` keeps torch's setting.
-    """
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        return _train_autoencoder(images, seed, steps, batch_size, latent, size, lr, progress)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _train_autoencoder(images, seed, steps, batch_size, latent, size, lr, progress) -> AutoencoderEmbedder:
-    x = _resize(images.detach().cpu().float(), size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        model = TinyAutoencoder(latent, size, x.shape[1])
-    g = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for step in range(int(steps)):
-        idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=g)
-        loss = F.mse_loss(model(x[idx]), x[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss = loss.detach()
-        if progress:
-            progress(step, float(loss))
-    info = {"seed": int(seed), "steps": int(steps), "trained_on": f"{len(x)} gallery images",
-            "final_loss": round(float(loss), 6)}
-    return AutoencoderEmbedder(model.eval(), info)
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    mode = "area" if x.shape[-1] > size else "bilinear"
-    return F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    def extend(self, images: torch.Tensor, patient_ids: Sequence[Any], labels: torch.Tensor | None,
+               names: Sequence[str], indices: Sequence[int]) -> "Gallery":
+        """A new gallery: these images appended to this one's (the description is not carried over)."""
+        return Gallery(torch.cat([self.images, images]), self.patient_ids + [str(p) for p in patient_ids],
+                       (torch.cat([self.labels, labels]) if self.labels is not None and labels is not None
+                        else None),
+                       self.names + [str(n) for n in names], self.indices + [int(i) for i in indices])
 
 
 # ------------------------------------------------------------------------------------------- distances
@@ -328,32 +192,23 @@ def chance_top_k(own: int, others: Sequence[int], ks: Sequence[int] = (1, 5), gr
     return out
 
 
-def reidentify(reconstructions: torch.Tensor, true_positions: Sequence[int], gallery: Gallery, *,
-               distances: Sequence[str] = DISTANCES, embedder: Embedder | None = None,
-               ks: Sequence[int] = (1, 5), leave_out: bool = True) -> dict[str, Any]:
-    """Rank ``gallery`` for each reconstruction and score patient re-identification and IIP.
 
-    ``reconstructions[i]`` is the reconstruction paired with the original at gallery position
-    ``true_positions[i]``. Patient rates search the gallery with that original (and exact copies of it)
-    left out (``leave_out=False`` keeps it, the older exact-image protocol); the true image's rank and IIP
-    search the whole gallery. Returns rates per distance (see module docstring) and per-image ranks.
-    """
-    recs = reconstructions.detach().cpu().float()
-    if len(recs) != len(true_positions):
-        raise ValueError(f"{len(recs)} reconstructions but {len(true_positions)} true positions")
-    pids = list(gallery.patient_ids)
-    n = len(recs)
-    gimg = gallery.images.float()
-    labels = gallery.labels
-    flat = gimg.flatten(1)
-    # per query: the gallery positions left out (the original and its exact copies)
-    left_out: list[set[int]] = []
+def _left_out(gallery: Gallery, true_positions: Sequence[int], leave_out: bool) -> list[set[int]]:
+    """Per query, the gallery positions patient re-identification leaves out: the original and its exact
+    copies (none when ``leave_out`` is False)."""
+    if not leave_out:
+        return [set() for _ in true_positions]
+    flat = gallery.images.float().flatten(1)
+    out = []
     for t in true_positions:
-        if leave_out:
-            d = torch.linalg.vector_norm(flat - flat[t], dim=1)
-            left_out.append({int(j) for j in torch.nonzero(d < IIP_TOLERANCE).flatten().tolist()} | {int(t)})
-        else:
-            left_out.append(set())
+        d = torch.linalg.vector_norm(flat - flat[t], dim=1)
+        out.append({int(j) for j in torch.nonzero(d < IIP_TOLERANCE).flatten().tolist()} | {int(t)})
+    return out
+
+
+def _chances(pids: list[str], true_positions: Sequence[int], left_out: list[set[int]], ks: Sequence[int]
+             ) -> tuple[list[bool], dict[int, list[float]]]:
+    """Which queries have another image of their patient left to find, and the chance rates of those."""
     counts: dict[str, int] = {}
     for p_ in pids:
         counts[p_] = counts.get(p_, 0) + 1
@@ -370,6 +225,87 @@ def reidentify(reconstructions: torch.Tensor, true_positions: Sequence[int], gal
             others = [counts[p_] - removed.get(p_, 0) for p_ in counts if p_ != pids[t]]
             for k, v in chance_top_k(own, others, ks).items():
                 chances[k].append(v)
+    return eligible, chances
+
+
+def _patient_rank(order: list[int], t: int, pids: list[str], left_out: set[int]) -> int:
+    """Rank of the original's patient among the distinct patients of ``order`` (the left-out images skipped)."""
+    seen: list[str] = []
+    for j in order:
+        if j in left_out:
+            continue
+        if pids[j] not in seen:
+            seen.append(pids[j])
+            if pids[j] == pids[t]:
+                break
+    return len(seen)
+
+
+def _rank(d: torch.Tensor, gallery: Gallery, true_positions: Sequence[int], left_out: list[set[int]],
+          eligible: list[bool]) -> tuple[list[int], list[int | None], int]:
+    """The true image's rank, the true patient's rank and the IIP hits of one distance matrix."""
+    pids, labels, gimg = list(gallery.patient_ids), gallery.labels, gallery.images.float()
+    img_rank, pat_rank, iip_hits = [], [], 0
+    for i, t in enumerate(true_positions):
+        order = _stable_order(d[i])
+        img_rank.append(int((order == t).nonzero()[0, 0]) + 1)
+        order_l = order.tolist()
+        pat_rank.append(_patient_rank(order_l, t, pids, left_out[i]) if eligible[i] else None)
+        # IIP: nearest neighbour among the original's label, the whole gallery
+        nn_ = next(j for j in order_l if labels is None or int(labels[j]) == int(labels[t]))
+        if nn_ == t or float(torch.linalg.vector_norm(gimg[nn_] - gimg[t])) < IIP_TOLERANCE:
+            iip_hits += 1
+    return img_rank, pat_rank, iip_hits
+
+
+def _rates(img_rank: list[int], pat_rank: list[int | None], iip_hits: int, n_ok: int, ks: Sequence[int]
+           ) -> dict[str, Any]:
+    n = len(img_rank)
+    res: dict[str, Any] = {"n": n_ok}
+    for k in ks:
+        hits = sum(r is not None and r <= k for r in pat_rank)
+        res[f"top{k}"] = hits / n_ok if n_ok else None
+        res[f"top{k}_hits"] = int(hits)
+    res["iip"] = iip_hits / n if n else None
+    res["iip_hits"] = int(iip_hits)
+    res["iip_n"] = n
+    res["true_image_rank"] = img_rank
+    res["true_patient_rank"] = pat_rank
+    res["median_true_image_rank"] = float(np.median(img_rank)) if n else None
+    return res
+
+
+def _strongest(out: dict[str, Any], n: int, n_ok: int) -> None:
+    """The distance that re-identified most (top-1, then top-5), or a note why none could."""
+    scored = {k: v for k, v in out["by_distance"].items() if v.get("top1") is not None}
+    if scored:
+        best = max(scored, key=lambda k: (scored[k]["top1"], scored[k].get("top5") or 0))
+        out["strongest"] = {"distance": best, "top1": scored[best]["top1"], "top1_hits": scored[best]["top1_hits"],
+                            "top5": scored[best].get("top5"), "top5_hits": scored[best].get("top5_hits"),
+                            "iip": scored[best]["iip"], "iip_hits": scored[best]["iip_hits"], "iip_n": n,
+                            "n": n_ok}
+    elif any("iip" in v for v in out["by_distance"].values()):
+        out["note"] = ("no attacked patient has another image in the gallery: patient re-identification "
+                       "cannot be measured")
+
+
+def reidentify(reconstructions: torch.Tensor, true_positions: Sequence[int], gallery: Gallery, *,
+               distances: Sequence[str] = DISTANCES, embedder: Embedder | None = None,
+               ks: Sequence[int] = (1, 5), leave_out: bool = True) -> dict[str, Any]:
+    """Rank ``gallery`` for each reconstruction and score patient re-identification and IIP.
+
+    ``reconstructions[i]`` is the reconstruction paired with the original at gallery position
+    ``true_positions[i]``. Patient rates search the gallery with that original (and exact copies of it)
+    left out (``leave_out=False`` keeps it, the older exact-image protocol); the true image's rank and IIP
+    search the whole gallery. Returns rates per distance (see module docstring) and per-image ranks.
+    """
+    recs = reconstructions.detach().cpu().float()
+    if len(recs) != len(true_positions):
+        raise ValueError(f"{len(recs)} reconstructions but {len(true_positions)} true positions")
+    pids = list(gallery.patient_ids)
+    n = len(recs)
+    left_out = _left_out(gallery, true_positions, leave_out)
+    eligible, chances = _chances(pids, true_positions, left_out, ks)
     n_ok = int(sum(eligible))
     out: dict[str, Any] = {
         "threat_model": THREAT_MODEL,
@@ -387,58 +323,139 @@ def reidentify(reconstructions: torch.Tensor, true_positions: Sequence[int], gal
         if dist == "embedding" and embedder is None:
             out["by_distance"][dist] = {"note": "not computed: no embedder"}
             continue
-        d = distance_matrix(recs, gimg, dist, embedder)
-        img_rank, pat_rank, iip_hits = [], [], 0
-        for i, t in enumerate(true_positions):
-            order = _stable_order(d[i])
-            img_rank.append(int((order == t).nonzero()[0, 0]) + 1)
-            if eligible[i]:
-                seen: list[str] = []
-                for j in order.tolist():
-                    if j in left_out[i]:
-                        continue
-                    if pids[j] not in seen:
-                        seen.append(pids[j])
-                        if pids[j] == pids[t]:
-                            break
-                pat_rank.append(len(seen))
-            else:
-                pat_rank.append(None)
-            # IIP: nearest neighbour among the original's label, the whole gallery
-            same = [j for j in order.tolist() if labels is None or int(labels[j]) == int(labels[t])]
-            nn_ = same[0]
-            if nn_ == t or float(torch.linalg.vector_norm(gimg[nn_] - gimg[t])) < IIP_TOLERANCE:
-                iip_hits += 1
-        res: dict[str, Any] = {"variant": VARIANTS[dist] if dist != "embedding" or embedder is None
-                               else embedder.describe().get("variant", VARIANTS[dist]), "n": n_ok}
-        for k in ks:
-            hits = sum(r is not None and r <= k for r in pat_rank)
-            res[f"top{k}"] = hits / n_ok if n_ok else None
-            res[f"top{k}_hits"] = int(hits)
-        res["iip"] = iip_hits / n if n else None
-        res["iip_hits"] = int(iip_hits)
-        res["iip_n"] = n
-        res["true_image_rank"] = img_rank
-        res["true_patient_rank"] = pat_rank
-        res["median_true_image_rank"] = float(np.median(img_rank)) if n else None
-        out["by_distance"][dist] = res
-    scored = {k: v for k, v in out["by_distance"].items() if v.get("top1") is not None}
-    if scored:
-        best = max(scored, key=lambda k: (scored[k]["top1"], scored[k].get("top5") or 0))
-        out["strongest"] = {"distance": best, "top1": scored[best]["top1"], "top1_hits": scored[best]["top1_hits"],
-                            "top5": scored[best].get("top5"), "top5_hits": scored[best].get("top5_hits"),
-                            "iip": scored[best]["iip"], "iip_hits": scored[best]["iip_hits"], "iip_n": n,
-                            "n": n_ok}
-    elif out["by_distance"]:
-        any_ = next((v for v in out["by_distance"].values() if "iip" in v), None)
-        if any_ is not None:
-            out["note"] = ("no attacked patient has another image in the gallery: patient re-identification "
-                           "cannot be measured")
+        d = distance_matrix(recs, gallery.images.float(), dist, embedder)
+        variant = (VARIANTS[dist] if dist != "embedding" or embedder is None
+                   else embedder.describe().get("variant", VARIANTS[dist]))
+        out["by_distance"][dist] = {"variant": variant,
+                                    **_rates(*_rank(d, gallery, true_positions, left_out, eligible), n_ok, ks)}
+    _strongest(out, n, n_ok)
     if embedder is not None:
         out["embedding"] = embedder.describe()
     return out
 
 
+# --------------------------------------------------------------------- a gallery kept on disk (sweeps)
+@dataclass
+class ReidContext:
+    """A gallery saved in its own folder (``gallery.npz``, ``gallery.json``) and its learned embedding,
+    shared by every cell that attacks the same data set."""
+
+    key: str
+    gallery_path: Path
+    embedder_path: Path | None
+    embedder_kind: str | None
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def _save_gallery(folder: Path, data: dict[str, Any], size: int, seed: int, echo: Callable[[str], None]) -> None:
+    """Draw ``size`` images of the data set (seeded) and save them as ``folder``'s gallery."""
+    from ..data import load_dataset
+
+    ds = load_dataset(data)
+    n = len(ds)
+    if n <= size:
+        idx = list(range(n))
+    else:
+        idx = sorted(int(i) for i in np.random.default_rng(seed).choice(n, size, replace=False))
+    echo(f"re-identification gallery: {len(idx)} of {n} images of {ds.describe().get('source')}")
+    b = ds.batch(idx)
+    Gallery(b.images, b.patient_ids, b.labels, b.names, idx).save(folder / "gallery.npz")
+    info = {"data": data, "data_description": ds.describe(), "images": len(idx),
+            "patients": len(set(b.patient_ids)), "data_set_images": n}
+    write_text(folder / "gallery.json", json.dumps(info, indent=2, default=str) + "\n")
+
+
+def prepare_reid(folder: Path, data: dict[str, Any], settings: dict[str, Any], classifier: Path | None,
+                 echo: Callable[[str], None]) -> ReidContext:
+    """Build (or reuse) in ``folder`` the gallery of one data set and its learned embedding.
+
+    ``settings``: ``gallery_size``, ``seed``, ``distances``, ``embedding`` (``auto``, ``autoencoder``,
+    ``none`` or ``classifier:PATH``) and ``autoencoder_steps``. ``classifier``: the model ``auto`` uses
+    when there is one (else it trains an autoencoder on the gallery)."""
+    folder = Path(folder)
+    gpath = folder / "gallery.npz"
+    if not gpath.is_file():
+        _save_gallery(folder, data, int(settings["gallery_size"]), int(settings["seed"]), echo)
+    emb = str(settings["embedding"])
+    kind, epath = None, None
+    if "embedding" in settings["distances"] and emb != "none":
+        if emb.startswith("classifier:"):
+            kind, epath = "classifier", Path(emb.split(":", 1)[1])
+        elif emb == "auto" and classifier is not None:
+            kind, epath = "classifier", Path(classifier)
+        else:
+            kind, epath = "autoencoder", folder / "autoencoder.pt"
+            if not epath.is_file():
+                echo("training the re-identification autoencoder on the gallery ...")
+                train_autoencoder(Gallery.load(gpath).images, seed=settings["seed"],
+                                  steps=settings["autoencoder_steps"]).save(epath)
+    desc = json.loads((folder / "gallery.json").read_text())
+    return ReidContext(folder.name, gpath, epath, kind, desc)
+
+
+_EMBEDDERS: dict[str, Embedder] = {}
+_DATASETS: dict[str, Any] = {}
+
+
+def _embedder(ctx: ReidContext) -> Embedder | None:
+    """The context's embedder, loaded once per process."""
+    if ctx.embedder_path is None:
+        return None
+    k = str(ctx.embedder_path)
+    if k not in _EMBEDDERS:
+        _EMBEDDERS[k] = (ClassifierEmbedder.from_file(ctx.embedder_path) if ctx.embedder_kind == "classifier"
+                         else AutoencoderEmbedder.load(ctx.embedder_path))
+    return _EMBEDDERS[k]
+
+
+def _with_attacked(gallery: Gallery, truth: Any, data: dict[str, Any] | None) -> Gallery:
+    """``gallery`` with the attacked images and, when ``data`` names their data set, every other image of
+    the attacked patients added where its seeded subset missed them."""
+    have = set(gallery.indices)
+    if data is None:  # only the attacked images themselves
+        missing = [k for k, i in enumerate(truth.indices) if i not in have]
+        if not missing:
+            return gallery
+        return gallery.extend(truth.images[missing], [truth.patient_ids[k] for k in missing],
+                              truth.labels[missing], [truth.names[k] for k in missing],
+                              [truth.indices[k] for k in missing])
+    from ..data import load_dataset
+
+    key = json.dumps(data, sort_keys=True, default=str)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_dataset(data)
+    ds = _DATASETS[key]
+    attacked = {str(p) for p in truth.patient_ids}
+    add = sorted({i for i in truth.indices if i not in have}
+                 | {i for i, p in enumerate(ds.patient_ids) if str(p) in attacked and i not in have})
+    if not add:
+        return gallery
+    b = ds.batch(add)
+    return gallery.extend(b.images, list(b.patient_ids), b.labels, list(b.names), add)
+
+
+def cell_reid(folder: Path, ctx: ReidContext, distances: Sequence[str], data: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+    """Re-identification of a finished experiment's reconstructions (``folder``: ``truth.npz``,
+    ``reconstruction.npz``, ``metrics.json``) against the gallery of ``ctx``.
+
+    The attacked images and every other image of the attacked patients join the gallery when its seeded
+    subset missed them: patient re-identification searches it with the attacked image left out, so the
+    patients' other images must be there to be found."""
+    from ..capture import load_truth
+
+    folder = Path(folder)
+    truth = load_truth(folder / "truth.npz")
+    with np.load(folder / "reconstruction.npz") as z:
+        rec = torch.from_numpy(z["images"])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    perm = [p["paired_reconstruction"] for p in metrics["per_image"]]
+    gallery = _with_attacked(Gallery.load(ctx.gallery_path), truth, data)
+    gallery.description = {"data": ctx.description.get("data_description", {}).get("source")}
+    return reidentify(rec[perm], gallery.position(truth.indices), gallery, distances=list(distances),
+                      embedder=_embedder(ctx))
+
+
 __all__ = ["DISTANCES", "THREAT_MODEL", "VARIANTS", "Gallery", "Embedder", "ClassifierEmbedder",
            "AutoencoderEmbedder", "TinyAutoencoder", "train_autoencoder", "distance_matrix", "reidentify",
-           "chance_top_k", "GALLERY_PROTOCOL"]
+           "chance_top_k", "GALLERY_PROTOCOL", "ReidContext", "prepare_reid", "cell_reid"]
