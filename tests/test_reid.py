@@ -261,3 +261,43 @@ def test_gallery_round_trip(tmp_path):
     with pytest.raises(ValueError):
         h.position([5])
     assert np.load(tmp_path / "g.npz")["images"].dtype == np.float32
+
+    # a gallery grows by appending (a new gallery; the old one unchanged)
+    more = h.extend(torch.zeros(1, 1, 16, 16), ["c"], torch.tensor([1]), ["img9"], [9])
+    assert len(more) == 3 and len(h) == 2 and more.patient_ids == ["a", "b", "c"] and more.position([9]) == [2]
+    assert more.labels.tolist() == [0, 1, 1]
+
+
+def test_a_gallery_on_disk_scores_a_single_run(tmp_path):
+    """The gallery a sweep keeps under reid/ serves the folder of one `gradleak run` as well: a seeded subset
+    of the data set, the attacked patients' other images added, and an autoencoder trained once."""
+    import yaml
+    from test_cli import gradleak
+
+    from gradleak.metrics.reid import cell_reid, prepare_reid
+
+    data = {"source": "phantoms", "size": 16, "n": 24}  # 6 patients, 4 images each
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "runs"), "data": data,
+                                   "capture": {"arch": "lenet_zhu", "batch_size": 2},
+                                   "attack": {"name": "ig", "settings": {"iterations": 5, "restarts": 1}}}))
+    gradleak("run", cfg, "--quiet")
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    said: list[str] = []
+    settings = {"gallery_size": 6, "seed": 0, "distances": ["mse", "embedding"], "embedding": "auto",
+                "autoencoder_steps": 5}
+    ctx = prepare_reid(tmp_path / "reid", data, settings, None, said.append)
+    assert (ctx.embedder_kind, ctx.embedder_path) == ("autoencoder", tmp_path / "reid" / "autoencoder.pt")
+    assert ctx.description["images"] == 6 and ctx.description["data_set_images"] == 24
+    assert len(said) == 2 and "6 of 24 images" in said[0]
+    again = prepare_reid(tmp_path / "reid", data, settings, None, said.append)
+    assert len(said) == 2 and again.gallery_path == ctx.gallery_path  # reused, nothing rebuilt
+
+    out = cell_reid(run, ctx, ["mse", "embedding"], data)
+    assert out["leave_the_image_out"] and out["num_reconstructions"] == 2
+    assert out["num_with_other_images"] == 2  # every attacked patient's other images joined the gallery
+    assert 6 < out["gallery"]["images"] <= 6 + 2 * 4 and out["gallery"]["data"] == "phantoms"
+    assert set(out["by_distance"]) == {"mse", "embedding"} and out["embedding"]["kind"] == "autoencoder"
+    # without the data set only the attacked images themselves join
+    alone = cell_reid(run, ctx, ["mse"], None)
+    assert alone["gallery"]["images"] <= 6 + 2 and alone["by_distance"]["mse"]["iip_n"] == 2

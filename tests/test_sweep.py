@@ -196,6 +196,14 @@ def test_rerun_skips_done_cells_retries_failed_and_repairs_the_store(tiny_sweep,
     other = {**TINY_SWEEP, "grid": {"capture.batch_size": [1]}}
     with pytest.raises(UserError, match="different sweep"):
         run_sweep(spec_from_dict(other), out, progress=False, echo=None)
+    # a damaged store is refused with its line, and restored from the cells' row.json once moved away
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(lines[0] + "\n{oops\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(UserError, match=r"results.jsonl line 2: not JSON .*move it away.*row.json"):
+        run_sweep(spec_from_dict(TINY_SWEEP), out, progress=False, echo=None)
+    (out / "results.jsonl").unlink()
+    restored = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=1, progress=False, echo=None)
+    assert restored.skipped == 2 and [r["index"] for r in _rows(out)] == [0, 1, 2, 3]
 
 
 def test_sigkill_and_rerun_completes_with_no_lost_or_duplicated_rows(tmp_path):

@@ -301,7 +301,9 @@ def _observed_config(m: dict[str, Any]) -> dict[str, Any]:
 _MAPPINGS = ("protocol", "threat_model", "model", "data_description", "baseline", "budget", "reid")
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A ``metrics.json`` that holds a scored reconstruction, the values read as mappings checked to be
+    mappings; anything else is a :class:`UserError` naming the file."""
     m = _read_json(path)
     if not isinstance(m, dict) or not isinstance(m.get("psnr"), (int, float)):
         raise UserError(f"{path}: holds no scored reconstruction")
@@ -315,7 +317,7 @@ def _read_metrics(path: Path) -> dict[str, Any]:
 
 def _single_row(folder: Path) -> dict[str, Any]:
     """The row of one experiment folder (``gradleak run``) or attack folder (``gradleak attack --truth``)."""
-    m = _read_metrics(folder / "metrics.json")
+    m = read_metrics(folder / "metrics.json")
     cfg = _yaml_mapping(folder / "config.yaml")
     attack = _read_mapping(folder / "attack.json")
     setting = setting_label(cfg) if isinstance(cfg.get("capture"), dict) and "obfuscation" in cfg["capture"] \
@@ -437,4 +439,4 @@ def _last(x: Any) -> float | None:
     return _num(x)
 
 
-__all__ = ["ResultStore", "read_results", "read_utilities", "aggregate_utility"]
+__all__ = ["ResultRow", "ResultStore", "read_results", "read_metrics", "read_utilities", "aggregate_utility"]
