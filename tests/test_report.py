@@ -1,5 +1,6 @@
 """The HTML report: self-contained, complete, and rendered by a real browser (headless Chromium)."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -191,15 +192,14 @@ def test_report_on_a_folder_without_results_is_one_line_exit_2(tmp_path):
     assert_user_error(gradleak("report", bad, check=False), "metrics.json")
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    (sweep / "results.jsonl").write_text('{"cell": "0000-x", "status": "failed", "error": "boom"}\n')
+    failed = {"cell": "0000-x", "index": 0, "status": "failed", "setting": "none", "attack": "inverting_gradients",
+              "params": {}, "error": "boom"}  # a whole row, as a sweep writes a failed cell
+    (sweep / "results.jsonl").write_text(json.dumps(failed) + "\n")
     assert_user_error(gradleak("report", sweep, check=False), "no finished cell")
     assert not (tmp_path / "empty" / "report.html").exists()
 
 
 def test_names_from_the_results_are_escaped_and_the_page_stays_self_contained(tiny_sweep, tmp_path):
-    import json
-    import shutil
-
     import yaml
 
     folder = tmp_path / "sweep"
