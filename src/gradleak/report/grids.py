@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..experiment.store import _read_json
+from ..experiment.store import read_metrics
 from .plots import data_uri, image_png
 from .summary import Group, fmt, mean
 
@@ -109,7 +109,7 @@ def _baseline_row(chosen: list[Sample], n0: int, max_images: int) -> dict[str, A
     images, ps, ss = [], [], []
     for v in chosen:
         folder, _ = next(iter(v.values()))
-        m = _read_json(folder / "metrics.json")
+        m = read_metrics(folder / "metrics.json")
         if not (folder / "baseline.npz").is_file() or not isinstance(m.get("baseline"), dict):
             return None
         with np.load(folder / "baseline.npz") as z:
@@ -118,7 +118,7 @@ def _baseline_row(chosen: list[Sample], n0: int, max_images: int) -> dict[str, A
         images.append(mean_img.expand(k, *mean_img.shape[1:]))
         ps += [p.get("baseline_psnr") for p in m.get("per_image", [])]
         ss += [p.get("baseline_ssim") for p in m.get("per_image", [])]
-    aux = (_read_json(next(iter(chosen[0].values()))[0] / "metrics.json").get("baseline") or {}).get(
+    aux = (read_metrics(next(iter(chosen[0].values()))[0] / "metrics.json").get("baseline") or {}).get(
         "auxiliary_data") or {}
     what = (f"the mean of {aux['images']} auxiliary images of patients not attacked" if aux.get("images")
             else "the mean auxiliary image")
@@ -137,7 +137,7 @@ def _reconstruction_row(chosen: list[Sample], pair: Pair, max_images: int) -> di
     recs, ps, ss, gs = [], [], [], []
     for v in chosen:
         folder, _ = v[pair]
-        m = _read_json(folder / "metrics.json")
+        m = read_metrics(folder / "metrics.json")
         perm = [p["paired_reconstruction"] for p in m["per_image"]]
         with np.load(folder / "reconstruction.npz") as z:
             recs.append(torch.from_numpy(z["images"])[perm])
