@@ -193,3 +193,32 @@ def test_utility_config_errors_are_one_line_and_leave_nothing(tmp_path):
     assert not out.exists() or not any(out.iterdir())
     with pytest.raises(UserError, match="config file not found"):
         utility.load(tmp_path / "missing.yaml")
+
+
+def test_the_utility_config_checks_the_federation_with_its_dataclass_defaults(tmp_path):
+    import dataclasses
+
+    from gradleak.experiment.config import parse_assignment
+    from gradleak.federated.simulation import Evaluation, Settings
+
+    defaults = utility.from_dict({})
+    assert defaults["federation"] == dataclasses.asdict(Settings())
+    assert defaults["evaluation"] == dataclasses.asdict(Evaluation())
+    cfg = tmp_path / "u.yaml"
+    cfg.write_text(TINY.format(out=tmp_path / "exp") + "eval_data: phantoms:n=8\nholdout: 0\n")
+    checked = utility.load(cfg, overrides=dict(parse_assignment(t) for t in (
+        "federation.local_lr=1e-3", "federation.server_momentum=.5", "save_rounds=[1, 3]")))
+    assert checked["federation"]["local_lr"] == 0.001 and checked["federation"]["server_momentum"] == 0.5
+    assert checked["save_rounds"] == [1, 3] and checked["holdout"] == 0  # no hold-out with eval_data
+    assert utility.settings(checked).local_lr == 0.001
+    for overrides, message in [
+        ({"federation.local_lr": 0}, "u.yaml: 'federation.local_lr' must be > 0 for fedavg, got 0"),
+        ({"federation.partition": "dirichlet", "federation.alpha": 0}, "'federation.alpha' must be > 0, got 0"),
+        ({"federation.server_momentum": 1}, "'federation.server_momentum' must be < 1, got 1"),
+        ({"evaluation.threshold": 1.5}, "'evaluation.threshold' must be < 1, got 1.5"),
+        ({"eval_data": 3}, "'eval_data' must be a data spec (text or mapping), got 3"),
+        ({"save_rounds": [0]}, "'save_rounds' must be a list of rounds in 1..3, got [0]"),
+    ]:
+        with pytest.raises(UserError) as e:
+            utility.load(cfg, overrides=overrides)
+        assert message in str(e.value) and str(e.value).startswith(str(cfg))

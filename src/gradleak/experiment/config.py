@@ -1,138 +1,136 @@
-"""Experiment configs: YAML files checked against a schema of defaults.
+"""Experiment configs: YAML files checked by pydantic models.
 
-An unknown key is an error that names the key and the nearest valid one; a value of the wrong type is
-an error that names the key and the expected type. Sections marked :data:`OPEN` are passed to the
-part of gradleak that owns them (the data loader, the attack's preset), which checks them itself.
+:class:`Experiment` is the config of ``gradleak run`` (and of each cell of a sweep). An unknown key is an
+error that names the key and the nearest valid one; a value of the wrong type or out of range is an
+error that names its dotted location, the file and what was expected (:func:`gradleak.validation.validate`).
+Types are exact: ``2`` is not ``true`` and ``"2"`` is not ``2``. A section left empty in the file
+(``capture:`` with nothing under it) takes its defaults.
+
+Some parts are checked by the part of gradleak that owns them: ``data`` by the data loader (after the
+defaults of :data:`DATA_DEFAULTS` are filled in), ``capture.obfuscation`` by :mod:`gradleak.obfuscation`,
+``capture.options`` by the model and ``attack.settings`` by the attack's preset
+(:func:`gradleak.attacks.resolve_settings`).
+
+Values typed as ``key=value`` (``--set``, sweep overrides) are read by :func:`parse_assignment` (YAML 1.2
+scalars: ``1e-3`` is a number, ``yes`` is text) and set by :func:`set_dotted`; both live in
+:mod:`gradleak.validation` so that the layers below the experiment (obfuscation specs) read values the
+same way.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt,
+                      ValidationInfo, field_validator, model_validator)
 
 from ..errors import UserError
+from ..federated.protocol import ALGORITHMS
+from ..validation import dump_yaml, parse_assignment, read_yaml, set_dotted, validate
+
+#: What ``data`` holds unless the config says otherwise.
+DATA_DEFAULTS: dict[str, Any] = {"source": "phantoms", "size": 64}
 
 
-class _Open(dict):
-    """Marks a section whose keys are checked by its owner, not by this schema."""
+class Section(BaseModel):
+    """A part of a config: unknown keys are errors, types are exact, the defaults are checked too, and a
+    section given as null (nothing under its key) is its defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_defaults(cls, data: Any) -> Any:
+        return {} if data is None else data
 
 
-OPEN = _Open
-
-SCHEMA: dict[str, Any] = {
-    "name": "experiment",
-    "seed": 0,  # seeds the batch choice, the obfuscation noise and the attack's initialisation
-    "output_dir": "experiments",
-    "data": OPEN({"source": "phantoms", "size": 64}),
-    "capture": {
-        "arch": "lenet5",
-        "num_classes": 2,
-        "model_seed": 0,
-        "options": None,  # arch-specific model options (e.g. {width: 8} for convnet)
-        "model_state": None,  # a model.pt (e.g. from `gradleak utility`): attack a trained model
-        "batch_size": 4,
-        "indices": None,  # explicit data set indices; otherwise batch_size images drawn with `seed`
-        "labels_known": False,
-        "mean": [0.5],
-        "std": [0.5],
-        "protocol": {"algorithm": "fedsgd", "local_steps": 1, "local_lr": 0.0, "local_batch_size": None,
-                     "sends_buffers": False, "per_example_clip": None, "num_clients_averaged": 1},
-        # applied in order by each client: dicts {name: qsgd, levels: 16} (ROG's {compress: qsgd,
-        # quant_level: 16} too) or strings "qsgd:levels=16"; see docs/obfuscations.md
-        "obfuscation": [],
-    },
-    "attack": {
-        "name": "auto",
-        "device": "cpu",
-        "prior": None,  # a prior file ('gradleak prior train'): post-process, report with and without it
-        "settings": OPEN({}),  # overrides of the attack preset (iterations, restarts, time_budget, ...)
-    },
-}
+def _with_data_defaults(value: Any) -> Any:
+    if value is None:
+        return dict(DATA_DEFAULTS)
+    return {**DATA_DEFAULTS, **value} if isinstance(value, dict) else value
 
 
-def _type_name(v: Any) -> str:
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(v), type(v).__name__)
+#: A data spec as a mapping (``source`` and the loader's options) over :data:`DATA_DEFAULTS`.
+DataSpec = Annotated[dict[str, Any], BeforeValidator(_with_data_defaults)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+Count = Annotated[int, Field(ge=1)]
+Stds = list[Annotated[float, Field(gt=0)]]  # per-channel standard deviations of a model's normalisation
 
 
-def _check_type(value: Any, default: Any, where: str, source: str) -> Any:
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise UserError(f"{source}: '{where}' must be {_type_name(default)}, got {value!r}")
-    return value
+#: Validation context of a config that is a base for others (a sweep's ``base``, completed by each cell
+#: of the grid): checks that involve several fields wait for the complete config.
+PARTIAL = {"partial": True}
 
 
-def merge(user: Any, schema: dict[str, Any], source: str = "config", prefix: str = "") -> dict[str, Any]:
-    """``schema``'s defaults overlaid with ``user``'s values, checking names and types."""
-    if user is None:
-        user = {}
-    if not isinstance(user, dict):
-        raise UserError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
-    out: dict[str, Any] = {}
-    for key, value in user.items():
-        if key not in schema:
-            near = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
-            raise UserError(f"{source}: unknown key '{prefix}{key}'{hint}")
-    for key, default in schema.items():
-        where = f"{prefix}{key}"
-        if isinstance(default, _Open):
-            value = user.get(key)
-            if value is not None and not isinstance(value, dict):
-                raise UserError(f"{source}: '{where}' must be a mapping")
-            out[key] = {**copy.deepcopy(dict(default)), **(value or {})}
-        elif isinstance(default, dict):
-            out[key] = merge(user.get(key), default, source, where + ".")
-        else:
-            out[key] = _check_type(copy.deepcopy(user.get(key, default)), default, where, source)
-    return out
+def fedavg_lr(v: float, info: ValidationInfo) -> float:
+    """A protocol's ``local_lr`` must be positive under FedAvg (``algorithm`` is checked before it)."""
+    if (info.context or {}).get("partial"):
+        return v
+    if info.data.get("algorithm") == "fedavg" and not v > 0:
+        raise ValueError("must be > 0 for fedavg")
+    return v
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file (one-line errors for a missing file or bad YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        user = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{at}") from None
-    if not isinstance(user, dict):
-        raise UserError(f"{path}: the top level must be a mapping")
-    return user
+class CaptureProtocol(Section):
+    """The federated protocol of the attacked client (:class:`gradleak.federated.protocol.Protocol`)."""
+
+    algorithm: Literal[ALGORITHMS] = "fedsgd"
+    local_steps: Count = 1
+    local_lr: Annotated[float, Field(ge=0)] = 0.0
+    local_batch_size: Count | None = None
+    sends_buffers: bool = False
+    per_example_clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    num_clients_averaged: Count = 1
+
+    _local_lr = field_validator("local_lr")(fedavg_lr)
 
 
-def merge_with_overrides(user: dict[str, Any], schema: dict[str, Any], source: str = "config",
+class Capture(Section):
+    arch: str = "lenet5"
+    num_classes: Count = 2
+    model_seed: int = 0
+    options: dict[str, Any] | None = None  # arch-specific model options (e.g. {width: 8} for convnet)
+    model_state: str | None = None  # a model.pt (e.g. from `gradleak utility`): attack a trained model
+    batch_size: Count = 4
+    indices: list[NonNegativeInt] | None = None  # explicit data set indices; else batch_size drawn with `seed`
+    labels_known: bool = False
+    mean: list[float] = [0.5]
+    std: Stds = [0.5]
+    protocol: CaptureProtocol = Field(default_factory=CaptureProtocol)
+    # applied in order by each client: dicts {name: qsgd, levels: 16} (ROG's {compress: qsgd,
+    # quant_level: 16} too) or strings "qsgd:levels=16"; see docs/obfuscations.md
+    obfuscation: list[Any] = []
+
+
+class Attack(Section):
+    name: str = "auto"
+    device: str = "cpu"
+    prior: str | None = None  # a prior file ('gradleak prior train'): post-process, report with and without it
+    settings: dict[str, Any] = {}  # overrides of the attack preset (iterations, restarts, time_budget, ...)
+
+
+class Experiment(Section):
+    """The config of one experiment (``gradleak run``)."""
+
+    name: str = "experiment"
+    seed: NonNegativeInt = 0  # seeds the batch choice, the obfuscation noise and the attack's initialisation
+    output_dir: str = "experiments"
+    data: DataSpec = Field(default_factory=dict)
+    capture: Capture = Field(default_factory=Capture)
+    attack: Attack = Field(default_factory=Attack)
+
+
+def merge_with_overrides(user: Any, model: type[Section], source: str = "config",
                          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """:func:`merge`, then set each ``{"dotted.key": value}`` override and check the result again."""
-    cfg = merge(user, schema, source)
-    for dotted, value in (overrides or {}).items():
-        node = cfg
-        parts = dotted.split(".")
-        for p in parts[:-1]:
-            if node.get(p) is None:
-                node[p] = {}
-            if not isinstance(node[p], dict):
-                raise UserError(f"{source}: cannot set '{dotted}': '{p}' is not a section")
-            node = node[p]
-        node[parts[-1]] = value
-    return merge(cfg, schema, source)
+    """``user`` with each ``{"dotted.key": value}`` of ``overrides`` set (:func:`set_dotted`), checked by
+    ``model``, as a plain dict with every default filled in."""
+    cfg = copy.deepcopy(user) if user is not None else {}
+    if isinstance(cfg, dict):
+        for dotted, value in (overrides or {}).items():
+            set_dotted(cfg, dotted, copy.deepcopy(value), source)
+    return validate(model, cfg, source).model_dump()
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -142,13 +140,8 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str,
 
 def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str, Any] | None = None
               ) -> dict[str, Any]:
-    cfg = merge_with_overrides(user, SCHEMA, source, overrides)
-    if cfg["capture"]["batch_size"] < 1:
-        raise UserError(f"{source}: 'capture.batch_size' must be >= 1")
-    if not isinstance(cfg["capture"]["obfuscation"], list):
-        raise UserError(f"{source}: 'capture.obfuscation' must be a list")
-    if cfg["capture"]["protocol"]["num_clients_averaged"] < 1:
-        raise UserError(f"{source}: 'capture.protocol.num_clients_averaged' must be >= 1")
+    """Check an experiment config given as a dict (one-line :class:`UserError` naming ``source``)."""
+    cfg = merge_with_overrides(user, Experiment, source, overrides)
     from .. import obfuscation
     try:
         obfuscation.resolve_all(cfg["capture"]["obfuscation"])
@@ -158,4 +151,10 @@ def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str,
 
 
 def dump(cfg: dict[str, Any]) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
+    """``cfg`` as YAML that reads back the same (strings that look like numbers or booleans are quoted)."""
+    return dump_yaml(cfg)
+
+
+__all__ = ["DATA_DEFAULTS", "PARTIAL", "Section", "DataSpec", "Fraction", "Count", "Stds", "fedavg_lr",
+           "Experiment", "Capture", "CaptureProtocol", "Attack", "merge_with_overrides", "load", "from_dict", "dump",
+           "read_yaml", "parse_assignment", "set_dotted"]

@@ -8,55 +8,77 @@ file of every mistake (:class:`gradleak.errors.UserError`); expansion to cells i
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field, NonNegativeInt, field_validator
 
 from .. import obfuscation
 from ..errors import UserError
-from . import config as config_mod
-from .config import OPEN, SCHEMA
+from ..validation import read_yaml, set_dotted, unknown_dotted, validate
+from .config import PARTIAL, Count, Experiment, Section
 from .outputs import _jsonable
 
 SWEEP_FORMAT = "gradleak-sweep/1"
 
-SWEEP_SCHEMA: dict[str, Any] = {
-    "name": "sweep",
-    "base": OPEN({}),  # an experiment config (the schema of `gradleak run`)
-    "grid": OPEN({}),  # dotted key of the experiment config -> list of values, or {range|linspace|values: ...}
-    "reid": {
-        "enabled": True,
-        "distances": ["mse", "ssim", "embedding"],
-        "embedding": "auto",  # auto | autoencoder | none | classifier:PATH/model.pt
-        "gallery_size": 512,  # images of the attacked data set searched (the attacked images always among them)
-        "seed": 0,  # gallery subset and autoencoder training
-        "autoencoder_steps": 200,
-    },
-    "utility": {
-        "enabled": False,
-        # a `gradleak utility` config; each cell's capture.obfuscation is applied to it, and the cell's
-        # architecture and protocol unless the config names its own (the report prints any difference)
-        "config": OPEN({}),
-        "seeds": 3,  # runs per utility config (seed and model seed + 0, 1, ...): mean and 95 % interval
-    },
-    "keep_observations": False,  # observation.pt can be large (the model's weights twice); off by default
-    "gpus_per_cell": 1.0,  # GPUs a Ray task asks for when the cell's attack.device is cuda
-}
+DISTANCES = ("mse", "ssim", "embedding")
+
+
+class Reid(Section):
+    enabled: bool = True
+    distances: list[Literal[DISTANCES]] = list(DISTANCES)
+    embedding: str = "auto"  # auto | autoencoder | none | classifier:PATH/model.pt
+    gallery_size: Count = 512  # images of the attacked data set searched (the attacked ones always among them)
+    seed: NonNegativeInt = 0  # gallery subset and autoencoder training
+    autoencoder_steps: NonNegativeInt = 200
+
+    @field_validator("embedding")
+    @classmethod
+    def _embedding(cls, v: str) -> str:
+        if v not in ("auto", "autoencoder", "none") and not v.startswith("classifier:"):
+            raise ValueError("must be auto, autoencoder, none or classifier:PATH")
+        return v
+
+
+class Utility(Section):
+    enabled: bool = False
+    # a `gradleak utility` config; each cell's capture.obfuscation is applied to it, and the cell's
+    # architecture and protocol unless the config names its own (the report prints any difference)
+    config: dict[str, Any] = {}
+    seeds: Count = 3  # runs per utility config (seed and model seed + 0, 1, ...): mean and 95 % interval
+
+
+class SweepSpec(Section):
+    """A sweep spec. ``base`` is checked as a config that the grid completes (its checks of several fields
+    wait for the cells)."""
+
+    name: str = "sweep"
+    base: Experiment = Field(default_factory=Experiment)  # an experiment config (`gradleak run`'s)
+    grid: dict[str, Any] = {}  # dotted key of the experiment config -> list of values, or {range|linspace|values: ...}
+    reid: Reid = Field(default_factory=Reid)
+    utility: Utility = Field(default_factory=Utility)
+    keep_observations: bool = False  # observation.pt can be large (the model's weights twice); off by default
+    gpus_per_cell: Annotated[float, Field(ge=0)] = 1.0  # GPUs a Ray task asks for when a cell's attack.device is cuda
+
+
+#: The defaults of a sweep spec.
+SWEEP_SCHEMA: dict[str, Any] = SweepSpec().model_dump()
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep spec not found: {path}")
-    return spec_from_dict(config_mod.read_yaml(path), source=str(path), overrides=overrides)
+    return spec_from_dict(read_yaml(path), source=str(path), overrides=overrides)
 
 
 def spec_from_dict(user: Any, source: str = "sweep", overrides: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
+    """Check a sweep spec given as a dict, with ``{"dotted.key": value}`` overrides, and expand each grid
+    entry to its list of values (one-line :class:`UserError` naming ``source``)."""
     if not isinstance(user, dict):
         raise UserError(f"{source}: a sweep spec must be a mapping with 'base' and 'grid'")
     user = copy.deepcopy(user)
@@ -64,53 +86,17 @@ def spec_from_dict(user: Any, source: str = "sweep", overrides: dict[str, Any] |
     if fmt != SWEEP_FORMAT:
         raise UserError(f"{source}: format '{fmt}' is not a sweep spec this gradleak reads ({SWEEP_FORMAT})")
     for dotted, value in (overrides or {}).items():
-        node = user
-        parts = dotted.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {}
-            node = node[p]
-        node[parts[-1]] = value
-    spec = config_mod.merge(user, SWEEP_SCHEMA, source)
-    base = copy.deepcopy(spec["base"])
-    base.pop("output_dir", None)
-    spec["base"] = config_mod.merge(base, SCHEMA, source, "base.")
+        set_dotted(user, dotted, copy.deepcopy(value), source)
+    if isinstance(user.get("base"), dict):
+        user["base"].pop("output_dir", None)
+    spec = validate(SweepSpec, user, source, context=PARTIAL).model_dump()
     spec["base"].pop("output_dir", None)
     for key, values in spec["grid"].items():
-        _check_grid_key(str(key), source)
-        spec["grid"][key] = _values(str(key), values, source)
-    r = spec["reid"]
-    for d in r["distances"]:
-        if d not in ("mse", "ssim", "embedding"):
-            near = difflib.get_close_matches(str(d), ["mse", "ssim", "embedding"], n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else " (use mse, ssim, embedding)"
-            raise UserError(f"{source}: unknown re-identification distance '{d}'{hint}")
-    emb = str(r["embedding"])
-    if emb not in ("auto", "autoencoder", "none") and not emb.startswith("classifier:"):
-        raise UserError(f"{source}: 'reid.embedding' must be auto, autoencoder, none or classifier:PATH, got '{emb}'")
-    if r["gallery_size"] < 1:
-        raise UserError(f"{source}: 'reid.gallery_size' must be >= 1")
-    if spec["utility"]["seeds"] < 1:
-        raise UserError(f"{source}: 'utility.seeds' must be >= 1")
-    if not spec["gpus_per_cell"] >= 0:
-        raise UserError(f"{source}: 'gpus_per_cell' must be >= 0")
-    return spec
-
-
-def _check_grid_key(key: str, source: str) -> None:
-    node: Any = SCHEMA
-    walked = []
-    for part in key.split("."):
-        if isinstance(node, OPEN):
-            return  # inside a section its owner checks (data options, attack settings)
-        if not isinstance(node, dict) or part not in node:
-            options = list(node) if isinstance(node, dict) else []
-            prefix = ".".join(walked)
-            near = difflib.get_close_matches(part, options, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
+        hint = unknown_dotted(Experiment, str(key))
+        if hint is not None:
             raise UserError(f"{source}: unknown grid key '{key}'{hint}")
-        walked.append(part)
-        node = node[part]
+        spec["grid"][key] = _values(str(key), values, source)
+    return spec
 
 
 def _values(key: str, v: Any, source: str) -> list[Any]:
@@ -197,4 +183,4 @@ def normalize_obfuscation(value: Any, where: str = "obfuscation") -> list[dict[s
     return out
 
 
-__all__ = ["SWEEP_FORMAT", "SWEEP_SCHEMA", "load_spec", "spec_from_dict", "normalize_obfuscation"]
+__all__ = ["SWEEP_FORMAT", "SWEEP_SCHEMA", "SweepSpec", "load_spec", "spec_from_dict", "normalize_obfuscation"]

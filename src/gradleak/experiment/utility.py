@@ -20,43 +20,117 @@ import dataclasses
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, NonNegativeInt, ValidationInfo, field_validator, model_validator
 
 from .. import obfuscation
 from ..data import load_dataset, split_by_patient
 from ..errors import UserError
-from ..federated.simulation import (Evaluation, Settings, dp_records, partition_by_patient, schedule_dp,
-                                   simulate)
+from ..federated.protocol import ALGORITHMS
+from ..federated.simulation import (MONITORS, PARTITIONS, SAMPLINGS, Evaluation, Settings, dp_records,
+                                   partition_by_patient, schedule_dp, simulate)
 from ..metrics.classification import AUC_VARIANT, THRESHOLD_VARIANT
 from ..models import build
 from ..models.checkpoint import save_model
-from .config import OPEN, dump, merge_with_overrides, read_yaml
+from .config import (Count, DataSpec, Fraction, Section, Stds, dump, fedavg_lr, merge_with_overrides,
+                     read_yaml)
 from .outputs import versions, write_json, write_text
 from .run import Log, new_folder
 
 FORMAT = "gradleak-utility/1"
 
-SCHEMA: dict[str, Any] = {
-    "name": "utility",
-    "seed": 0,  # seeds the hold-out split, the partition, client sampling, data order and obfuscation noise
-    "output_dir": "experiments",
-    "device": "cpu",
-    "threads": None,  # torch CPU threads for this run (None: torch's default); 1 is fastest on a busy machine
-    "data": OPEN({"source": "phantoms", "size": 64}),
-    "holdout": 0.2,  # fraction of the data's patients held out for evaluation
-    "eval_data": None,  # a data spec: evaluate on it instead (training then uses every image of `data`)
-    "model": {"arch": "convnet", "num_classes": 2, "model_seed": 0,
-              "options": None,  # arch-specific, e.g. {width: 8, depth: 4, pool_first: true}
-              "mean": [0.5], "std": [0.5]},
-    "federation": {f.name: f.default for f in dataclasses.fields(Settings)},
-    "obfuscation": [],  # applied to every client update, as in capture.obfuscation
-    "privacy": {"delta": 1.0e-5},  # delta for epsilon of Gaussian noise whose record names none
-    "evaluation": {f.name: f.default for f in dataclasses.fields(Evaluation)},
-    "save_rounds": [],  # also keep model_rR.pt after these rounds
-}
+_FED, _EVAL = Settings(), Evaluation()  # the federation's defaults live in its dataclasses
+
+
+class ModelSection(Section):
+    arch: str = "convnet"
+    num_classes: Count = 2
+    model_seed: int = 0
+    options: dict[str, Any] | None = None  # arch-specific, e.g. {width: 8, depth: 4, pool_first: true}
+    mean: list[float] = [0.5]
+    std: Stds = [0.5]
+
+
+class Federation(Section):
+    """:class:`gradleak.federated.simulation.Settings`, checked."""
+
+    num_clients: Count = _FED.num_clients
+    partition: Literal[PARTITIONS] = _FED.partition
+    alpha: Annotated[float, Field(gt=0)] = _FED.alpha
+    clients_per_round: Annotated[float, Field(gt=0, le=1)] = _FED.clients_per_round
+    client_sampling: Literal[SAMPLINGS] = _FED.client_sampling
+    rounds: Count = _FED.rounds
+    algorithm: Literal[ALGORITHMS] = _FED.algorithm
+    local_epochs: Count = _FED.local_epochs
+    local_steps: Count | None = _FED.local_steps
+    local_lr: Annotated[float, Field(ge=0)] = _FED.local_lr
+    local_batch_size: Count | None = _FED.local_batch_size
+    server_lr: Annotated[float, Field(gt=0)] = _FED.server_lr
+    server_momentum: Annotated[float, Field(ge=0, lt=1)] = _FED.server_momentum
+    sends_buffers: bool = _FED.sends_buffers
+    class_balanced: bool = _FED.class_balanced
+
+    _local_lr = field_validator("local_lr")(fedavg_lr)
+
+
+class EvaluationSection(Section):
+    """:class:`gradleak.federated.simulation.Evaluation`, checked."""
+
+    every: Count = _EVAL.every
+    threshold: Fraction = _EVAL.threshold
+    monitor: Literal[tuple(MONITORS)] = _EVAL.monitor
+    patience: Count | None = _EVAL.patience
+    min_delta: float = _EVAL.min_delta
+    batch_size: Count = _EVAL.batch_size
+
+
+class Privacy(Section):
+    delta: Fraction = 1.0e-5  # delta for epsilon of Gaussian noise whose record names none
+
+
+class UtilityConfig(Section):
+    """The config of ``gradleak utility``."""
+
+    name: str = "utility"
+    seed: NonNegativeInt = 0  # seeds the hold-out split, the partition, client sampling, data order and noise
+    output_dir: str = "experiments"
+    device: str = "cpu"
+    threads: Count | None = None  # torch CPU threads (None: torch's default); 1 is fastest on a busy machine
+    data: DataSpec = Field(default_factory=dict)
+    holdout: float = 0.2  # fraction of the data's patients held out for evaluation
+    eval_data: Any = None  # a data spec: evaluate on it instead (training then uses every image of `data`)
+    model: ModelSection = Field(default_factory=ModelSection)
+    federation: Federation = Field(default_factory=Federation)
+    obfuscation: list[Any] = []  # applied to every client update, as in capture.obfuscation
+    privacy: Privacy = Field(default_factory=Privacy)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    save_rounds: list[int] = []  # also keep model_rR.pt after these rounds
+
+    @field_validator("eval_data")
+    @classmethod
+    def _data_spec(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, (str, dict)):
+            raise ValueError("must be a data spec (text or mapping)")
+        return v
+
+    @field_validator("save_rounds")
+    @classmethod
+    def _rounds_run(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        fed = info.data.get("federation")
+        bad = [r for r in v if fed is not None and not 1 <= r <= fed.rounds]
+        if bad:
+            raise ValueError(f"must be a list of rounds in 1..{fed.rounds}")
+        return v
+
+    @model_validator(mode="after")
+    def _holdout(self) -> "UtilityConfig":
+        if self.eval_data is None and not 0 < self.holdout < 1:
+            raise ValueError(f"'holdout' must be a fraction in (0, 1), got {self.holdout}")
+        return self
+
 
 METRIC_VARIANTS = {
     "roc_auc": AUC_VARIANT,
@@ -76,27 +150,7 @@ METRIC_VARIANTS = {
 def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str, Any] | None = None
               ) -> dict[str, Any]:
     """Merge a utility config over the defaults and check it (one-line :class:`UserError` on a problem)."""
-    cfg = merge_with_overrides(user, SCHEMA, source, overrides)
-    if not isinstance(cfg["obfuscation"], list):
-        raise UserError(f"{source}: 'obfuscation' must be a list")
-    if cfg["eval_data"] is not None and not isinstance(cfg["eval_data"], (str, dict)):
-        raise UserError(f"{source}: 'eval_data' must be a data spec (text or mapping)")
-    if cfg["eval_data"] is None and not 0 < cfg["holdout"] < 1:
-        raise UserError(f"{source}: 'holdout' must be a fraction in (0, 1), got {cfg['holdout']}")
-    if cfg["threads"] is not None and cfg["threads"] < 1:
-        raise UserError(f"{source}: 'threads' must be >= 1 (or null), got {cfg['threads']}")
-    if cfg["model"]["options"] is not None and not isinstance(cfg["model"]["options"], dict):
-        raise UserError(f"{source}: 'model.options' must be a mapping")
-    rounds = cfg["federation"]["rounds"]
-    bad = [r for r in cfg["save_rounds"] if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= rounds]
-    if not isinstance(cfg["save_rounds"], list) or bad:
-        raise UserError(f"{source}: 'save_rounds' must be a list of rounds in 1..{rounds}"
-                        + (f", got {bad[0]!r}" if bad else ""))
-    try:
-        settings(cfg)
-        Evaluation(**cfg["evaluation"])
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
+    cfg = merge_with_overrides(user, UtilityConfig, source, overrides)
     st = settings(cfg)
     try:
         obfuscation.resolve_all(schedule_dp([obfuscation.normalize(s) for s in cfg["obfuscation"]],
@@ -299,4 +353,4 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     return result
 
 
-__all__ = ["FORMAT", "SCHEMA", "from_dict", "load", "run_utility", "settings"]
+__all__ = ["FORMAT", "UtilityConfig", "from_dict", "load", "run_utility", "settings"]
