@@ -3,7 +3,7 @@ import torch
 
 from gradleak import observation
 from gradleak.errors import UserError
-from gradleak.federated import Protocol
+from gradleak.federated import ObservedProtocol, Protocol
 
 from factories import tiny_observation
 
@@ -74,3 +74,42 @@ def test_not_an_observation_file(tmp_path):
     torch.save({"format": "gradleak-observation/1", "x": object}, p)
     with pytest.raises(UserError):
         observation.load(p)
+
+
+def test_the_protocol_is_typed_in_memory_and_a_dict_only_on_disk(tmp_path):
+    obs, _ = tiny_observation(n=4, protocol=Protocol("fedavg", local_steps=2, local_lr=0.1, local_batch_size=2))
+    p = obs.protocol
+    assert isinstance(p, ObservedProtocol) and isinstance(p, Protocol)
+    assert (p.num_images, p.images_per_client, p.update_is, p.local_batch_size) == (4, 4, "weight_delta", 2)
+    assert p.client() == Protocol("fedavg", local_steps=2, local_lr=0.1, local_batch_size=2)
+    raw = obs.to_dict()
+    assert raw["protocol"] == p.header() and isinstance(raw["protocol"], dict)
+    assert p["local_lr"] == 0.1 and p.get("images_per_client") == 4 and p.get("absent", 7) == 7  # transitional
+    # keys another tool wrote are kept through a load and a save
+    raw["protocol"]["round"] = 12
+    torch.save(raw, tmp_path / "foreign.pt")
+    back = observation.load(tmp_path / "foreign.pt")
+    assert back.protocol.other == {"round": 12} and back.protocol.client() == p.client()
+    observation.save(back, tmp_path / "again.pt")
+    assert torch.load(tmp_path / "again.pt", weights_only=True)["protocol"] == raw["protocol"]
+
+
+LIMIT_CASES = [
+    (lambda r: r["model"].update(image_size=100_000), "model.image_size must be an integer from 1 to 4096"),
+    (lambda r: r["model"].update(in_channels=10_000), "model.in_channels must be an integer from 1 to 64"),
+    (lambda r: r["model"].update(num_classes=10 ** 9), "model.num_classes must be an integer from 1 to 100000"),
+    (lambda r: r["model"].update(image_size=16.0), "model.image_size must be an integer"),
+    (lambda r: r["model"].update(options={"depth": 10 ** 6}), "model.options.depth must be"),
+    (lambda r: r["protocol"].update(num_images=10 ** 7), "protocol.num_images must be an integer from 1 to 100000"),
+    (lambda r: r["model"].update(image_size=4096, in_channels=64), "more than the 268435456 an attack may hold"),
+    (lambda r: r["protocol"].update(local_steps="3"), "protocol.local_steps must be a positive integer"),
+    (lambda r: r["protocol"].update(algorithm="fedavg", update_is="weight_delta"), "fedavg needs local_lr > 0"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", LIMIT_CASES)
+def test_absurd_headers_are_refused_before_any_model_is_built(tmp_path, mutate, message):
+    path = _corrupt(tmp_path, mutate)
+    with pytest.raises(UserError) as e:
+        observation.load(path)
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)

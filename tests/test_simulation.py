@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradleak.errors import UserError
-from gradleak.federated.simulation import (Evaluation, Server, Settings, _client_order, aggregate,
-                                           average_buffers, partition_by_patient, schedule_dp, simulate)
+from gradleak.federated.arithmetic import mean_buffers, mean_update
+from gradleak.federated.partition import partition_by_patient
+from gradleak.federated.simulation import Evaluation, Server, Settings, _client_order, schedule_dp, simulate
 from gradleak.models import build
 
 
@@ -120,10 +121,10 @@ def test_partition_errors_and_determinism():
 def test_aggregation_is_the_sample_weighted_mean_by_hand():
     u1 = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(4.0)}
     u2 = {"w": torch.tensor([3.0, -2.0]), "b": torch.tensor(0.0)}
-    avg = aggregate([u1, u2], [10, 30])
+    avg = mean_update([u1, u2], [10, 30])
     assert torch.allclose(avg["w"], torch.tensor([(10 * 1 + 30 * 3) / 40, (10 * 2 - 30 * 2) / 40]))
     assert torch.allclose(avg["b"], torch.tensor(1.0))
-    bufs = average_buffers([{"m": torch.tensor([0.0]), "n": torch.tensor(2)},
+    bufs = mean_buffers([{"m": torch.tensor([0.0]), "n": torch.tensor(2)},
                             {"m": torch.tensor([4.0]), "n": torch.tensor(5)}], [1, 3])
     assert bufs["m"].item() == 3.0 and bufs["n"].dtype == torch.int64 and bufs["n"].item() == 4
 

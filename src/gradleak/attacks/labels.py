@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from ..federated.arithmetic import fedavg_gradient_scale
 from .simulate import Simulator
-from .unroll import delta_to_gradient
 
 
 def last_layer_gradient(sim: Simulator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The observed last-layer weight (and bias) gradient, sign-corrected for FedAvg weight deltas.
 
     A FedAvg delta is ``-lr * sum of gradients`` over the local steps, so ``-delta / (lr * steps)``
-    approximates the mean gradient the labels are read from.
+    (:func:`gradleak.federated.arithmetic.fedavg_gradient_scale`) approximates the mean gradient the labels
+    are read from.
     """
     w = sim.target["classifier.weight"]
     b = sim.target.get("classifier.bias")
     if sim.protocol.algorithm == "fedavg":
-        scale = delta_to_gradient(sim.protocol)
+        scale = fedavg_gradient_scale(sim.protocol)
         w = w * scale
         b = None if b is None else b * scale
     return w, b

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
-from ..federated.protocol import Protocol, Tensors, client_slices, local_update, split_state
+from ..federated.arithmetic import mean_update
+from ..federated.protocol import ObservedProtocol, Tensors, client_slices, local_update, split_state
 from ..models import build_from_header, has_batch_norm
 from ..observation import Observation
 
@@ -37,7 +38,7 @@ class Simulator:
             replace_all_batch_norm_modules_(self.model)
         self.params: Tensors = {k: v.detach().to(self.device, torch.float32) for k, v in params.items()}
         self.global_buffers: Tensors = {k: v.detach().to(self.device) for k, v in buffers.items()}
-        self.protocol: Protocol = obs.protocol_obj()
+        self.protocol: ObservedProtocol = obs.protocol
         self.target: Tensors = {k: v.detach().to(self.device, torch.float32) for k, v in obs.update.items()}
         self.param_names = list(self.params)
         self.num_images = obs.num_images
@@ -48,7 +49,8 @@ class Simulator:
         """The update the client would send for one candidate batch ``x`` (B x C x H x W).
 
         With ``num_clients_averaged`` K > 1 the batch is split into K equal groups in order, each run
-        as one client, and the updates are averaged (what the server sees).
+        as one client, and the updates are averaged (what the server sees,
+        :func:`gradleak.federated.arithmetic.mean_update`).
         """
         k = self.protocol.num_clients_averaged
         if k == 1:
@@ -56,7 +58,7 @@ class Simulator:
             return upd
         parts = [local_update(self.model, self.params, {}, x[sl], y[sl], self.protocol)[0]
                  for sl in client_slices(x.shape[0], k)]
-        return {n: sum(p[n] for p in parts) / k for n in self.param_names}
+        return mean_update(parts)
 
     def batched(self, fn, xs: torch.Tensor, y: torch.Tensor, per_restart_labels: bool = False) -> torch.Tensor:
         """``fn(update, x)`` -> scalar for each restart in ``xs`` (R x B x C x H x W), as one vmapped call.

@@ -14,24 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..federated.arithmetic import fedavg_gradient_scale
 from .objectives import Matching
 from .simulate import Simulator
 
-
-def delta_to_gradient(protocol) -> float:
-    """The factor that reads a FedAvg weight delta as one mean gradient: ``-1 / (local_lr * local_steps)``
-    (1 for FedSGD, whose update already is the gradient)."""
-    if protocol.algorithm != "fedavg":
-        return 1.0
-    return -1.0 / (float(protocol.local_lr) * int(protocol.local_steps))
+#: transitional: the old name of :func:`gradleak.federated.arithmetic.fedavg_gradient_scale`, until
+#: ``linear_leak`` imports that instead
+delta_to_gradient = fedavg_gradient_scale
 
 
 def assume_fedsgd(sim: Simulator) -> Simulator:
-    """Turn ``sim`` into a FedSGD simulator whose target is the delta read as a mean gradient."""
+    """Turn ``sim`` into a FedSGD simulator whose target is the delta read as a mean gradient
+    (:func:`gradleak.federated.arithmetic.fedavg_gradient_scale`)."""
     p = sim.protocol
     if p.algorithm != "fedavg":
         return sim
-    scale = delta_to_gradient(p)
+    scale = fedavg_gradient_scale(p)
     sim.target = {k: v * scale for k, v in sim.target.items()}
     sim.protocol = dataclasses.replace(p, algorithm="fedsgd", local_steps=1, local_lr=0.0, local_batch_size=None)
     return sim
@@ -39,6 +37,7 @@ def assume_fedsgd(sim: Simulator) -> Simulator:
 
 def in_delta_units(matching: Matching, step: float) -> Matching:
     """``matching`` (built against the observed weight delta) applied to a simulated gradient ``g`` read
-    as the delta ``step * g`` (``step = -local_lr * local_steps``), so the objective's thresholds, noise
+    as the delta ``step * g`` (``step = -local_lr * local_steps``,
+    :func:`gradleak.federated.arithmetic.fedavg_delta_scale`), so the objective's thresholds, noise
     levels and quantization steps stay in the units the obfuscation records."""
     return Matching(matching.name, lambda update: matching({k: v * step for k, v in update.items()}), matching.info)

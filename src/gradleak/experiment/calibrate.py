@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..attacks import run_attack
-from ..capture import capture
+from ..capture import capture_batch
 from ..errors import UserError
 from ..metrics.matching import pair_by_mse
 from ..observation import Observation
@@ -52,21 +52,22 @@ def calibrate_like(obs: Observation, dataset, *, exclude_patients: Iterable[str]
         raise UserError(f"calibration: only {len(chosen)} auxiliary patients left, the observation's batch "
                         f"needs {batch}")
     chosen = chosen[: len(chosen) // batch * batch]
+    first_shape = tuple(dataset.batch(chosen[:1]).images.shape[1:])
+    if first_shape != tuple(shape):
+        raise UserError(f"calibration: the auxiliary images are {first_shape}, the observation's are "
+                        f"{tuple(shape)}: load the data at the observation's size")
     settings = {**CALIBRATION_ATTACK, **(attack_settings or {})}
     clean, outputs = [], []
     for j in range(0, len(chosen), batch):
-        b = dataset.batch(chosen[j:j + batch])
-        if tuple(b.images.shape[1:]) != tuple(shape):
-            raise UserError(f"calibration: the auxiliary images are {tuple(b.images.shape[1:])}, the "
-                            f"observation's are {tuple(shape)}: load the data at the observation's size")
-        aux, _ = capture(b.images, b.labels, arch=obs.model["arch"], protocol=obs.protocol_obj(),
-                         num_classes=int(obs.model["num_classes"]), global_state=obs.global_state,
-                         labels_known=obs.labels is not None, obfuscations=specs, obfuscation_seed=seed + j,
-                         mean=obs.data.get("mean", (0.5,)), std=obs.data.get("std", (0.5,)),
-                         options=obs.model.get("options"))
-        rec = run_attack("rog", aux, settings, seed=seed + j, progress=False)
-        order = pair_by_mse(b.images, rec.images) if batch > 1 else [0]
-        clean.append(b.images)
+        aux = capture_batch(dataset, indices=chosen[j:j + batch], protocol=obs.protocol, seed=seed + j,
+                            arch=obs.model["arch"], num_classes=int(obs.model["num_classes"]),
+                            options=obs.model.get("options"), global_state=obs.global_state,
+                            labels_known=obs.labels is not None, obfuscations=specs,
+                            mean=obs.data.get("mean", (0.5,)), std=obs.data.get("std", (0.5,)))
+        images = aux.truth.images
+        rec = run_attack("rog", aux.observation, settings, seed=seed + j, progress=False)
+        order = pair_by_mse(images, rec.images) if batch > 1 else [0]
+        clean.append(images)
         outputs.append(rec.images[order])
         if echo:
             echo(f"calibration attack {j // batch + 1}/{len(chosen) // batch} done")
@@ -74,5 +75,5 @@ def calibrate_like(obs: Observation, dataset, *, exclude_patients: Iterable[str]
     degradation = calibrate(torch.cat(clean), torch.cat(outputs), scale_factor=scale)
     provenance = {"images": len(chosen), "patients": sorted({str(dataset.patient_ids[i]) for i in chosen}),
                   "attack": "rog", "attack_settings": settings, "obfuscation": specs,
-                  "protocol": dict(obs.protocol), "arch": obs.model["arch"], "seed": int(seed)}
+                  "protocol": obs.protocol.header(), "arch": obs.model["arch"], "seed": int(seed)}
     return {"degradation": degradation, "calibration": provenance}

@@ -15,11 +15,10 @@ import numpy as np
 
 from .. import observation
 from ..attacks import canonical, run_attack
-from ..capture import Truth, capture, save_truth
+from ..capture import capture_batch, choose_indices  # noqa: F401  (choose_indices: transitional, demo imports it here)
 from ..data import load_dataset
 from ..errors import UserError
 from ..federated import Protocol
-from ..models.checkpoint import check_matches, load_model
 from .config import dump
 from .outputs import versions, write_json, write_reconstruction, write_text
 from .reference import blind_baseline, measure_reid, reference_summary
@@ -43,18 +42,6 @@ class Log:
         return "\n".join(self.lines) + "\n"
 
 
-def choose_indices(n_available: int, batch_size: int, indices: list[int] | None, seed: int) -> list[int]:
-    if indices is not None:
-        bad = [i for i in indices if not 0 <= int(i) < n_available]
-        if bad:
-            raise UserError(f"index {bad[0]} is outside the data set (0..{n_available - 1})")
-        return [int(i) for i in indices]
-    if batch_size > n_available:
-        raise UserError(f"batch_size {batch_size} is larger than the data set ({n_available} images)")
-    rng = np.random.default_rng(int(seed))
-    return sorted(int(i) for i in rng.choice(n_available, size=batch_size, replace=False))
-
-
 def new_folder(root: Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = root / f"{name}-{stamp}"
@@ -68,30 +55,20 @@ def new_folder(root: Path, name: str) -> Path:
 def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` and write everything into ``folder`` (which must exist). Returns the metrics."""
     cap = cfg["capture"]
-    ds = load_dataset(cfg["data"])
     proto = Protocol(**cap["protocol"])
-    idx = choose_indices(len(ds), cap["batch_size"] * proto.num_clients_averaged, cap["indices"], cfg["seed"])
-    batch = ds.batch(idx)
+    captured = capture_batch(cfg["data"], protocol=proto, indices=cap["indices"], batch_size=cap["batch_size"],
+                             seed=cfg["seed"], size=cfg["data"].get("size"), arch=cap["arch"],
+                             num_classes=cap["num_classes"], options=cap["options"], model_state=cap["model_state"],
+                             model_seed=cap["model_seed"], labels_known=cap["labels_known"],
+                             obfuscations=cap["obfuscation"], mean=cap["mean"], std=cap["std"],
+                             where="the config's capture section and data")
+    obs, truth, bits, ds = captured.observation, captured.truth, captured.bits, captured.dataset
+    idx = truth.indices
     log(f"data: {ds.describe().get('source')} ({len(ds)} images), batch {idx}")
-    state, options, mean, std, meta = None, cap["options"], cap["mean"], cap["std"], {}
     if cap["model_state"]:
-        ckpt = load_model(cap["model_state"])
-        check_matches(ckpt, where="the config's capture section and data", arch=cap["arch"],
-                      num_classes=cap["num_classes"], image_size=int(batch.images.shape[-1]),
-                      in_channels=int(batch.images.shape[1]), options=options)
-        state, options = ckpt["state_dict"], ckpt["model"].get("options")
-        mean, std = ckpt["data"]["mean"], ckpt["data"]["std"]
-        meta = {"model_state": str(cap["model_state"]), "model_round": ckpt["round"]}
-        log(f"victim model: {cap['model_state']} (after round {ckpt['round']})")
-    obs, bits = capture(batch.images, batch.labels, arch=cap["arch"], protocol=proto,
-                        num_classes=cap["num_classes"], model_seed=cap["model_seed"], global_state=state,
-                        labels_known=cap["labels_known"], obfuscations=cap["obfuscation"],
-                        obfuscation_seed=cfg["seed"], mean=mean, std=std, options=options,
-                        meta={"data": ds.describe(), "indices": idx, **meta})
-    truth = Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx)
-    observation.save(obs, folder / "observation.pt")
-    save_truth(truth, folder / "truth.npz")
-    log(f"capture: {cap['arch']}, {proto.algorithm}, B={len(idx)}"
+        log(f"victim model: {cap['model_state']} (after round {obs.meta['model_round']})")
+    captured.save(folder / "observation.pt", folder / "truth.npz")
+    log(f"capture: {obs.model['arch']}, {proto.algorithm}, B={len(idx)}"
         + (f" ({proto.num_clients_averaged} clients averaged)" if proto.num_clients_averaged > 1 else "")
         + ", obfuscation "
         f"{[o['name'] for o in obs.obfuscation] or 'none'}, {bits} bits")
@@ -121,7 +98,7 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
         guesses, aux = None, None
         log(f"blind baseline not measured: {e}")
     metrics = write_reconstruction(folder, rec, truth, extra={"bits": bits, "obfuscation": obs.obfuscation,
-                                                              "protocol": obs.protocol},
+                                                              "protocol": obs.protocol.header()},
                                    guesses=guesses, reference=aux)
     if "without_postprocessing" in metrics:
         raw = metrics["without_postprocessing"]

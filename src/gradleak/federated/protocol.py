@@ -10,7 +10,7 @@ parameters are never read or written.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -79,36 +79,88 @@ class Protocol:
     def update_is(self) -> str:
         return "gradient" if self.algorithm == "fedsgd" else "weight_delta"
 
-    def images_per_client(self, num_images: int) -> int:
-        k = int(self.num_clients_averaged)
-        if num_images % k:
-            raise UserError(f"{num_images} images cannot be split evenly among num_clients_averaged={k} clients")
-        return num_images // k
-
-    def header(self, num_images: int) -> dict[str, Any]:
-        """The ``protocol`` entry of an Observation; ``num_images`` counts all clients' images (K*B)."""
-        d = asdict(self)
-        b = self.images_per_client(int(num_images))
-        if self.algorithm == "fedsgd":
-            d.update(local_steps=1, local_lr=0.0)
-        d["local_batch_size"] = int(self.local_batch_size or b)
-        d["update_is"] = self.update_is
-        d["num_images"] = int(num_images)
-        d["images_per_client"] = b
-        d["per_example_clip"] = None if self.per_example_clip is None else float(self.per_example_clip)
-        return d
+    def observed(self, num_images: int) -> "ObservedProtocol":
+        """This protocol as an Observation records it, for ``num_images`` images of all clients (K*B)."""
+        return ObservedProtocol(**{f.name: getattr(self, f.name) for f in fields(Protocol)},
+                                num_images=int(num_images))
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> "Protocol":
-        bs = header.get("local_batch_size")
-        k = int(header.get("num_clients_averaged") or 1)
-        n = header.get("images_per_client") or (int(header["num_images"]) // k if header.get("num_images") else None)
-        pec = header.get("per_example_clip")
+        """The client's protocol of an Observation's ``protocol`` header."""
+        return ObservedProtocol.from_header(header).client()
+
+
+#: The keys of an Observation's ``protocol`` header, in the order they are written.
+HEADER_KEYS = ("algorithm", "local_steps", "local_lr", "local_batch_size", "sends_buffers", "per_example_clip",
+               "num_clients_averaged", "update_is", "num_images", "images_per_client")
+
+
+@dataclass(frozen=True)
+class ObservedProtocol(Protocol):
+    """The protocol of an Observation: the client's :class:`Protocol` and ``num_images``, the images
+    behind the update (K*B for K clients of B images averaged).
+
+    Canonical: FedSGD has ``local_steps`` 1 and ``local_lr`` 0, and a ``local_batch_size`` equal to the
+    client's batch is None (full batch). ``other`` keeps header keys gradleak does not know (a file
+    written by another tool), so they are written back unchanged. An Observation's ``protocol`` is
+    a dict only on disk (:meth:`header`, :meth:`from_header`).
+    """
+
+    num_images: int = field(kw_only=True)
+    other: dict[str, Any] = field(default_factory=dict, kw_only=True, hash=False, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.num_images
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(f"num_images must be a positive integer, got {n!r}")
+        if n % self.num_clients_averaged:
+            raise UserError(f"{n} images cannot be split evenly among num_clients_averaged="
+                            f"{self.num_clients_averaged} clients")
+        if self.algorithm == "fedsgd":
+            object.__setattr__(self, "local_steps", 1)
+            object.__setattr__(self, "local_lr", 0.0)
+        if self.local_batch_size is not None and int(self.local_batch_size) == self.images_per_client:
+            object.__setattr__(self, "local_batch_size", None)
+
+    @property
+    def images_per_client(self) -> int:
+        """B, the batch of one client."""
+        return self.num_images // self.num_clients_averaged
+
+    def client(self) -> Protocol:
+        """The protocol each client followed (without the image count)."""
+        return Protocol(**{f.name: getattr(self, f.name) for f in fields(Protocol)})
+
+    def header(self) -> dict[str, Any]:
+        """The ``protocol`` entry of an Observation file (plain values only)."""
+        b = self.images_per_client
+        known = {"algorithm": self.algorithm, "local_steps": int(self.local_steps), "local_lr": float(self.local_lr),
+                 "local_batch_size": int(self.local_batch_size or b), "sends_buffers": bool(self.sends_buffers),
+                 "per_example_clip": None if self.per_example_clip is None else float(self.per_example_clip),
+                 "num_clients_averaged": int(self.num_clients_averaged), "update_is": self.update_is,
+                 "num_images": int(self.num_images), "images_per_client": b}
+        return {**self.other, **known}
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> "ObservedProtocol":
+        """Read a ``protocol`` header (checked by :func:`gradleak.observation.validate`); keys it lacks take
+        their defaults (files written before they existed)."""
+        bs, pec = header.get("local_batch_size"), header.get("per_example_clip")
         return cls(algorithm=header["algorithm"], local_steps=int(header.get("local_steps", 1)),
-                   local_lr=float(header.get("local_lr", 0.0)),
-                   local_batch_size=None if bs is None or bs == n else int(bs),
+                   local_lr=float(header.get("local_lr", 0.0)), local_batch_size=None if bs is None else int(bs),
                    sends_buffers=bool(header.get("sends_buffers", False)),
-                   per_example_clip=None if pec is None else float(pec), num_clients_averaged=k)
+                   per_example_clip=None if pec is None else float(pec),
+                   num_clients_averaged=int(header.get("num_clients_averaged") or 1),
+                   num_images=int(header["num_images"]),
+                   other={k: v for k, v in header.items() if k not in HEADER_KEYS})
+
+    # transitional: dict-style reads of the header, for consumers not yet converted to attributes
+    def __getitem__(self, key: str) -> Any:  # transitional
+        return self.header()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:  # transitional
+        return self.header().get(key, default)
 
 
 def client_slices(num_images: int, num_clients: int) -> list[slice]:

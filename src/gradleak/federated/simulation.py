@@ -1,11 +1,11 @@
 """Multi-round federated training: what each obfuscation costs the model.
 
 A server trains a classifier with K clients over R rounds. Each client holds the images of its own
-patients (a patient's images are never split between clients), computes its update with the one client
+patients (a patient's images are never split between clients, :mod:`gradleak.federated.partition`), computes its update with the one client
 code path (:func:`gradleak.federated.client.client_update`, which wraps
 :func:`gradleak.federated.protocol.local_update`), obfuscates it with :func:`gradleak.obfuscation.apply`
 exactly as an attack capture does, and the server averages the updates weighted by the clients' sample
-counts. The global model is evaluated on a held-out set after every round.
+counts (:func:`gradleak.federated.arithmetic.mean_update`). The global model is evaluated on a held-out set after every round.
 
     clients = partition_by_patient(labels, patient_ids, 10, scheme="dirichlet", alpha=0.5, seed=0)
     result = simulate(model, images, labels, clients, eval_images, eval_labels, settings, seed=0)
@@ -32,253 +32,14 @@ from .. import obfuscation
 from ..errors import UserError
 from ..obfuscation import accounting
 from ..metrics.classification import binary_metrics
+from .arithmetic import mean_buffers, mean_update
 from .client import client_update
-from .protocol import Protocol, Tensors, split_state
-
-PARTITIONS = ("iid", "dirichlet")
-SAMPLINGS = ("fixed", "poisson")
-MONITORS = {"roc_auc": 1, "accuracy": 1, "balanced_accuracy": 1, "f1": 1, "loss": -1}
-
-
-# ------------------------------------------------------------------------------------------ partitions
-def patient_groups(patient_ids: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
-    """Distinct patient ids in order of first appearance and the data set indices of each."""
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(patient_ids):
-        groups.setdefault(str(p), []).append(i)
-    names = list(groups)
-    return names, [np.asarray(groups[p], dtype=np.int64) for p in names]
-
-
-def patient_labels(labels: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
-    """Each patient's label: the most frequent label among the patient's images (ties: the larger)."""
-    out = np.empty(len(groups), dtype=np.int64)
-    for j, g in enumerate(groups):
-        counts = np.bincount(labels[g])
-        out[j] = len(counts) - 1 - int(np.argmax(counts[::-1]))
-    return out
-
-
-@dataclass
-class Partition:
-    """Which data set indices each client holds. ``proportions[c, k]`` is the Dirichlet draw that sent
-    client ``k`` its share of the patients of class ``c`` (``None`` for IID)."""
-
-    clients: list[np.ndarray]
-    scheme: str
-    alpha: float | None = None
-    proportions: np.ndarray | None = None
-    attempts: int = 1
-
-    def describe(self, labels: np.ndarray, patient_ids: Sequence[str]) -> list[dict[str, Any]]:
-        out = []
-        for k, idx in enumerate(self.clients):
-            y = labels[idx]
-            out.append({"client": k, "num_images": int(len(idx)),
-                        "num_patients": int(len({patient_ids[i] for i in idx})),
-                        "class_counts": [int((y == c).sum()) for c in range(int(labels.max()) + 1)]})
-        return out
-
-
-def partition_by_patient(labels, patient_ids: Sequence[str], num_clients: int, *, scheme: str = "iid",
-                         alpha: float = 0.5, seed: int = 0, min_images: int = 1,
-                         max_attempts: int = 1000) -> Partition:
-    """Split a data set's indices among ``num_clients`` clients so that no patient is on two clients.
-
-    ``iid``: patients are shuffled and dealt out in order so that every client holds about the same
-    number of images (within one patient's images of N/K).
-
-    ``dirichlet``: the usual label-skew partition (Hsu et al. 2019), by patient. Each patient carries
-    its majority label; for each class c, the class's patients are shuffled and client k receives the
-    share ``p_c[k]`` of them, ``p_c ~ Dirichlet(alpha * 1_K)`` drawn independently per class: client k
-    gets the patients between positions ``round(n_c * cumsum(p_c)[k-1])`` and
-    ``round(n_c * cumsum(p_c)[k])``. Small ``alpha`` gives clients few classes; large ``alpha`` gives
-    every client the global label mix. The draw is repeated (from the same generator) until every client
-    holds at least ``min_images`` images.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    k = int(num_clients)
-    if k < 1:
-        raise UserError(f"num_clients must be >= 1, got {num_clients}")
-    if scheme not in PARTITIONS:
-        raise UserError(f"unknown partition '{scheme}' (use one of {', '.join(PARTITIONS)})")
-    names, groups = patient_groups(patient_ids)
-    if len(names) < k:
-        raise UserError(f"cannot give {k} clients a patient each: the data holds {len(names)} patients")
-    rng = np.random.default_rng(seed)
-    if scheme == "iid":
-        order = rng.permutation(len(groups))
-        sizes = np.array([len(groups[j]) for j in order])
-        n = sizes.sum()
-        middle = np.cumsum(sizes) - sizes / 2.0  # each patient's centre in the dealt sequence
-        owner = np.minimum((middle * k / n).astype(np.int64), k - 1)
-        parts: list[list[int]] = [[] for _ in range(k)]
-        for j, c in zip(order, owner):
-            parts[int(c)].extend(groups[j].tolist())
-        clients = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-        if min(len(c) for c in clients) < min_images:
-            raise UserError(f"an IID partition of {len(names)} patients into {k} clients leaves a client "
-                            f"with fewer than {min_images} images")
-        return Partition(clients, "iid")
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise UserError(f"partition alpha must be a positive number, got {alpha!r}")
-    plabels = patient_labels(labels, groups)
-    classes = np.unique(plabels)
-    for attempt in range(1, max_attempts + 1):
-        props = np.zeros((int(classes.max()) + 1, k))
-        parts = [[] for _ in range(k)]
-        for c in classes:
-            members = np.flatnonzero(plabels == c)
-            members = members[rng.permutation(len(members))]
-            p = rng.dirichlet(np.full(k, float(alpha)))
-            props[c] = p
-            cuts = np.rint(np.cumsum(p) * len(members)).astype(np.int64)
-            cuts[-1] = len(members)
-            start = 0
-            for client, end in enumerate(cuts):
-                for j in members[start:end]:
-                    parts[client].extend(groups[j].tolist())
-                start = max(start, end)
-        if min(len(p) for p in parts) >= min_images:
-            clients = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-            return Partition(clients, "dirichlet", float(alpha), props, attempt)
-    raise UserError(f"no Dirichlet(alpha={alpha}) partition of {len(names)} patients into {k} clients gave "
-                    f"every client {min_images} images in {max_attempts} draws; raise alpha or use fewer clients")
-
-
-# ------------------------------------------------------------------------------------------ settings
-@dataclass
-class Settings:
-    """How the federation trains (the ``federation`` section of a utility config).
-
-    ``clients_per_round``: the fraction of the K clients that take part in a round: exactly
-    ``max(1, round(fraction * K))`` clients drawn without replacement (``client_sampling: fixed``), or
-    each client independently with that probability (``poisson``, what DP accountants assume).
-
-    ``fedsgd``: a client sends the gradient of the mean cross-entropy on ``local_batch_size`` images drawn
-    from its data (all its images when None); the server steps with ``server_lr``.
-    ``fedavg``: a client runs ``local_steps`` SGD steps of ``local_lr`` on mini-batches of
-    ``local_batch_size`` (or ``local_epochs`` passes over its data when ``local_steps`` is None) and sends
-    the weight delta; the server adds ``server_lr`` times the average delta (1.0 is plain FedAvg).
-
-    The server averages updates weighted by the clients' sample counts (number of local images) and
-    may keep momentum: ``v <- momentum * v + d``, ``w <- w - server_lr * v``, where ``d`` is the
-    averaged gradient (FedSGD) or minus the averaged delta (FedAvg).
-
-    ``class_balanced``: each client resamples its images every round with replacement, each image drawn
-    with probability inversely proportional to its class's count on that client, so the classes are
-    seen equally often in training (the client's loss and protocol stay unchanged).
-    """
-
-    num_clients: int = 10
-    partition: str = "iid"
-    alpha: float = 0.5
-    clients_per_round: float = 1.0
-    client_sampling: str = "fixed"
-    rounds: int = 20
-    algorithm: str = "fedavg"
-    local_epochs: int = 1
-    local_steps: int | None = None
-    local_lr: float = 0.05
-    local_batch_size: int | None = 32
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    sends_buffers: bool = True
-    class_balanced: bool = False
-
-    def __post_init__(self):
-        if self.algorithm not in ("fedsgd", "fedavg"):
-            raise UserError(f"federation.algorithm must be fedsgd or fedavg, got '{self.algorithm}'")
-        if self.num_clients < 1:
-            raise UserError(f"federation.num_clients must be >= 1, got {self.num_clients}")
-        if self.rounds < 1:
-            raise UserError(f"federation.rounds must be >= 1, got {self.rounds}")
-        if not 0 < self.clients_per_round <= 1:
-            raise UserError(f"federation.clients_per_round must be a fraction in (0, 1], got {self.clients_per_round}")
-        if self.client_sampling not in SAMPLINGS:
-            raise UserError(f"federation.client_sampling must be one of {', '.join(SAMPLINGS)}, "
-                            f"got '{self.client_sampling}'")
-        if self.partition not in PARTITIONS:
-            raise UserError(f"federation.partition must be one of {', '.join(PARTITIONS)}, got '{self.partition}'")
-        if self.local_epochs < 1:
-            raise UserError(f"federation.local_epochs must be >= 1, got {self.local_epochs}")
-        if self.local_steps is not None and self.local_steps < 1:
-            raise UserError(f"federation.local_steps must be >= 1, got {self.local_steps}")
-        if self.local_batch_size is not None and self.local_batch_size < 1:
-            raise UserError(f"federation.local_batch_size must be >= 1, got {self.local_batch_size}")
-        if self.algorithm == "fedavg" and not self.local_lr > 0:
-            raise UserError(f"federation.local_lr must be > 0 for fedavg, got {self.local_lr}")
-        if not self.server_lr > 0:
-            raise UserError(f"federation.server_lr must be > 0, got {self.server_lr}")
-        if not 0 <= self.server_momentum < 1:
-            raise UserError(f"federation.server_momentum must be in [0, 1), got {self.server_momentum}")
-
-    @property
-    def sample_rate(self) -> float:
-        """The probability that a given client takes part in a given round."""
-        if self.client_sampling == "poisson":
-            return float(self.clients_per_round)
-        return self.clients_per_round_count / self.num_clients
-
-    @property
-    def clients_per_round_count(self) -> int:
-        return max(1, int(round(self.clients_per_round * self.num_clients)))
-
-    def protocol(self, num_images: int) -> Protocol:
-        """The protocol a client holding ``num_images`` images follows in one round."""
-        bs = self.local_batch_size
-        if self.algorithm == "fedsgd":
-            return Protocol("fedsgd", sends_buffers=self.sends_buffers)
-        full = bs is None or bs >= num_images
-        steps = self.local_steps or self.local_epochs * (1 if full else -(-num_images // bs))
-        return Protocol("fedavg", local_steps=int(steps), local_lr=float(self.local_lr),
-                        local_batch_size=None if full else int(bs), sends_buffers=self.sends_buffers)
-
-
-@dataclass
-class Evaluation:
-    """When and how the global model is scored (the ``evaluation`` section of a utility config)."""
-
-    every: int = 1
-    threshold: float = 0.5
-    monitor: str = "roc_auc"
-    patience: int | None = None
-    min_delta: float = 0.0
-    batch_size: int = 512
-
-    def __post_init__(self):
-        if self.monitor not in MONITORS:
-            raise UserError(f"evaluation.monitor must be one of {', '.join(MONITORS)}, got '{self.monitor}'")
-        if self.every < 1:
-            raise UserError(f"evaluation.every must be >= 1, got {self.every}")
-        if not 0 < self.threshold < 1:
-            raise UserError(f"evaluation.threshold must be in (0, 1), got {self.threshold}")
-        if self.patience is not None and self.patience < 1:
-            raise UserError(f"evaluation.patience must be >= 1 (or null), got {self.patience}")
+from .partition import PARTITIONS, partition_by_patient  # noqa: F401  (transitional: utility imports them from here)
+from .protocol import Tensors, split_state
+from .settings import MONITORS, SAMPLINGS, Evaluation, Settings  # noqa: F401  (SAMPLINGS: as above)
 
 
 # ------------------------------------------------------------------------------------------ server
-def aggregate(updates: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
-    """``sum_k w_k u_k / sum_k w_k`` for each tensor name."""
-    total = float(sum(weights))
-    if not updates or total <= 0:
-        raise ValueError("nothing to aggregate")
-    out = {}
-    for name in updates[0]:
-        acc = torch.zeros_like(updates[0][name], dtype=torch.float64)
-        for u, w in zip(updates, weights):
-            acc += float(w) * u[name].to(torch.float64)
-        out[name] = (acc / total).to(updates[0][name].dtype)
-    return out
-
-
-def average_buffers(buffers: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
-    """Sample-weighted mean of the clients' buffers (integer counters are rounded)."""
-    avg = aggregate([{k: v.double() for k, v in b.items()} for b in buffers], weights)
-    return {k: (v.round() if not buffers[0][k].is_floating_point() else v).to(buffers[0][k].dtype)
-            for k, v in avg.items()}
-
-
 class Server:
     """The global model's parameters and buffers and the server's optimiser state."""
 
@@ -290,15 +51,28 @@ class Server:
     def state(self) -> Tensors:
         return {k: v.detach().clone() for k, v in {**self.params, **self.buffers}.items()}
 
-    def step(self, mean_update: Tensors, update_is: str) -> None:
+    def step(self, averaged: Tensors, update_is: str) -> None:
+        """Apply the clients' averaged update (a gradient, or a weight delta)."""
         s = self.settings
-        d = mean_update if update_is == "gradient" else {k: -v for k, v in mean_update.items()}
+        d = averaged if update_is == "gradient" else {k: -v for k, v in averaged.items()}
         if s.server_momentum:
             if self.velocity is None:
                 self.velocity = {k: torch.zeros_like(v) for k, v in d.items()}
             self.velocity = {k: s.server_momentum * self.velocity[k] + d[k] for k in d}
             d = self.velocity
         self.params = {k: self.params[k] - s.server_lr * d[k].to(self.params[k].device) for k in self.params}
+
+    def receive(self, uploads: "Uploads") -> None:
+        """One round on the server: step with the clients' sample-weighted mean update
+        (:func:`gradleak.federated.arithmetic.mean_update`) and, when they send them, take the sample-weighted
+        mean of their buffers."""
+        if not uploads.updates:
+            return
+        self.step(mean_update(uploads.updates, uploads.weights), uploads.update_is)
+        if self.settings.sends_buffers and uploads.buffers[0]:
+            device = next(iter(self.params.values())).device
+            cpu = [{k: v.cpu() for k, v in b.items()} for b in uploads.buffers]
+            self.buffers = {k: v.to(device) for k, v in mean_buffers(cpu, uploads.weights).items()}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -409,6 +183,100 @@ def _client_order(rng: np.random.Generator, y: np.ndarray, balanced: bool) -> np
     return rng.choice(n, size=n, replace=True, p=w / w.sum())
 
 
+@dataclass
+class Uploads:
+    """What the clients of one round sent: their (obfuscated) updates, sample counts, buffers, bits and
+    obfuscation records, in client order."""
+
+    updates: list[Tensors] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    buffers: list[Tensors] = field(default_factory=list)
+    bits: list[int] = field(default_factory=list)
+    records: list[list[dict[str, Any]]] = field(default_factory=list)
+    update_is: str = "gradient"
+
+
+@dataclass
+class _Federation:
+    """The fixed parts of a simulation: the model template, the training data on its device, who holds what,
+    the settings, the obfuscation specs, and the two sources of randomness (consumed in a fixed order)."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    y_np: np.ndarray
+    clients: Sequence[np.ndarray]
+    sizes: np.ndarray
+    settings: Settings
+    specs: list[dict[str, Any]]
+    rng: np.random.Generator
+    noise: torch.Generator
+
+    def sample(self) -> list[int]:
+        """This round's clients (those holding no image are dropped)."""
+        s, k = self.settings, len(self.clients)
+        if s.client_sampling == "poisson":
+            chosen = [int(c) for c in np.flatnonzero(self.rng.random(k) < s.clients_per_round)]
+        else:
+            chosen = sorted(int(c) for c in self.rng.choice(k, s.clients_per_round_count, replace=False))
+        return [c for c in chosen if self.sizes[c] > 0]
+
+    def uploads(self, chosen: list[int], state: Tensors) -> Uploads:
+        """Every chosen client's update from the global ``state``, obfuscated as in an attack capture."""
+        s, out = self.settings, Uploads()
+        for c in chosen:
+            idx = self.clients[c]
+            order = idx[_client_order(self.rng, self.y_np[idx], s.class_balanced)]
+            proto = s.protocol(len(order))
+            if s.algorithm == "fedsgd" and s.local_batch_size is not None:
+                order = order[:s.local_batch_size]
+            sel = torch.as_tensor(order, device=self.x.device)
+            update, buf = client_update(self.model, state, self.x[sel], self.y[sel], proto)
+            context = obfuscation.Context.from_protocol(proto.observed(len(order)), sample_rate=s.sample_rate,
+                                                        rounds=s.rounds)
+            update, records, b = obfuscation.apply(self.specs, {k: v.cpu() for k, v in update.items()},
+                                                   self.noise, context)
+            out.updates.append(update)
+            out.weights.append(float(self.sizes[c]))
+            out.buffers.append(buf)
+            out.bits.append(int(b))
+            out.records.append(records)
+            out.update_is = proto.update_is
+        return out
+
+
+@dataclass
+class _Best:
+    """The best evaluation so far by the monitored metric, and the rounds since it (early stopping)."""
+
+    evaluation: Evaluation
+    value: float | None = None
+    round: int | None = None
+    state: Tensors | None = None
+    metrics: dict[str, Any] | None = None
+    since: int = 0
+
+    def update(self, r: int, metrics: dict[str, Any], state: Tensors) -> None:
+        ev = self.evaluation
+        value = metrics[ev.monitor]
+        if value == value and (self.value is None or MONITORS[ev.monitor] * (value - self.value) > ev.min_delta):
+            self.value, self.round, self.metrics, self.state, self.since = value, r, metrics, state, 0
+        else:
+            self.since += 1
+
+    @property
+    def patience_spent(self) -> bool:
+        return self.evaluation.patience is not None and self.since >= self.evaluation.patience
+
+
+def _show(bar, rep: RoundReport) -> None:
+    post = {"auc": f"{rep.metrics['roc_auc']:.3f}", "acc": f"{rep.metrics['accuracy']:.3f}"} if rep.metrics else {}
+    if rep.epsilon is not None:
+        post["eps"] = f"{rep.epsilon:.2f}"
+    bar.set_postfix(post)
+    bar.update(1)
+
+
 def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clients: Sequence[np.ndarray],
              eval_images: torch.Tensor, eval_labels: torch.Tensor, settings: Settings, *,
              evaluation: Evaluation | None = None, obfuscations: Sequence[dict[str, Any]] = (),
@@ -426,21 +294,15 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
     evaluation = evaluation or Evaluation()
     specs = schedule_dp([obfuscation.normalize(s) for s in obfuscations], settings.sample_rate, settings.rounds)
     obfuscation.resolve_all(specs)  # fail on a bad spec before any training
+    if len(clients) != settings.num_clients:
+        raise ValueError(f"{len(clients)} client index lists for {settings.num_clients} clients")
     dev = torch.device(device)
     model = model.to(dev)
     server = Server(model, {k: v.to(dev) for k, v in model.state_dict().items()}, settings)
-    x_all = images.to(dev)
-    y_all = labels.to(dev)
-    y_np = labels.cpu().numpy()
     sizes = np.array([len(c) for c in clients], dtype=np.int64)
-    k_total = len(clients)
-    if k_total != settings.num_clients:
-        raise ValueError(f"{k_total} client index lists for {settings.num_clients} clients")
-    rng = np.random.default_rng(seed)
-    noise = torch.Generator().manual_seed(int(seed))
-    sign = MONITORS[evaluation.monitor]
-    best_value, best_round, best_state, best = None, None, None, None
-    since_best = 0
+    fed = _Federation(model, images.to(dev), labels.to(dev), labels.cpu().numpy(), clients, sizes, settings, specs,
+                      np.random.default_rng(seed), torch.Generator().manual_seed(int(seed)))
+    best = _Best(evaluation)
     reports: list[dict[str, Any]] = []
     last_records: list[dict[str, Any]] = []
     last_metrics: dict[str, Any] | None = None
@@ -453,80 +315,37 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
     try:
         for r in range(1, settings.rounds + 1):
             t0 = time.perf_counter()
-            if settings.client_sampling == "poisson":
-                chosen = [int(c) for c in np.flatnonzero(rng.random(k_total) < settings.clients_per_round)]
-            else:
-                chosen = sorted(int(c) for c in rng.choice(k_total, settings.clients_per_round_count,
-                                                            replace=False))
-            chosen = [c for c in chosen if sizes[c] > 0]
-            updates, weights, buffers, bits = [], [], [], 0
-            round_records: list[list[dict[str, Any]]] = []
-            state = server.state()
-            update_is = "gradient"
-            for c in chosen:
-                idx = clients[c]
-                order = idx[_client_order(rng, y_np[idx], settings.class_balanced)]
-                proto = settings.protocol(len(order))
-                if settings.algorithm == "fedsgd" and settings.local_batch_size is not None:
-                    order = order[:settings.local_batch_size]
-                sel = torch.as_tensor(order, device=dev)
-                update, buf = client_update(model, state, x_all[sel], y_all[sel], proto)
-                context = obfuscation.Context.from_protocol(proto.header(len(order)), sample_rate=settings.sample_rate,
-                                                            rounds=settings.rounds)
-                update, records, b = obfuscation.apply(specs, {k: v.cpu() for k, v in update.items()}, noise,
-                                                       context)
-                updates.append(update)
-                weights.append(float(sizes[c]))
-                buffers.append(buf)
-                bits += int(b)
-                update_bits.append(int(b))
-                round_records.append(records)
-                update_is = proto.update_is
-            if updates:
-                server.step(aggregate(updates, weights), update_is)
-                if settings.sends_buffers and buffers and buffers[0]:
-                    server.buffers = {k: v.to(dev) for k, v in average_buffers(
-                        [{k: v.cpu() for k, v in b.items()} for b in buffers], weights).items()}
-            if round_records:
-                last_records = obfuscation.merge_client_records(round_records)
+            chosen = fed.sample()
+            uploads = fed.uploads(chosen, server.state())
+            server.receive(uploads)
+            update_bits += uploads.bits
+            if uploads.records:
+                last_records = obfuscation.merge_client_records(uploads.records)
             eps = epsilon_after(last_records, settings.sample_rate, r, delta)
-            rep = RoundReport(r, chosen, int(sizes[chosen].sum()) if chosen else 0, bits, eps, 0.0)
+            rep = RoundReport(r, chosen, int(sizes[chosen].sum()) if chosen else 0, sum(uploads.bits), eps, 0.0)
             new_state = server.state()
             if r % evaluation.every == 0 or r == settings.rounds:
-                m = evaluate(model, new_state, eval_images, eval_labels, evaluation.threshold,
-                             evaluation.batch_size)
-                rep.metrics = last_metrics = m
-                value = m[evaluation.monitor]
-                if value == value and (best_value is None or sign * (value - best_value) > evaluation.min_delta):
-                    best_value, best_round, best = value, r, m
-                    best_state = new_state
-                    since_best = 0
-                else:
-                    since_best += 1
+                rep.metrics = last_metrics = evaluate(model, new_state, eval_images, eval_labels,
+                                                      evaluation.threshold, evaluation.batch_size)
+                best.update(r, rep.metrics, new_state)
             rep.seconds = time.perf_counter() - t0
             report = rep.as_dict()
             reports.append(report)
             if on_round:
                 on_round(r, new_state, report)
             if bar is not None:
-                post = {"auc": f"{rep.metrics['roc_auc']:.3f}", "acc": f"{rep.metrics['accuracy']:.3f}"} \
-                    if rep.metrics else {}
-                if eps is not None:
-                    post["eps"] = f"{eps:.2f}"
-                bar.set_postfix(post)
-                bar.update(1)
-            if evaluation.patience is not None and since_best >= evaluation.patience:
+                _show(bar, rep)
+            if best.patience_spent:
                 stopped = True
                 break
     finally:
         if bar is not None:
             bar.close()
     return SimulationResult(
-        rounds=reports, final_state=server.state(), best_state=best_state, best_round=best_round,
-        best=best, final=last_metrics, stopped_early=stopped, obfuscation=last_records,
+        rounds=reports, final_state=server.state(), best_state=best.state, best_round=best.round,
+        best=best.metrics, final=last_metrics, stopped_early=stopped, obfuscation=last_records,
         bits_per_update=float(np.mean(update_bits)) if update_bits else 0.0)
 
 
-__all__ = ["Evaluation", "Partition", "Server", "Settings", "SimulationResult", "aggregate", "average_buffers",
-           "dp_records", "epsilon_after", "evaluate", "partition_by_patient", "patient_groups", "patient_labels",
-           "schedule_dp", "simulate"]
+__all__ = ["Evaluation", "Server", "Settings", "SimulationResult", "Uploads", "dp_records", "epsilon_after",
+           "evaluate", "schedule_dp", "simulate"]
