@@ -194,7 +194,7 @@ def test_an_aware_objective_reads_a_delta_taken_as_a_gradient_in_the_records_uni
     obs, _ = capture(images, labels, arch="lenet_zhu", protocol=Protocol("fedavg", local_steps=1, local_lr=0.1),
                      obfuscations=[{"name": "uniform", "bits": 4}])
     sim = Simulator(obs)
-    matching = for_observation(obs, sim.target, "cosine", knows=True)
+    matching = for_observation(obs, sim.target, "cosine", knows=True, settings=preset("ig"))
     assert matching.name == "rounding-cell distance"
     sim = assume_fedsgd(sim)
     g = sim.update(images, labels)
@@ -326,11 +326,12 @@ def test_aware_objectives_are_not_used_when_clients_are_averaged_or_the_attacker
     from gradleak.attacks.aware import for_observation
 
     obs, _ = tiny_observation("lenet_zhu", n=2, obfuscations=[{"name": "sign"}])
-    assert for_observation(obs, obs.update, "cosine", knows=True).name == "sign agreement"
-    assert for_observation(obs, obs.update, "cosine", knows=False).name == "cosine"
+    s = preset("ig")
+    assert for_observation(obs, obs.update, "cosine", knows=True, settings=s).name == "sign agreement"
+    assert for_observation(obs, obs.update, "cosine", knows=False, settings=s).name == "cosine"
     avg, _ = tiny_observation("lenet_zhu", n=2, obfuscations=[{"name": "sign"}],
                               protocol=Protocol(num_clients_averaged=2))
-    m = for_observation(avg, avg.update, "cosine", knows=True)
+    m = for_observation(avg, avg.update, "cosine", knows=True, settings=s)
     assert m.name == "cosine" and "several clients" in m.info["aware"]
 
 

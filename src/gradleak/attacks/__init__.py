@@ -2,8 +2,10 @@
 
 Every attack is the same optimisation loop (:mod:`.engine`) assembled from parts (label inference,
 initialisation, decoder, objective, regularisers, optimiser and schedule, post-processing) named in its
-settings. Each attack is a module with ``DEFAULTS`` and a docstring; its hyper-parameters come from a
-YAML preset in ``gradleak/configs/attacks`` (which may inherit another) and can be overridden per run.
+settings. Each attack is a module with a docstring; its hyper-parameters come only from a YAML preset in
+``gradleak/configs/attacks`` (which may inherit another; ``default.yaml`` is the root) and can be
+overridden per run. :data:`TYPES` says what each setting may hold; a run's settings are checked against
+the model :func:`settings_model` builds from the preset.
 
     dlg                  DLG (Zhu et al. 2019): L2, L-BFGS, soft labels optimised jointly
     idlg                 DLG with iDLG / count-based labels (Zhao et al. 2020)
@@ -15,15 +17,16 @@ YAML preset in ``gradleak/configs/attacks`` (which may inherit another) and can 
 
 from __future__ import annotations
 
-import difflib
+import functools
 from importlib import resources
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import torch
-import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from ..errors import UserError
 from ..observation import Observation
+from ..validation import load_yaml, nearest, parse_value, validate
 from . import auto, dlg, engine, inverting, rog
 from .base import Reconstruction
 
@@ -41,10 +44,57 @@ def names() -> list[str]:
 def canonical(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in _ATTACKS:
-        near = difflib.get_close_matches(name, names() + list(ALIASES), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(names())})"
+        near = nearest(name, names() + list(ALIASES))
+        hint = f" (did you mean '{near}'?)" if near else f" (known: {', '.join(names())})"
         raise UserError(f"unknown attack '{name}'{hint}")
     return name
+
+
+def _from_text(value: Any) -> Any:
+    """A number given as text (``"1e-3"``) read as YAML 1.2 reads it."""
+    return parse_value(value) if isinstance(value, str) else value
+
+
+_Count = Annotated[int, Field(ge=1), BeforeValidator(_from_text)]
+_Positive = Annotated[float, Field(gt=0), BeforeValidator(_from_text)]
+_Weight = Annotated[float, Field(ge=0), BeforeValidator(_from_text)]
+_Optimisation = Literal[tuple(n for n in (*_ATTACKS, *ALIASES) if n != "auto")]
+
+#: The type (and range) of every setting a preset may hold; the values live only in the presets.
+TYPES: dict[str, Any] = {
+    "iterations": _Count | None,
+    "time_budget": _Positive | None,
+    "restarts": _Count,
+    **{key: Literal[allowed] for key, allowed in engine.CHOICES.items()},
+    "scale_factor": _Count,
+    "lr": _Positive,
+    "tv_weight": _Weight,
+    "lbfgs_history": _Count,
+    "attacker_knows_obfuscation": bool,
+    "unroll_local_steps": bool,
+    "bn_prior_weight": _Weight,
+    # obfuscation-aware objectives (:mod:`.aware`)
+    "sign_temperature": _Positive,
+    "qsgd_floor": Annotated[float, Field(gt=0, lt=1), BeforeValidator(_from_text)],
+    "cell_center_weight": _Weight,
+    "lowrank_denoise": bool,
+    "sparse_bound_weight": _Weight,
+    # auto (:mod:`.auto`)
+    "invert_iterations": _Count,
+    "leak_share": Annotated[float, Field(gt=0, le=1), BeforeValidator(_from_text)],
+    "fallback_single": _Optimisation,
+    "fallback_batch": _Optimisation,
+}
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "_Settings":
+        if getattr(self, "iterations", 1) is None and getattr(self, "time_budget", None) is None:
+            raise ValueError("give iterations, a time budget, or both")
+        return self
 
 
 def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -53,54 +103,37 @@ def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = resources.files("gradleak") / "configs" / "attacks" / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"no attack preset '{name}'")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     parent = data.pop("inherit", None)
     base = _read_preset(parent, seen + (name,)) if parent else {}
     return {**base, **data}
 
 
+@functools.lru_cache(maxsize=None)
+def settings_model(name: str) -> type[BaseModel]:
+    """The pydantic model of attack ``name``'s settings: the keys of its preset chain, typed by
+    :data:`TYPES`, with the preset's values as defaults."""
+    values = _read_preset(canonical(name))
+    untyped = sorted(set(values) - set(TYPES))
+    if untyped:
+        raise TypeError(f"attack preset '{name}' has settings of no known type: {', '.join(untyped)}")
+    return create_model(f"{canonical(name)}_settings", __base__=_Settings,
+                        **{k: (TYPES[k], v) for k, v in values.items()})
+
+
 def preset(name: str) -> dict[str, Any]:
-    """The resolved settings of attack ``name``: module defaults, then its preset chain."""
-    name = canonical(name)
-    return {**_ATTACKS[name].DEFAULTS, **_read_preset(name)}
+    """The resolved settings of attack ``name``: its preset chain (``default.yaml`` at the root)."""
+    return resolve_settings(name)
 
 
 def resolve_settings(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Preset plus ``overrides``; an unknown key is a :class:`UserError` naming the nearest valid one."""
-    settings = preset(name)
-    for k, v in (overrides or {}).items():
-        if k not in settings:
-            near = difflib.get_close_matches(k, list(settings), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise UserError(f"attack '{canonical(name)}' has no setting '{k}'{hint}")
-        settings[k] = v
-    if settings.get("iterations") is None and settings.get("time_budget") is None:
-        raise UserError("give iterations, a time budget, or both")
-    if settings.get("iterations") is not None and int(settings["iterations"]) < 1:
-        raise UserError(f"iterations must be >= 1, got {settings['iterations']}")
-    if settings.get("time_budget") is not None and not float(settings["time_budget"]) > 0:
-        raise UserError(f"time_budget must be > 0 seconds, got {settings['time_budget']}")
-    if int(settings.get("restarts", 1)) < 1:
-        raise UserError(f"restarts must be >= 1, got {settings['restarts']}")
-    for key, allowed in engine.CHOICES.items():
-        if key in settings and settings[key] not in allowed:
-            raise UserError(f"attack '{canonical(name)}': {key} must be one of {', '.join(allowed)}, "
-                            f"got {settings[key]!r}")
-    if int(settings.get("scale_factor", 1)) < 1:
-        raise UserError(f"scale_factor must be >= 1, got {settings['scale_factor']}")
-    for key in ("tv_weight", "bn_prior_weight"):
-        if float(settings.get(key, 0.0)) < 0:
-            raise UserError(f"{key} must be >= 0, got {settings[key]}")
-    if "leak_share" in settings and not 0 < float(settings["leak_share"]) <= 1:
-        raise UserError(f"leak_share must be in (0, 1], got {settings['leak_share']}")
-    if "invert_iterations" in settings and int(settings["invert_iterations"]) < 1:
-        raise UserError(f"invert_iterations must be >= 1, got {settings['invert_iterations']}")
-    for key in ("fallback_single", "fallback_batch"):
-        if key in settings and canonical(str(settings[key])) == "auto":
-            raise UserError(f"{key} must name an optimisation attack, not auto")
-    if not float(settings.get("lr", 1.0)) > 0:
-        raise UserError(f"lr must be > 0, got {settings['lr']}")
-    return settings
+    """Preset plus ``overrides``, checked: an unknown key names the nearest valid one; a value of the
+    wrong type or out of range names the setting and the value (one-line :class:`UserError`)."""
+    name = canonical(name)
+    checked = validate(settings_model(name), dict(overrides or {}),
+                       unknown=f"attack '{name}' has no setting '{{where}}'",
+                       invalid=f"attack '{name}': {{where}} {{problem}}")
+    return checked.model_dump()
 
 
 def run_attack(name: str, obs: Observation, overrides: dict[str, Any] | None = None, *, seed: int = 0,
@@ -123,7 +156,8 @@ def run_attack(name: str, obs: Observation, overrides: dict[str, Any] | None = N
         def fallback_settings(n: str) -> dict[str, Any]:
             """The fallback's preset with the user's overrides that apply to it (its own iteration count
             unless the user gave one)."""
-            return resolve_settings(n, {k: v for k, v in user.items() if k in preset(n) and k not in auto.OWN})
+            own = settings_model(n).model_fields
+            return resolve_settings(n, {k: v for k, v in user.items() if k in own and k not in auto.OWN})
 
         rec = auto.run(obs, settings, device=device, generator=generator, progress=progress,
                        fallback_settings=fallback_settings)
@@ -151,5 +185,6 @@ def apply_postprocessing(rec: Reconstruction, postprocess: PostProcess) -> Recon
     return rec
 
 
-__all__ = ["Reconstruction", "PostProcess", "names", "canonical", "preset", "resolve_settings", "run_attack",
+__all__ = ["Reconstruction", "PostProcess", "names", "canonical", "preset", "resolve_settings", "settings_model",
+           "TYPES", "run_attack",
            "apply_postprocessing", "ALIASES"]

@@ -25,21 +25,6 @@ from .base import Reconstruction, loss_converged
 from .linear_leak import leak
 from .simulate import Simulator
 
-DEFAULTS: dict[str, Any] = {
-    **engine.COMMON,
-    "restarts": 1,
-    "objective": "l2",
-    "optimizer": "adam",
-    "schedule": "cosine",
-    "lr": 0.01,
-    "tv_weight": 0.0,
-    "iterations": 500,
-    "invert_iterations": 5000,
-    "leak_share": 0.75,
-    "fallback_single": "inverting_gradients",
-    "fallback_batch": "rog",
-}
-
 #: Settings of ``auto`` that are not the refinement engine's.
 OWN = ("invert_iterations", "leak_share", "fallback_single", "fallback_batch")
 
@@ -59,7 +44,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         generator: torch.Generator | None = None, progress: bool = True,
         fallback_settings=None) -> Reconstruction:
     """``fallback_settings(name)`` -> the resolved settings of the optimisation attack ``name``."""
-    s = {**DEFAULTS, **settings}
+    s = settings
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     # one generator per stage, drawn up front: how many numbers one stage draws (a time-limited search)
     # never changes what the next stage gets, so a seed gives the same stages whatever the timing

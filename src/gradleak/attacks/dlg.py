@@ -6,21 +6,3 @@ result is clipped to [0, 1] at the end). iDLG (preset ``idlg``): the same with t
 last layer's gradient instead of optimised. Restarts run as one batched problem with an independent
 L-BFGS history per restart.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-from . import engine
-
-DEFAULTS: dict[str, Any] = {
-    **engine.COMMON,
-    "objective": "l2",
-    "optimizer": "lbfgs",
-    "schedule": "constant",
-    "lr": 1.0,
-    "tv_weight": 0.0,
-    "init": "uniform",
-    "labels": "joint",
-    "box": "none",
-}

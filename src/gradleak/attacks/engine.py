@@ -36,28 +36,7 @@ from .regularizers import total_variation
 from .simulate import Simulator
 from .unroll import assume_fedsgd, in_delta_units
 
-#: Settings every attack has (the shared preset ``default.yaml`` gives their values).
-COMMON: dict[str, Any] = {
-    "iterations": 2000,
-    "time_budget": None,
-    "restarts": 4,
-    "labels": "infer",
-    "init": "uniform",
-    "decoder": "identity",
-    "scale_factor": 1,
-    "objective": "cosine",
-    "optimizer": "signed_adam",
-    "lr": 0.1,
-    "schedule": "step",
-    "tv_weight": 0.0,
-    "box": "clamp",
-    "attacker_knows_obfuscation": True,
-    "unroll_local_steps": True,
-    "bn_prior_weight": 0.0,
-    "lbfgs_history": 100,
-    **aware.SETTINGS,
-}
-
+#: The values the settings that name a part may take (the types of all settings: ``gradleak.attacks.TYPES``).
 CHOICES: dict[str, tuple[str, ...]] = {
     "labels": ("infer", "joint"),
     "init": INITS,
@@ -122,11 +101,14 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
         labels: tuple[torch.Tensor, str] | None = None) -> Reconstruction:
     """Optimise ``settings['restarts']`` candidate batches against ``obs``'s update.
 
+    ``settings`` are an attack's complete settings, as :func:`gradleak.attacks.resolve_settings` gives
+    them (its preset with the run's overrides, checked); their defaults live only in the presets.
+
     ``init_images`` (B x C x H x W in [0, 1]) start every restart from those images (e.g. the output of
     a disaggregation) instead of ``settings['init']``; ``labels`` (labels, how they were obtained)
     replace label inference when the observation does not carry labels.
     """
-    s = {**COMMON, **settings}
+    s = settings
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     sim = Simulator(obs, device)
     observed = sim.target  # in the update's own units (a FedAvg weight delta), as the obfuscation records are

@@ -6,21 +6,3 @@ it by bicubic upsampling, match the (obfuscated) update — squared L2 as ROG, o
 cosine annealing, then improve the decoded images with a learned post-processing network when one is
 given (``run_attack(..., postprocess=...)``); the result is reported with and without it.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-from . import engine
-
-DEFAULTS: dict[str, Any] = {
-    **engine.COMMON,
-    "decoder": "bicubic",
-    "scale_factor": 4,
-    "objective": "l2",
-    "optimizer": "adam",
-    "schedule": "cosine",
-    "lr": 0.05,
-    "tv_weight": 0.0,
-    "init": "uniform",
-}
