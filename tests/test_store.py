@@ -37,6 +37,8 @@ def test_a_row_gives_back_exactly_what_it_was_made_of():
         assert ResultRow.from_json(row.to_json(), "here") == row
     assert isinstance(ResultRow.from_dict(_row(), "here").as_dict()["bits"], int)  # numbers keep their type
     assert ResultRow.from_dict(_row(status="failed"), "here").metrics is None
+    minimal = {"cell": "0000-x", "status": "failed", "error": "boom"}  # a failed row needs no more
+    assert ResultRow.from_dict(minimal, "here").as_dict() == minimal
 
 
 @pytest.mark.parametrize("text,message", [
@@ -45,6 +47,8 @@ def test_a_row_gives_back_exactly_what_it_was_made_of():
     (json.dumps({k: v for k, v in _row().items() if k != "cell"}), "here: not a result row (cell: Field required)"),
     (json.dumps(_row(index="3")), "(index: Input should be a valid integer)"),
     (json.dumps(_row(status="done")), "status: Input should be 'ok' or 'failed'"),
+    (json.dumps({k: v for k, v in _row().items() if k != "setting"}), "a row with status 'ok' needs setting"),
+    (json.dumps({"cell": "x", "index": 0}), "(status: Field required)"),
     (json.dumps(_row(metrics={"psnr": "high"})), "needs metrics with a number for psnr and ssim"),
     (json.dumps(_row(reid=[1])), "(reid: Input should be a valid dictionary)"),
 ])

@@ -38,10 +38,10 @@ class ResultRow(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
     cell: str
-    index: int
+    index: int | None = None
     status: Literal["ok", "failed"]
-    setting: str
-    attack: str
+    setting: str | None = None
+    attack: str | None = None
     params: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     per_image: list[Any] | None = None
@@ -65,10 +65,15 @@ class ResultRow(BaseModel):
     config: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _scored_when_ok(self) -> "ResultRow":
+    def _complete_when_ok(self) -> "ResultRow":
+        """A finished cell's row says what it is (index, setting, attack) and what it scored."""
+        if self.status != "ok":
+            return self
+        missing = [k for k in ("index", "setting", "attack") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"a row with status 'ok' needs {', '.join(missing)}")
         m = self.metrics or {}
-        if self.status == "ok" and not all(isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)
-                                           for k in ("psnr", "ssim")):
+        if not all(isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool) for k in ("psnr", "ssim")):
             raise ValueError("a row with status 'ok' needs metrics with a number for psnr and ssim")
         return self
 
