@@ -476,3 +476,127 @@ def test_each_record_names_the_spec_that_reproduces_it(spec):
     assert [r["spec"] for r in records2] == [r["spec"] for r in records]
     with pytest.raises(UserError, match="does not name its spec"):
         ob.spec_of_record({k: v for k, v in records[0].items() if k != "spec"})
+
+
+# ------------------------------------------------------------------------------- what each one reveals
+def test_every_obfuscation_declares_what_it_reveals():
+    from gradleak.obfuscation.registry import FAMILIES
+
+    families = {n: ob.get(n).family for n in ob.names()}
+    assert set(families.values()) <= set(FAMILIES)
+    assert families["qsgd"] == families["uniform"] == "quantize" and families["fp16"] == "cast"
+    assert {n for n, f in families.items() if f == "sparsify"} == {"topk", "randk", "prune"}
+    assert {n for n, f in families.items() if f == "noise"} == {"gaussian", "laplace", "relative_gaussian",
+                                                               "snr_gaussian"}
+    assert ob.get("qsgd").stochastic and not ob.get("uniform").stochastic and ob.get("randk").stochastic
+    assert all(ob.get(n).keeps_zeros for n in ("none", "qsgd", "uniform", "fp16", "bf16", "topk"))
+    assert not ob.get("sign").keeps_zeros and not ob.get("gaussian").keeps_zeros
+    assert ob.get("topk").bounds_unsent and ob.get("prune").bounds_unsent and not ob.get("randk").bounds_unsent
+    # the scale: lost by signSGD, and by clipping (an unknown factor), kept otherwise
+    assert not ob.get("sign").recovers_scale({"scaled": True})
+    assert not ob.get("gaussian").recovers_scale(ob.resolve("gaussian:clip=1,noise_multiplier=0.1")[1])
+    assert ob.get("gaussian").recovers_scale(ob.resolve("gaussian:sigma=0.1")[1])
+    assert ob.get("qsgd").recovers_scale(ob.resolve("qsgd")[1])
+    # aliases and ROG's keys are declared by each obfuscation
+    assert ob.get("SignSGD").name == "sign" and ob.NAME_ALIASES["nvflare"] == "relative_gaussian"
+    assert ob.get("qsgd").keys["quant_level"] == "levels" and ob.get("uniform").keys["quant_level"] == "levels"
+
+
+def test_register_refuses_inconsistent_declarations():
+    from gradleak.obfuscation.params import NoParams
+    from gradleak.obfuscation.registry import register
+
+    fn = ob.get("none").fn
+    with pytest.raises(ValueError, match="family must be one of"):
+        register(ob.Obfuscation("blur", fn, family="blur"))
+    with pytest.raises(ValueError, match="must declare sigma"):  # a noise needs its std on the server side
+        register(ob.Obfuscation("hum", fn, family="noise", stochastic=True))
+    with pytest.raises(ValueError, match="already taken by 'sign'"):
+        register(ob.Obfuscation("signsgd", fn, family="sign"))
+    with pytest.raises(ValueError, match="names no parameter"):
+        register(ob.Obfuscation("cast8", fn, NoParams, family="cast", keys={"width": "bits"}))
+    assert "blur" not in ob.names() and "hum" not in ob.names() and "cast8" not in ob.names()
+
+
+def test_parameter_models_keep_strict_types():
+    # a boolean is not a number, a numeric string is not a number, an integral float is an integer
+    for spec, fragment in [({"name": "qsgd", "levels": True}, "levels must be an integer >= 2, got True"),
+                           ({"name": "topk", "keep": "0.1"}, "keep must be a number in (0, 1], got '0.1'"),
+                           ({"name": "gaussian", "sigma": float("nan")}, "sigma must be a number >= 0"),
+                           ({"name": "sign", "scaled": 1}, "scaled must be true or false, got 1"),
+                           ({"name": "qsgd", "norm": None}, "norm must be one of max, l2, got None")]:
+        with pytest.raises(UserError) as e:
+            ob.resolve(spec)
+        assert fragment in str(e.value), str(e.value)
+    assert ob.resolve({"name": "qsgd", "levels": 16.0, "norm": "L2"})[1] == {"levels": 16, "norm": "l2",
+                                                                            "bucket_size": None}
+    assert ob.resolve({"name": "topk", "sparsity": 0.99})[1] == {"keep": 0.01, "k": None, "scope": "tensor"}
+    with pytest.raises(UserError, match="unknown obfuscation 'None'"):  # a missing name is not 'none'
+        ob.resolve({"name": None})
+
+
+def _received(update, exact=True, **protocol):
+    return ob.Received(update, ob.Context.from_protocol({"num_images": 4, "algorithm": "fedsgd", **protocol}),
+                       exact)
+
+
+@pytest.mark.parametrize("spec,minimal", [
+    ("qsgd:levels=4", {"name": "qsgd", "levels": 4}),
+    ("qsgd:levels=8,norm=l2,bucket_size=5", {"name": "qsgd", "quant_level": 8, "norm": "l2", "bucket": 5}),
+    ("uniform:bits=4", {"name": "uniform", "bits": 4}),
+    ("randk:keep=0.3", {"name": "random_k", "keep": 0.3}),
+    ("topk:keep=0.2,scope=global", {"name": "topk", "keep": 0.2, "scope": "global"}),
+    ("gaussian:clip=0.5,noise_multiplier=0.2", {"name": "gaussian", "clip": 0.5, "noise_multiplier": 0.2}),
+    ("gaussian:clip=0.5,noise_multiplier=0.2,per_layer=true",
+     {"name": "gaussian", "clip": 0.5, "noise_multiplier": 0.2, "per_layer": True}),
+    ("gaussian:sigma=0.01", {"name": "dp", "std": 0.01}),
+    ("gaussian:clip=1,target_epsilon=8", {"name": "gaussian", "clip": 1, "epsilon": 8}),
+    ("laplace:scale=0.02", {"name": "laplace", "b": 0.02}),
+])
+def test_server_record_derives_what_a_minimal_record_leaves_out(spec, minimal):
+    """A record with the name and the parameters only reads, on the server side, as gradleak's own."""
+    update = toy_update()
+    out, recs, _ = ob.apply([spec], update, gen(3))
+    own = ob.server_record(recs[0], _received(out))
+    derived = ob.server_record(minimal, _received(out))
+    server_keys = set(ob.get(recs[0]["name"]).server.model_fields)
+    assert all(derived[k] is not None for k, f in ob.get(recs[0]["name"]).server.model_fields.items()
+               if f.is_required())
+    for key in server_keys:
+        a, b = own[key], derived[key]
+        if b is None:  # left to the update (QSGD's norms are read off its buckets)
+            continue
+        if isinstance(a, dict) or isinstance(b, dict):
+            a = a if isinstance(a, dict) else {n: a for n in out}
+            b = b if isinstance(b, dict) else {n: b for n in out}
+            assert set(a) == set(b) and all(b[n] == pytest.approx(a[n], rel=1e-9) for n in a), key
+        else:
+            assert b == pytest.approx(a, rel=1e-9) if isinstance(a, float) else b == a, key
+
+
+def test_server_record_estimates_snr_noise_and_says_what_it_cannot_derive():
+    g = gen(0)
+    update = {"w": torch.randn(200, 50, generator=g), "b": torch.randn(5000, generator=g) * 0.1}
+    out, recs, _ = ob.apply(["snr_gaussian:snr_db=0"], update, gen(1))
+    est = ob.server_record({"name": "snr_gaussian", "snr_db": 0}, _received(out))["sigma"]
+    assert all(est[n] == pytest.approx(recs[0]["sigma"][n], rel=0.05) for n in update)
+    with pytest.raises(ob.Underivable, match="later steps changed"):
+        ob.server_record({"name": "snr_gaussian", "snr_db": 0}, _received(out, exact=False))
+    with pytest.raises(ob.Underivable, match="percentile of the update before the noise"):
+        ob.server_record({"name": "relative_gaussian"}, _received(out))
+    with pytest.raises(ob.Underivable, match="needs a clip norm"):
+        ob.server_record({"name": "gaussian", "noise_multiplier": 1.0}, _received(out))
+    # the protocol's per-example clipping gives the sensitivity: clip / B under FedSGD, none under FedAvg
+    assert ob.server_record({"name": "gaussian", "noise_multiplier": 2.0},
+                            _received(out, per_example_clip=1.0))["sigma"] == pytest.approx(0.5)
+    with pytest.raises(ob.Underivable, match="under fedavg"):
+        ob.server_record({"name": "gaussian", "noise_multiplier": 2.0},
+                         _received(out, per_example_clip=1.0, algorithm="fedavg"))
+    with pytest.raises(ob.Underivable, match="parameters are invalid .*levels must be an integer >= 2"):
+        ob.server_record({"name": "qsgd", "levels": 1}, _received(out))
+    with pytest.raises(ob.Underivable, match="s must be an integer >= 1, got 'x'"):
+        ob.server_record({"name": "qsgd", "s": "x"}, _received(out))
+    with pytest.raises(ob.Underivable, match="sigma names no value for tensor 'b'"):
+        ob.server_record({"name": "laplace", "sigma": {"w": 0.1}}, _received(out))
+    with pytest.raises(UserError, match="did you mean 'qsgd'"):
+        ob.server_record({"name": "qsdg"}, _received(out))

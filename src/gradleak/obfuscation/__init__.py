@@ -1,12 +1,15 @@
 """Client-side obfuscations of an update: each a pure function of (update, parameters, generator, context).
 
-An obfuscation is registered with :func:`register` and applied by name through :func:`apply`, the one
-entry point (victim capture, ``gradleak obfuscate`` and the utility simulation all go through it). A list
-of specs is applied in order (composition). For each step :func:`apply` returns the record that goes
-into the Observation's ``obfuscation`` list: ``{"name": canonical name, **resolved parameters,
-**derived values}`` — everything a server that knows the obfuscation would use (the noise std actually
-used as ``sigma``, the clip norm, quantizer scales, the keep fraction, ...), as plain JSON-able values —
-and the update's communication cost in bits.
+This is the small public API over the registry (:mod:`.registry`), where each obfuscation declares its
+function, its parameters (a pydantic model, :mod:`.params`), its aliases and ROG's keys, and what it
+reveals to a server that knows it was applied. :func:`apply` is the one entry point (victim capture,
+``gradleak obfuscate`` and the utility simulation all go through it): a list of specs is applied in
+order (composition), and each step returns the record that goes into the Observation's
+``obfuscation`` list: ``{"name": canonical name, **resolved parameters, **derived values}`` —
+everything a server that knows the obfuscation would use (the noise std actually used as ``sigma``,
+the clip norm, quantizer scales, the keep fraction, ...), as plain JSON-able values — and the update's
+communication cost in bits. :func:`server_record` reads a record the other way, as a knowing server,
+deriving what a record written by another tool leaves out.
 
 The suite (see ``docs/obfuscations.md`` for the exact definitions):
 
@@ -33,92 +36,15 @@ canonical names and parameters above.
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import UserError
 from ._common import FLOAT_BITS
-
-Tensors = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Context:
-    """What an obfuscation may need to know about the round it runs in (all optional).
-
-    ``num_images``: images in the client's batch (B); with ``per_example_clip`` (the protocol clipped
-    each image's gradient to that L2 norm, DP-SGD style) the L2 sensitivity of a FedSGD update to one
-    image is ``per_example_clip / num_images``. ``algorithm``: ``fedsgd`` or ``fedavg``.
-    ``sample_rate`` and ``rounds``: the DP schedule (probability that this client's update is used in a
-    round, and the number of rounds) for the ``gaussian`` obfuscation's accounting, unless its spec
-    gives them.
-    """
-
-    num_images: int | None = None
-    per_example_clip: float | None = None
-    algorithm: str | None = None
-    sample_rate: float | None = None
-    rounds: int | None = None
-
-    @classmethod
-    def from_protocol(cls, header: dict[str, Any], **kw) -> "Context":
-        """The context of one client of an Observation's ``protocol`` header."""
-        k = int(header.get("num_clients_averaged") or 1)
-        n = header.get("images_per_client") or (int(header["num_images"]) // k if header.get("num_images") else None)
-        pec = header.get("per_example_clip")
-        return cls(num_images=int(n) if n is not None else None,
-                   per_example_clip=float(pec) if pec is not None else None,
-                   algorithm=header.get("algorithm"), **kw)
-
-
-@dataclass
-class Result:
-    update: Tensors
-    bits: int | None  # communication cost of the update after this obfuscation; None: unchanged
-    record: dict[str, Any]  # appended to the Observation's ``obfuscation`` list
-
-
-@dataclass
-class Obfuscation:
-    """A registered obfuscation.
-
-    ``fn(update, params, generator, context) -> Result``. ``defaults`` lists every parameter it takes;
-    ``aliases`` maps other parameter names onto them; ``validate(params)`` checks the merged parameters and may return a normalised copy.
-    """
-
-    name: str
-    fn: Callable[..., Result]
-    defaults: dict[str, Any] = field(default_factory=dict)
-    validate: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
-    doc: str = ""
-    aliases: dict[str, str] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, Obfuscation] = {}
-
-#: Other names accepted for the canonical ones.
-NAME_ALIASES: dict[str, str] = {
-    "identity": "none", "clip_gaussian": "gaussian", "gaussian_noise": "gaussian", "dp": "gaussian",
-    "dp_gaussian": "gaussian", "clip_laplace": "laplace", "laplacian": "laplace",
-    "signsgd": "sign", "sign_sgd": "sign", "top_k": "topk", "rand_k": "randk", "random_k": "randk",
-    "pruning": "prune", "magnitude_pruning": "prune", "gradient_pruning": "prune",
-    "quantize": "uniform", "uniform_quantization": "uniform", "half": "fp16", "float16": "fp16",
-    "bfloat16": "bf16", "nvflare": "relative_gaussian", "gaussian_privacy": "relative_gaussian",
-    "snr": "snr_gaussian",
-}
-
-
-def register(ob: Obfuscation) -> Obfuscation:
-    _REGISTRY[ob.name] = ob
-    return ob
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+from .registry import (FAMILIES, NAME_ALIASES, Context, Obfuscation, Received, Result, Tensors, Underivable,
+                       canonical, get, names, normalize, parse_spec, register, resolve, resolve_all, server_record)
 
 
 def spec_of_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -132,109 +58,6 @@ def spec_of_record(record: dict[str, Any]) -> dict[str, Any]:
 
 def dense_bits(update: Tensors) -> int:
     return FLOAT_BITS * sum(int(v.numel()) for v in update.values())
-
-
-def canonical(name: str) -> str:
-    """The canonical name of ``name`` (an alias or a registered name); unknown names are a UserError."""
-    key = str(name).strip().lower()
-    key = NAME_ALIASES.get(key, key)
-    if key not in _REGISTRY:
-        near = difflib.get_close_matches(str(name), names() + list(NAME_ALIASES), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(names())})"
-        raise UserError(f"unknown obfuscation '{name}'{hint}")
-    return key
-
-
-def _scalar(text: str) -> Any:
-    t = text.strip()
-    low = t.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null", "~", ""):
-        return None
-    try:
-        return int(t)
-    except ValueError:
-        pass
-    try:
-        return float(t)
-    except ValueError:
-        return t
-
-
-def parse_spec(text: str) -> dict[str, Any]:
-    """``NAME[:key=value,...]`` -> ``{"name": NAME, key: value, ...}``.
-
-    Values are read as integers, numbers, ``true``/``false``, ``none``, else strings, e.g.
-    ``qsgd:levels=16,norm=l2`` or ``gaussian:clip=1,noise_multiplier=0.01``.
-    """
-    text = str(text).strip()
-    name, _, rest = text.partition(":")
-    if not name.strip():
-        raise UserError(f"obfuscation spec '{text}' has no name (expected NAME:key=value,...)")
-    spec: dict[str, Any] = {"name": name.strip()}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        if "=" not in item:
-            raise UserError(f"obfuscation spec '{text}': expected key=value, got '{item}'")
-        k, v = item.split("=", 1)
-        if not k.strip():
-            raise UserError(f"obfuscation spec '{text}': empty key in '{item}'")
-        spec[k.strip()] = _scalar(v)
-    return spec
-
-
-def normalize(spec: Any) -> dict[str, Any]:
-    """A spec (dict or ``NAME:key=value`` string, canonical or alias names, ROG keys) as
-    ``{"name": canonical name, param: value, ...}`` with canonical parameter names (not yet validated)."""
-    if isinstance(spec, str):
-        spec = parse_spec(spec)
-    if not isinstance(spec, dict):
-        raise UserError(f"an obfuscation must be a mapping with a 'name' or a 'NAME:key=value' string, got {spec!r}")
-    spec = dict(spec)
-    if "compress" in spec:  # ROG's configuration: compress: qsgd | topk | uniform | sign | none
-        comp = spec.pop("compress")
-        if "name" in spec and canonical(spec["name"]) != canonical(comp):
-            raise UserError(f"obfuscation {spec!r}: 'compress: {comp}' contradicts 'name: {spec['name']}'")
-        spec["name"] = comp
-    if "name" not in spec:
-        raise UserError(f"obfuscation {spec!r} has no 'name'")
-    name = canonical(spec.pop("name"))
-    ob = _REGISTRY[name]
-    params: dict[str, Any] = {}
-    for k, v in spec.items():
-        key = ob.aliases.get(str(k), str(k))
-        if key in params:
-            raise UserError(f"obfuscation '{name}': parameter '{key}' given twice (as '{k}')")
-        params[key] = v
-    return {"name": name, **params}
-
-
-def resolve(spec: Any) -> tuple[Obfuscation, dict[str, Any]]:
-    """Look up a spec's obfuscation and return it with its parameters merged over the defaults and checked."""
-    spec = normalize(spec)
-    ob = _REGISTRY[spec["name"]]
-    params = {k: v for k, v in spec.items() if k != "name"}
-    unknown = [k for k in params if k not in ob.defaults]
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], list(ob.defaults) + list(ob.aliases), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else (
-            f" (it takes {', '.join(ob.defaults)})" if ob.defaults else " (it takes none)")
-        raise UserError(f"obfuscation '{ob.name}' has no parameter '{unknown[0]}'{hint}")
-    merged = {**ob.defaults, **params}
-    if ob.validate:
-        checked = ob.validate(merged)
-        if checked is not None:
-            merged = checked
-    return ob, merged
-
-
-def resolve_all(specs: Sequence[Any]) -> list[tuple[Obfuscation, dict[str, Any]]]:
-    """Resolve every spec of a list (reporting the first bad one) without applying anything."""
-    if isinstance(specs, (str, dict)):
-        raise UserError("obfuscations must be given as a list of specs")
-    return [resolve(s) for s in specs]
 
 
 def apply(specs: Sequence[Any], update: Tensors, generator: torch.Generator | None = None,
@@ -332,9 +155,11 @@ def _identity(update: Tensors, params: dict[str, Any], generator: torch.Generato
     return Result(dict(update), None, {})
 
 
-register(Obfuscation("none", _identity, doc="no obfuscation"))
+register(Obfuscation("none", _identity, family="identity", aliases=("identity",), keeps_zeros=True,
+                     doc="no obfuscation"))
 
 from . import noise, quantize, sparsify  # noqa: E402  (register the suite)
 
-__all__ = ["Obfuscation", "Result", "Context", "register", "resolve", "apply", "names", "dense_bits",
-           "spec_of_record", "canonical", "parse_spec", "normalize", "resolve_all", "merge_client_records", "NAME_ALIASES", "FLOAT_BITS"]
+__all__ = ["Obfuscation", "Result", "Context", "Received", "Underivable", "FAMILIES", "register", "get", "resolve",
+           "apply", "names", "dense_bits", "spec_of_record", "canonical", "parse_spec", "normalize", "resolve_all",
+           "server_record", "merge_client_records", "plain", "NAME_ALIASES", "FLOAT_BITS"]

@@ -1,73 +1,12 @@
-"""Shared pieces of the obfuscation suite: parameter checks and the communication-cost model."""
+"""Shared pieces of the obfuscation suite: the communication-cost model."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
 
 import torch
 
-from ..errors import UserError
-
 FLOAT_BITS = 32
-
-
-# ------------------------------------------------------------------------------------------- checks
-def _bad(name: str, key: str, what: str, value: Any) -> UserError:
-    return UserError(f"obfuscation '{name}': {key} must be {what}, got {value!r}")
-
-
-def as_int(name: str, p: dict[str, Any], key: str, lo: int | None = None, hi: int | None = None,
-           optional: bool = False) -> int | None:
-    v = p.get(key)
-    if v is None and optional:
-        return None
-    what = "an integer" + (f" >= {lo}" if lo is not None and hi is None else "") + (
-        f" in [{lo}, {hi}]" if lo is not None and hi is not None else "")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v:
-        raise _bad(name, key, what, v)
-    v = int(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise _bad(name, key, what, v)
-    return v
-
-
-def as_float(name: str, p: dict[str, Any], key: str, *, lo: float | None = None, hi: float | None = None,
-             lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> float | None:
-    v = p.get(key)
-    if v is None and optional:
-        return None
-    parts = []
-    if lo is not None and hi is not None:
-        parts.append(f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
-    elif lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
-    elif hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
-    what = "a number" + (" " + parts[0] if parts else "")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(name, key, what, v)
-    v = float(v)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise _bad(name, key, what, v)
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise _bad(name, key, what, v)
-    return v
-
-
-def as_bool(name: str, p: dict[str, Any], key: str) -> bool:
-    v = p.get(key)
-    if not isinstance(v, bool):
-        raise _bad(name, key, "true or false", v)
-    return v
-
-
-def as_choice(name: str, p: dict[str, Any], key: str, choices: Iterable[str]) -> str:
-    choices = tuple(choices)
-    v = p.get(key)
-    if not isinstance(v, str) or v.lower() not in choices:
-        raise _bad(name, key, "one of " + ", ".join(choices), v)
-    return v.lower()
 
 
 # ---------------------------------------------------------------------------------------------- bits

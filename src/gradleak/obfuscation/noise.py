@@ -13,10 +13,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from pydantic import Field, model_validator
+
 from ..errors import UserError
-from . import Context, Obfuscation, Result, Tensors, register
-from ._common import as_bool, as_choice, as_float, as_int, update_bits
+from ._common import update_bits
 from .accounting import ACCOUNTANTS, epsilon_spent, noise_multiplier_for
+from .params import Flag, Int, Number, Params, PerTensor, Scope, ServerValues, choice
+from .registry import Context, Obfuscation, Received, Result, Tensors, Underivable, register
+
+Accountant = choice(*ACCOUNTANTS)
+
+
+class NoiseServer(ServerValues):
+    """What a knowing server reads from a noise record: the std of the noise in the update."""
+
+    sigma: PerTensor
+    sigma_of_mean: PerTensor | None = None  # several clients averaged: the std of the noise of the mean
+
+
+def _needs(key: str, what: str):
+    """A check that ``key`` is given (its default is None), as a model validator."""
+    def need(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get(key) is None:
+            raise ValueError(f"needs {key}=... ({what})")
+        return data
+    return model_validator(mode="before")(classmethod(need))
 
 
 def _norm(v: torch.Tensor) -> float:
@@ -53,47 +74,51 @@ def _add_gaussian(update: Tensors, std: float | dict[str, float], generator: tor
 
 
 # ------------------------------------------------------------------------------------------- gaussian
-def _validate_gaussian(p: dict[str, Any]) -> dict[str, Any]:
-    modes = [k for k in ("noise_multiplier", "sigma", "target_epsilon") if p.get(k) is not None]
-    if len(modes) != 1:
-        raise UserError("obfuscation 'gaussian': give exactly one of noise_multiplier, sigma or target_epsilon"
-                        + (f" (got {' and '.join(modes)})" if modes else ""))
-    q = {
-        "clip": as_float("gaussian", p, "clip", lo=0.0, lo_open=True, optional=True),
-        "noise_multiplier": as_float("gaussian", p, "noise_multiplier", lo=0.0, optional=True),
-        "sigma": as_float("gaussian", p, "sigma", lo=0.0, optional=True),
-        "per_layer": as_bool("gaussian", p, "per_layer"),
-        "target_epsilon": as_float("gaussian", p, "target_epsilon", lo=0.0, lo_open=True, optional=True),
-        "delta": as_float("gaussian", p, "delta", lo=0.0, hi=1.0, lo_open=True, hi_open=True),
-        "sample_rate": as_float("gaussian", p, "sample_rate", lo=0.0, hi=1.0, lo_open=True, optional=True),
-        "rounds": as_int("gaussian", p, "rounds", lo=1, optional=True),
-        "accountant": as_choice("gaussian", p, "accountant", ACCOUNTANTS),
-    }
-    if q["per_layer"] and q["clip"] is None:
-        raise UserError("obfuscation 'gaussian': per_layer=true needs a clip norm (clip=...)")
-    return q
+class GaussianParams(Params):
+    clip: Number | None = Field(None, gt=0)
+    noise_multiplier: Number | None = Field(None, ge=0)
+    sigma: Number | None = Field(None, ge=0)
+    per_layer: Flag = False
+    target_epsilon: Number | None = Field(None, gt=0)
+    delta: Number = Field(1e-5, gt=0, lt=1)
+    sample_rate: Number | None = Field(None, gt=0, le=1)
+    rounds: Int | None = Field(None, ge=1)
+    accountant: Accountant = "rdp"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_mode(cls, data: Any) -> Any:
+        modes = [k for k in ("noise_multiplier", "sigma", "target_epsilon") if isinstance(data, dict)
+                 and data.get(k) is not None]
+        if len(modes) != 1:
+            raise ValueError("give exactly one of noise_multiplier, sigma or target_epsilon"
+                             + (f" (got {' and '.join(modes)})" if modes else ""))
+        return data
+
+    @model_validator(mode="after")
+    def _per_layer_clip(self) -> "GaussianParams":
+        if self.per_layer and self.clip is None:
+            raise ValueError("per_layer=true needs a clip norm (clip=...)")
+        return self
 
 
-def _gaussian(update: Tensors, p: dict[str, Any], generator: torch.Generator, context: Context) -> Result:
-    out = {n: v.detach() for n, v in update.items()}
-    record: dict[str, Any] = {}
+def _sensitivity(p: dict[str, Any], context: Context) -> tuple[float | None, str | None]:
+    """The L2 sensitivity the noise multiplier multiplies, and its DP unit (client or example)."""
     if p["clip"] is not None:
-        out, before, per_tensor = clip_update(out, p["clip"], p["per_layer"])
-        sensitivity, unit = p["clip"], "client"
-        record["norm_before_clip"] = before
-        if p["per_layer"]:
-            record["clip_per_tensor"] = per_tensor
-    elif context.per_example_clip is not None:
-        if context.algorithm == "fedavg":
-            raise UserError("obfuscation 'gaussian': after per-example clipping under fedavg the weight delta's "
-                            "sensitivity is not per_example_clip / B; give an update clip norm (clip=...)")
-        if not context.num_images:
-            raise ValueError("per-example clipping in the context needs num_images")
-        sensitivity, unit = context.per_example_clip / context.num_images, "example"
-    else:
-        sensitivity, unit = None, None
-    q = p["sample_rate"] if p["sample_rate"] is not None else (context.sample_rate or 1.0)
-    rounds = p["rounds"] if p["rounds"] is not None else (context.rounds or 1)
+        return p["clip"], "client"
+    if context.per_example_clip is None:
+        return None, None
+    if context.algorithm == "fedavg":
+        raise UserError("obfuscation 'gaussian': after per-example clipping under fedavg the weight delta's "
+                        "sensitivity is not per_example_clip / B; give an update clip norm (clip=...)")
+    if not context.num_images:
+        raise ValueError("per-example clipping in the context needs num_images")
+    return context.per_example_clip / context.num_images, "example"
+
+
+def _noise_std(p: dict[str, Any], sensitivity: float | None, q: float, rounds: int
+               ) -> tuple[float | None, float]:
+    """(noise multiplier, noise std) of the spec for a sensitivity and a DP schedule."""
     if p["sigma"] is None and sensitivity is None:
         what = "target_epsilon" if p["target_epsilon"] is not None else "noise_multiplier"
         raise UserError(f"obfuscation 'gaussian': {what} needs a clip norm (clip=...) or per-example clipping "
@@ -104,7 +129,36 @@ def _gaussian(update: Tensors, p: dict[str, Any], generator: torch.Generator, co
         z = p["noise_multiplier"]
     else:
         z = p["sigma"] / sensitivity if sensitivity else None
-    std = z * sensitivity if (z is not None and sensitivity is not None) else p["sigma"]
+    return z, (z * sensitivity if (z is not None and sensitivity is not None) else p["sigma"])
+
+
+def _schedule(p: dict[str, Any], context: Context) -> tuple[float, int]:
+    """(sample rate, rounds): from the spec, else the context, else one release."""
+    q = p["sample_rate"] if p["sample_rate"] is not None else (context.sample_rate or 1.0)
+    return q, (p["rounds"] if p["rounds"] is not None else (context.rounds or 1))
+
+
+def _gaussian_server(p: dict[str, Any], received: Received) -> dict[str, Any]:
+    """The noise std from the spec: sigma, or the noise multiplier (given or derived from the DP budget)
+    times the clip norm or the protocol's per-example clip / B."""
+    try:
+        sensitivity, _ = _sensitivity(p, received.context)
+        return {"sigma": _noise_std(p, sensitivity, *_schedule(p, received.context))[1]}
+    except UserError as e:
+        raise Underivable(str(e)) from None
+
+
+def _gaussian(update: Tensors, p: dict[str, Any], generator: torch.Generator, context: Context) -> Result:
+    out = {n: v.detach() for n, v in update.items()}
+    record: dict[str, Any] = {}
+    if p["clip"] is not None:
+        out, before, per_tensor = clip_update(out, p["clip"], p["per_layer"])
+        record["norm_before_clip"] = before
+        if p["per_layer"]:
+            record["clip_per_tensor"] = per_tensor
+    sensitivity, unit = _sensitivity(p, context)
+    q, rounds = _schedule(p, context)
+    z, std = _noise_std(p, sensitivity, q, rounds)
     out = _add_gaussian(out, std, generator)
     epsilon = None
     if z is not None and z > 0:
@@ -126,11 +180,10 @@ def _gaussian(update: Tensors, p: dict[str, Any], generator: torch.Generator, co
 
 
 register(Obfuscation(
-    "gaussian", _gaussian,
-    defaults={"clip": None, "noise_multiplier": None, "sigma": None, "per_layer": False, "target_epsilon": None,
-              "delta": 1e-5, "sample_rate": None, "rounds": None, "accountant": "rdp"},
-    validate=_validate_gaussian,
-    aliases={"z": "noise_multiplier", "max_grad_norm": "clip", "clip_norm": "clip", "epsilon": "target_epsilon",
+    "gaussian", _gaussian, GaussianParams, family="noise", stochastic=True, server=NoiseServer,
+    derive=_gaussian_server, scale_recoverable=lambda p: p.get("clip") is None,
+    aliases=("clip_gaussian", "gaussian_noise", "dp", "dp_gaussian"),
+    keys={"z": "noise_multiplier", "max_grad_norm": "clip", "clip_norm": "clip", "epsilon": "target_epsilon",
              "std": "sigma", "target_delta": "delta", "steps": "rounds"},
     doc="clip the update to L2 norm `clip` (whole update, or per_layer) and add N(0, sigma^2) to every entry "
         "with sigma = noise_multiplier * sensitivity (sensitivity = clip, or per_example_clip / B after the "
@@ -140,11 +193,15 @@ register(Obfuscation(
 
 
 # -------------------------------------------------------------------------------------------- laplace
-def _validate_laplace(p: dict[str, Any]) -> dict[str, Any]:
-    if p.get("scale") is None:
-        raise UserError("obfuscation 'laplace' needs scale=... (the Laplace scale b; the noise std is b * sqrt(2))")
-    return {"clip": as_float("laplace", p, "clip", lo=0.0, lo_open=True, optional=True),
-            "scale": as_float("laplace", p, "scale", lo=0.0)}
+class LaplaceParams(Params):
+    clip: Number | None = Field(None, gt=0)
+    scale: Number | None = Field(None, ge=0)
+
+    check_scale = _needs("scale", "the Laplace scale b; the noise std is b * sqrt(2)")
+
+
+def _laplace_std(b: float) -> float:
+    return b * math.sqrt(2)
 
 
 def _laplace(update: Tensors, p: dict[str, Any], generator: torch.Generator, context: Context) -> Result:
@@ -160,21 +217,28 @@ def _laplace(update: Tensors, p: dict[str, Any], generator: torch.Generator, con
         e1 = -torch.log1p(-torch.rand(v.shape, generator=generator, dtype=torch.float64))
         e2 = -torch.log1p(-torch.rand(v.shape, generator=generator, dtype=torch.float64))
         noisy[n] = v + (b * (e1 - e2)).to(device=v.device, dtype=v.dtype) if b > 0 else v
-    record["sigma"] = b * math.sqrt(2)
+    record["sigma"] = _laplace_std(b)
     return Result(noisy, update_bits(noisy), record)
 
 
 register(Obfuscation(
-    "laplace", _laplace, defaults={"clip": None, "scale": None}, validate=_validate_laplace,
-    aliases={"b": "scale", "clip_norm": "clip"},
+    "laplace", _laplace, LaplaceParams, family="noise", stochastic=True, server=NoiseServer,
+    derive=lambda p, received: {"sigma": _laplace_std(p["scale"])},
+    scale_recoverable=lambda p: p.get("clip") is None, aliases=("clip_laplace", "laplacian"),
+    keys={"b": "scale", "clip_norm": "clip"},
     doc="clip the update to L2 norm `clip` (optional) and add Laplace(0, scale) noise to every entry "
         "(std = scale * sqrt(2))"))
 
 
 # --------------------------------------------------------------------------------- relative (NVFlare)
-def _validate_relative(p: dict[str, Any]) -> dict[str, Any]:
-    return {"sigma0": as_float("relative_gaussian", p, "sigma0", lo=0.0),
-            "max_percentile": as_float("relative_gaussian", p, "max_percentile", lo=0.0, hi=100.0)}
+class RelativeParams(Params):
+    sigma0: Number = Field(0.1, ge=0)
+    max_percentile: Number = Field(95.0, ge=0, le=100)
+
+
+def _relative_server(p: dict[str, Any], received: Received) -> dict[str, Any]:
+    raise Underivable("its noise std is sigma0 times a percentile of the update before the noise, which the "
+                      "server never receives")
 
 
 def _relative(update: Tensors, p: dict[str, Any], generator: torch.Generator, context: Context) -> Result:
@@ -187,37 +251,52 @@ def _relative(update: Tensors, p: dict[str, Any], generator: torch.Generator, co
 
 
 register(Obfuscation(
-    "relative_gaussian", _relative, defaults={"sigma0": 0.1, "max_percentile": 95.0}, validate=_validate_relative,
-    aliases={"sigma_fraction": "sigma0", "percentile": "max_percentile"},
+    "relative_gaussian", _relative, RelativeParams, family="noise", stochastic=True, server=NoiseServer,
+    derive=_relative_server, aliases=("nvflare", "gaussian_privacy"),
+    keys={"sigma_fraction": "sigma0", "percentile": "max_percentile"},
     doc="NVIDIA NVFlare's GaussianPrivacy filter: sigma = sigma0 x the max_percentile-th percentile (95) "
         "of the non-zero |entries| over the whole update; N(0, sigma^2) added to every entry"))
 
 
 # ------------------------------------------------------------------------------------------- SNR form
-def _validate_snr(p: dict[str, Any]) -> dict[str, Any]:
-    if p.get("snr_db") is None:
-        raise UserError("obfuscation 'snr_gaussian' needs snr_db=... (signal-to-noise ratio in dB)")
-    return {"snr_db": as_float("snr_gaussian", p, "snr_db"),
-            "scope": as_choice("snr_gaussian", p, "scope", ("tensor", "global"))}
+class SnrParams(Params):
+    snr_db: Number | None = None
+    scope: Scope = "tensor"
+
+    check_snr = _needs("snr_db", "signal-to-noise ratio in dB")
+
+
+def _snr_server(p: dict[str, Any], received: Received) -> dict[str, Any]:
+    """The noise std estimated from the received update: its variance is Var(g) + sigma^2 with
+    sigma^2 = Var(g) r, r = 10^(-snr_db/10), so sigma^2 = Var(received) r / (1 + r)."""
+    if not received.exact:
+        raise Underivable("its noise std would be estimated from the update, which later steps changed")
+    r = 10.0 ** (-p["snr_db"] / 10.0)
+    if p["scope"] == "tensor":
+        return {"sigma": {n: math.sqrt(_variance(v) * r / (1 + r)) for n, v in received.update.items()}}
+    flat = torch.cat([v.detach().reshape(-1) for v in received.update.values()])
+    return {"sigma": math.sqrt(_variance(flat) * r / (1 + r))}
+
+
+def _variance(v: torch.Tensor) -> float:
+    return float(v.detach().to("cpu", torch.float64).var(unbiased=False)) if v.numel() > 1 else 0.0
 
 
 def _snr(update: Tensors, p: dict[str, Any], generator: torch.Generator, context: Context) -> Result:
     ratio = 10.0 ** (-p["snr_db"] / 10.0)
     if p["scope"] == "tensor":
-        var = {n: float(v.detach().to(torch.float64).var(unbiased=False)) if v.numel() > 1 else 0.0
-               for n, v in update.items()}
+        var = {n: _variance(v) for n, v in update.items()}
         sigma: float | dict[str, float] = {n: math.sqrt(var[n] * ratio) for n in update}
         signal: float | dict[str, float] = var
     else:
-        flat = torch.cat([v.detach().to("cpu", torch.float64).reshape(-1) for v in update.values()])
-        signal = float(flat.var(unbiased=False)) if flat.numel() > 1 else 0.0
+        signal = _variance(torch.cat([v.detach().to("cpu", torch.float64).reshape(-1) for v in update.values()]))
         sigma = math.sqrt(signal * ratio)
     out = _add_gaussian(update, sigma, generator)
     return Result(out, update_bits(out), {"sigma": sigma, "signal_variance": signal})
 
 
 register(Obfuscation(
-    "snr_gaussian", _snr, defaults={"snr_db": None, "scope": "tensor"}, validate=_validate_snr,
-    aliases={"snr": "snr_db", "dpsnr": "snr_db"},
+    "snr_gaussian", _snr, SnrParams, family="noise", stochastic=True, server=NoiseServer, derive=_snr_server,
+    aliases=("snr",), keys={"snr": "snr_db", "dpsnr": "snr_db"},
     doc="Gaussian noise at a signal-to-noise ratio (ROG's form): sigma^2 = Var(g) * 10^(-snr_db/10), "
         "Var over each tensor's entries (scope=tensor, as ROG treats each gradient tensor) or the whole update"))

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from . import Obfuscation, Result, Tensors, register
-from ._common import (FLOAT_BITS, as_bool, as_choice, as_int, elias_omega_lengths, sparse_or_dense_bits)
+from pydantic import Field, model_validator
+
+from ._common import FLOAT_BITS, elias_omega_lengths, sparse_or_dense_bits
+from .params import Flag, Int, Params, PerTensor, ServerValues, choice
+from .registry import Obfuscation, Received, Result, Tensors, Underivable, register
 
 FP16_MAX = 65504.0
 
@@ -81,11 +83,24 @@ def qsgd_code_bits(level: torch.Tensor) -> int:
     return int(bits)
 
 
-def _validate_qsgd(p: dict[str, Any]) -> dict[str, Any]:
-    levels = as_int("qsgd", p, "levels", lo=2)
-    norm = as_choice("qsgd", p, "norm", ("max", "l2"))
-    bucket = as_int("qsgd", p, "bucket_size", lo=1, optional=True)
-    return {"levels": levels, "norm": norm, "bucket_size": bucket}
+Norm = choice("max", "l2")
+
+
+class QsgdParams(Params):
+    levels: Int = Field(16, ge=2)
+    norm: Norm = "max"
+    bucket_size: Int | None = Field(None, ge=1)
+
+
+class QsgdServer(ServerValues):
+    s: Int = Field(ge=1)  # intervals: levels - 1
+    norm: Norm = "max"
+    bucket_size: Int | None = Field(None, ge=1)
+    scale: PerTensor | None = None  # each tensor's norm (unbucketed); else read off the update
+
+
+def _qsgd_server(p: dict[str, Any], received: Received) -> dict[str, Any]:
+    return {"s": p["levels"] - 1, "norm": p["norm"], "bucket_size": p["bucket_size"]}
 
 
 def _qsgd(update: Tensors, p: dict[str, Any], generator: torch.Generator, context) -> Result:
@@ -103,24 +118,43 @@ def _qsgd(update: Tensors, p: dict[str, Any], generator: torch.Generator, contex
 
 
 register(Obfuscation(
-    "qsgd", _qsgd, defaults={"levels": 16, "norm": "max", "bucket_size": None}, validate=_validate_qsgd,
-    aliases={"quant_level": "levels", "quantization_level": "levels", "bucket": "bucket_size"},
+    "qsgd", _qsgd, QsgdParams, family="quantize", stochastic=True, keeps_zeros=True,
+    server=QsgdServer, derive=_qsgd_server,
+    keys={"quant_level": "levels", "quantization_level": "levels", "bucket": "bucket_size"},
     doc="QSGD stochastic quantization (Alistarh et al. 2017): `levels` magnitude levels including 0 "
         "(s = levels - 1 intervals, ROG's quant_level), scale = max-norm (ROG) or l2 (paper), per tensor "
         "or per bucket of `bucket_size`; unbiased. Bits: the paper's Elias code of the result."))
 
 
 # ------------------------------------------------------------------------------------------- uniform
-def _validate_uniform(p: dict[str, Any]) -> dict[str, Any]:
-    if p.get("bits") is not None and p.get("levels") is not None:
-        raise UserError("obfuscation 'uniform': give bits or levels, not both")
-    if p.get("levels") is not None:
-        levels = as_int("uniform", p, "levels", lo=2)
-        bits = math.ceil(math.log2(2 * levels - 1))
-    else:
-        bits = as_int("uniform", {**p, "bits": 8 if p.get("bits") is None else p["bits"]}, "bits", lo=2, hi=32)
-        levels = 2 ** (bits - 1)
-    return {"bits": bits, "levels": levels}
+class UniformParams(Params):
+    bits: Int | None = Field(8, ge=2, le=32)
+    levels: Int | None = Field(None, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("bits") is not None and data.get("levels") is not None:
+            raise ValueError("give bits or levels, not both")
+        return data
+
+    def values(self) -> dict[str, Any]:
+        if self.levels is not None:
+            return {"bits": math.ceil(math.log2(2 * self.levels - 1)), "levels": self.levels}
+        bits = 8 if self.bits is None else self.bits
+        return {"bits": bits, "levels": 2 ** (bits - 1)}
+
+
+class UniformServer(ServerValues):
+    scale: PerTensor  # each tensor's step
+
+
+def _uniform_server(p: dict[str, Any], received: Received) -> dict[str, Any]:
+    """The step of each tensor, read off the update: its largest entry rounds to (levels - 1) steps."""
+    if not received.exact:
+        raise Underivable("its steps would be read off the update, which later steps changed")
+    return {"scale": {n: float(v.detach().double().abs().max()) / (p["levels"] - 1) if v.numel() else 0.0
+                      for n, v in received.update.items()}}
 
 
 def uniform_tensor(v: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -144,8 +178,8 @@ def _uniform(update: Tensors, p: dict[str, Any], generator: torch.Generator, con
 
 
 register(Obfuscation(
-    "uniform", _uniform, defaults={"bits": None, "levels": None}, validate=_validate_uniform,
-    aliases={"quant_level": "levels"},
+    "uniform", _uniform, UniformParams, family="quantize", keeps_zeros=True, server=UniformServer,
+    derive=_uniform_server, aliases=("quantize", "uniform_quantization"), keys={"quant_level": "levels"},
     doc="deterministic symmetric rounding per tensor to `bits` bits (default 8): step = max|g| / "
         "(2^(bits-1) - 1), or `levels` magnitude levels including 0 (ROG's uniform quant_level); "
         "the record's `scale` is each tensor's step"))
@@ -165,14 +199,15 @@ def _cast(dtype: torch.dtype):
     return fn
 
 
-register(Obfuscation("fp16", _cast(torch.float16),
+register(Obfuscation("fp16", _cast(torch.float16), family="cast", keeps_zeros=True, aliases=("half", "float16"),
                      doc="cast to IEEE half precision (round to nearest even, saturating at ±65504) and back"))
-register(Obfuscation("bf16", _cast(torch.bfloat16), doc="cast to bfloat16 (round to nearest even) and back"))
+register(Obfuscation("bf16", _cast(torch.bfloat16), family="cast", keeps_zeros=True, aliases=("bfloat16",),
+                     doc="cast to bfloat16 (round to nearest even) and back"))
 
 
 # ---------------------------------------------------------------------------------------------- sign
-def _validate_sign(p: dict[str, Any]) -> dict[str, Any]:
-    return {"scaled": as_bool("sign", p, "scaled")}
+class SignParams(Params):
+    scaled: Flag = False
 
 
 def _sign(update: Tensors, p: dict[str, Any], generator: torch.Generator, context) -> Result:
@@ -189,7 +224,7 @@ def _sign(update: Tensors, p: dict[str, Any], generator: torch.Generator, contex
 
 
 register(Obfuscation(
-    "sign", _sign, defaults={"scaled": False}, validate=_validate_sign,
+    "sign", _sign, SignParams, family="sign", scale_recoverable=False, aliases=("signsgd", "sign_sgd"),
     doc="signSGD (Bernstein et al. 2018): +1 for g >= 0, -1 otherwise (1 bit per entry, as ROG's "
         "SignSGDCompressor); scaled=true multiplies each tensor by its mean |g|"))
 

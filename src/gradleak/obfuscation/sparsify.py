@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
-from . import Obfuscation, Result, Tensors, register
-from ._common import as_choice, as_float, as_int, update_bits
+from pydantic import Field, model_validator
+
+from ._common import update_bits
+from .params import Int, Number, Params, PerTensor, Scope, ServerValues
+from .registry import Obfuscation, Received, Result, Tensors, register
 
 
 def keep_count(keep: float, n: int) -> int:
@@ -27,19 +29,30 @@ def _total(update: Tensors) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- top-k
-def _validate_topk(p: dict[str, Any]) -> dict[str, Any]:
-    given = [k for k in ("keep", "k", "sparsity") if p.get(k) is not None]
-    if len(given) > 1:
-        raise UserError(f"obfuscation 'topk': give one of keep, k or sparsity, not {' and '.join(given)}")
-    scope = as_choice("topk", p, "scope", ("tensor", "global"))
-    if "k" in given:
-        return {"keep": None, "k": as_int("topk", p, "k", lo=1), "scope": scope}
-    if "sparsity" in given:
-        s = as_float("topk", p, "sparsity", lo=0.0, hi=1.0, hi_open=True)
-        return {"keep": round(1.0 - s, 12), "k": None, "scope": scope}
-    keep = as_float("topk", {"keep": 0.1 if p.get("keep") is None else p["keep"]}, "keep",
-                    lo=0.0, hi=1.0, lo_open=True)
-    return {"keep": keep, "k": None, "scope": scope}
+class TopkParams(Params):
+    keep: Number | None = Field(0.1, gt=0, le=1)
+    k: Int | None = Field(None, ge=1)
+    sparsity: Number | None = Field(None, ge=0, lt=1)  # ROG's: 1 - keep
+    scope: Scope = "tensor"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of(cls, data: Any) -> Any:
+        given = [k for k in ("keep", "k", "sparsity") if isinstance(data, dict) and data.get(k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of keep, k or sparsity, not {' and '.join(given)}")
+        return data
+
+    def values(self) -> dict[str, Any]:
+        if self.k is not None:
+            return {"keep": None, "k": self.k, "scope": self.scope}
+        if self.sparsity is not None:
+            return {"keep": round(1.0 - self.sparsity, 12), "k": None, "scope": self.scope}
+        return {"keep": 0.1 if self.keep is None else self.keep, "k": None, "scope": self.scope}
+
+
+class TopkServer(ServerValues):
+    scope: Scope = "tensor"  # the unsent entries are bounded per tensor or over the whole update
 
 
 def _topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,40 +89,58 @@ def _topk(update: Tensors, p: dict[str, Any], generator: torch.Generator, contex
 
 
 register(Obfuscation(
-    "topk", _topk, defaults={"keep": None, "k": None, "sparsity": None, "scope": "tensor"},
-    validate=_validate_topk, aliases={"ratio": "keep", "fraction": "keep"},
+    "topk", _topk, TopkParams, family="sparsify", keeps_zeros=True, bounds_unsent=True, server=TopkServer,
+    aliases=("top_k",), keys={"ratio": "keep", "fraction": "keep"},
     doc="keep exactly the ceil(keep * n) largest-magnitude entries per tensor (scope=tensor) or over the "
         "whole update (scope=global), or k entries; zero the rest. `sparsity` (ROG) = 1 - keep. "
         "Default keep 0.1"))
 
 
 # ------------------------------------------------------------------------------------------- random-k
-def _validate_randk(p: dict[str, Any]) -> dict[str, Any]:
-    return {"keep": as_float("randk", p, "keep", lo=0.0, hi=1.0, lo_open=True)}
+class RandkParams(Params):
+    keep: Number = Field(0.1, gt=0, le=1)
+
+
+class RandkServer(ServerValues):
+    rescale: PerTensor  # n / k per tensor, undone by the server
+
+
+def _rescale(keep: float, update: Tensors) -> dict[str, float]:
+    """n / k of each tensor: the factor random-k multiplies the entries it keeps by."""
+    return {n: int(v.numel()) / keep_count(keep, int(v.numel())) for n, v in update.items()}
+
+
+def _randk_server(p: dict[str, Any], received: Received) -> dict[str, Any]:
+    return {"rescale": _rescale(p["keep"], received.update)}
 
 
 def _randk(update: Tensors, p: dict[str, Any], generator: torch.Generator, context) -> Result:
-    out, rescale, kept = {}, {}, 0
+    out, rescale, kept = {}, _rescale(p["keep"], update), 0
     for n, v in update.items():
         numel = int(v.numel())
         k = keep_count(p["keep"], numel)
         idx = torch.randperm(numel, generator=generator)[:k]
         mask = torch.zeros(numel, dtype=v.dtype)
-        mask[idx] = numel / k
+        mask[idx] = rescale[n]
         out[n] = v.detach() * mask.view(v.shape).to(v.device)
-        rescale[n], kept = numel / k, kept + k
+        kept += k
     return Result(out, update_bits(out), {"kept_fraction": kept / max(1, _total(update)), "rescale": rescale})
 
 
 register(Obfuscation(
-    "randk", _randk, defaults={"keep": 0.1}, validate=_validate_randk,
+    "randk", _randk, RandkParams, family="sparsify", keeps_zeros=True, stochastic=True, server=RandkServer,
+    derive=_randk_server, aliases=("rand_k", "random_k"),
     doc="keep ceil(keep * n) entries per tensor chosen uniformly at random (without replacement) and "
         "multiply them by n / k, so the result is an unbiased estimate of the update"))
 
 
 # -------------------------------------------------------------------------------------------- pruning
-def _validate_prune(p: dict[str, Any]) -> dict[str, Any]:
-    return {"p": as_float("prune", p, "p", lo=0.0, hi=100.0)}
+class PruneParams(Params):
+    p: Number = Field(90.0, ge=0, le=100)
+
+
+class PruneServer(ServerValues):
+    threshold: PerTensor | None = None  # |g| below it was not sent; else the smallest sent |g| bounds it
 
 
 def _prune(update: Tensors, p: dict[str, Any], generator: torch.Generator, context) -> Result:
@@ -125,7 +156,7 @@ def _prune(update: Tensors, p: dict[str, Any], generator: torch.Generator, conte
 
 
 register(Obfuscation(
-    "prune", _prune, defaults={"p": 90.0}, validate=_validate_prune,
-    aliases={"percentile": "p"},
+    "prune", _prune, PruneParams, family="sparsify", keeps_zeros=True, bounds_unsent=True, server=PruneServer,
+    aliases=("pruning", "magnitude_pruning", "gradient_pruning"), keys={"percentile": "p"},
     doc="magnitude pruning (DLG, GradAttack): per tensor, zero the entries whose |g| is below the p-th "
         "percentile of |g| (numpy's linear interpolation); p in [0, 100], default 90"))
