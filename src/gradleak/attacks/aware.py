@@ -1,21 +1,25 @@
 """Obfuscation-aware matching: objectives chosen from what the server knows the client did.
 
 When the attacker knows the obfuscation (setting ``attacker_knows_obfuscation``, default true) and the
-observation's ``obfuscation`` list names one, :func:`for_observation` replaces the plain objective:
+observation's ``obfuscation`` list names one, :func:`for_observation` replaces the plain objective. It
+reads each step through the registry's declarations (:mod:`gradleak.obfuscation.registry`), never by
+name, so an obfuscation registered with a family is attacked with no change here:
 
-- **sparsified** (``topk``, ``randk``, ``prune``): the coordinates that were sent are visible (non-zero),
-  so only those are compared (masked cosine / L2); random-k's rescaling n/k is undone.
-- **signSGD** (``sign``): a smooth sign-agreement loss between the candidate's gradient g and the
+- **sparsify** (``topk``, ``randk``, ``prune``): the coordinates that were sent are visible (non-zero)
+  as long as every later step keeps zeros, so only those are compared (masked cosine / L2); a
+  per-tensor ``rescale`` in the record (random-k's n/k) is undone; where the obfuscation bounds the
+  entries it did not send (top-k, pruning), that bound is matched too.
+- **sign** (``sign``): a smooth sign-agreement loss between the candidate's gradient g and the
   received signs (softplus of the disagreement, with +1 standing for "not negative", since signSGD
   sends +1 for an exact zero), with the temperature ``tau_l`` a fraction (``sign_temperature``) of the
   candidate's own root-mean-square gradient in layer l (scale-free).
-- **QSGD** (``qsgd``): the exact likelihood of the received levels. Stochastic rounding of f = s g / M
-  (s intervals, M the bucket's norm, both in the record or read off the update) to the integer L
-  happens with probability ``max(0, 1 - |f - L|)``, so the loss is the mean negative log-likelihood
-  ``-log(1 - |f - L|)``, continued linearly where it would be infinite.
-- **deterministic rounding** (``uniform``): the true value lies in the rounding cell, so the loss is the
-  squared distance from the candidate's f = g / step to the cell ``[L - 1/2, L + 1/2]`` plus a small pull
-  towards the cell centre (``cell_center_weight``) to break ties.
+- **stochastic quantize** (``qsgd``): the exact likelihood of the received levels. Stochastic rounding
+  of f = s g / M (s intervals, M the bucket's norm, both in the record or read off the update) to the
+  integer L happens with probability ``max(0, 1 - |f - L|)``, so the loss is the mean negative
+  log-likelihood ``-log(1 - |f - L|)``, continued linearly where it would be infinite.
+- **deterministic quantize** (``uniform``): the true value lies in the rounding cell, so the loss is
+  the squared distance from the candidate's f = g / step to the cell ``[L - 1/2, L + 1/2]`` plus a small
+  pull towards the cell centre (``cell_center_weight``) to break ties.
 - **noise** (``gaussian``, ``laplace``, ``relative_gaussian``, ``snr_gaussian``): each layer's term is
   weighted by its signal-to-noise ratio, estimated from the update and the recorded noise std:
   ``w_l = snr_l / (1 + snr_l)`` with ``snr_l = max(0, mean(t_l^2) - sigma_l^2) / sigma_l^2``. Weight
@@ -23,27 +27,33 @@ observation's ``obfuscation`` list names one, :func:`for_observation` replaces t
   linear-layer gradient is a sum over its B images of outer products, so it has rank <= B (<= B x
   local steps for FedAvg); projecting the noisy matrix on its top singular vectors removes most of the
   noise.
-- ``fp16``/``bf16`` change values by less than float16 precision: the plain objective is used.
+- **cast** (``fp16``/``bf16``) changes values by less than float16 precision: the plain objective.
 
-Sparsification composes with a quantizer that keeps zeros (qsgd, uniform, fp16, bf16) after it; other
-compositions use the last step's model. With several clients averaged (``num_clients_averaged`` > 1)
-the plain objective is used.
+The last quantize, sign or noise step decides the objective; a sparsifier's mask joins it. With
+several clients averaged (``num_clients_averaged`` > 1) the plain objective is used.
+
+A record written by another tool may give only the name and the parameters a deployment knows; what
+the objective needs is then derived from the declaration (QSGD's ``s`` from ``levels``, ...). Where it
+cannot be, that step is treated as unknown (plain objective for it), and the matching's name and
+``info["treated_as_unknown"]`` say which step and why. An unknown name is a one-line UserError.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .. import obfuscation
+from ..errors import UserError
 from ..observation import Observation
 from .objectives import Matching, Tensors, _flat, plain
 
-SPARSIFIERS = ("topk", "randk", "prune")
-KEEP_ZEROS = ("qsgd", "uniform", "fp16", "bf16", "none")
-NOISES = ("gaussian", "laplace", "relative_gaussian", "snr_gaussian")
+#: The sparsifiers' canonical names (what :mod:`.linear_leak` checks records against).
+SPARSIFIERS = tuple(n for n in obfuscation.names() if obfuscation.get(n).family == "sparsify")
 
 #: Settings of the aware objectives (every attack has them; default.yaml gives the values).
 SETTINGS: dict[str, Any] = {
@@ -67,13 +77,49 @@ def _images_per_client(obs: Observation) -> int:
     return int(obs.protocol.get("images_per_client") or obs.num_images // _num_clients(obs))
 
 
+@dataclass
+class Step:
+    """One obfuscation step as a knowing server reads it: its declaration, and the values of its record
+    (:func:`gradleak.obfuscation.server_record`), or why they are unknown."""
+
+    index: int  # 1-based position in the observation's list
+    ob: obfuscation.Obfuscation
+    values: dict[str, Any] | None
+    why: str | None = None
+
+    def unknown(self) -> str:
+        return f"obfuscation step {self.index} ({self.ob.name}) treated as unknown: {self.why}"
+
+
+def steps(obs: Observation, target: Tensors) -> list[Step]:
+    """The observation's obfuscation steps, identity steps left out, each with its server-side values
+    derived where its record lacks them; an unknown name is a one-line UserError."""
+    found = []
+    for i, rec in enumerate(obs.obfuscation, 1):
+        try:
+            ob = obfuscation.get(rec["name"])
+        except UserError as e:
+            raise UserError(f"the observation's obfuscation record {i}: {e}") from None
+        if ob.family != "identity":
+            found.append((i, ob, rec))
+    context = obfuscation.Context.from_protocol(obs.protocol)
+    out = []
+    for j, (i, ob, rec) in enumerate(found):
+        received = obfuscation.Received(target, context, exact=j == len(found) - 1)
+        try:
+            out.append(Step(i, ob, obfuscation.server_record(rec, received)))
+        except obfuscation.Underivable as e:
+            out.append(Step(i, ob, None, str(e)))
+    return out
+
+
 def for_observation(obs: Observation, target: Tensors, kind: str, knows: bool,
                     settings: dict[str, Any] | None = None) -> Matching:
     """The matching for ``obs``: the plain ``kind`` (cosine or l2) unless the attacker knows the
     obfuscation and an aware form applies."""
     s = {**SETTINGS, **(settings or {})}
-    records = [r for r in obs.obfuscation if r.get("name") != "none"]
-    if not knows or not records:
+    read = steps(obs, target) if knows and obs.obfuscation else []
+    if not read:
         return plain(kind, target)
     if _num_clients(obs) > 1:
         m = plain(kind, target)
@@ -82,20 +128,36 @@ def for_observation(obs: Observation, target: Tensors, kind: str, knows: bool,
     t = dict(target)
     masks: Tensors | None = None
     bounds: dict[str, float] | None = None
-    domain: dict[str, Any] | None = None
-    for i, rec in enumerate(records):
-        name = rec["name"]
-        if name in SPARSIFIERS:
-            later = [r["name"] for r in records[i + 1:]]
-            if all(n in KEEP_ZEROS for n in later):
+    domain: Step | None = None
+    unknown: list[str] = []
+    for i, st in enumerate(read):
+        later = read[i + 1:]
+        if st.ob.family == "sparsify":
+            if all(x.ob.keeps_zeros for x in later):
                 sent = {k: v != 0 for k, v in target.items()}
                 masks = sent if masks is None else {k: masks[k] & sent[k] for k in sent}
-            if name == "randk" and not later:
-                t = {k: v / float(_per_tensor(rec["rescale"], k)) for k, v in t.items()}
-            if name in ("topk", "prune") and not later:
-                bounds = unsent_bounds(target, rec)
-        elif name in ("sign", "qsgd", "uniform") or name in NOISES:
-            domain = rec
+            if not later and st.values is None:
+                unknown.append(st.unknown())
+            elif not later:
+                if st.values.get("rescale") is not None:
+                    t = {k: v / float(_per_tensor(st.values["rescale"], k)) for k, v in t.items()}
+                if st.ob.bounds_unsent:
+                    bounds = unsent_bounds(target, st.values)
+        elif st.ob.family in ("sign", "quantize", "noise"):
+            domain = st
+    if domain is not None and domain.values is None:
+        unknown.append(domain.unknown())
+        domain = None
+    m = _matching(obs, t, kind, s, domain, masks, bounds)
+    if unknown:
+        m.info["treated_as_unknown"] = unknown
+        m.name = f"{m.name}; " + "; ".join(unknown)
+    return m
+
+
+def _matching(obs: Observation, t: Tensors, kind: str, s: dict[str, Any], domain: Step | None,
+              masks: Tensors | None, bounds: dict[str, float] | None) -> Matching:
+    """The objective of the step that decides it (``domain``), joined by a sparsifier's mask and bound."""
     if domain is None:
         if masks is None:
             return plain(kind, t)
@@ -104,16 +166,21 @@ def for_observation(obs: Observation, target: Tensors, kind: str, knows: bool,
         m = plain(kind, t, masks=masks)
         m.name = f"masked {kind}"
         return m
-    name = domain["name"]
-    if name == "sign":
+    values = domain.values
+    if domain.ob.family == "sign":
         return sign_matching(t, masks, float(s["sign_temperature"]))
-    if name == "qsgd":
-        return qsgd_matching(t, domain, masks, float(s["qsgd_floor"]))
-    if name == "uniform":
-        return cell_matching(t, {k: float(_per_tensor(domain["scale"], k)) for k in t}, masks,
+    if domain.ob.family == "quantize" and domain.ob.stochastic:
+        return qsgd_matching(t, values, masks, float(s["qsgd_floor"]))
+    if domain.ob.family == "quantize":
+        return cell_matching(t, {k: float(_per_tensor(values["scale"], k)) for k in t}, masks,
                              float(s["cell_center_weight"]))
-    # noise
-    sigma = {k: float(_per_tensor(domain.get("sigma_of_mean", domain["sigma"]), k)) for k in t}
+    return _noise_matching(obs, t, kind, s, values, masks)
+
+
+def _noise_matching(obs: Observation, t: Tensors, kind: str, s: dict[str, Any], values: dict[str, Any],
+                    masks: Tensors | None) -> Matching:
+    noise = values["sigma_of_mean"] if values.get("sigma_of_mean") is not None else values["sigma"]
+    sigma = {k: float(_per_tensor(noise, k)) for k in t}
     if s["lowrank_denoise"]:
         rank = _images_per_client(obs)
         if obs.protocol["algorithm"] == "fedavg":
@@ -134,16 +201,16 @@ def for_observation(obs: Observation, target: Tensors, kind: str, knows: bool,
 # ------------------------------------------------------------------------------------------- sparsity
 def unsent_bounds(target: Tensors, record: dict[str, Any]) -> dict[str, float]:
     """What top-k and pruning reveal about the entries they did not send: their magnitude is at most the
-    smallest sent magnitude of the tensor (top-k per tensor, pruning) or of the whole update (global
-    top-k)."""
+    recorded per-tensor ``threshold`` (pruning), else the smallest sent magnitude of the tensor, or of
+    the whole update when the record's ``scope`` is ``global`` (global top-k)."""
     def smallest(v: torch.Tensor) -> float:
         a = v.abs()[v != 0]
         return float(a.min()) if a.numel() else 0.0
 
-    if record["name"] == "topk" and record.get("scope") == "global":
+    if record.get("scope") == "global":
         b = min((smallest(v) for v in target.values() if bool((v != 0).any())), default=0.0)
         return {k: b for k in target}
-    if record["name"] == "prune" and isinstance(record.get("threshold"), dict):
+    if isinstance(record.get("threshold"), dict):
         return {k: float(record["threshold"][k]) for k in target}
     return {k: smallest(v) for k, v in target.items()}
 
