@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from typing import Any
 
 INSTALL = "pip install 'gradleak[flower]'"
@@ -38,9 +39,15 @@ def available() -> bool:
     return importlib.util.find_spec("flwr") is not None and importlib.util.find_spec("ray") is not None
 
 
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def choose_engine(requested: str | None) -> tuple[str, str | None]:
     """The federation engine of a utility run and a note on the choice: ``requested`` when given
-    (``flower`` needs Flower installed), else ``flower`` when it is installed and ``local`` when not."""
+    (``flower`` needs Flower installed), else ``flower`` when it is installed and ``local`` when not, or
+    when this process already runs Ray (a Ray sweep worker: Flower's engine starts and stops its own)."""
     from ..errors import UserError
 
     if requested is not None and requested not in ENGINES:
@@ -49,9 +56,11 @@ def choose_engine(requested: str | None) -> tuple[str, str | None]:
         raise UserError(f"federation.engine is flower, but Flower is not installed ({INSTALL})")
     if requested is not None:
         return requested, None
-    if available():
-        return "flower", None
-    return "local", f"Flower is not installed, so the built-in loop ran ({INSTALL} for Flower's engine)"
+    if not available():
+        return "local", f"Flower is not installed, so the built-in loop ran ({INSTALL} for Flower's engine)"
+    if _ray_running():
+        return "local", "Ray already runs in this process, so the built-in loop ran (Flower's engine runs its own Ray)"
+    return "flower", None
 
 
 def __getattr__(name: str) -> Any:

@@ -50,16 +50,20 @@ CLIENT_CLIPPING = (DifferentialPrivacyClientSideFixedClipping, DifferentialPriva
 DEFAULT_DATA = {"value_range": [0, 1], "mean": [0.5], "std": [0.5]}
 
 
-def central_dp(strategy: Strategy) -> dict[str, Any] | None:
-    """What Flower's central-DP wrapper ``strategy`` does to the updates this round, or None."""
+def central_dp(strategy: Strategy, unclipped: bool = False) -> dict[str, Any] | None:
+    """What Flower's central-DP wrapper ``strategy`` does to the updates this round, or None;
+    ``server_sees`` says what a capture in front of it writes (``unclipped``: the update as it arrived)."""
     if not isinstance(strategy, SERVER_CLIPPING + CLIENT_CLIPPING):
         return None
     z, clip, m = float(strategy.noise_multiplier), float(strategy.clipping_norm), int(strategy.num_sampled_clients)
     where = "server" if isinstance(strategy, SERVER_CLIPPING) else "client"
+    noise = f"Gaussian noise of std {z * clip / m:g} is added to the aggregate only"
+    if where == "server" and unclipped:
+        sees = f"each update as the client sent it; the server clips it to L2 norm {clip:g} afterwards, and {noise}"
+    else:
+        sees = f"each update clipped to L2 norm {clip:g} by the {where}, without noise: {noise}"
     return {"strategy": type(strategy).__name__, "clipping": where, "clipping_norm": clip, "noise_multiplier": z,
-            "num_sampled_clients": m, "aggregate_noise_std": z * clip / m,
-            "server_sees": f"each update clipped to L2 norm {clip:g} ({'by the server' if where == 'server' else 'by the client'}), "
-                           f"without noise: Gaussian noise of std {z * clip / m:g} is added to the aggregate only"}
+            "num_sampled_clients": m, "aggregate_noise_std": z * clip / m, "server_sees": sees}
 
 
 def _clip_record(update: Tensors, dp: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
@@ -147,7 +151,7 @@ class CaptureStrategy(Strategy):
         replies = list(replies)
         sent = self.sent.pop(server_round, None)
         if sent is not None:
-            dp = central_dp(self.strategy)
+            dp = central_dp(self.strategy, self.unclipped)
             for msg in replies:
                 if not msg.has_error():
                     self._write(server_round, sent, msg, dp)
@@ -169,7 +173,7 @@ class CaptureStrategy(Strategy):
         save(obs, path)
         self.captured.append({"round": server_round, "client": client, "node_id": node,
                               "file": str(path.relative_to(self.folder)),
-                              "num_images": obs.num_images, "algorithm": obs.protocol["algorithm"],
+                              "num_images": obs.num_images, "algorithm": obs.protocol.algorithm,
                               "obfuscation": [r["name"] for r in obs.obfuscation]})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

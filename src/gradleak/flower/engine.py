@@ -37,6 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from .. import obfuscation
+from ..errors import UserError
 from ..federated.protocol import Protocol, Tensors
 from ..federated.simulation import (Evaluation, RoundReport, Server, Settings, SimulationResult, Uploads, _Best,
                                     _client_order, _show, epsilon_after, evaluate, schedule_dp)
@@ -250,10 +251,12 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
         raise ValueError(f"{len(clients)} client index lists for {settings.num_clients} clients")
     job = _Job(model, labels.cpu().numpy(), [np.asarray(c, dtype=np.int64) for c in clients], eval_images,
                eval_labels, settings, evaluation or Evaluation(), int(seed), delta, str(device), progress, on_round)
-    started = not ray.is_initialized()
-    if started:  # Flower would start Ray itself; starting it here lets the data go to the object store first
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+    if ray.is_initialized():  # Flower's simulation shuts Ray down when it ends
+        raise UserError("Flower's engine starts and stops Ray itself and cannot run where Ray already runs "
+                        "(e.g. in a Ray sweep worker); use federation.engine: local there")
+    # Flower would start Ray itself; starting it here lets the data go to the object store first
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
     result: dict[str, SimulationResult] = {}
     try:
         model_ref = ray.put(copy.deepcopy(model).cpu())
@@ -270,7 +273,7 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
             run_simulation(server_app, app, num_supernodes=settings.num_clients,
                            backend_config=_backend(settings, job.device))
     finally:
-        if started and ray.is_initialized():
+        if ray.is_initialized():
             ray.shutdown()
     if "run" not in result:
         raise RuntimeError("Flower's simulation ended without running the server")
