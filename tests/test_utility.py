@@ -199,7 +199,7 @@ def test_the_utility_config_checks_the_federation_with_its_dataclass_defaults(tm
     import dataclasses
 
     from gradleak.experiment.config import parse_assignment
-    from gradleak.federated.simulation import Evaluation, Settings
+    from gradleak.federated.settings import Evaluation, Settings
 
     defaults = utility.from_dict({})
     assert defaults["federation"] == dataclasses.asdict(Settings())

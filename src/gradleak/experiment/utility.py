@@ -29,9 +29,10 @@ from pydantic import Field, NonNegativeInt, ValidationInfo, field_validator, mod
 from .. import obfuscation
 from ..data import load_dataset, split_by_patient
 from ..errors import UserError
+from ..federated.partition import PARTITIONS, partition_by_patient
 from ..federated.protocol import ALGORITHMS
-from ..federated.simulation import (MONITORS, PARTITIONS, SAMPLINGS, Evaluation, Settings, dp_records,
-                                   partition_by_patient, schedule_dp, simulate)
+from ..federated.settings import MONITORS, SAMPLINGS, Evaluation, Settings
+from ..federated.simulation import dp_records, schedule_dp, simulate
 from ..metrics.classification import AUC_VARIANT, THRESHOLD_VARIANT
 from ..models import build
 from ..models.checkpoint import save_model
