@@ -46,12 +46,11 @@ def train_reply(msg: Message, model: nn.Module, images: torch.Tensor, labels: to
                         f"(num_clients_averaged={protocol.num_clients_averaged})")
     state = to_tensors(msg.content[array_key(msg.content, "the server's train message")])
     expected = list(model.state_dict())
-    if list(state) != expected:
-        extra = [k for k in state if k not in expected]
-        missing = [k for k in expected if k not in state]
-        what = f"lacks '{missing[0]}'" if missing else (f"has '{extra[0]}'" if extra else "has its arrays out of order")
-        raise UserError(f"the model the server sent {what}, which does not fit the client's "
-                        f"{type(model).__name__}")
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        what = f"lacks '{missing[0]}'" if missing else f"has '{extra[0]}'"
+        raise UserError(f"the model the server sent {what}, which does not fit the client's {type(model).__name__}")
     dev = torch.device(device)
     update, buffers = client_update(model.to(dev), {k: v.to(dev) for k, v in state.items()}, images.to(dev),
                                     labels.to(dev), protocol)
@@ -63,6 +62,7 @@ def train_reply(msg: Message, model: nn.Module, images: torch.Tensor, labels: to
     count = len(images) if examples is None else int(examples)
     if send == "update":
         return reply(msg, update, count, info, buffers if protocol.sends_buffers else None)
+    # in the order the server sent them: Flower's clipping pairs sent and returned arrays by position
     after = {k: state[k] + update[k] if k in update else buffers.get(k, state[k]) for k in state}
     return reply(msg, after, count, info)
 

@@ -11,7 +11,8 @@ Same seed, same run: the client sampling and each client's data order come from 
 consumed in the built-in loop's order (the server draws a client's data order and sends it with the
 round's configuration). The obfuscation noise differs: clients run in parallel, so each draws from its own
 generator seeded per (seed, round, client) (:func:`.mod.noise_generator`) instead of sharing one; without
-random obfuscations the two engines give the same numbers.
+random obfuscations the two engines give the same numbers (bit for bit when the built-in loop also runs on
+one CPU thread, as each Flower node does).
 
 Ray starts once per call (a few seconds); the data go to Ray's object store once and each virtual node
 fetches its own client's images.
