@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 
 
-def gradleak(*args, cwd=None, check=True):
+def gradleak(*args, cwd=None, check=True, umask=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.run([sys.executable, "-m", "gradleak.cli", *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd, env=env, timeout=600)
+                       cwd=cwd, env=env, timeout=600, preexec_fn=None if umask is None else lambda: os.umask(umask))
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -135,3 +136,19 @@ def test_demo_runs_quickly_when_asked(tmp_path):
     # the spec it wrote resumes the same sweep: nothing left to run
     again = gradleak("sweep", demo / "sweep.yaml", "--out", demo, "--quiet", "--no-report")
     assert f"{len(rows)} already done, 0 run" in again.stdout
+
+
+@pytest.mark.parametrize("umask, file_mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, file_mode):
+    """Files get 0o666 and folders 0o777 less the umask, as open() and mkdir() give them, so that colleagues
+    and web servers can read results where the umask allows it."""
+    obs = tmp_path / "cap" / "obs.pt"
+    gradleak("capture", "--size", 16, "--arch", "lenet_zhu", "--out", obs, umask=umask)
+    gradleak("attack", "--observation", obs, "--truth", tmp_path / "cap" / "truth.npz", "--attack", "ig",
+             "--iterations", 1, "--restarts", 1, "--out", tmp_path / "a", "--quiet", umask=umask)
+    gradleak("report", tmp_path / "a", umask=umask)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"obs.pt", "truth.npz", "reconstruction.npz", "metrics.json", "report.html"} <= {p.name for p in written}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(file_mode) for p in written}
+    for d in (tmp_path / "cap", tmp_path / "a"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shutil
 import sys
@@ -14,7 +15,18 @@ import yaml
 
 from . import __version__
 from .errors import UserError
-from .files import check_output
+from .files import absent_parts, check_output, remove_new
+
+# What the running command's outputs create (files and folders absent before it started): removed if it fails.
+_NEW: list[Path] = []
+
+
+def _output(path, kind: str = "file", what: str = "--out") -> Path:
+    """Check an output target before any work (:func:`gradleak.files.check_output`) and remember what writing
+    it creates, so that a failed command leaves nothing new."""
+    p = check_output(path, kind, what)
+    _NEW.extend(absent_parts(p))
+    return p
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,24 +82,53 @@ def _indices(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _number(text)
     if not v > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'")
     return v
 
 
-def _positive_int(text: str) -> int:
+def _non_negative_float(text: str) -> float:
+    v = _number(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'")
+    return v
+
+
+def _integer(text: str, minimum: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'")
     return v
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer(text, 0, "an integer >= 0")
+
+
+def _seed(text: str) -> int:
+    v = _non_negative_int(text)
+    if v >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2^63, got '{text}'")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
 
 
 # ---------------------------------------------------------------------------------------------- capture
@@ -101,8 +142,8 @@ def cmd_capture(a: argparse.Namespace) -> int:
 
     from .models.checkpoint import check_matches, load_model
 
-    out = check_output(a.out, "file", "--out")
-    truth_path = check_output(a.truth or out.parent / "truth.npz", "file", "--truth")
+    out = _output(a.out, "file", "--out")
+    truth_path = _output(a.truth or out.parent / "truth.npz", "file", "--truth")
     if truth_path.resolve() == out.resolve():
         raise UserError(f"--truth and --out name the same file {out}; the truth goes to a file of its own")
     specs = [parse_spec(s) for s in a.obfuscation or []]
@@ -133,14 +174,8 @@ def cmd_capture(a: argparse.Namespace) -> int:
     obs, bits = capture(batch.images, batch.labels, arch=arch, protocol=proto, num_classes=num_classes,
                         model_seed=a.model_seed, labels_known=a.labels_known, obfuscations=specs,
                         obfuscation_seed=a.seed, **kw)
-    new_obs = not out.exists()
     observation.save(obs, out)
-    try:
-        save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx), truth_path)
-    except BaseException:
-        if new_obs:
-            out.unlink(missing_ok=True)  # a failed capture leaves nothing new
-        raise
+    save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx), truth_path)
     clients = f", {k} clients x {len(idx) // k} images averaged" if k > 1 else ""
     applied = ", ".join(o["name"] for o in obs.obfuscation) or "none"
     victim = f"{arch} from {a.model_state}" if ckpt is not None else arch
@@ -156,7 +191,7 @@ def cmd_obfuscate(a: argparse.Namespace) -> int:
     from . import observation
     from .obfuscation import Context, apply, parse_spec, resolve_all
 
-    check_output(a.out, "file", "--out")
+    _output(a.out, "file", "--out")
     specs = [parse_spec(s) for s in a.spec]
     resolve_all(specs)
     obs = observation.load(a.observation)
@@ -177,7 +212,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
     from .capture import load_truth
     from .experiment.outputs import write_reconstruction
 
-    check_output(a.out, "folder", "--out")
+    _output(a.out, "folder", "--out")
     obs = observation.load(a.observation)
     truth = load_truth(a.truth) if a.truth else None
     if truth is not None and tuple(truth.images.shape) != (obs.num_images, *obs.image_shape):
@@ -295,7 +330,7 @@ def cmd_prior_train(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .prior import train_prior
 
-    out = check_output(a.out, "file", "--out")
+    out = _output(a.out, "file", "--out")
     excluded = _excluded_patients(a)
     ds = load_dataset(a.data, size=a.size)
     degradation, calibration = {}, None
@@ -346,7 +381,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .experiment.run import run_experiment
 
     cfg = config.load(a.config, overrides=dict(a.set or []))
-    check_output(cfg["output_dir"], "folder", f"{a.config}: output_dir")
+    _output(cfg["output_dir"], "folder", f"{a.config}: output_dir")
     folder, metrics = run_experiment(cfg, progress=not a.quiet)
     g = metrics.get("gain_over_baseline") or {}
     gain = (f"  (over the blind baseline: {g['psnr_db']:+.2f} dB, SSIM {g['ssim']:+.4f})"
@@ -364,9 +399,9 @@ def cmd_utility(a: argparse.Namespace) -> int:
     if a.save_rounds is not None:
         overrides["save_rounds"] = a.save_rounds
     cfg = utility.load(a.config, overrides=overrides)
-    out = check_output(a.out, "folder", "--out") if a.out else None
+    out = _output(a.out, "folder", "--out") if a.out else None
     if out is None:
-        check_output(cfg["output_dir"], "folder", f"{a.config}: output_dir")
+        _output(cfg["output_dir"], "folder", f"{a.config}: output_dir")
     res = utility.run_utility(cfg, progress=not a.quiet, folder=out)
     f = res["final"] or {}
     eps = res["epsilon"]
@@ -386,7 +421,7 @@ def cmd_utility(a: argparse.Namespace) -> int:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from .experiment.sweep import load_spec, run_sweep
 
-    check_output(a.out, "folder", "--out")
+    _output(a.out, "folder", "--out")
     spec = load_spec(a.spec, overrides=dict(a.set or []))
     summary = run_sweep(spec, a.out, backend=a.backend, address=a.address, workers=a.workers,
                         progress=not a.quiet, source=str(a.spec))
@@ -410,7 +445,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise UserError(f"experiment folder not found: {folder}" if not folder.exists() else
                         f"{folder} is a file; give a sweep folder or an experiment folder")
-    out = check_output(a.out or folder / "report.html", "file", "--out")
+    out = _output(a.out or folder / "report.html", "file", "--out")
     path = write_report(folder, out=out)
     print(f"report: {path}")
     return 0
@@ -419,7 +454,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .experiment.demo import demo
 
-    demo(out_root=check_output(a.out, "folder", "--out"), iterations=a.iterations, quiet=a.quiet)
+    demo(out_root=_output(a.out, "folder", "--out"), iterations=a.iterations, quiet=a.quiet)
     return 0
 
 
@@ -452,17 +487,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--size", type=_positive_int, default=None, help="image size in px (default: the spec's, else 64)")
     c.add_argument("--indices", type=_indices, default=None, help="comma-separated data set indices")
     c.add_argument("--batch-size", type=_positive_int, default=1, help="images drawn with --seed when no --indices (default 1)")
-    c.add_argument("--seed", type=int, default=0, help="seed for the batch choice and obfuscation noise")
+    c.add_argument("--seed", type=_seed, default=0, help="seed for the batch choice and obfuscation noise")
     c.add_argument("--arch", default=None, help="victim model (lenet5, lenet_zhu, convnet, resnet18, resnet18_nobn; "
                    "default lenet5, or the --model-state file's)")
     c.add_argument("--num-classes", type=_positive_int, default=None, help="default 2, or the --model-state file's")
     c.add_argument("--model-state", default=None, metavar="MODEL.pt",
                    help="victim weights from a model file (e.g. model.pt of 'gradleak utility'): attack a trained "
                         "model instead of a random one; --size defaults to the model's image size")
-    c.add_argument("--model-seed", type=int, default=0, help="seed of the model's random initialisation")
+    c.add_argument("--model-seed", type=_seed, default=0, help="seed of the model's random initialisation")
     c.add_argument("--algorithm", choices=["fedsgd", "fedavg"], default="fedsgd")
     c.add_argument("--local-steps", type=_positive_int, default=1)
-    c.add_argument("--local-lr", type=float, default=0.0)
+    c.add_argument("--local-lr", type=_non_negative_float, default=0.0)
     c.add_argument("--local-batch-size", type=_positive_int, default=None)
     c.add_argument("--sends-buffers", action="store_true", help="the client also sends BatchNorm running statistics")
     c.add_argument("--labels-known", action="store_true", help="the threat model grants the server the labels")
@@ -483,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NAME:key=value,... (e.g. qsgd:levels=16, topk:keep=0.01, sign, uniform:bits=8); "
                    "repeat to compose, applied in order")
     o.add_argument("--out", required=True, help="observation file to write (may equal --observation)")
-    o.add_argument("--seed", type=int, default=0, help="seed of the obfuscation's randomness (default 0)")
+    o.add_argument("--seed", type=_seed, default=0, help="seed of the obfuscation's randomness (default 0)")
     o.set_defaults(func=cmd_obfuscate)
 
     t = sub.add_parser("attack", help="attacker side: reconstruct images from an observation file")
@@ -497,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--iterations", type=_positive_int, default=None)
     t.add_argument("--time-budget", type=_positive_float, default=None, help="wall-clock seconds")
     t.add_argument("--restarts", type=_positive_int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     t.add_argument("--set", type=_kv, action="append", metavar="KEY=VALUE", help="override a preset setting")
     t.add_argument("--prior", default=None, metavar="PRIOR_FILE",
@@ -523,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--limit", type=_positive_int, default=None, help="use at most this many images (whole patients)")
     pt.add_argument("--steps", type=_positive_int, default=1500)
     pt.add_argument("--batch-size", type=_positive_int, default=32)
-    pt.add_argument("--crop", type=int, default=32, help="train on random crops of this side (0: whole images)")
+    pt.add_argument("--crop", type=_non_negative_int, default=32, help="train on random crops of this side (0: whole images)")
     pt.add_argument("--lr", type=_positive_float, default=2e-3)
     pt.add_argument("--width", type=_positive_int, default=16, help="base channels of the U-Net (default 16)")
     pt.add_argument("--label-conditioned", action="store_true", help="condition the prior on the image's label")
@@ -541,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ROG iterations per calibration attack (default 100)")
     pt.add_argument("--checkpoint-every", type=_positive_int, default=100,
                     help="steps between checkpoints (PRIOR.ckpt); rerun the same command to resume")
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--seed", type=_seed, default=0)
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_prior_train)
     pi = prs.add_parser("inspect", help="print a prior file's header")
@@ -602,8 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _NEW.clear()
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except BaseException:
+            remove_new(_NEW)
+            raise
     except UserError as e:
         msg = " ".join(str(e).split())
         print(f"gradleak: error: {msg}", file=sys.stderr)

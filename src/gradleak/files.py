@@ -12,7 +12,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import UserError
 
@@ -100,3 +100,26 @@ def check_output(path: str | os.PathLike, kind: str = "file", what: str = "--out
     if not _writable_folder(base):
         raise UserError(f"{what}: cannot write {path}: the folder {base} is not writable")
     return path
+
+
+def absent_parts(path: str | os.PathLike) -> list[Path]:
+    """``path`` and those of its folders that do not exist yet, deepest first: what writing it creates."""
+    out = []
+    for p in (Path(path), *Path(path).parents):
+        if os.path.lexists(p):
+            break
+        out.append(p)
+    return out
+
+
+def remove_new(paths: Iterable[Path]) -> None:
+    """After a failed command, remove what it created among ``paths`` (each absent before it ran): files,
+    and folders left empty, deepest first. A folder with something in it stays."""
+    for p in sorted(set(map(Path, paths)), key=lambda q: len(q.parts), reverse=True):
+        try:
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        except OSError:
+            pass
