@@ -304,6 +304,18 @@ def test_decompression_bomb_is_one_line_before_decoding(tmp_path, side):
     assert "\n" not in str(e.value)
 
 
+def test_dicom_folders_named_after_patients_are_refused(tmp_path):
+    """An export with one folder per patient would make patients' names the class names, written everywhere."""
+    root = tmp_path / "export"
+    _dicom(root / "DOE_JANE" / "1.dcm", _ramp(8), patient="PHI-1", PatientName="DOE^JANE")
+    _dicom(root / "ROE_RICHARD" / "1.dcm", _ramp(8), patient="PHI-2", PatientName="ROE^RICHARD")
+    with pytest.raises(UserError, match="class folder 1 of 2 .* named after a patient.*labels.csv") as e:
+        load_dataset(f"dicom:{root}")
+    assert "DOE" not in str(e.value)
+    (root / "labels.csv").write_text("filename,label\n1.dcm,0\nROE_RICHARD/1.dcm,1\n")
+    assert load_dataset(f"dicom:{root}").classes == ["0", "1"]
+
+
 def test_dicom_too_many_pixels_refused_from_the_header(tmp_path):
     p = _dicom(tmp_path / "d" / "a.dcm", _ramp(8))
     import pydicom

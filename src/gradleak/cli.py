@@ -552,9 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "kaggle:PATH,split=train or phantoms:n=512")
     pt.add_argument("--size", type=_positive_int, default=64, help="image size in px (default 64)")
     pt.add_argument("--out", required=True, help="prior file to write (safetensors + JSON header)")
-    pt.add_argument("--exclude-patients", default=None, metavar="ID,ID", help="patients never to train on")
+    pt.add_argument("--exclude-patients", default=None, metavar="ID,ID",
+                    help="patients never to train on: ids as the data name them, or their pseudonyms (pt-...)")
     pt.add_argument("--exclude-from", action="append", metavar="FILE",
-                    help="exclude the patients of a truth.npz or of a text file (one id a line); repeatable")
+                    help="exclude the patients of a truth.npz or of a text file (one id or pseudonym a line); "
+                         "repeatable")
     pt.add_argument("--limit", type=_positive_int, default=None, help="use at most this many images (whole patients)")
     pt.add_argument("--steps", type=_positive_int, default=1500)
     pt.add_argument("--batch-size", type=_positive_int, default=32)

@@ -15,6 +15,7 @@ pydicom is imported only here; without it the loader says to install ``gradleak[
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,36 @@ def dicom_to_unit(ds) -> np.ndarray:
     return v
 
 
+def _labels_from_csv(table_path: Path, rels: list[str], paths: list[Path]) -> tuple[list[str], list[int]]:
+    """Classes and labels from ``labels.csv``: whole numbers, or class names (sorted -> 0, 1, ...)."""
+    table = read_csv_map(table_path, "filename", "label", "dicom")
+    raw = []
+    for r, p in zip(rels, paths):
+        v = lookup(table, r, p.name)
+        if v is None or v == "":
+            raise UserError(f"dicom: {r} has no row in {table_path}")
+        raw.append(v)
+    if all(v.lstrip("-").isdigit() for v in raw):
+        labels = integer_labels(np.array([float(v) for v in raw]), f"dicom: {table_path}")
+        return [str(i) for i in range(int(labels.max()) + 1)], labels.tolist()
+    classes = sorted(set(raw))
+    return classes, [classes.index(v) for v in raw]
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", str(text).lower())
+
+
+def _check_classes_name_nobody(root: Path, classes: list[str], identities: list[str]) -> None:
+    """Refuse class folders named after a patient (an export with one folder per patient): the class names
+    are written to every output, and would carry the patient's id or name."""
+    known = {_plain(t) for t in identities} - {""}
+    for k, c in enumerate(classes):
+        if _plain(c) in known:
+            raise UserError(f"dicom: class folder {k + 1} of {len(classes)} in {root} is named after a patient "
+                            f"(one folder per patient?); give the labels in {LABELS_CSV} instead")
+
+
 class DicomDataset(ImageDataset):
     """A folder of DICOM radiographs, decoded lazily."""
 
@@ -92,30 +123,17 @@ class DicomDataset(ImageDataset):
         if not self.paths:
             raise UserError(f"dicom: no .dcm files in {path}")
         rels = [p.relative_to(root).as_posix() for p in self.paths]
-        labels_csv = root / LABELS_CSV
-        if labels_csv.is_file():
-            table = read_csv_map(labels_csv, "filename", "label", "dicom")
-            raw = []
-            for r, p in zip(rels, self.paths):
-                v = lookup(table, r, p.name)
-                if v is None or v == "":
-                    raise UserError(f"dicom: {r} has no row in {labels_csv}")
-                raw.append(v)
-            if all(v.lstrip("-").isdigit() for v in raw):
-                labels = integer_labels(np.array([float(v) for v in raw]), f"dicom: {labels_csv}")
-                self.classes = [str(i) for i in range(int(labels.max()) + 1)]
-            else:
-                self.classes = sorted(set(raw))
-                labels = [self.classes.index(v) for v in raw]
+        if (root / LABELS_CSV).is_file():
+            self.classes, labels = _labels_from_csv(root / LABELS_CSV, rels, self.paths)
             self.labels_from = LABELS_CSV
         else:
             self.classes, labels = class_layout(root, self.paths, "dicom")
             self.labels_from = "folders"
         self.labels = np.asarray(labels, dtype=np.int64)
-        ids = []
-        for p in self.paths:
-            ds = self._read(p, header_only=True)
-            ids.append(str(ds.get("PatientID", "") or "").strip())
+        heads = [self._read(p, header_only=True) for p in self.paths]
+        ids = [str(h.get("PatientID", "") or "").strip() for h in heads]
+        if self.labels_from == "folders":
+            _check_classes_name_nobody(root, self.classes, ids + [str(h.get("PatientName", "") or "") for h in heads])
         self.patient_id_fallbacks = sum(not i for i in ids)
         self.set_identities([i or p.stem for i, p in zip(ids, self.paths)], rels)
 
