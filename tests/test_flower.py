@@ -44,15 +44,6 @@ SPECS = ["topk:keep=0.5", "qsgd:levels=16"]  # qsgd draws from the noise generat
 SEED = 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # as Flower's workers run (one CPU each): the same float sums, so top-k keeps the same entries
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hospitals():
     """40 training phantoms of 10 patients split by patient among 2 hospitals, and 8 evaluation images."""
@@ -254,8 +245,12 @@ def test_flower_utility_run_matches_the_built_in_loop(hospitals):
     settings = Settings(num_clients=2, rounds=2, algorithm="fedsgd", local_batch_size=6, server_lr=0.5,
                         server_momentum=0.5, class_balanced=True, sends_buffers=True)
     kw = dict(evaluation=Evaluation(), obfuscations=[{"name": "topk", "keep": 0.3}], seed=3)
-    seen = []
-    local = simulate(_bn_model(), x, y, clients, xe, ye, settings, **kw)
+    seen, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Flower node runs: the same float sums, so top-k keeps the same entries
+    try:
+        local = simulate(_bn_model(), x, y, clients, xe, ye, settings, **kw)
+    finally:
+        torch.set_num_threads(threads)
     flower = flower_simulate(_bn_model(), x, y, clients, xe, ye, settings,
                              on_round=lambda r, s, rep: seen.append(r), **kw)
     assert isinstance(flower, SimulationResult) and seen == [1, 2]
