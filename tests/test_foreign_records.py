@@ -16,13 +16,15 @@ from test_cli import assert_user_error, gradleak
 
 from gradleak import observation
 from gradleak import obfuscation as ob
-from gradleak.attacks import run_attack
+from gradleak.attacks import preset, run_attack
 from gradleak.attacks.aware import for_observation
 from gradleak.attacks.simulate import Simulator
 from gradleak.errors import UserError
 from gradleak.federated import Protocol
 from gradleak.obfuscation import registry
 from gradleak.obfuscation.params import Number, Params, PerTensor, ServerValues
+
+S = preset("ig")  # the aware objectives' settings, as an attack resolves them
 
 #: What a deployment knows of each built-in obfuscation: its name and the parameters it was given.
 MINIMAL = {
@@ -56,14 +58,14 @@ def test_a_minimal_record_is_attacked_as_gradleaks_own(name):
     obs, _ = tiny_observation("lenet_zhu", n=2, obfuscations=[spec], obfuscation_seed=0)
     minimal = with_records(obs, [spec])
     target = Simulator(obs).target
-    own, derived = for_observation(obs, target, "cosine", True), for_observation(minimal, target, "cosine", True)
+    own, derived = for_observation(obs, target, "cosine", True, S), for_observation(minimal, target, "cosine", True, S)
     cand = candidate(target)
     if name == "relative_gaussian":  # its std depends on the update before the noise: not derivable
         assert own.name.startswith("snr-weighted cosine")
         assert derived.name.startswith("cosine; obfuscation step 1 (relative_gaussian) treated as unknown: its "
                                        "noise std is sigma0 times a percentile of the update before the noise")
         assert derived.info["treated_as_unknown"] and derived(cand).item() == pytest.approx(
-            for_observation(obs, target, "cosine", False)(cand).item())
+            for_observation(obs, target, "cosine", False, S)(cand).item())
     elif name == "snr_gaussian":  # its std is estimated from the received update
         assert derived.name == own.name
         assert derived(cand).item() == pytest.approx(own(cand).item(), rel=0.02)
@@ -96,8 +98,8 @@ def test_a_minimal_record_is_attacked_as_gradleaks_own(name):
 def test_derived_values_match_the_records_gradleak_writes(specs, records, protocol):
     obs, _ = tiny_observation("lenet_zhu", n=2, obfuscations=specs, obfuscation_seed=0, protocol=protocol)
     target = Simulator(obs).target
-    own = for_observation(obs, target, "cosine", True)
-    derived = for_observation(with_records(obs, records), target, "cosine", True)
+    own = for_observation(obs, target, "cosine", True, S)
+    derived = for_observation(with_records(obs, records), target, "cosine", True, S)
     assert derived.name == own.name and "treated_as_unknown" not in derived.info
     cand = candidate(target)
     assert derived(cand).item() == pytest.approx(own(cand).item(), rel=1e-5)
@@ -181,7 +183,7 @@ def test_an_obfuscation_registered_with_a_family_is_attacked_with_no_change_to_t
     obs, truth = tiny_observation("lenet_zhu", n=2, obfuscations=[{"name": "grid", "step": 1e-3}])
     assert obs.obfuscation[0]["name"] == "grid"
     sim = Simulator(obs)
-    matching = for_observation(obs, sim.target, "cosine", True)
+    matching = for_observation(obs, sim.target, "cosine", True, S)
     assert matching.name == "rounding-cell distance"
     # the client's true gradient lies in every rounding cell: only the small pull to the centres remains
     assert matching(sim.update(truth.images, truth.labels)).item() <= 0.01 * 0.25 + 1e-6

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .. import obfuscation
 from ..observation import Observation
 from . import engine
 from .base import Reconstruction, loss_converged
@@ -55,7 +56,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     sim = Simulator(obs, device)
     why = None
     found = None
-    if any(r.get("name") == "sign" for r in obs.obfuscation):
+    if any(obfuscation.get(r["name"]).family == "sign" for r in obs.obfuscation):
         why = "signSGD leaves no magnitudes, and the subset-sum structure of the layer needs them"
     else:
         found = leak(obs, sim, generator=g_leak, time_limit=None if T is None else float(s["leak_share"]) * T,

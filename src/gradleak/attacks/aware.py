@@ -52,18 +52,6 @@ from ..errors import UserError
 from ..observation import Observation
 from .objectives import Matching, Tensors, _flat, plain
 
-#: The sparsifiers' canonical names (what :mod:`.linear_leak` checks records against).
-SPARSIFIERS = tuple(n for n in obfuscation.names() if obfuscation.get(n).family == "sparsify")
-
-#: Settings of the aware objectives (every attack has them; default.yaml gives the values).
-SETTINGS: dict[str, Any] = {
-    "sign_temperature": 0.5,
-    "qsgd_floor": 0.05,
-    "cell_center_weight": 0.01,
-    "lowrank_denoise": True,
-    "sparse_bound_weight": 1.0,
-}
-
 
 def _per_tensor(value, name: str):
     return value[name] if isinstance(value, dict) else value
@@ -114,10 +102,11 @@ def steps(obs: Observation, target: Tensors) -> list[Step]:
 
 
 def for_observation(obs: Observation, target: Tensors, kind: str, knows: bool,
-                    settings: dict[str, Any] | None = None) -> Matching:
+                    settings: dict[str, Any]) -> Matching:
     """The matching for ``obs``: the plain ``kind`` (cosine or l2) unless the attacker knows the
-    obfuscation and an aware form applies."""
-    s = {**SETTINGS, **(settings or {})}
+    obfuscation and an aware form applies. ``settings`` are the attack's resolved settings (the aware
+    objectives' values, e.g. ``sign_temperature``, come from the presets)."""
+    s = settings
     read = steps(obs, target) if knows and obs.obfuscation else []
     if not read:
         return plain(kind, target)

@@ -77,14 +77,18 @@ def _keep_restarts(opt: torch.optim.Optimizer, z: torch.Tensor, keep: torch.Tens
 
 def threat_model(obs: Observation, label_method: str, sim: Simulator, obfuscation_known: bool = False,
                  uses_bn_statistics: bool = False, local_steps: str | None = None,
-                 objective: str | None = None) -> dict[str, Any]:
+                 objective: str | None = None, matching_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    unknown = (matching_info or {}).get("treated_as_unknown")
+    known: bool | str | None = bool(obfuscation_known) if obs.obfuscation else None
+    if known and unknown:
+        known = "partly"
     tm = {
         "server": "honest-but-curious; knows the architecture and the weights it sent",
         "protocol": obs.protocol["algorithm"],
         "labels": label_method,
         "labels_known": label_method == "known",
         "obfuscation": [o["name"] for o in obs.obfuscation],
-        "obfuscation_known": bool(obfuscation_known) if obs.obfuscation else None,
+        "obfuscation_known": known,
         "bn_statistics": ("used" if uses_bn_statistics else "available, unused") if obs.buffers is not None
         else ("not sent" if sim.has_bn else "no BatchNorm"),
     }
@@ -92,6 +96,8 @@ def threat_model(obs: Observation, label_method: str, sim: Simulator, obfuscatio
         tm["local_steps"] = local_steps
     if objective is not None:
         tm["objective"] = objective
+    if known == "partly":
+        tm["obfuscation_treated_as_unknown"] = unknown
     return tm
 
 
@@ -254,7 +260,7 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
         settings=s,
         threat_model=threat_model(obs, label_method, sim, obfuscation_known=knows,
                                   uses_bn_statistics=prior is not None, local_steps=local_steps,
-                                  objective=matching.name),
+                                  objective=matching.name, matching_info=matching.info),
         loss=float(final[best]),
         iterations=budget.done,
         seconds=budget.elapsed,

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import obfuscation
 from ..observation import Observation
-from .aware import SPARSIFIERS, _per_tensor
+from .aware import _per_tensor, steps
 from .disaggregate import separate
 from .simulate import Simulator
 from .unroll import delta_to_gradient
@@ -70,13 +71,12 @@ def observed_matrix(obs: Observation, sim: Simulator, layer: str
     if p.algorithm == "fedavg":
         G = G * delta_to_gradient(p)
         info["fedavg"] = "delta read as -delta / (lr * steps)"
-    names = [r.get("name") for r in obs.obfuscation]
+    sparsifiers = [st for st in steps(obs, sim.target) if st.ob.family == "sparsify"]
     observed = None
-    if any(n in SPARSIFIERS for n in names):
+    if sparsifiers:
         observed = G != 0
-        if "randk" in names:
-            rec = next(r for r in obs.obfuscation if r.get("name") == "randk")
-            res = _per_tensor(rec.get("rescale"), f"{layer}.weight")
+        for st in sparsifiers:  # random-k rescales what it keeps (to stay unbiased)
+            res = _per_tensor((st.values or {}).get("rescale"), f"{layer}.weight")
             if res:
                 G = G / float(res)
         info["sent"] = round(float(observed.double().mean()), 6)
@@ -151,7 +151,8 @@ def exact_scale(obs: Observation, sim: Simulator) -> bool:
     with one full-batch step), no per-example clipping, no clipping of the whole update."""
     p = sim.protocol
     one_step = p.algorithm == "fedsgd" or (int(p.local_steps) == 1 and p.local_batch_size is None)
-    clipped = p.per_example_clip is not None or any(r.get("clip") is not None for r in obs.obfuscation)
+    clipped = p.per_example_clip is not None or any(not obfuscation.get(r["name"]).recovers_scale(r)
+                                                    for r in obs.obfuscation)
     return one_step and not clipped
 
 
