@@ -8,9 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -134,6 +132,9 @@ def test_central_dp_observation_is_the_clipped_unnoised_update(hospitals):
     assert "server" in record["applied_by"] and dp["aggregate_noise_std"] == pytest.approx(0.025)
     raw = observation_from_reply(reply, state, model=HEADER, dp=dp, unclipped=True)
     assert raw.obfuscation == [] and float(sum(v.norm() ** 2 for v in raw.update.values())) ** 0.5 > 0.05
+    assert "without noise" in dp["server_sees"]
+    wrapper = DifferentialPrivacyServerSideFixedClipping(FedAvg(), 1.0, 0.05, 2)
+    assert "as the client sent it" in central_dp(wrapper, unclipped=True)["server_sees"]
 
 
 def test_capture_needs_a_protocol_and_refuses_weights_read_as_a_gradient(hospitals):
