@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import obfuscation
 from ..errors import UserError
+from ..validation import set_dotted
 from . import config as config_mod
 from .outputs import _jsonable
 
@@ -29,14 +30,6 @@ class Cell:
     @property
     def device(self) -> str:
         return str(self.config["attack"]["device"])
-
-
-def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    node = cfg
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = copy.deepcopy(value)
 
 
 def digest(obj: Any, n: int = 10) -> str:
@@ -63,7 +56,7 @@ def expand(spec: dict[str, Any], source: str = "sweep") -> list[Cell]:
         cfg = copy.deepcopy(spec["base"])
         params = dict(zip(keys, combo))
         for k, v in params.items():
-            _set(cfg, k, v)
+            set_dotted(cfg, k, copy.deepcopy(v), source)
         cfg["name"] = spec["name"]
         cfg = config_mod.from_dict(cfg, source=f"{source} (cell {index})")
         cfg.pop("output_dir", None)

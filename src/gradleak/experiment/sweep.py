@@ -46,6 +46,7 @@ import yaml
 
 from ..errors import UserError
 from ..metrics.reid import ReidContext, cell_reid, prepare_reid
+from ..validation import dump_yaml, load_yaml
 from .backends import LocalBackend, RayBackend
 from .grid import Cell, check_cells, check_data, digest, expand, params_text
 from .labels import obfuscation_label, setting_label
@@ -204,7 +205,7 @@ def open_folder(folder: Path, spec: dict[str, Any]) -> Path:
     spec_path = folder / "sweep.yaml"
     if spec_path.is_file():
         try:
-            old = yaml.safe_load(spec_path.read_text()) or {}
+            old = load_yaml(spec_path.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError):
             raise UserError(f"{spec_path}: not valid YAML; move the folder away or use another --out") from None
         if not isinstance(old, dict):
@@ -217,7 +218,7 @@ def open_folder(folder: Path, spec: dict[str, Any]) -> Path:
     elif folder.exists() and any(folder.iterdir()):
         raise UserError(f"--out {folder} exists, is not empty and holds no sweep.yaml; use another folder")
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(spec_path, yaml.safe_dump(_jsonable({"format": SWEEP_FORMAT, **spec}), sort_keys=False))
+    write_text(spec_path, dump_yaml(_jsonable({"format": SWEEP_FORMAT, **spec})))
     (folder / "cells").mkdir(exist_ok=True)
     for leftover in (folder / "cells").glob(".*"):
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)

@@ -21,13 +21,13 @@ validates. :func:`server_record` reads a record as a knowing server, whoever wro
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..errors import UserError
+from ..validation import nearest, parse_value
 from .params import NoParams, Params, ServerValues, check
 
 Tensors = dict[str, torch.Tensor]
@@ -167,8 +167,8 @@ def canonical(name: str) -> str:
     key = name.strip().lower() if isinstance(name, str) else None  # a name is a string (None is not 'none')
     key = NAME_ALIASES.get(key, key)
     if key not in _REGISTRY:
-        near = difflib.get_close_matches(str(name), names() + list(NAME_ALIASES), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(names())})"
+        near = nearest(name, names() + list(NAME_ALIASES))
+        hint = f" (did you mean '{near}'?)" if near else f" (known: {', '.join(names())})"
         raise UserError(f"unknown obfuscation '{name}'{hint}")
     return key
 
@@ -179,29 +179,11 @@ def get(name: str) -> Obfuscation:
 
 
 # ----------------------------------------------------------------------------------------------- specs
-def _scalar(text: str) -> Any:
-    t = text.strip()
-    low = t.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null", "~", ""):
-        return None
-    try:
-        return int(t)
-    except ValueError:
-        pass
-    try:
-        return float(t)
-    except ValueError:
-        return t
-
-
 def parse_spec(text: str) -> dict[str, Any]:
     """``NAME[:key=value,...]`` -> ``{"name": NAME, key: value, ...}``.
 
-    Values are read as integers, numbers, ``true``/``false``, ``none``, else strings, e.g.
+    Values are read as YAML 1.2 scalars (integers, numbers such as ``1e-3``, ``true``/``false``, ``null``,
+    and ``none`` for an absent value), else strings, e.g.
     ``qsgd:levels=16,norm=l2`` or ``gaussian:clip=1,noise_multiplier=0.01``.
     """
     text = str(text).strip()
@@ -215,7 +197,8 @@ def parse_spec(text: str) -> dict[str, Any]:
         k, v = item.split("=", 1)
         if not k.strip():
             raise UserError(f"obfuscation spec '{text}': empty key in '{item}'")
-        spec[k.strip()] = _scalar(v)
+        value = parse_value(v)
+        spec[k.strip()] = None if isinstance(value, str) and value.lower() == "none" else value
     return spec
 
 
@@ -251,8 +234,8 @@ def resolve(spec: Any) -> tuple[Obfuscation, dict[str, Any]]:
     params = {k: v for k, v in spec.items() if k != "name"}
     unknown = [k for k in params if k not in ob.params.model_fields]
     if unknown:
-        near = difflib.get_close_matches(unknown[0], list(ob.defaults) + list(ob.keys), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else (
+        near = nearest(unknown[0], list(ob.defaults) + list(ob.keys))
+        hint = f" (did you mean '{near}'?)" if near else (
             f" (it takes {', '.join(ob.defaults)})" if ob.defaults else " (it takes none)")
         raise UserError(f"obfuscation '{ob.name}' has no parameter '{unknown[0]}'{hint}")
     return ob, ob.check(params)
