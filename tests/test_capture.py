@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from test_cli import assert_user_error, gradleak
@@ -36,7 +37,7 @@ def test_capture_batch_draws_the_default_batch_per_client_and_records_its_proven
     assert c.observation.model["arch"] == "lenet5" and c.dataset.size == 16
     two = capture_batch(PHANTOMS, protocol=Protocol(num_clients_averaged=2), batch_size=3, size=16, seed=1)
     assert two.observation.num_images == 6 and two.observation.protocol.images_per_client == 3
-    with pytest.raises(UserError, match="3 indices given, which 2 clients cannot share evenly"):
+    with pytest.raises(UserError, match="the indices give 3 images, which 2 clients cannot share evenly"):
         capture_batch(PHANTOMS, protocol=Protocol(num_clients_averaged=2), indices=[0, 1, 2], size=16)
 
 
@@ -94,6 +95,21 @@ def test_the_digest_ties_a_truth_file_to_its_capture_and_survives_obfuscation(tm
     lines = []
     check_truth(load_truth(tmp_path / "old.npz"), back, truth_path="old.npz", warn=lines.append)
     assert len(lines) == 1 and "old.npz" in lines[0] and "no digest" in lines[0]
+
+
+def test_truth_files_that_cannot_be_right_are_one_line_errors(tmp_path):
+    a = capture_batch(PHANTOMS, protocol=Protocol(), batch_size=2, size=16, seed=1)
+    a.save(tmp_path / "a.pt", tmp_path / "a.npz")
+    z = dict(np.load(tmp_path / "a.npz"))
+    for name, change, fragment in [("frac", {"labels": np.array([0.5, 1.0])}, "whole class numbers"),
+                                   ("nan", {"images": np.full_like(z["images"], np.nan)}, "NaN or Inf"),
+                                   ("short", {"labels": np.array([0])}, r"one class per image \(2\)")]:
+        np.savez(tmp_path / f"{name}.npz", **{**z, **change})
+        with pytest.raises(UserError, match=fragment):
+            load_truth(tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "small.npz", **{**z, "images": z["images"][:, :, :8, :8]})
+    with pytest.raises(UserError, match=r"small.npz: images have shape \(2, 1, 8, 8\) but a.pt holds 2 images"):
+        load_truth(tmp_path / "small.npz", a.observation, observation_path="a.pt")
 
 
 def test_attack_refuses_the_truth_file_of_another_capture(tmp_path):

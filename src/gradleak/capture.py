@@ -170,7 +170,7 @@ def capture_batch(data: Any, *, protocol: Protocol, indices: list[int] | None = 
     k = protocol.num_clients_averaged
     idx = choose_indices(len(ds), batch_size * k, indices, seed)
     if len(idx) % k:
-        raise UserError(f"{len(idx)} indices given, which {k} clients cannot share evenly")
+        raise UserError(f"the indices give {len(idx)} images, which {k} clients cannot share evenly")
     batch = ds.batch(idx)
     meta: dict[str, Any] = {"data": ds.describe(), "indices": idx}
     if ckpt is not None:
@@ -212,8 +212,12 @@ def _warn(line: str) -> None:
 def check_truth(truth: Truth, obs: Observation, *, truth_path: str | os.PathLike,
                 observation_path: str | os.PathLike = "the observation",
                 warn: Callable[[str], None] | None = _warn) -> None:
-    """Refuse (one-line :class:`UserError`) a truth file whose digest is not ``obs``'s; a truth file without a
-    digest (written by an older gradleak) is accepted with one warning line through ``warn``."""
+    """Refuse (one-line :class:`UserError`) a truth file whose images do not fit ``obs`` or whose digest is not
+    ``obs``'s; a truth file without a digest (written by an older gradleak) is accepted with one warning line
+    through ``warn``."""
+    if tuple(truth.images.shape) != (obs.num_images, *obs.image_shape):
+        raise UserError(f"{truth_path}: images have shape {tuple(truth.images.shape)} but {observation_path} "
+                        f"holds {obs.num_images} images of {obs.image_shape}")
     if truth.observation_digest is None:
         if warn is not None:
             warn(f"gradleak: warning: {truth_path} records no digest of its observation (an older truth file), "
@@ -236,7 +240,10 @@ def load_truth(path: str | os.PathLike, obs: Observation | None = None, *,
             if "images" not in z or "labels" not in z:
                 raise UserError(f"{path}: a truth file needs 'images' and 'labels'")
             images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32))
-            labels = torch.from_numpy(np.asarray(z["labels"]).astype(np.int64))
+            raw_labels = np.asarray(z["labels"])
+            if raw_labels.dtype.kind == "f" and not np.all(np.isfinite(raw_labels) & (raw_labels == np.round(raw_labels))):
+                raise UserError(f"{path}: 'labels' must be whole class numbers")
+            labels = torch.from_numpy(raw_labels.astype(np.int64))
             pids = [str(p) for p in z["patient_ids"]] if "patient_ids" in z else [""] * len(labels)
             names = [str(p) for p in z["names"]] if "names" in z else [""] * len(labels)
             idx = [int(i) for i in z["indices"]] if "indices" in z else list(range(len(labels)))
@@ -247,6 +254,11 @@ def load_truth(path: str | os.PathLike, obs: Observation | None = None, *,
         raise UserError(f"{path}: not a readable truth .npz file ({type(e).__name__})") from None
     if images.dim() != 4:
         raise UserError(f"{path}: 'images' must be N x C x H x W, got shape {tuple(images.shape)}")
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise UserError(f"{path}: 'labels' must hold one class per image ({len(images)}), got shape "
+                        f"{tuple(labels.shape)}")
+    if not torch.isfinite(images).all():
+        raise UserError(f"{path}: 'images' contain NaN or Inf")
     truth = Truth(images=images, labels=labels, patient_ids=pids, names=names, indices=idx, observation_digest=dig)
     if obs is not None:
         check_truth(truth, obs, truth_path=path, observation_path=observation_path)
