@@ -277,6 +277,70 @@ def _show(bar, rep: RoundReport) -> None:
     bar.update(1)
 
 
+class Rounds:
+    """What a simulation books after each round, whoever ran the clients (this module's loop or Flower's
+    engine): the round's report (clients, images, bits, client-level epsilon so far, evaluation when due),
+    the best evaluation and early stopping, the ``on_round`` callback and the progress bar.
+
+        rounds = Rounds(model, settings, evaluation, eval_images, eval_labels, sizes)
+        for r in ...:  # the clients' uploads reach the server, then
+            if rounds.book(r, t0, chosen, uploads, server): break
+        result = rounds.result(server)
+    """
+
+    def __init__(self, model: nn.Module, settings: Settings, evaluation: Evaluation, eval_images: torch.Tensor,
+                 eval_labels: torch.Tensor, sizes: np.ndarray, *, delta: float | None = None, progress: bool = False,
+                 on_round: Callable[[int, Tensors, dict[str, Any]], None] | None = None):
+        self.model, self.settings, self.evaluation = model, settings, evaluation
+        self.eval_images, self.eval_labels, self.sizes, self.delta = eval_images, eval_labels, sizes, delta
+        self.on_round = on_round
+        self.best = _Best(evaluation)
+        self.reports: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
+        self.metrics: dict[str, Any] | None = None
+        self.update_bits: list[int] = []
+        self.stopped = False
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=settings.rounds, desc="rounds", unit="round", dynamic_ncols=True)
+
+    def book(self, r: int, t0: float, chosen: list[int], uploads: Uploads, server: Server) -> bool:
+        """Book round ``r`` (begun at ``perf_counter()`` ``t0``) after ``server`` received ``uploads`` from the
+        ``chosen`` clients; True when early stopping ends the run here."""
+        s, ev = self.settings, self.evaluation
+        self.update_bits += uploads.bits
+        if uploads.records:
+            self.records = obfuscation.merge_client_records(uploads.records)
+        eps = epsilon_after(self.records, s.sample_rate, r, self.delta)
+        rep = RoundReport(r, chosen, int(self.sizes[chosen].sum()) if chosen else 0, sum(uploads.bits), eps, 0.0)
+        state = server.state()
+        if r % ev.every == 0 or r == s.rounds:
+            rep.metrics = self.metrics = evaluate(self.model, state, self.eval_images, self.eval_labels,
+                                                  ev.threshold, ev.batch_size)
+            self.best.update(r, rep.metrics, state)
+        rep.seconds = time.perf_counter() - t0
+        report = rep.as_dict()
+        self.reports.append(report)
+        if self.on_round:
+            self.on_round(r, state, report)
+        if self.bar is not None:
+            _show(self.bar, rep)
+        self.stopped = self.best.patience_spent
+        return self.stopped
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def result(self, server: Server) -> SimulationResult:
+        b = self.best
+        return SimulationResult(
+            rounds=self.reports, final_state=server.state(), best_state=b.state, best_round=b.round, best=b.metrics,
+            final=self.metrics, stopped_early=self.stopped, obfuscation=self.records,
+            bits_per_update=float(np.mean(self.update_bits)) if self.update_bits else 0.0)
+
+
 def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clients: Sequence[np.ndarray],
              eval_images: torch.Tensor, eval_labels: torch.Tensor, settings: Settings, *,
              evaluation: Evaluation | None = None, obfuscations: Sequence[dict[str, Any]] = (),
@@ -302,50 +366,20 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
     sizes = np.array([len(c) for c in clients], dtype=np.int64)
     fed = _Federation(model, images.to(dev), labels.to(dev), labels.cpu().numpy(), clients, sizes, settings, specs,
                       np.random.default_rng(seed), torch.Generator().manual_seed(int(seed)))
-    best = _Best(evaluation)
-    reports: list[dict[str, Any]] = []
-    last_records: list[dict[str, Any]] = []
-    last_metrics: dict[str, Any] | None = None
-    update_bits: list[int] = []
-    stopped = False
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=settings.rounds, desc="rounds", unit="round", dynamic_ncols=True)
+    rounds = Rounds(model, settings, evaluation, eval_images, eval_labels, sizes, delta=delta, progress=progress,
+                    on_round=on_round)
     try:
         for r in range(1, settings.rounds + 1):
             t0 = time.perf_counter()
             chosen = fed.sample()
             uploads = fed.uploads(chosen, server.state())
             server.receive(uploads)
-            update_bits += uploads.bits
-            if uploads.records:
-                last_records = obfuscation.merge_client_records(uploads.records)
-            eps = epsilon_after(last_records, settings.sample_rate, r, delta)
-            rep = RoundReport(r, chosen, int(sizes[chosen].sum()) if chosen else 0, sum(uploads.bits), eps, 0.0)
-            new_state = server.state()
-            if r % evaluation.every == 0 or r == settings.rounds:
-                rep.metrics = last_metrics = evaluate(model, new_state, eval_images, eval_labels,
-                                                      evaluation.threshold, evaluation.batch_size)
-                best.update(r, rep.metrics, new_state)
-            rep.seconds = time.perf_counter() - t0
-            report = rep.as_dict()
-            reports.append(report)
-            if on_round:
-                on_round(r, new_state, report)
-            if bar is not None:
-                _show(bar, rep)
-            if best.patience_spent:
-                stopped = True
+            if rounds.book(r, t0, chosen, uploads, server):
                 break
     finally:
-        if bar is not None:
-            bar.close()
-    return SimulationResult(
-        rounds=reports, final_state=server.state(), best_state=best.state, best_round=best.round,
-        best=best.metrics, final=last_metrics, stopped_early=stopped, obfuscation=last_records,
-        bits_per_update=float(np.mean(update_bits)) if update_bits else 0.0)
+        rounds.close()
+    return rounds.result(server)
 
 
-__all__ = ["Evaluation", "Server", "Settings", "SimulationResult", "Uploads", "dp_records", "epsilon_after",
+__all__ = ["Evaluation", "Rounds", "Server", "Settings", "SimulationResult", "Uploads", "dp_records", "epsilon_after",
            "evaluate", "schedule_dp", "simulate"]
