@@ -70,7 +70,8 @@ def test_mean_update_accumulates_in_float64_and_keeps_the_dtype():
     assert mean_update(ups)["w"].item() == pytest.approx(1 / 3) and mean_update(ups)["w"].dtype == torch.float32
     weighted = mean_update([{"w": torch.tensor([2.0])}, {"w": torch.tensor([6.0])}], [3, 1])
     assert weighted["w"].item() == 3.0
-    bufs = mean_buffers([{"m": torch.tensor([1.0]), "n": torch.tensor(3)}, {"m": torch.tensor([2.0]), "n": torch.tensor(3)}])
+    bufs = mean_buffers([{"m": torch.tensor([1.0]), "n": torch.tensor(3)},
+                         {"m": torch.tensor([2.0]), "n": torch.tensor(3)}])
     assert bufs["m"].item() == 1.5 and bufs["n"].dtype == torch.int64 and bufs["n"].item() == 3
     with pytest.raises(ValueError):
         mean_update([])

@@ -241,7 +241,8 @@ def load_truth(path: str | os.PathLike, obs: Observation | None = None, *,
                 raise UserError(f"{path}: a truth file needs 'images' and 'labels'")
             images = torch.from_numpy(np.asarray(z["images"], dtype=np.float32))
             raw_labels = np.asarray(z["labels"])
-            if raw_labels.dtype.kind == "f" and not np.all(np.isfinite(raw_labels) & (raw_labels == np.round(raw_labels))):
+            whole = np.isfinite(raw_labels) & (raw_labels == np.round(raw_labels)) if raw_labels.dtype.kind == "f" else True
+            if not np.all(whole):
                 raise UserError(f"{path}: 'labels' must be whole class numbers")
             labels = torch.from_numpy(raw_labels.astype(np.int64))
             pids = [str(p) for p in z["patient_ids"]] if "patient_ids" in z else [""] * len(labels)

@@ -225,7 +225,8 @@ def _check_data(data: Any, model: dict, bad) -> None:
     for k in ("mean", "std"):
         if k in data and (not isinstance(data[k], (list, tuple)) or len(data[k]) not in (1, int(model["in_channels"]))):
             raise bad(f"data.{k} must be a list of 1 or in_channels numbers")
-    if "std" in data and any((not isinstance(s, (int, float))) or not s > 0 or not math.isfinite(s) for s in data["std"]):
+    if "std" in data and any(not isinstance(s, (int, float)) or not s > 0 or not math.isfinite(s)
+                             for s in data["std"]):
         raise bad("data.std must be positive")
 
 

@@ -1,11 +1,12 @@
 """Multi-round federated training: what each obfuscation costs the model.
 
 A server trains a classifier with K clients over R rounds. Each client holds the images of its own
-patients (a patient's images are never split between clients, :mod:`gradleak.federated.partition`), computes its update with the one client
-code path (:func:`gradleak.federated.client.client_update`, which wraps
-:func:`gradleak.federated.protocol.local_update`), obfuscates it with :func:`gradleak.obfuscation.apply`
-exactly as an attack capture does, and the server averages the updates weighted by the clients' sample
-counts (:func:`gradleak.federated.arithmetic.mean_update`). The global model is evaluated on a held-out set after every round.
+patients (a patient's images are never split between clients: :mod:`gradleak.federated.partition`),
+computes its update with the one client code path (:func:`gradleak.federated.client.client_update`,
+which wraps :func:`gradleak.federated.protocol.local_update`), obfuscates it with
+:func:`gradleak.obfuscation.apply` exactly as an attack capture does, and the server averages the updates
+weighted by the clients' sample counts (:func:`gradleak.federated.arithmetic.mean_update`). The global
+model is evaluated on a held-out set after every round.
 
     clients = partition_by_patient(labels, patient_ids, 10, scheme="dirichlet", alpha=0.5, seed=0)
     result = simulate(model, images, labels, clients, eval_images, eval_labels, settings, seed=0)
@@ -34,9 +35,8 @@ from ..obfuscation import accounting
 from ..metrics.classification import binary_metrics
 from .arithmetic import mean_buffers, mean_update
 from .client import client_update
-from .partition import PARTITIONS, partition_by_patient  # noqa: F401  (transitional: utility imports them from here)
 from .protocol import Tensors, split_state
-from .settings import MONITORS, SAMPLINGS, Evaluation, Settings  # noqa: F401  (SAMPLINGS: as above)
+from .settings import MONITORS, Evaluation, Settings
 
 
 # ------------------------------------------------------------------------------------------ server
