@@ -85,14 +85,14 @@ def test_mod_output_is_obfuscation_apply_on_the_same_update_and_seed(hospitals):
     mod = obfuscation_mod(SPECS, seed=SEED)
     out = mod(_train_message(state, 3), _context(1), lambda m, c: train_reply(m, _model(), images, labels, PROTOCOL))
     sent = to_tensors(out.content["arrays"])
-    header = PROTOCOL.observed(len(images)).header()
+    observed = PROTOCOL.observed(len(images))
     expected, records, bits = obfuscation.apply(SPECS, _expected_update(state, images, labels),
-                                                noise_generator(SEED, 3, 1), obfuscation.Context.from_protocol(header))
+                                                noise_generator(SEED, 3, 1), obfuscation.Context.from_protocol(observed))
     for name, value in expected.items():
         assert torch.equal(sent[name], state[name] + value), name
     info = read_info(out.content)
     assert info["obfuscation"] == records and info["update_bits"] == bits
-    assert info["protocol"] == header and (info["round"], info["client"]) == (3, 1)
+    assert info["protocol"] == observed.header() and (info["round"], info["client"]) == (3, 1)
     assert "labels" not in info  # FedAvg does not reveal labels
     # another round draws other noise, and so does a client with no seed (from the operating system)
     def sent_by(mod, server_round):
@@ -219,7 +219,7 @@ def test_captures_validate_and_hold_what_each_client_sent(federation, hospitals)
         # and what the client's mod made of gradleak's own update: obfuscation.apply with the same seed
         expected, records, _ = obfuscation.apply(
             SPECS, _expected_update(sent, x[clients[k]], y[clients[k]]), noise_generator(SEED, r, k),
-            obfuscation.Context.from_protocol(obs.protocol.header()))
+            obfuscation.Context.from_protocol(obs.protocol))
         assert [rec["name"] for rec in obs.obfuscation] == ["topk", "qsgd"]
         for name, value in expected.items():
             assert torch.allclose(obs.update[name], value, atol=1e-6), name

@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from gradleak import obfuscation as ob
 from gradleak.errors import UserError
+from gradleak.federated import ObservedProtocol
 from gradleak.obfuscation import accounting
 from gradleak.obfuscation._common import elias_omega, elias_omega_lengths, index_bits
 from gradleak.obfuscation.noise import clip_update
@@ -536,7 +537,8 @@ def test_parameter_models_keep_strict_types():
 
 
 def _received(update, exact=True, **protocol):
-    return ob.Received(update, ob.Context.from_protocol({"num_images": 4, "algorithm": "fedsgd", **protocol}),
+    header = {"num_images": 4, "algorithm": "fedsgd", **protocol}
+    return ob.Received(update, ob.Context.from_protocol(ObservedProtocol.from_header(header)),
                        exact)
 
 
@@ -591,7 +593,7 @@ def test_server_record_estimates_snr_noise_and_says_what_it_cannot_derive():
                             _received(out, per_example_clip=1.0))["sigma"] == pytest.approx(0.5)
     with pytest.raises(ob.Underivable, match="under fedavg"):
         ob.server_record({"name": "gaussian", "noise_multiplier": 2.0},
-                         _received(out, per_example_clip=1.0, algorithm="fedavg"))
+                         _received(out, per_example_clip=1.0, algorithm="fedavg", local_lr=0.1))
     with pytest.raises(ob.Underivable, match="parameters are invalid .*levels must be an integer >= 2"):
         ob.server_record({"name": "qsgd", "levels": 1}, _received(out))
     with pytest.raises(ob.Underivable, match="s must be an integer >= 1, got 'x'"):

@@ -50,7 +50,7 @@ def test_per_example_clipping_matches_a_loop_over_images_and_bounds_each_contrib
 
 def test_per_example_clipping_is_recorded_and_simulated_by_the_attacker():
     obs, truth = _capture(Protocol(per_example_clip=0.05), n=3)
-    assert obs.protocol["per_example_clip"] == 0.05
+    assert obs.protocol.per_example_clip == 0.05
     sim = Simulator(obs)
     assert sim.protocol.per_example_clip == 0.05
     assert _close(sim.update(truth[0], truth[1]), obs.update, 1e-6)
@@ -91,8 +91,8 @@ def test_k_clients_averaged_is_the_mean_of_the_client_updates_and_the_simulator_
     kw = {"local_lr": 0.1, "local_steps": 2} if algorithm == "fedavg" else {}
     proto = Protocol(algorithm=algorithm, num_clients_averaged=2, **kw)
     obs, (x, y) = _capture(proto, n=4)
-    assert obs.protocol["num_clients_averaged"] == 2 and obs.protocol["num_images"] == 4
-    assert obs.protocol["images_per_client"] == 2 and obs.protocol["local_batch_size"] == 2
+    assert obs.protocol.num_clients_averaged == 2 and obs.protocol.num_images == 4
+    assert obs.protocol.images_per_client == 2 and obs.protocol.header()["local_batch_size"] == 2
     model = build("lenet_zhu", 2, 1, 16, seed=0)
     one = Protocol(algorithm=algorithm, **kw)
     parts = [client_update(model, obs.global_state, x[s], y[s], one)[0] for s in client_slices(4, 2)]

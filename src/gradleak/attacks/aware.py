@@ -58,11 +58,11 @@ def _per_tensor(value, name: str):
 
 
 def _num_clients(obs: Observation) -> int:
-    return int(obs.protocol.get("num_clients_averaged") or 1)
+    return int(obs.protocol.num_clients_averaged)
 
 
 def _images_per_client(obs: Observation) -> int:
-    return int(obs.protocol.get("images_per_client") or obs.num_images // _num_clients(obs))
+    return int(obs.protocol.images_per_client)
 
 
 @dataclass
@@ -172,8 +172,8 @@ def _noise_matching(obs: Observation, t: Tensors, kind: str, s: dict[str, Any], 
     sigma = {k: float(_per_tensor(noise, k)) for k in t}
     if s["lowrank_denoise"]:
         rank = _images_per_client(obs)
-        if obs.protocol["algorithm"] == "fedavg":
-            rank *= int(obs.protocol.get("local_steps", 1))
+        if obs.protocol.algorithm == "fedavg":
+            rank *= int(obs.protocol.local_steps)
         denoised = lowrank_denoise(t, rank)
         for k in t:
             if denoised[k] is not t[k]:  # the noise left in a rank-r projection of an m x n matrix

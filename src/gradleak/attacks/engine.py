@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..federated.arithmetic import fedavg_delta_scale
 from ..observation import Observation
 from . import aware
 from . import bn_prior as bn
@@ -84,7 +85,7 @@ def threat_model(obs: Observation, label_method: str, sim: Simulator, obfuscatio
         known = "partly"
     tm = {
         "server": "honest-but-curious; knows the architecture and the weights it sent",
-        "protocol": obs.protocol["algorithm"],
+        "protocol": obs.protocol.algorithm,
         "labels": label_method,
         "labels_known": label_method == "known",
         "obfuscation": [o["name"] for o in obs.obfuscation],
@@ -121,13 +122,13 @@ def run(obs: Observation, settings: dict[str, Any], *, attack: str, device: str 
     knows = bool(s["attacker_knows_obfuscation"])
     matching = aware.for_observation(obs, observed, s["objective"], knows, s)
     local_steps = None
-    if obs.protocol["algorithm"] == "fedavg":
+    if obs.protocol.algorithm == "fedavg":
         if s["unroll_local_steps"]:
             local_steps = "unrolled"
         else:
             assume_fedsgd(sim)  # simulate one gradient; compare it as the delta it stands for
             local_steps = "read as one gradient step"
-            matching = in_delta_units(matching, -float(obs.protocol["local_lr"]) * int(obs.protocol["local_steps"]))
+            matching = in_delta_units(matching, fedavg_delta_scale(obs.protocol))
     R, B, K = int(s["restarts"]), sim.num_images, sim.num_classes
     decoder = decoders.build(s["decoder"], sim.image_shape, int(s["scale_factor"]))
     if init_images is not None:

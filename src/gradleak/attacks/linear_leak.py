@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import obfuscation
+from ..federated.arithmetic import fedavg_gradient_scale
 from ..observation import Observation
 from .aware import _per_tensor, steps
 from .disaggregate import separate
 from .simulate import Simulator
-from .unroll import delta_to_gradient
 
 
 @dataclass
@@ -69,7 +69,7 @@ def observed_matrix(obs: Observation, sim: Simulator, layer: str
     info: dict[str, Any] = {}
     p = sim.protocol
     if p.algorithm == "fedavg":
-        G = G * delta_to_gradient(p)
+        G = G * fedavg_gradient_scale(p)
         info["fedavg"] = "delta read as -delta / (lr * steps)"
     sparsifiers = [st for st in steps(obs, sim.target) if st.ob.family == "sparsify"]
     observed = None

@@ -18,11 +18,6 @@ from ..federated.arithmetic import fedavg_gradient_scale
 from .objectives import Matching
 from .simulate import Simulator
 
-#: transitional: the old name of :func:`gradleak.federated.arithmetic.fedavg_gradient_scale`, until
-#: ``linear_leak`` imports that instead
-delta_to_gradient = fedavg_gradient_scale
-
-
 def assume_fedsgd(sim: Simulator) -> Simulator:
     """Turn ``sim`` into a FedSGD simulator whose target is the delta read as a mean gradient
     (:func:`gradleak.federated.arithmetic.fedavg_gradient_scale`)."""

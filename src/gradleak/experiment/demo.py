@@ -37,7 +37,7 @@ def attacked_patients(base: dict[str, Any]) -> list[str]:
     """The patients whose images the demo's cells attack (every cell draws the same batch)."""
     from ..data import load_dataset
     from .config import from_dict
-    from .run import choose_indices
+    from ..capture import choose_indices
 
     cfg = from_dict(json.loads(json.dumps(base)), source="demo")
     ds = load_dataset(cfg["data"])

@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import obfuscation
 from ..errors import UserError
-from ..federated.protocol import Protocol
+from ..federated.protocol import ObservedProtocol, Protocol
 from .records import array_key, client_of, is_train, num_examples, read_info, round_of, to_record, to_tensors, \
     write_info
 
@@ -93,7 +93,9 @@ class ObfuscationMod:
         names = self._parameters(info, arrays)
         update = {n: arrays[n] - sent[n] if mode == "weights" else arrays[n] for n in names}
         header = info.get("protocol") or protocol_header(self.protocol, num_examples(out.content))
-        ctx = obfuscation.Context.from_protocol(header or {}, sample_rate=self.sample_rate, rounds=self.rounds)
+        kw = {"sample_rate": self.sample_rate, "rounds": self.rounds}
+        ctx = (obfuscation.Context.from_protocol(ObservedProtocol.from_header(header), **kw) if header
+               else obfuscation.Context(**kw))
         server_round, client = round_of(msg), client_of(context)
         obfuscated, records, bits = obfuscation.apply(self.specs, update, noise_generator(self.seed, server_round,
                                                                                              client), ctx)

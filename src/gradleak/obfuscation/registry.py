@@ -22,13 +22,16 @@ validates. :func:`server_record` reads a record as a knowing server, whoever wro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..errors import UserError
 from ..validation import nearest, parse_value
 from .params import NoParams, Params, ServerValues, check
+
+if TYPE_CHECKING:  # the federated package applies obfuscations; only its protocol type is named here
+    from ..federated.protocol import ObservedProtocol
 
 Tensors = dict[str, torch.Tensor]
 
@@ -65,14 +68,13 @@ class Context:
     rounds: int | None = None
 
     @classmethod
-    def from_protocol(cls, header: dict[str, Any], **kw) -> "Context":
-        """The context of one client of an Observation's ``protocol`` header."""
-        k = int(header.get("num_clients_averaged") or 1)
-        n = header.get("images_per_client") or (int(header["num_images"]) // k if header.get("num_images") else None)
-        pec = header.get("per_example_clip")
-        return cls(num_images=int(n) if n is not None else None,
+    def from_protocol(cls, protocol: "ObservedProtocol", **kw) -> "Context":
+        """The context of one client of an Observation's protocol (a
+        :class:`gradleak.federated.ObservedProtocol`)."""
+        pec = protocol.per_example_clip
+        return cls(num_images=int(protocol.images_per_client),
                    per_example_clip=float(pec) if pec is not None else None,
-                   algorithm=header.get("algorithm"), **kw)
+                   algorithm=protocol.algorithm, **kw)
 
 
 @dataclass
