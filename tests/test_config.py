@@ -228,3 +228,19 @@ def test_a_sweep_base_is_completed_by_its_grid():
         with pytest.raises(UserError) as e:
             spec_from_dict(user, source="s.yaml")
         assert str(e.value) == f"s.yaml: {message}"
+
+
+def test_a_config_attacking_a_model_file_reads_its_data_at_the_model_s_size(tmp_path):
+    from gradleak.models import build
+    from gradleak.models.checkpoint import save_model
+
+    model = build("lenet5", 2, 1, 32)
+    path = save_model(tmp_path / "model.pt", {"arch": "lenet5", "num_classes": 2, "in_channels": 1, "image_size": 32},
+                      model.state_dict(), round=3)
+    cfg = config.from_dict({"capture": {"model_state": str(path)}})
+    assert cfg["data"]["size"] == 32  # as `gradleak capture --model-state` does
+    assert config.from_dict({"capture": {"model_state": str(path)}, "data": {"size": 48}})["data"]["size"] == 48
+    assert config.from_dict({"capture": {"model_state": str(path)}}, overrides={"data.size": 40})["data"]["size"] == 40
+    assert config.from_dict({})["data"]["size"] == 64
+    with pytest.raises(UserError, match="capture.model_state: model file not found"):
+        config.from_dict({"capture": {"model_state": str(tmp_path / "missing.pt")}}, source="exp.yaml")

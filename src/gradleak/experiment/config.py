@@ -142,12 +142,31 @@ def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str,
               ) -> dict[str, Any]:
     """Check an experiment config given as a dict (one-line :class:`UserError` naming ``source``)."""
     cfg = merge_with_overrides(user, Experiment, source, overrides)
+    if cfg["capture"]["model_state"] and not _gives_size(user, overrides):
+        cfg["data"]["size"] = _model_size(cfg["capture"]["model_state"], source)
     from .. import obfuscation
     try:
         obfuscation.resolve_all(cfg["capture"]["obfuscation"])
     except UserError as e:
         raise UserError(f"{source}: capture.obfuscation: {e}") from None
     return cfg
+
+
+def _gives_size(user: Any, overrides: dict[str, Any] | None) -> bool:
+    data = user.get("data") if isinstance(user, dict) else None
+    return (isinstance(data, dict) and "size" in data) or any(
+        k == "data.size" or (k == "data" and isinstance(v, dict) and "size" in v) for k, v in (overrides or {}).items())
+
+
+def _model_size(path: str, source: str) -> int:
+    """The image size a model file was trained at: a config that attacks it reads its data at that size
+    unless ``data.size`` says otherwise (as ``gradleak capture --model-state`` does)."""
+    from ..models.checkpoint import load_model
+
+    try:
+        return int(load_model(path)["model"]["image_size"])
+    except UserError as e:
+        raise UserError(f"{source}: capture.model_state: {e}") from None
 
 
 def dump(cfg: dict[str, Any]) -> str:
