@@ -337,7 +337,7 @@ def shared(tmp_path_factory) -> dict[str, Path]:
     bad.mkdir()
     tiny = ["--data", "phantoms:n=16", "--size", 16, "--arch", "lenet_zhu", "--batch-size", 2]
     _ok(["capture", *tiny, "--out", root / "obs.pt"], root)
-    _ok(["capture", *tiny, "--seed", 5, "--out", root / "other" / "obs.pt"], root)
+    _ok(["capture", *tiny, "--indices", "3,7", "--out", root / "other" / "obs.pt"], root)
     _ok(["attack", "--observation", root / "obs.pt", "--truth", root / "truth.npz", "--attack", "ig",
          "--iterations", 2, "--restarts", 1, "--out", root / "attack", "--quiet"], root)
     _ok(["prior", "train", "--data", "phantoms:n=8", "--size", 16, "--steps", 1, "--batch-size", 2, "--crop", 0,

@@ -175,7 +175,8 @@ def cmd_capture(a: argparse.Namespace) -> int:
                         model_seed=a.model_seed, labels_known=a.labels_known, obfuscations=specs,
                         obfuscation_seed=a.seed, **kw)
     observation.save(obs, out)
-    save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx), truth_path)
+    save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx,
+                     observation_digest=observation.digest(obs)), truth_path)
     clients = f", {k} clients x {len(idx) // k} images averaged" if k > 1 else ""
     applied = ", ".join(o["name"] for o in obs.obfuscation) or "none"
     victim = f"{arch} from {a.model_state}" if ckpt is not None else arch
@@ -214,10 +215,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
 
     _output(a.out, "folder", "--out")
     obs = observation.load(a.observation)
-    truth = load_truth(a.truth) if a.truth else None
-    if truth is not None and tuple(truth.images.shape) != (obs.num_images, *obs.image_shape):
-        raise UserError(f"{a.truth}: images have shape {tuple(truth.images.shape)} but the observation "
-                        f"holds {obs.num_images} images of {obs.image_shape}")
+    truth = load_truth(a.truth, obs, observation_path=a.observation) if a.truth else None
     overrides = dict(a.set or [])
     for key in ("iterations", "time_budget", "restarts"):
         if getattr(a, key) is not None:
