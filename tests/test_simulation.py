@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from gradleak.errors import UserError
 from gradleak.federated.arithmetic import mean_buffers, mean_update
 from gradleak.federated.partition import partition_by_patient
-from gradleak.federated.simulation import Evaluation, Server, Settings, _client_order, schedule_dp, simulate
+from gradleak.federated.simulation import (Evaluation, Server, Settings, Uploads, _client_order, schedule_dp,
+                                          simulate)
 from gradleak.models import build
 
 
@@ -210,6 +211,43 @@ def test_simulation_is_deterministic_and_samples_clients_as_configured():
     p = run(1, client_sampling="poisson")
     assert Settings(num_clients=4, clients_per_round=0.5, client_sampling="poisson").sample_rate == 0.5
     assert all(set(r["clients"]) <= {0, 1, 2, 3} for r in p.rounds)
+
+
+def test_a_client_runner_gets_the_rounds_jobs_and_its_uploads_drive_the_same_loop():
+    from gradleak.federated import client_update
+
+    x, y, clients = _tiny_data((5, 3, 6, 4))
+    model = build("lenet_zhu", 2, 1, 16, seed=0)
+    st_ = Settings(num_clients=4, rounds=3, clients_per_round=0.6, client_sampling="poisson", local_lr=0.05,
+                   local_batch_size=2, class_balanced=True)
+    dense = 32 * sum(p.numel() for p in model.parameters())
+    seen = []
+
+    def run_clients(r, state, jobs):  # the clients elsewhere: the same computation, without obfuscation
+        seen.append((r, jobs))
+        out = Uploads(update_is="weight_delta")
+        for job in jobs:
+            sel = clients[job.client][job.positions]
+            update, _ = client_update(model, state, x[sel], y[sel], job.protocol)
+            out.updates.append(update)
+            out.weights.append(job.weight)
+            out.buffers.append({})
+            out.bits.append(dense)
+            out.records.append([])
+        return out
+
+    here = simulate(model, x, y, clients, x[:6], y[:6], st_, seed=2)
+    there = simulate(model, x, y, clients, x[:6], y[:6], st_, seed=2, run_clients=run_clients)
+    assert [r for r, _ in seen] == [1, 2, 3]
+    assert [[j.client for j in jobs] for _, jobs in seen] == [r["clients"] for r in here.rounds]
+    for _, jobs in seen:
+        for job in jobs:  # a class-balanced draw of the client's own images, weighted by its image count
+            assert job.weight == len(clients[job.client]) and len(job.positions) == len(clients[job.client])
+            assert set(job.positions.tolist()) <= set(range(len(clients[job.client])))
+            assert job.observed.num_images == len(job.positions) and job.protocol.local_lr == 0.05
+    assert all(torch.equal(here.final_state[k], there.final_state[k]) for k in here.final_state)
+    assert [r["bits"] for r in here.rounds] == [r["bits"] for r in there.rounds]
+    assert [r["roc_auc"] for r in here.rounds] == [r["roc_auc"] for r in there.rounds]
 
 
 def test_early_stopping_and_best_round():

@@ -14,6 +14,10 @@ model is evaluated on a held-out set after every round.
 Everything is deterministic from ``seed`` on CPU: the client sampling and the clients' data order come
 from one NumPy generator, the obfuscation noise from one ``torch.Generator``, consumed in a fixed order
 (round by round, clients in increasing index).
+
+One loop for every engine: each round the server samples and plans its clients' work (:class:`ClientJob`),
+a :data:`ClientRunner` runs it (here, or on Flower's nodes: :func:`gradleak.flower.simulate`), the server
+steps and :class:`Rounds` books the round.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ..obfuscation import accounting
 from ..metrics.classification import binary_metrics
 from .arithmetic import mean_buffers, mean_update
 from .client import client_update
-from .protocol import Tensors, split_state
+from .protocol import ObservedProtocol, Protocol, Tensors, split_state
 from .settings import MONITORS, Evaluation, Settings
 
 
@@ -197,6 +201,23 @@ class Uploads:
 
 
 @dataclass
+class ClientJob:
+    """One client's work in a round: its index, the positions of its images in ``clients[client]`` in
+    training order, its protocol, the protocol of its update as an Observation records it, and its weight
+    in the server's mean (its image count)."""
+
+    client: int
+    positions: np.ndarray
+    protocol: Protocol
+    observed: ObservedProtocol
+    weight: float
+
+
+#: Runs a round's clients: (round, the global state sent, the round's jobs) -> what they sent, in job order.
+ClientRunner = Callable[[int, Tensors, list[ClientJob]], Uploads]
+
+
+@dataclass
 class _Federation:
     """The fixed parts of a simulation: the model template, the training data on its device, who holds what,
     the settings, the obfuscation specs, and the two sources of randomness (consumed in a fixed order)."""
@@ -221,27 +242,34 @@ class _Federation:
             chosen = sorted(int(c) for c in self.rng.choice(k, s.clients_per_round_count, replace=False))
         return [c for c in chosen if self.sizes[c] > 0]
 
-    def uploads(self, chosen: list[int], state: Tensors) -> Uploads:
-        """Every chosen client's update from the global ``state``, obfuscated as in an attack capture."""
-        s, out = self.settings, Uploads()
+    def plan(self, chosen: list[int]) -> list[ClientJob]:
+        """Each chosen client's images in this round's order (drawn from ``rng``, client by client) and
+        its protocol."""
+        s, jobs = self.settings, []
         for c in chosen:
-            idx = self.clients[c]
-            order = idx[_client_order(self.rng, self.y_np[idx], s.class_balanced)]
-            proto = s.protocol(len(order))
+            positions = _client_order(self.rng, self.y_np[self.clients[c]], s.class_balanced)
+            proto = s.protocol(len(positions))
             if s.algorithm == "fedsgd" and s.local_batch_size is not None:
-                order = order[:s.local_batch_size]
-            sel = torch.as_tensor(order, device=self.x.device)
-            update, buf = client_update(self.model, state, self.x[sel], self.y[sel], proto)
-            context = obfuscation.Context.from_protocol(proto.observed(len(order)), sample_rate=s.sample_rate,
-                                                        rounds=s.rounds)
+                positions = positions[:s.local_batch_size]
+            jobs.append(ClientJob(c, positions, proto, proto.observed(len(positions)), float(self.sizes[c])))
+        return jobs
+
+    def uploads(self, r: int, state: Tensors, jobs: list[ClientJob]) -> Uploads:
+        """The :data:`ClientRunner` of this process: every job's update from the global ``state``,
+        obfuscated as in an attack capture, with the one noise generator (jobs in order)."""
+        s, out = self.settings, Uploads()
+        for job in jobs:
+            sel = torch.as_tensor(self.clients[job.client][job.positions], device=self.x.device)
+            update, buf = client_update(self.model, state, self.x[sel], self.y[sel], job.protocol)
+            context = obfuscation.Context.from_protocol(job.observed, sample_rate=s.sample_rate, rounds=s.rounds)
             update, records, b = obfuscation.apply(self.specs, {k: v.cpu() for k, v in update.items()},
                                                    self.noise, context)
             out.updates.append(update)
-            out.weights.append(float(self.sizes[c]))
+            out.weights.append(job.weight)
             out.buffers.append(buf)
             out.bits.append(int(b))
             out.records.append(records)
-            out.update_is = proto.update_is
+            out.update_is = job.protocol.update_is
         return out
 
 
@@ -341,11 +369,23 @@ class Rounds:
             bits_per_update=float(np.mean(self.update_bits)) if self.update_bits else 0.0)
 
 
+def checked_specs(obfuscations: Sequence[dict[str, Any]], settings: Settings,
+                  clients: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    """The obfuscation specs with the simulation's DP schedule filled in, checked with the client index
+    lists before any training (a bad spec is a :class:`UserError`)."""
+    specs = schedule_dp([obfuscation.normalize(s) for s in obfuscations], settings.sample_rate, settings.rounds)
+    obfuscation.resolve_all(specs)
+    if len(clients) != settings.num_clients:
+        raise ValueError(f"{len(clients)} client index lists for {settings.num_clients} clients")
+    return specs
+
+
 def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clients: Sequence[np.ndarray],
              eval_images: torch.Tensor, eval_labels: torch.Tensor, settings: Settings, *,
              evaluation: Evaluation | None = None, obfuscations: Sequence[dict[str, Any]] = (),
              seed: int = 0, delta: float | None = None, device: str = "cpu", progress: bool = False,
-             on_round: Callable[[int, Tensors, dict[str, Any]], None] | None = None) -> SimulationResult:
+             on_round: Callable[[int, Tensors, dict[str, Any]], None] | None = None,
+             run_clients: ClientRunner | None = None) -> SimulationResult:
     """Train ``model`` (its current weights are the initial global model) with federated clients.
 
     ``images``/``labels``: every training image (N x C x H x W in [0, 1]) and label; ``clients[k]``
@@ -354,25 +394,27 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
     after every round with the new global state. Returns per-round reports (the round's clients, bits
     uploaded by all of them, client-level epsilon spent so far, seconds, and metrics on the evaluation
     set when evaluated), the final and the best global state.
+
+    ``run_clients`` runs each round's client jobs elsewhere (e.g. on Flower's nodes); the sampling, the
+    data order and the server stay this loop's. By default the clients run here, one after another.
     """
     evaluation = evaluation or Evaluation()
-    specs = schedule_dp([obfuscation.normalize(s) for s in obfuscations], settings.sample_rate, settings.rounds)
-    obfuscation.resolve_all(specs)  # fail on a bad spec before any training
-    if len(clients) != settings.num_clients:
-        raise ValueError(f"{len(clients)} client index lists for {settings.num_clients} clients")
+    specs = checked_specs(obfuscations, settings, clients)  # fail before any training
     dev = torch.device(device)
     model = model.to(dev)
     server = Server(model, {k: v.to(dev) for k, v in model.state_dict().items()}, settings)
     sizes = np.array([len(c) for c in clients], dtype=np.int64)
-    fed = _Federation(model, images.to(dev), labels.to(dev), labels.cpu().numpy(), clients, sizes, settings, specs,
+    x = images.to(dev) if run_clients is None else images  # the images stay where other runners read them
+    fed = _Federation(model, x, labels.to(dev), labels.cpu().numpy(), clients, sizes, settings, specs,
                       np.random.default_rng(seed), torch.Generator().manual_seed(int(seed)))
+    run_clients = run_clients or fed.uploads
     rounds = Rounds(model, settings, evaluation, eval_images, eval_labels, sizes, delta=delta, progress=progress,
                     on_round=on_round)
     try:
         for r in range(1, settings.rounds + 1):
             t0 = time.perf_counter()
             chosen = fed.sample()
-            uploads = fed.uploads(chosen, server.state())
+            uploads = run_clients(r, server.state(), fed.plan(chosen))
             server.receive(uploads)
             if rounds.book(r, t0, chosen, uploads, server):
                 break
@@ -381,5 +423,5 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
     return rounds.result(server)
 
 
-__all__ = ["Evaluation", "Rounds", "Server", "Settings", "SimulationResult", "Uploads", "dp_records", "epsilon_after",
-           "evaluate", "schedule_dp", "simulate"]
+__all__ = ["ClientJob", "ClientRunner", "Evaluation", "Rounds", "Server", "Settings", "SimulationResult", "Uploads",
+           "checked_specs", "dp_records", "epsilon_after", "evaluate", "schedule_dp", "simulate"]

@@ -47,8 +47,9 @@ def to_tensors(record: ArrayRecord) -> Tensors:
 
 
 def to_record(tensors: Tensors) -> ArrayRecord:
-    """Tensors as an ArrayRecord (moved to the CPU), keys in their order."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in tensors.items()})
+    """Tensors as an ArrayRecord (moved to the CPU), keys in their order; a 0-d tensor (BatchNorm's
+    ``num_batches_tracked``) stays 0-d."""
+    return ArrayRecord({k: Array(np.asarray(v.detach().cpu().numpy(), order="C")) for k, v in tensors.items()})
 
 
 def is_train(msg: Message) -> bool:
