@@ -262,8 +262,10 @@ def test_flower_utility_run_matches_the_built_in_loop(hospitals):
     finally:
         torch.set_num_threads(threads)
     flower = flower_simulate(_bn_model(), x, y, clients, xe, ye, settings,
-                             on_round=lambda r, s, rep: seen.append(r), **kw)
-    assert isinstance(flower, SimulationResult) and seen == [1, 2]
+                             on_round=lambda r, s, rep: seen.append((r, choose_engine(None))), **kw)
+    assert isinstance(flower, SimulationResult) and [r for r, _ in seen] == [1, 2]
+    name, note = seen[0][1]  # while Flower's engine runs, Ray runs in this process: a nested run is local
+    assert name == "local" and "Ray already runs" in note
     assert [set(r) for r in flower.rounds] == [set(r) for r in local.rounds]
     for a, b in zip(local.rounds, flower.rounds):  # one loop; same clients, data order, obfuscation: same bits
         assert (a["clients"], a["bits"], a["epsilon"], a["loss"]) == (b["clients"], b["bits"], b["epsilon"], b["loss"])

@@ -1,6 +1,8 @@
 """``gradleak utility`` end to end on phantoms, model files as attack victims, and the CLI's error paths."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ threads: 1
 output_dir: {out}
 data: {{source: phantoms, n: 48, size: 16}}
 model: {{arch: convnet, options: {{width: 4, depth: 2}}}}
-federation: {{num_clients: 3, rounds: 3, local_lr: 0.05, local_batch_size: 8}}
+federation: {{num_clients: 3, rounds: 3, local_lr: 0.05, local_batch_size: 8, engine: local}}
 """
 
 
@@ -32,7 +34,8 @@ def trained(tmp_path_factory):
         "name": "phantoms", "threads": 1, "output_dir": str(out),
         "data": {"source": "phantoms", "n": 320, "size": 32},
         "model": {"arch": "convnet", "options": {"width": 8, "depth": 3, "pool_first": True}},
-        "federation": {"num_clients": 4, "rounds": 10, "local_lr": 0.1, "local_epochs": 2, "local_batch_size": 16},
+        "federation": {"num_clients": 4, "rounds": 10, "local_lr": 0.1, "local_epochs": 2, "local_batch_size": 16,
+                       "engine": "local"},
         "save_rounds": [1],
     })
     return utility.run_utility(cfg, progress=False)
@@ -181,6 +184,7 @@ def test_utility_config_errors_are_one_line_and_leave_nothing(tmp_path):
         ({"holdout": 1.0}, "holdout"),
         ({"threads": 0}, "threads"),
         ({"evaluation.monitor": "auc"}, "evaluation.monitor"),
+        ({"federation.engine": "ray"}, "federation.engine"),
         ({"model.options": 3}, "model.options"),
     ]
     for overrides, pattern in cases:
@@ -202,7 +206,7 @@ def test_the_utility_config_checks_the_federation_with_its_dataclass_defaults(tm
     from gradleak.federated.settings import Evaluation, Settings
 
     defaults = utility.from_dict({})
-    assert defaults["federation"] == dataclasses.asdict(Settings())
+    assert defaults["federation"] == {**dataclasses.asdict(Settings()), "engine": None}
     assert defaults["evaluation"] == dataclasses.asdict(Evaluation())
     cfg = tmp_path / "u.yaml"
     cfg.write_text(TINY.format(out=tmp_path / "exp") + "eval_data: phantoms:n=8\nholdout: 0\n")
@@ -222,3 +226,54 @@ def test_the_utility_config_checks_the_federation_with_its_dataclass_defaults(tm
         with pytest.raises(UserError) as e:
             utility.load(cfg, overrides=overrides)
         assert message in str(e.value) and str(e.value).startswith(str(cfg))
+
+
+FLOWER_TINY = """
+name: tiny-flower
+threads: 1
+output_dir: {out}
+data: {{source: phantoms, n: 40, size: 16}}
+model: {{arch: convnet, options: {{width: 4, depth: 2}}}}
+federation: {{num_clients: 2, rounds: 2, local_lr: 0.05, local_batch_size: 8, engine: {engine}}}
+obfuscation: [{{name: topk, keep: 0.2}}]
+"""
+
+
+def test_utility_cli_on_flowers_engine_matches_the_built_in_loop(tmp_path):
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    runs = {}
+    for engine in ("flower", "local"):
+        cfg = tmp_path / f"{engine}.yaml"
+        cfg.write_text(FLOWER_TINY.format(out=tmp_path / "exp", engine=engine))
+        gradleak("utility", cfg, "--out", tmp_path / engine, "--quiet")
+        runs[engine] = json.loads((tmp_path / engine / "utility.json").read_text())
+        assert runs[engine]["engine"] == {"name": engine, "note": None}
+        assert f"engine: {engine}" in (tmp_path / engine / "log.txt").read_text()
+    flower, local = runs["flower"], runs["local"]
+    assert flower["rounds_run"] == 2 and [r["round"] for r in flower["rounds"]] == [1, 2]
+    assert 0 <= flower["final"]["roc_auc"] <= 1 and flower["final"]["num_images"] > 0
+    assert set(flower["final"]) >= {"roc_auc", "accuracy", "loss", "confusion"}
+    assert flower["obfuscation"][0]["name"] == "topk" and flower["bits_per_update"] < flower["dense_bits_per_update"]
+    # one loop, one thread on both sides, no random obfuscation: the same numbers
+    for a, b in zip(flower["rounds"], local["rounds"]):
+        assert (a["clients"], a["bits"], a["loss"], a["roc_auc"]) == (b["clients"], b["bits"], b["loss"], b["roc_auc"])
+    assert (tmp_path / "flower" / "model.pt").is_file()
+
+
+def test_engine_flower_without_flower_installed_is_a_one_line_error(tmp_path):
+    cfg = tmp_path / "u.yaml"
+    cfg.write_text(FLOWER_TINY.format(out=tmp_path / "exp", engine="flower"))
+    # the command as it runs where Flower is not installed: the import system finds no flwr
+    code = ("import sys; sys.modules['flwr'] = None; from gradleak.cli import main; "
+            f"sys.exit(main(['utility', {str(cfg)!r}, '--quiet']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert_user_error(p, "federation.engine is flower, but Flower is not installed", "pip install")
+    assert not (tmp_path / "exp").exists() or not any((tmp_path / "exp").iterdir())
+    cfg.write_text(FLOWER_TINY.format(out=tmp_path / "exp", engine="null"))
+    code = code.replace("'--quiet'", "'--quiet', '--set', 'federation.rounds=1'")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (run,) = (tmp_path / "exp").iterdir()
+    res = json.loads((run / "utility.json").read_text())
+    assert res["engine"]["name"] == "local" and "Flower is not installed" in res["engine"]["note"]

@@ -32,7 +32,8 @@ from ..errors import UserError
 from ..federated.partition import PARTITIONS, partition_by_patient
 from ..federated.protocol import ALGORITHMS
 from ..federated.settings import MONITORS, SAMPLINGS, Evaluation, Settings
-from ..federated.simulation import dp_records, schedule_dp, simulate
+from ..federated.simulation import SimulationResult, dp_records, schedule_dp, simulate
+from ..flower import ENGINES, choose_engine
 from ..metrics.classification import AUC_VARIANT, THRESHOLD_VARIANT
 from ..models import build
 from ..models.checkpoint import save_model
@@ -56,7 +57,7 @@ class ModelSection(Section):
 
 
 class Federation(Section):
-    """:class:`gradleak.federated.simulation.Settings`, checked."""
+    """:class:`gradleak.federated.simulation.Settings`, checked, and the engine that runs the clients."""
 
     num_clients: Count = _FED.num_clients
     partition: Literal[PARTITIONS] = _FED.partition
@@ -73,6 +74,7 @@ class Federation(Section):
     server_momentum: Annotated[float, Field(ge=0, lt=1)] = _FED.server_momentum
     sends_buffers: bool = _FED.sends_buffers
     class_balanced: bool = _FED.class_balanced
+    engine: Literal[ENGINES] | None = None  # flower or local; None: flower when it is installed and usable
 
     _local_lr = field_validator("local_lr")(fedavg_lr)
 
@@ -154,6 +156,7 @@ def from_dict(user: dict[str, Any], source: str = "config", overrides: dict[str,
     cfg = merge_with_overrides(user, UtilityConfig, source, overrides)
     st = settings(cfg)
     try:
+        choose_engine(cfg["federation"]["engine"])  # engine: flower needs Flower installed
         obfuscation.resolve_all(schedule_dp([obfuscation.normalize(s) for s in cfg["obfuscation"]],
                                             st.sample_rate, st.rounds))
     except UserError as e:
@@ -167,7 +170,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str,
 
 
 def settings(cfg: dict[str, Any]) -> Settings:
-    return Settings(**cfg["federation"])
+    return Settings(**{k: v for k, v in cfg["federation"].items() if k != "engine"})
 
 
 def _describe(ds, idx: np.ndarray) -> dict[str, Any]:
@@ -208,6 +211,100 @@ def _load_data(cfg: dict[str, Any], log: Log):
     return x, y, xe, ye, ds.labels[train_idx], pids, info
 
 
+def _build_model(cfg: dict[str, Any], x: torch.Tensor):
+    """The configured model for images like ``x``, and its header."""
+    mc = cfg["model"]
+    header = {"arch": mc["arch"], "num_classes": int(mc["num_classes"]), "in_channels": int(x.shape[1]),
+              "image_size": int(x.shape[-1])}
+    if mc["options"]:
+        header["options"] = dict(mc["options"])
+    try:
+        model = build(header["arch"], header["num_classes"], header["in_channels"], header["image_size"],
+                      seed=mc["model_seed"], options=mc["options"] or None, mean=mc["mean"], std=mc["std"])
+    except TypeError as e:
+        raise UserError(f"model.options {mc['options']} do not fit {mc['arch']} ({e})") from None
+    return model, header
+
+
+ENGINE_TEXT = {"flower": "Flower's simulation engine (one virtual node per client, on Ray)",
+               "local": "the built-in loop (clients one after another in this process)"}
+
+
+def _engine(cfg: dict[str, Any], log: Log) -> tuple[Callable[..., SimulationResult], dict[str, Any]]:
+    """The ``simulate`` of the configured engine, and what ``utility.json`` records of it."""
+    name, note = choose_engine(cfg["federation"]["engine"])
+    log(f"engine: {name}, {ENGINE_TEXT[name]}" + (f"; {note}" if note else ""))
+    if name == "flower":
+        from ..flower import simulate as flower_simulate
+        return flower_simulate, {"name": name, "note": note}
+    return simulate, {"name": name, "note": note}
+
+
+def _round_logger(cfg: dict[str, Any], header: dict[str, Any], folder: Path, log: Log, saved: list[str]):
+    """The simulation's ``on_round``: a log line per round, and ``model_rR.pt`` for each of ``save_rounds``."""
+    keep, mc = set(cfg["save_rounds"]), cfg["model"]
+
+    def on_round(r: int, state: dict[str, torch.Tensor], rep: dict[str, Any]) -> None:
+        msg = f"round {r}: {len(rep['clients'])} clients, {rep['bits']} bits"
+        if "roc_auc" in rep:
+            msg += f", AUC {rep['roc_auc']:.4f}, accuracy {rep['accuracy']:.4f}, loss {rep['loss']:.4f}"
+        if rep.get("epsilon") is not None:
+            msg += f", epsilon {rep['epsilon']:.3f}"
+        log(msg + f" ({rep['seconds']:.1f}s)")
+        if r in keep:
+            save_model(folder / f"model_r{r}.pt", header, state, mean=mc["mean"], std=mc["std"], round=r,
+                       meta={"experiment": cfg["name"]})
+            saved.append(f"model_r{r}.pt")
+
+    return on_round
+
+
+def _save_models(cfg: dict[str, Any], header: dict[str, Any], folder: Path, res: SimulationResult,
+                 monitor: str) -> list[str]:
+    """``model.pt`` (the final global model) and ``model_best.pt`` when the best round is not the last."""
+    mc, rounds_run = cfg["model"], len(res.rounds)
+    save_model(folder / "model.pt", header, res.final_state, mean=mc["mean"], std=mc["std"], round=rounds_run,
+               meta={"experiment": cfg["name"]})
+    if res.best_round is None or res.best_round == rounds_run or res.best_state is None:
+        return ["model.pt"]
+    save_model(folder / "model_best.pt", header, res.best_state, mean=mc["mean"], std=mc["std"],
+               round=res.best_round, meta={"experiment": cfg["name"], "monitor": monitor})
+    return ["model.pt", "model_best.pt"]
+
+
+def _threat_model(cfg: dict[str, Any], st: Settings, applied: list[str], dp: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "obfuscation": applied,
+        "server_sees": "each participating client's update after its obfuscation",
+        "buffers_sent": bool(st.sends_buffers),
+        "dp": ({"unit": "client (its whole update in a round)", "delta": dp[0].get("delta", cfg["privacy"]["delta"]),
+                "accountant": dp[0].get("accountant", "rdp"), "sample_rate": st.sample_rate,
+                "noise_multiplier": dp[0]["noise_multiplier"], "clip": dp[0]["clip"]} if dp else None),
+    }
+
+
+def _summary(cfg: dict[str, Any], res: SimulationResult, ev_settings: Evaluation, num_params: int) -> dict[str, Any]:
+    """The run's results in ``utility.json``: rounds, final and best metrics, bits, epsilon."""
+    dp = dp_records(res.obfuscation)
+    return {
+        "rounds": res.rounds,
+        "rounds_run": len(res.rounds),
+        "stopped_early": res.stopped_early,
+        "final": res.final,
+        "final_round": len(res.rounds),
+        "monitor": ev_settings.monitor,
+        "best_round": res.best_round,
+        "best": res.best,
+        "bits_per_round": float(np.mean([r["bits"] for r in res.rounds])) if res.rounds else 0.0,
+        "bits_per_update": res.bits_per_update,
+        "dense_bits_per_update": int(32 * num_params),
+        "epsilon": res.rounds[-1].get("epsilon") if res.rounds else None,
+        "delta": (dp[0].get("delta", cfg["privacy"]["delta"]) if dp else None),
+        "obfuscation": res.obfuscation,
+        "metric_variants": METRIC_VARIANTS,
+    }
+
+
 def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | None = None,
                 echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the classifier federatedly under ``cfg`` (a config checked by :func:`from_dict`/:func:`load`)
@@ -218,7 +315,8 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     descriptions with image, patient and class counts, and ``eval_patients_in_training``),
     ``partition`` (scheme, alpha, per-client image/patient/class counts), ``protocol`` (the federation
     settings and the client ``sample_rate``), ``threat_model`` (obfuscation names, whether BN buffers
-    travel, and the DP unit/delta/accountant),
+    travel, and the DP unit/delta/accountant), ``engine`` (``name``: ``flower`` or ``local``, the engine
+    that ran the clients, and ``note``: why, when it is not the one configured or the default),
     ``rounds``: one dict per round run with ``round``, ``clients`` (indices of the clients that took
     part), ``train_images`` (their images), ``bits`` (their upload), ``epsilon`` (client-level epsilon
     spent so far; None without a Gaussian mechanism), ``seconds`` and, when the round was evaluated, the
@@ -230,8 +328,7 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     parameter); ``epsilon`` (after the last round, or None) and ``delta``; ``obfuscation`` (the
     records of the last client update); ``metric_variants``; ``seconds``; ``versions``; ``files``.
     """
-    root = Path(cfg["output_dir"])
-    final_dir = Path(folder) if folder is not None else new_folder(root, cfg["name"])
+    final_dir = Path(folder) if folder is not None else new_folder(Path(cfg["output_dir"]), cfg["name"])
     if final_dir.exists():
         raise UserError(f"output folder already exists: {final_dir}")
     st, ev_settings = settings(cfg), Evaluation(**cfg["evaluation"])
@@ -253,82 +350,26 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
         log(f"partition: {st.partition}" + (f" (alpha {st.alpha})" if st.partition == "dirichlet" else "")
             + f", {st.num_clients} clients of " + ", ".join(str(c["num_images"]) for c in clients_info)
             + " images")
-        mc = cfg["model"]
-        header = {"arch": mc["arch"], "num_classes": int(mc["num_classes"]), "in_channels": int(x.shape[1]),
-                  "image_size": int(x.shape[-1])}
-        if mc["options"]:
-            header["options"] = dict(mc["options"])
-        try:
-            model = build(header["arch"], header["num_classes"], header["in_channels"], header["image_size"],
-                          seed=mc["model_seed"], options=mc["options"] or None, mean=mc["mean"], std=mc["std"])
-        except TypeError as e:
-            raise UserError(f"model.options {mc['options']} do not fit {mc['arch']} ({e})") from None
+        model, header = _build_model(cfg, x)
         num_params = sum(p.numel() for p in model.parameters())
         log(f"model: {header}, {num_params} parameters; {st.algorithm}, {st.rounds} rounds, "
             f"obfuscation {', '.join(applied)}")
-        keep = set(cfg["save_rounds"])
+        run_federation, engine = _engine(cfg, log)
         saved: list[str] = []
-
-        def on_round(r: int, state: dict[str, torch.Tensor], rep: dict[str, Any]) -> None:
-            msg = f"round {r}: {len(rep['clients'])} clients, {rep['bits']} bits"
-            if "roc_auc" in rep:
-                msg += f", AUC {rep['roc_auc']:.4f}, accuracy {rep['accuracy']:.4f}, loss {rep['loss']:.4f}"
-            if rep.get("epsilon") is not None:
-                msg += f", epsilon {rep['epsilon']:.3f}"
-            log(msg + f" ({rep['seconds']:.1f}s)")
-            if r in keep:
-                save_model(partial / f"model_r{r}.pt", header, state, mean=mc["mean"], std=mc["std"], round=r,
-                           meta={"experiment": cfg["name"]})
-                saved.append(f"model_r{r}.pt")
-
-        res = simulate(model, x, y, part.clients, xe, ye, st, evaluation=ev_settings,
-                       obfuscations=specs, seed=cfg["seed"], delta=cfg["privacy"]["delta"],
-                       device=cfg["device"], progress=progress, on_round=on_round)
-        rounds_run = len(res.rounds)
-        save_model(partial / "model.pt", header, res.final_state, mean=mc["mean"], std=mc["std"],
-                   round=rounds_run, meta={"experiment": cfg["name"]})
-        files = ["model.pt", *saved]
-        if res.best_round is not None and res.best_round != rounds_run and res.best_state is not None:
-            save_model(partial / "model_best.pt", header, res.best_state, mean=mc["mean"], std=mc["std"],
-                       round=res.best_round, meta={"experiment": cfg["name"], "monitor": ev_settings.monitor})
-            files.append("model_best.pt")
-        eps = res.rounds[-1].get("epsilon") if res.rounds else None
-        dp = dp_records(res.obfuscation)
+        res = run_federation(model, x, y, part.clients, xe, ye, st, evaluation=ev_settings, obfuscations=specs,
+                             seed=cfg["seed"], delta=cfg["privacy"]["delta"], device=cfg["device"],
+                             progress=progress, on_round=_round_logger(cfg, header, partial, log, saved))
+        files = _save_models(cfg, header, partial, res, ev_settings.monitor) + saved
         result: dict[str, Any] = {
-            "format": FORMAT,
-            "name": cfg["name"],
-            "folder": str(final_dir),
-            "config": cfg,
-            "model": header,
-            "num_parameters": int(num_params),
-            "data": data_info,
+            "format": FORMAT, "name": cfg["name"], "folder": str(final_dir), "config": cfg, "model": header,
+            "num_parameters": int(num_params), "data": data_info,
             "partition": {"scheme": part.scheme, "alpha": part.alpha, "attempts": part.attempts,
                           "clients": clients_info},
             "protocol": {**dataclasses.asdict(st), "sample_rate": st.sample_rate,
                          "update_is": "gradient" if st.algorithm == "fedsgd" else "weight_delta"},
-            "threat_model": {
-                "obfuscation": applied,
-                "server_sees": "each participating client's update after its obfuscation",
-                "buffers_sent": bool(st.sends_buffers),
-                "dp": ({"unit": "client (its whole update in a round)", "delta": dp[0].get("delta", cfg["privacy"]["delta"]),
-                        "accountant": dp[0].get("accountant", "rdp"), "sample_rate": st.sample_rate,
-                        "noise_multiplier": dp[0]["noise_multiplier"], "clip": dp[0]["clip"]} if dp else None),
-            },
-            "rounds": res.rounds,
-            "rounds_run": rounds_run,
-            "stopped_early": res.stopped_early,
-            "final": res.final,
-            "final_round": rounds_run,
-            "monitor": ev_settings.monitor,
-            "best_round": res.best_round,
-            "best": res.best,
-            "bits_per_round": float(np.mean([r["bits"] for r in res.rounds])) if res.rounds else 0.0,
-            "bits_per_update": res.bits_per_update,
-            "dense_bits_per_update": int(32 * num_params),
-            "epsilon": eps,
-            "delta": (dp[0].get("delta", cfg["privacy"]["delta"]) if dp else None),
-            "obfuscation": res.obfuscation,
-            "metric_variants": METRIC_VARIANTS,
+            "threat_model": _threat_model(cfg, st, applied, dp_records(res.obfuscation)),
+            "engine": engine,
+            **_summary(cfg, res, ev_settings, num_params),
             "seconds": time.perf_counter() - t_start,
             "versions": versions(),
             "files": sorted(files + ["utility.json", "learning_curves.png", "config.yaml", "log.txt",
@@ -336,11 +377,10 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
         }
         from ..figures.curves import learning_curves
 
-        title = f"{cfg['name']}: {st.algorithm}, {st.num_clients} clients, obfuscation " + \
-            ", ".join(result["threat_model"]["obfuscation"])
+        title = f"{cfg['name']}: {st.algorithm}, {st.num_clients} clients, obfuscation " + ", ".join(applied)
         learning_curves(res.rounds, partial / "learning_curves.png", title=title, best_round=res.best_round)
         f = res.final or {}
-        log(f"final (round {rounds_run}): AUC {f.get('roc_auc', float('nan')):.4f}, accuracy "
+        log(f"final (round {len(res.rounds)}): AUC {f.get('roc_auc', float('nan')):.4f}, accuracy "
             f"{f.get('accuracy', float('nan')):.4f}; best round {res.best_round} by {ev_settings.monitor}")
         write_json(partial / "utility.json", result)
         write_json(partial / "versions.json", versions())

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -72,6 +73,7 @@ def client_app(model_ref, data_refs: Sequence[Any], specs: Sequence[dict[str, An
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # in the node's process: no notice when it ends
         images, labels = _fetch(data_refs[client_of(context)])
         config = msg.content["config"]
         pos = torch.as_tensor(list(config["positions"]), dtype=torch.int64)
@@ -182,8 +184,10 @@ def simulate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clien
         raise UserError("Flower's engine starts and stops Ray itself and cannot run where Ray already runs "
                         "(e.g. in a Ray sweep worker); use federation.engine: local there")
     # Flower would start Ray itself; starting it here lets the data go to the object store first
-    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+    with warnings.catch_warnings():  # Ray's notice of a future default for GPU-less tasks
+        warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
     result: dict[str, SimulationResult] = {}
     try:
         model_ref = ray.put(copy.deepcopy(model).cpu())
