@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradleak.data.pseudonym import ENV_KEY, PATTERN, patient_pseudonym
-from test_data import _dicom
+from gradleak.data.pseudonym import ENV_KEY, PATTERN, as_pseudonym, name_pseudonym, patient_pseudonym
+from gradleak.errors import UserError
+from test_data import _dicom, _jpeg
 
 pytest.importorskip("pydicom")
 
@@ -177,3 +179,37 @@ def test_outputs_carry_the_same_pseudonyms_everywhere(outputs):
                                        check=True).stdout)
     excluded = set(header["training"]["excluded_patients"])
     assert set(pids) | {patient_pseudonym("PHI-9046")} <= excluded  # raw ids given are matched as pseudonyms
+
+
+# ------------------------------------------------------------------------------------------ the key
+
+
+def test_pseudonyms_are_keyed_stable_and_recognisable(monkeypatch):
+    a = patient_pseudonym("person1234")
+    assert PATTERN.match(a) and a == patient_pseudonym("person1234") != patient_pseudonym("person1235")
+    assert name_pseudonym("DOE^JANE/scan 1.DCM").endswith(".dcm") and "DOE" not in name_pseudonym("DOE^JANE.dcm")
+    assert as_pseudonym(a) == a and as_pseudonym(" person1234 ") == a and as_pseudonym("phantom3") == "phantom3"
+    monkeypatch.setenv(ENV_KEY, "another key of the right length")
+    assert patient_pseudonym("person1234") != a  # another key, other pseudonyms
+    monkeypatch.setenv(ENV_KEY, "short")
+    with pytest.raises(UserError, match=f"{ENV_KEY} must hold at least 16 characters"):
+        patient_pseudonym("x")
+
+
+def test_pseudonym_key_file_is_made_once_private_and_stable(tmp_path):
+    """Without the variable, a key file in XDG_CONFIG_HOME (never the real home) is created with mode 0600 and
+    gives the same pseudonyms in every later process; the key itself appears in no pseudonym."""
+    env = {k: v for k, v in os.environ.items() if k != ENV_KEY}
+    env.update(XDG_CONFIG_HOME=str(tmp_path / "cfg"), HOME=str(tmp_path / "home"))
+    code = "from gradleak.data.pseudonym import patient_pseudonym as p; print(p('person7'))"
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    key = tmp_path / "cfg" / "gradleak" / "pseudonym.key"
+    assert runs[0].stdout == runs[1].stdout and PATTERN.match(runs[0].stdout.strip())
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and not (tmp_path / "home").exists()
+    assert len(key.read_text().strip()) == 64 and key.read_text().strip() not in runs[0].stdout
+    key.write_text("x")  # a damaged key file is one line, not a silent new key
+    _jpeg(tmp_path / "imgs" / "a.png", fmt="PNG")
+    bad = subprocess.run([sys.executable, "-m", "gradleak.cli", "capture", "--data", f"folder:{tmp_path / 'imgs'}",
+                          "--out", tmp_path / "o.pt"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "pseudonym key" in bad.stderr and "Traceback" not in bad.stderr
