@@ -101,12 +101,12 @@ def test_a_trained_model_is_the_victim_of_capture(trained, tmp_path):
     cfg = config.from_dict({"output_dir": str(tmp_path / "exp"), "data": {"source": "phantoms", "size": 32, "n": 8},
                             "capture": {"arch": "convnet", "batch_size": 1, "model_state": str(model_pt)},
                             "attack": {"settings": {"iterations": 2, "restarts": 1}}})
-    folder, _ = run_experiment(cfg, echo=None, progress=False)
+    folder, _ = run_experiment(cfg, progress=False)
     seen = observation.load(folder / "observation.pt")
     assert all(torch.equal(seen.global_state[k], state[k]) for k in state)
     cfg["capture"]["arch"] = "lenet5"
     with pytest.raises(UserError, match="arch 'convnet'.*arch 'lenet5'"):
-        run_experiment(cfg, echo=None, progress=False)
+        run_experiment(cfg, progress=False)
     assert len(list((tmp_path / "exp").iterdir())) == 1  # the failed run left nothing
 
 
