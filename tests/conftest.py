@@ -52,5 +52,5 @@ def tiny_sweep(tmp_path_factory):
     from gradleak.experiment.sweep import run_sweep, spec_from_dict
 
     out = tmp_path_factory.mktemp("sweeps") / "tiny"
-    summary = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=2, progress=False, echo=None)
+    summary = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=2, progress=False)
     return out, summary

@@ -64,7 +64,7 @@ def test_an_experiment_cell_captures_through_the_same_path(tmp_path):
                             "capture": {"arch": "lenet_zhu", "batch_size": 2,
                                         "obfuscation": ["relative_gaussian:sigma0=0.1"]},
                             "attack": {"name": "ig", "settings": {"iterations": 1, "restarts": 1}}})
-    folder, _ = run_experiment(cfg, echo=None, progress=False)
+    folder, _ = run_experiment(cfg, progress=False)
     seen = observation.load(folder / "observation.pt")
     direct = capture_batch({"source": "phantoms", "n": 24, "size": 16}, protocol=Protocol(), seed=2,
                            arch="lenet_zhu", batch_size=2, obfuscations=["relative_gaussian:sigma0=0.1"]).observation

@@ -291,10 +291,10 @@ def test_experiment_config_prior_key(tiny_prior, tmp_path):
                             "capture": {"arch": "lenet_zhu", "batch_size": 2, "indices": [0, 1]},
                             "attack": {"name": "rog", "prior": str(tiny_prior[0]),
                                        "settings": {"iterations": 3, "restarts": 1}}})
-    folder, metrics = run_experiment(cfg, echo=None, progress=False)
+    folder, metrics = run_experiment(cfg, progress=False)
     assert {"psnr", "ssim"} <= set(metrics["without_postprocessing"])
     assert "post-processing: learned prior" in (folder / "log.txt").read_text()
     # indices 0 and 1 are phantom0, which the tiny prior excluded; index 8 is phantom2, which trained it
     leaky = config.from_dict({**cfg, "capture": {**cfg["capture"], "indices": [8]}})
     with pytest.raises(UserError, match="attacked patient"):
-        run_experiment(leaky, echo=None, progress=False)
+        run_experiment(leaky, progress=False)

@@ -274,6 +274,7 @@ def test_a_gallery_on_disk_scores_a_single_run(tmp_path):
     import yaml
     from test_cli import gradleak
 
+    from gradleak.logs import recording
     from gradleak.metrics.reid import cell_reid, prepare_reid
 
     data = {"source": "phantoms", "size": 16, "n": 24}  # 6 patients, 4 images each
@@ -283,15 +284,17 @@ def test_a_gallery_on_disk_scores_a_single_run(tmp_path):
                                    "attack": {"name": "ig", "settings": {"iterations": 5, "restarts": 1}}}))
     gradleak("run", cfg, "--quiet")
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    said: list[str] = []
     settings = {"gallery_size": 6, "seed": 0, "distances": ["mse", "embedding"], "embedding": "auto",
                 "autoencoder_steps": 5}
-    ctx = prepare_reid(tmp_path / "reid", data, settings, None, said.append)
+    with recording() as rec:
+        ctx = prepare_reid(tmp_path / "reid", data, settings, None)
+    said = rec.lines
     assert (ctx.embedder_kind, ctx.embedder_path) == ("autoencoder", tmp_path / "reid" / "autoencoder.pt")
     assert ctx.description["images"] == 6 and ctx.description["data_set_images"] == 24
     assert len(said) == 2 and "6 of 24 images" in said[0]
-    again = prepare_reid(tmp_path / "reid", data, settings, None, said.append)
-    assert len(said) == 2 and again.gallery_path == ctx.gallery_path  # reused, nothing rebuilt
+    with recording() as rec:
+        again = prepare_reid(tmp_path / "reid", data, settings, None)
+    assert rec.lines == [] and again.gallery_path == ctx.gallery_path  # reused, nothing rebuilt
 
     out = cell_reid(run, ctx, ["mse", "embedding"], data)
     assert out["leave_the_image_out"] and out["num_reconstructions"] == 2

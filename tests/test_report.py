@@ -63,7 +63,7 @@ def test_report_cli_on_a_single_experiment(tmp_path):
                             "data": {"source": "phantoms", "size": 16, "n": 16},
                             "capture": {"arch": "lenet_zhu", "batch_size": 2},
                             "attack": {"name": "ig", "settings": {"iterations": 5, "restarts": 1}}})
-    folder, metrics = run_experiment(cfg, echo=None, progress=False)
+    folder, metrics = run_experiment(cfg, progress=False)
     # metrics.json carries the blind baseline, the gain over it, the budget and patient re-identification
     assert {"baseline", "gain_over_baseline", "budget", "converged", "reid"} <= set(metrics)
     assert {"psnr_db", "ssim", "ssim_skill"} <= set(metrics["gain_over_baseline"])

@@ -183,26 +183,26 @@ def test_rerun_skips_done_cells_retries_failed_and_repairs_the_store(tiny_sweep,
     lines = (out / "results.jsonl").read_text().splitlines()
     # a run killed between renaming a cell into place and appending its row, and a line cut short
     (out / "results.jsonl").write_text(lines[1] + "\n" + lines[0][:25])
-    summary = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=1, progress=False, echo=None)
+    summary = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=1, progress=False)
     assert summary.skipped == 2 and summary.ran == 2 and len(summary.failed) == 2
     rows = _rows(out)
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
     for cid, row in before.items():  # recovered, not rerun
         assert next(r for r in rows if r["cell"] == cid) == row
     # the sweep.yaml written into the folder is a spec that reruns the same sweep
-    again = run_sweep(load_spec(out / "sweep.yaml"), out, progress=False, echo=None)
+    again = run_sweep(load_spec(out / "sweep.yaml"), out, progress=False)
     assert again.skipped == 2 and again.ran == 2
     # a different spec in the same folder is refused
     other = {**TINY_SWEEP, "grid": {"capture.batch_size": [1]}}
     with pytest.raises(UserError, match="different sweep"):
-        run_sweep(spec_from_dict(other), out, progress=False, echo=None)
+        run_sweep(spec_from_dict(other), out, progress=False)
     # a damaged store is refused with its line, and restored from the cells' row.json once moved away
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text(lines[0] + "\n{oops\n" + "\n".join(lines[1:]) + "\n")
     with pytest.raises(UserError, match=r"results.jsonl line 2: not JSON .*move it away.*row.json"):
-        run_sweep(spec_from_dict(TINY_SWEEP), out, progress=False, echo=None)
+        run_sweep(spec_from_dict(TINY_SWEEP), out, progress=False)
     (out / "results.jsonl").unlink()
-    restored = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=1, progress=False, echo=None)
+    restored = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=1, progress=False)
     assert restored.skipped == 2 and [r["index"] for r in _rows(out)] == [0, 1, 2, 3]
 
 
@@ -246,7 +246,7 @@ def test_ray_backend_end_to_end(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         spec = spec_from_dict({**TINY_SWEEP, "grid": {"seed": [0, 1]}})
-        summary = run_sweep(spec, tmp_path / "ray", backend="ray", progress=False, echo=None)
+        summary = run_sweep(spec, tmp_path / "ray", backend="ray", progress=False)
         assert summary.ran == 2 and not summary.failed
         rows = _rows(tmp_path / "ray")
         assert [r["status"] for r in rows] == ["ok", "ok"] and {r["backend"] for r in rows} == {"ray"}
@@ -257,7 +257,7 @@ def test_ray_backend_end_to_end(tmp_path):
                               "base": {**TINY_SWEEP["base"], "attack": {"device": "cuda"}}})
         if not ray.cluster_resources().get("GPU"):
             with pytest.raises(UserError, match="GPU"):
-                run_sweep(gpu, tmp_path / "gpu", backend="ray", progress=False, echo=None)
+                run_sweep(gpu, tmp_path / "gpu", backend="ray", progress=False)
     finally:
         ray.shutdown()
 

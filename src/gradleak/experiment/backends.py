@@ -13,6 +13,7 @@ every worker exits at once, so no orphan keeps computing into a folder nobody re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -22,9 +23,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data.pseudonym import ENV_KEY, pseudonym_key
 from ..errors import UserError
+from ..logs import recording
 from . import config as config_mod
 from .outputs import _jsonable, write_json, write_text
+
+log = logging.getLogger(__name__)
 
 Staging = Callable[[dict[str, Any]], Path]
 Done = Callable[[dict[str, Any], dict[str, Any], Path], None]
@@ -44,19 +49,19 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(max(1, int(n)))
 
 
-def _run_cell(task: dict[str, Any], workdir: Path, log) -> dict[str, Any]:
+def _run_cell(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from .run import run_cell
 
     cfg = task["config"]
     write_text(workdir / "config.yaml", config_mod.dump(cfg))
-    metrics = run_cell(cfg, workdir, log=log, progress=False)
+    metrics = run_cell(cfg, workdir, progress=False)
     if not task.get("keep_observation", False):
         (workdir / "observation.pt").unlink(missing_ok=True)
     summary = json.loads((workdir / "attack.json").read_text())
     return {"status": "ok", "metrics": metrics, "attack": {k: summary.get(k) for k in _ATTACK_KEYS}}
 
 
-def _run_utility(task: dict[str, Any], workdir: Path, log) -> dict[str, Any]:
+def _run_utility(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from .utility import run_utility
 
     cfg = {**task["config"], "threads": int(task.get("threads", 1))}
@@ -69,27 +74,25 @@ _KINDS = {"cell": _run_cell, "utility": _run_utility}
 
 def execute_task(task: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Run one task (a cell or a utility run) into ``workdir``. Never raises: failures are results."""
-    from .run import Log
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _set_threads(task.get("threads", 1))
     t0 = time.perf_counter()
-    log = Log(None)
     result: dict[str, Any] = {"kind": task["kind"], "id": task["id"], "started": time.time(),
                               "host": socket.gethostname()}
-    try:
-        result.update(_KINDS[task["kind"]](task, workdir, log))
-    except BaseException as e:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        result.update(status="failed", error=f"{type(e).__name__}: {msg}",
-                      traceback=traceback.format_exc(limit=20))
-        log(f"failed: {type(e).__name__}: {msg}")
+    with recording() as rec:
+        try:
+            result.update(_KINDS[task["kind"]](task, workdir))
+        except BaseException as e:  # noqa: BLE001 - a failing cell is recorded and the sweep goes on
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            msg = " ".join(str(e).split()) or type(e).__name__
+            result.update(status="failed", error=f"{type(e).__name__}: {msg}",
+                          traceback=traceback.format_exc(limit=20))
+            log.info(f"failed: {type(e).__name__}: {msg}")
     result["seconds"] = round(time.perf_counter() - t0, 3)
     result["finished"] = time.time()
-    write_text(workdir / "log.txt", log.text() + (result.get("traceback", "") or ""))
+    write_text(workdir / "log.txt", rec.text() + (result.get("traceback", "") or ""))
     return _jsonable(result)
 
 
@@ -218,9 +221,12 @@ class RayBackend:
                 kwargs["address"] = address
             elif workers:
                 kwargs["num_cpus"] = int(workers)
+            # the workers pseudonymise patients with the driver's key, so that every cell's pseudonyms agree
+            env = {ENV_KEY: pseudonym_key().decode("utf-8")}
             pythonpath = os.environ.get("PYTHONPATH")
             if pythonpath and not address:
-                kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
+                env["PYTHONPATH"] = pythonpath
+            kwargs["runtime_env"] = {"env_vars": env}
             try:
                 ray.init(**kwargs)
             except Exception as e:  # noqa: BLE001 - no cluster at that address, etc.

@@ -13,7 +13,8 @@ Only auxiliary images are used: the patients given as excluded (the attacked one
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import logging
+from typing import Any, Iterable
 
 import torch
 
@@ -25,13 +26,14 @@ from ..observation import Observation
 from .. import obfuscation
 from ..prior import calibrate, select_images
 
+log = logging.getLogger(__name__)
+
 #: ROG settings of the calibration attacks unless given: short runs, one restart
 CALIBRATION_ATTACK: dict[str, Any] = {"iterations": 100, "restarts": 1}
 
 
 def calibrate_like(obs: Observation, dataset, *, exclude_patients: Iterable[str] = (), images: int = 8,
-                   attack_settings: dict[str, Any] | None = None, seed: int = 0,
-                   echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   attack_settings: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
     """Degradation settings fitted to ROG outputs for ``images`` auxiliary images of ``dataset`` (one per
     patient, none of ``exclude_patients``), each captured as ``obs`` was: same architecture, weights sent,
     protocol, obfuscation and batch size. Returns ``{"degradation": ..., "calibration": provenance}``."""
@@ -69,8 +71,7 @@ def calibrate_like(obs: Observation, dataset, *, exclude_patients: Iterable[str]
         order = pair_by_mse(images, rec.images) if batch > 1 else [0]
         clean.append(images)
         outputs.append(rec.images[order])
-        if echo:
-            echo(f"calibration attack {j // batch + 1}/{len(chosen) // batch} done")
+        log.info(f"calibration attack {j // batch + 1}/{len(chosen) // batch} done")
     scale = int(rec.settings.get("scale_factor", 4))
     degradation = calibrate(torch.cat(clean), torch.cat(outputs), scale_factor=scale)
     provenance = {"images": len(chosen), "patients": sorted({str(dataset.patient_ids[i]) for i in chosen}),

@@ -145,8 +145,7 @@ def demo(out_root: Path = Path("experiments"), iterations: int | None = None, qu
           f"({time.perf_counter() - t:.0f}s): {prior_path}")
     spec = spec_from_dict(demo_spec(iterations, prior=prior_path), source="demo")
     print()
-    summary = run_sweep(spec, folder, progress=not quiet, echo=None if quiet else print, workers=workers,
-                        source="demo")
+    summary = run_sweep(spec, folder, progress=not quiet, workers=workers, source="demo")
     rows = [r.as_dict() for r in ResultStore(folder).read().values()]
     if not any(r.get("status") == "ok" for r in rows):
         raise UserError(f"every demo cell failed; see {folder}/cells/*/log.txt")

@@ -8,7 +8,8 @@ images are what leave-the-image-out re-identification searches) plus a seeded sa
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import logging
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from ..data import SOURCES, ImageDataset, load_dataset
 from ..errors import UserError
 from ..metrics.baseline import blind_guesses
 from ..metrics.reid import Gallery, reidentify
+
+log = logging.getLogger(__name__)
 
 #: Auxiliary images the blind baseline averages (a seeded sample of the non-attacked patients' images).
 AUX_IMAGES = 256
@@ -134,17 +137,15 @@ def load_reference(spec: str | dict[str, Any] | None, *, size: int | None = None
         raise UserError(f"{where}: {e}") from None
 
 
-def reference_summary(echo: Callable[[str], None] | None, metrics: dict[str, Any]) -> None:
-    """Print the baseline, the gain and the re-identification of ``metrics`` in two lines."""
-    if echo is None:
-        return
+def reference_summary(metrics: dict[str, Any]) -> None:
+    """Log the baseline, the gain and the re-identification of ``metrics`` in two lines."""
     b, g = metrics.get("baseline"), metrics.get("gain_over_baseline")
     if b and g:
-        echo(f"blind baseline (no update): PSNR {b['psnr']:.2f} dB, SSIM {b['ssim']:.4f}; gain of the attack: "
+        log.info(f"blind baseline (no update): PSNR {b['psnr']:.2f} dB, SSIM {b['ssim']:.4f}; gain of the attack: "
              f"{g['psnr_db']:+.2f} dB, SSIM {g['ssim']:+.4f} ({g['ssim_skill']:+.2f} of the headroom)")
     r = (metrics.get("reid") or {}).get("strongest")
     if r:
-        echo(f"patient re-identification (leave-the-image-out, {r['distance']}): top-1 {r['top1_hits']}/{r['n']}, "
+        log.info(f"patient re-identification (leave-the-image-out, {r['distance']}): top-1 {r['top1_hits']}/{r['n']}, "
              f"top-5 {r.get('top5_hits')}/{r['n']} (chance {metrics['reid'].get('chance_top1') or 0:.3f} / "
              f"{metrics['reid'].get('chance_top5') or 0:.3f}); exact image (IIP) {r['iip_hits']}/{r['iip_n']}")
 

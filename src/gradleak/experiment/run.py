@@ -6,40 +6,26 @@ cell exercises the same seam as an audit of a real deployment.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .. import observation
 from ..attacks import canonical, run_attack
-from ..capture import capture_batch, choose_indices  # noqa: F401  (choose_indices: transitional, demo imports it here)
+from ..capture import capture_batch
 from ..data import load_dataset
 from ..errors import UserError
 from ..federated import Protocol
+from ..logs import recording
 from .config import dump
 from .outputs import versions, write_json, write_reconstruction, write_text
 from .reference import blind_baseline, measure_reid, reference_summary
 
-
-class Log:
-    """Lines for ``log.txt``, echoed to ``echo`` (e.g. print) as they come."""
-
-    def __init__(self, echo: Callable[[str], None] | None = None):
-        self.lines: list[str] = []
-        self.echo = echo
-        self.start = time.perf_counter()
-
-    def __call__(self, msg: str) -> None:
-        line = f"[{time.perf_counter() - self.start:7.1f}s] {msg}"
-        self.lines.append(line)
-        if self.echo:
-            self.echo(line)
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+log = logging.getLogger(__name__)
 
 
 def new_folder(root: Path, name: str) -> Path:
@@ -52,7 +38,7 @@ def new_folder(root: Path, name: str) -> Path:
     return folder
 
 
-def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = True) -> dict[str, Any]:
+def run_cell(cfg: dict[str, Any], folder: Path, *, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` and write everything into ``folder`` (which must exist). Returns the metrics."""
     cap = cfg["capture"]
     proto = Protocol(**cap["protocol"])
@@ -64,11 +50,11 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
                              where="the config's capture section and data")
     obs, truth, bits, ds = captured.observation, captured.truth, captured.bits, captured.dataset
     idx = truth.indices
-    log(f"data: {ds.describe().get('source')} ({len(ds)} images), batch {idx}")
+    log.info(f"data: {ds.describe().get('source')} ({len(ds)} images), batch {idx}")
     if cap["model_state"]:
-        log(f"victim model: {cap['model_state']} (after round {obs.meta['model_round']})")
+        log.info(f"victim model: {cap['model_state']} (after round {obs.meta['model_round']})")
     captured.save(folder / "observation.pt", folder / "truth.npz")
-    log(f"capture: {obs.model['arch']}, {proto.algorithm}, B={len(idx)}"
+    log.info(f"capture: {obs.model['arch']}, {proto.algorithm}, B={len(idx)}"
         + (f" ({proto.num_clients_averaged} clients averaged)" if proto.num_clients_averaged > 1 else "")
         + ", obfuscation "
         f"{[o['name'] for o in obs.obfuscation] or 'none'}, {bits} bits")
@@ -83,33 +69,33 @@ def run_cell(cfg: dict[str, Any], folder: Path, *, log: Log, progress: bool = Tr
         prior = Prior.load(attack_cfg["prior"], device=attack_cfg["device"])
         prior.check_images(seen.image_shape)
         prior.check_disjoint(truth.patient_ids)  # the threat model: no attacked patient trained the prior
-        log(f"post-processing: {prior.name}, {len(prior.patients)} training patients, none attacked here")
-    log(f"attack: {name} on {attack_cfg['device']}")
+        log.info(f"post-processing: {prior.name}, {len(prior.patients)} training patients, none attacked here")
+    log.info(f"attack: {name} on {attack_cfg['device']}")
     rec = run_attack(name, seen, attack_cfg["settings"], seed=cfg["seed"], device=attack_cfg["device"],
                      progress=progress, postprocess=prior)
     conv = {True: "converged", False: "still improving when the budget ended", None: "too few iterations to "
             "judge convergence"}[rec.converged]
-    log(f"attack done: {rec.iterations} iterations in {rec.seconds:.1f}s, loss {rec.loss:.4g} ({conv})")
+    log.info(f"attack done: {rec.iterations} iterations in {rec.seconds:.1f}s, loss {rec.loss:.4g} ({conv})")
     try:
         guesses, aux = blind_baseline(ds, truth, seed=cfg["seed"])
-        log(f"blind baseline: mean of {aux['images']} auxiliary images of {aux['patients']} patients "
+        log.info(f"blind baseline: mean of {aux['images']} auxiliary images of {aux['patients']} patients "
             f"(the {aux['excluded_patients']} attacked patients excluded)")
     except UserError as e:  # e.g. a data set of the attacked patients only: scored without a baseline
         guesses, aux = None, None
-        log(f"blind baseline not measured: {e}")
+        log.info(f"blind baseline not measured: {e}")
     metrics = write_reconstruction(folder, rec, truth, extra={"bits": bits, "obfuscation": obs.obfuscation,
                                                               "protocol": obs.protocol.header()},
                                    guesses=guesses, reference=aux)
     if "without_postprocessing" in metrics:
         raw = metrics["without_postprocessing"]
-        log(f"without post-processing: PSNR {raw['psnr']:.2f} dB, SSIM {raw['ssim']:.4f}")
-    log(f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+        log.info(f"without post-processing: PSNR {raw['psnr']:.2f} dB, SSIM {raw['ssim']:.4f}")
+    log.info(f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
         f"label accuracy {metrics.get('label_accuracy', float('nan')):.2f}")
-    reference_summary(log, metrics)
+    reference_summary(metrics)
     return metrics
 
 
-def add_reid(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any], log: Log) -> dict[str, Any]:
+def add_reid(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """Patient re-identification (leave-the-image-out, pixel MSE and SSIM rankings) of a finished cell
     against an identified gallery of its data set; rewrites ``metrics.json`` with ``reid``."""
     import torch
@@ -126,16 +112,15 @@ def add_reid(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any], log: Lo
     write_json(folder / "metrics.json", metrics)
     s = reid.get("strongest")
     if s:
-        log(f"patient re-identification (leave-the-image-out, {s['distance']}): top-1 {s['top1_hits']}/{s['n']}, "
+        log.info(f"patient re-identification (leave-the-image-out, {s['distance']}): top-1 {s['top1_hits']}/{s['n']}, "
             f"top-5 {s.get('top5_hits')}/{s['n']} (chance {reid.get('chance_top1') or 0:.3f} / "
             f"{reid.get('chance_top5') or 0:.3f}); exact image (IIP) {s['iip_hits']}/{s['iip_n']}")
     else:
-        log(f"patient re-identification: {reid.get('note', 'not measured')}")
+        log.info(f"patient re-identification: {reid.get('note', 'not measured')}")
     return metrics
 
 
-def run_experiment(cfg: dict[str, Any], *, echo: Callable[[str], None] | None = print,
-                   progress: bool = True, folder: Path | None = None) -> tuple[Path, dict[str, Any]]:
+def run_experiment(cfg: dict[str, Any], *, progress: bool = True, folder: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Run one experiment into ``experiments/<name>-<timestamp>/`` (or ``folder``).
 
     Files are written into a hidden ``.partial`` folder renamed into place at the end, so a failed run
@@ -147,13 +132,13 @@ def run_experiment(cfg: dict[str, Any], *, echo: Callable[[str], None] | None = 
         raise UserError(f"output folder already exists: {final}")
     partial = final.parent / f".{final.name}.partial"
     partial.mkdir(parents=True, exist_ok=False)
-    log = Log(echo)
     try:
-        write_text(partial / "config.yaml", dump(cfg))
-        metrics = run_cell(cfg, partial, log=log, progress=progress)
-        metrics = add_reid(partial, cfg, metrics, log)
+        with recording() as rec:
+            write_text(partial / "config.yaml", dump(cfg))
+            metrics = run_cell(cfg, partial, progress=progress)
+            metrics = add_reid(partial, cfg, metrics)
         write_json(partial / "versions.json", versions())
-        write_text(partial / "log.txt", log.text())
+        write_text(partial / "log.txt", rec.text())
         partial.rename(final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

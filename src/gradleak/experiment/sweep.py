@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -53,6 +54,8 @@ from .labels import obfuscation_label, setting_label
 from .outputs import _jsonable, write_json, write_text
 from .spec import SWEEP_FORMAT, SWEEP_SCHEMA, load_spec, normalize_obfuscation, spec_from_dict
 from .store import ResultRow, ResultStore, read_utilities
+
+log = logging.getLogger(__name__)
 
 # execution options that may change between a run and its resumption
 _EXECUTION_KEYS: tuple[str, ...] = ("gpus_per_cell",)
@@ -226,8 +229,7 @@ def open_folder(folder: Path, spec: dict[str, Any]) -> Path:
 
 
 def run_sweep(spec: dict[str, Any], out: str | Path, *, backend: str = "local", address: str | None = None,
-              workers: int | None = None, progress: bool = True, echo: Callable[[str], None] | None = print,
-              source: str = "sweep") -> SweepSummary:
+              workers: int | None = None, progress: bool = True, source: str = "sweep") -> SweepSummary:
     """Run (or resume) ``spec`` into folder ``out``."""
     import torch
 
@@ -235,12 +237,12 @@ def run_sweep(spec: dict[str, Any], out: str | Path, *, backend: str = "local", 
     torch.set_num_threads(1)  # the driver only bookkeeps and scores; the CPUs belong to the workers
     try:
         return _run_sweep(spec, out, backend=backend, address=address, workers=workers, progress=progress,
-                          echo=echo, source=source)
+                          source=source)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) -> SweepSummary:
+def _run_sweep(spec, out, *, backend, address, workers, progress, source) -> SweepSummary:
     t0 = time.perf_counter()
     if backend not in ("local", "ray"):
         raise UserError(f"unknown backend '{backend}' (use local or ray)")
@@ -249,8 +251,8 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
     cells = expand(spec, source)
     check_cells(cells)
     check_data(cells)
-    sweep = _Sweep(spec, open_folder(Path(out), spec), cells, progress=progress, echo=echo)
-    sweep.say(f"sweep '{spec['name']}': {len(cells)} cells, {len(sweep.done)} done, {len(sweep.todo)} to run "
+    sweep = _Sweep(spec, open_folder(Path(out), spec), cells, progress=progress)
+    log.info(f"sweep '{spec['name']}': {len(cells)} cells, {len(sweep.done)} done, {len(sweep.todo)} to run "
               f"-> {sweep.folder}")
     sweep.execute(backend, address, workers)
     sweep.finish()
@@ -261,10 +263,8 @@ def _run_sweep(spec, out, *, backend, address, workers, progress, echo, source) 
 class _Sweep:
     """One run of a sweep in its folder: what is done, what to run, and what to do as each task ends."""
 
-    def __init__(self, spec: dict[str, Any], folder: Path, cells: list[Cell], *, progress: bool,
-                 echo: Callable[[str], None] | None):
+    def __init__(self, spec: dict[str, Any], folder: Path, cells: list[Cell], *, progress: bool):
         self.spec, self.folder, self.cells, self.progress = spec, folder, cells, progress
-        self._echo = echo or (lambda _m: None)
         self.by_id = {c.id: c for c in cells}
         self.store = ResultStore(folder)
         self.done = {k: r for k, r in self._rows().items() if r.status == "ok"}
@@ -277,12 +277,6 @@ class _Sweep:
         self.contexts: dict[str, ReidContext] = {}
         self.bar: Any = None
         self.backend_name = "local"
-
-    def say(self, message: str) -> None:
-        if self.progress and self.bar is not None:
-            self.bar.write(message)
-        else:
-            self._echo(message)
 
     def _rows(self) -> dict[str, ResultRow]:
         """The rows of this sweep's cells: ``results.jsonl``, plus the rows of cells renamed into place
@@ -344,7 +338,7 @@ class _Sweep:
         self.store.append(row)
         if row.status != "ok":
             self.failed.append((f"cell {cell.id} ({params_text(cell.params)})", row.error or ""))
-            self.say(f"cell {cell.id} failed: {row.error}")
+            log.info(f"cell {cell.id} failed: {row.error}")
         self._advance()
 
     # ------------------------------------------------------------------------------------ running
@@ -368,7 +362,7 @@ class _Sweep:
             k = self._reid_key(c)
             if k not in self.contexts:
                 self.contexts[k] = prepare_reid(self.folder / "reid" / k, c.config["data"], self.spec["reid"],
-                                                classifier, self.say)
+                                                classifier)
 
     def execute(self, backend: str, address: str | None, workers: int | None) -> None:
         """Run the utility runs, then the cells, on ``backend``."""

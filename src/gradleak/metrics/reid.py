@@ -39,10 +39,11 @@ Reconstructions must be paired with their originals first (Hungarian matching, a
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +52,8 @@ import torch.nn.functional as F
 from ..files import atomic_path, write_text
 from .embedding import AutoencoderEmbedder, ClassifierEmbedder, Embedder, TinyAutoencoder, train_autoencoder
 from .image import ssim
+
+log = logging.getLogger(__name__)
 
 DISTANCES = ("mse", "ssim", "embedding")
 
@@ -347,7 +350,7 @@ class ReidContext:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def _save_gallery(folder: Path, data: dict[str, Any], size: int, seed: int, echo: Callable[[str], None]) -> None:
+def _save_gallery(folder: Path, data: dict[str, Any], size: int, seed: int) -> None:
     """Draw ``size`` images of the data set (seeded) and save them as ``folder``'s gallery."""
     from ..data import load_dataset
 
@@ -357,7 +360,7 @@ def _save_gallery(folder: Path, data: dict[str, Any], size: int, seed: int, echo
         idx = list(range(n))
     else:
         idx = sorted(int(i) for i in np.random.default_rng(seed).choice(n, size, replace=False))
-    echo(f"re-identification gallery: {len(idx)} of {n} images of {ds.describe().get('source')}")
+    log.info(f"re-identification gallery: {len(idx)} of {n} images of {ds.describe().get('source')}")
     b = ds.batch(idx)
     Gallery(b.images, b.patient_ids, b.labels, b.names, idx).save(folder / "gallery.npz")
     info = {"data": data, "data_description": ds.describe(), "images": len(idx),
@@ -365,8 +368,8 @@ def _save_gallery(folder: Path, data: dict[str, Any], size: int, seed: int, echo
     write_text(folder / "gallery.json", json.dumps(info, indent=2, default=str) + "\n")
 
 
-def prepare_reid(folder: Path, data: dict[str, Any], settings: dict[str, Any], classifier: Path | None,
-                 echo: Callable[[str], None]) -> ReidContext:
+def prepare_reid(folder: Path, data: dict[str, Any], settings: dict[str, Any], classifier: Path | None
+                 ) -> ReidContext:
     """Build (or reuse) in ``folder`` the gallery of one data set and its learned embedding.
 
     ``settings``: ``gallery_size``, ``seed``, ``distances``, ``embedding`` (``auto``, ``autoencoder``,
@@ -375,7 +378,7 @@ def prepare_reid(folder: Path, data: dict[str, Any], settings: dict[str, Any], c
     folder = Path(folder)
     gpath = folder / "gallery.npz"
     if not gpath.is_file():
-        _save_gallery(folder, data, int(settings["gallery_size"]), int(settings["seed"]), echo)
+        _save_gallery(folder, data, int(settings["gallery_size"]), int(settings["seed"]))
     emb = str(settings["embedding"])
     kind, epath = None, None
     if "embedding" in settings["distances"] and emb != "none":
@@ -386,7 +389,7 @@ def prepare_reid(folder: Path, data: dict[str, Any], settings: dict[str, Any], c
         else:
             kind, epath = "autoencoder", folder / "autoencoder.pt"
             if not epath.is_file():
-                echo("training the re-identification autoencoder on the gallery ...")
+                log.info("training the re-identification autoencoder on the gallery ...")
                 train_autoencoder(Gallery.load(gpath).images, seed=settings["seed"],
                                   steps=settings["autoencoder_steps"]).save(epath)
     desc = json.loads((folder / "gallery.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -21,6 +22,8 @@ from ..errors import UserError
 from .degrade import check_degradation, degrade
 from .fileformat import _atomic_save, read_safetensors, save_prior
 from .network import PriorNet
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "gradleak_prior_checkpoint"
 #: training losses: L1 (robust, sharper edges) or L2 (what PSNR measures)
@@ -114,8 +117,8 @@ def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_pa
                 limit: int | None = None, degradation: dict[str, Any] | None = None, steps: int = 1500,
                 batch_size: int = 32, crop: int | None = 32, lr: float = 2e-3, seed: int = 0, width: int = 16,
                 num_classes: int = 0, loss: str = "l1", calibration: dict[str, Any] | None = None,
-                checkpoint_every: int = 100, stop_after: int | None = None, progress: bool = True,
-                echo: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+                checkpoint_every: int = 100, stop_after: int | None = None, progress: bool = True
+                ) -> dict[str, Any] | None:
     """Train a prior on ``dataset``'s images (patients in ``exclude_patients`` left out) and write it to
     ``out``. ``dataset`` is any gradleak data set (``patient_ids``, ``labels``, ``load``, ``describe``).
     ``calibration`` (how the degradation settings were fitted, e.g. by
@@ -164,8 +167,7 @@ def train_prior(dataset, out: str | Path, *, size: int | None = None, exclude_pa
     start, losses = 0, []
     if ckpt.exists():
         start, losses = _load_checkpoint(ckpt, net, opt, key)
-        if echo:
-            echo(f"resuming from {ckpt} at step {start}")
+        log.info(f"resuming from {ckpt} at step {start}")
 
     # a fixed evaluation batch: the loss before and after training, on the same degraded images
     ev_in, ev_clean, ev_lab = _batch(clean, labels, -1, seed, min(64, 4 * batch_size), degradation)
