@@ -75,7 +75,7 @@ CASES = [
     ("capture-npz-bomb", "capture --data medmnist:{bad}/med_bomb.npz --out {w}/o.pt", "15000 x 15000"),
     ("capture-label-beyond-classes", "capture --data medmnist:{bad}/med_label3.npz --size 16 --indices 1 "
      "--out {w}/o.pt", "label 3"),
-    ("capture-png-bomb", "capture --data folder:{bad}/bomb --size 16 --out {w}/o.pt", "big.png"),
+    ("capture-png-bomb", "capture --data folder:{bad}/bomb --size 16 --batch-size 1 --out {w}/o.pt", "big.png"),
     ("capture-folder-no-images", "capture --data folder:{bad}/noimages --out {w}/o.pt", "no images"),
     ("capture-folder-is-file", "capture --data folder:{bad}/empty.txt --out {w}/o.pt", "expected a folder"),
     ("capture-dicom-broken", "capture --data dicom:{bad}/brokendicom --out {w}/o.pt", "broken.dcm"),

@@ -11,11 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from . import __version__
 from .errors import UserError
 from .files import absent_parts, check_output, remove_new
+from .logs import to_console
+from .validation import parse_assignment
 
 # What the running command's outputs create (files and folders absent before it started): removed if it fails.
 _NEW: list[Path] = []
@@ -65,14 +65,11 @@ def _device(text: str) -> str:
 
 
 def _kv(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
-    k, v = text.split("=", 1)
+    """``KEY=VALUE`` with the value read as YAML 1.2 (``1e-3`` is a number)."""
     try:
-        value = yaml.safe_load(v) if v.strip() else None
-    except yaml.YAMLError:
-        value = v
-    return k.strip(), value
+        return parse_assignment(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _indices(text: str) -> list[int]:
@@ -133,55 +130,28 @@ def _positive_int(text: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- capture
 def cmd_capture(a: argparse.Namespace) -> int:
-    from . import observation
-    from .capture import Truth, capture, save_truth
-    from .data import load_dataset
-    from .experiment.run import choose_indices
+    from .capture import capture_batch
     from .federated import Protocol
-    from .obfuscation import parse_spec, resolve_all
-
-    from .models.checkpoint import check_matches, load_model
+    from .obfuscation import parse_spec
 
     out = _output(a.out, "file", "--out")
     truth_path = _output(a.truth or out.parent / "truth.npz", "file", "--truth")
     if truth_path.resolve() == out.resolve():
         raise UserError(f"--truth and --out name the same file {out}; the truth goes to a file of its own")
     specs = [parse_spec(s) for s in a.obfuscation or []]
-    resolve_all(specs)  # a bad spec fails before the data are read
     proto = Protocol(algorithm=a.algorithm, local_steps=a.local_steps, local_lr=a.local_lr,
                      local_batch_size=a.local_batch_size, sends_buffers=a.sends_buffers,
                      per_example_clip=a.per_example_clip, num_clients_averaged=a.num_clients_averaged)
-    ckpt = load_model(a.model_state) if a.model_state else None
-    size = a.size or (ckpt["model"]["image_size"] if ckpt else None)
-    ds = load_dataset(a.data, size=size)
-    k = a.num_clients_averaged
-    idx = choose_indices(len(ds), a.batch_size * k, a.indices, a.seed)
-    if len(idx) % k:
-        raise UserError(f"--indices gives {len(idx)} images, which {k} clients cannot share evenly")
-    batch = ds.batch(idx)
-    kw: dict[str, Any] = {"meta": {"data": ds.describe(), "indices": idx}}
-    arch, num_classes = a.arch or "lenet5", a.num_classes or 2
-    if ckpt is not None:
-        check_matches(ckpt, where="the command line and data", arch=a.arch, num_classes=a.num_classes,
-                      image_size=int(batch.images.shape[-1]), in_channels=int(batch.images.shape[1]))
-        arch, num_classes = ckpt["model"]["arch"], ckpt["model"]["num_classes"]
-        kw.update(global_state=ckpt["state_dict"], options=ckpt["model"].get("options"),
-                  mean=ckpt["data"]["mean"], std=ckpt["data"]["std"])
-        kw["meta"].update(model_state=str(a.model_state), model_round=ckpt["round"])
-    if len(batch.labels) and int(batch.labels.max()) >= num_classes:
-        raise UserError(f"{a.data}: label {int(batch.labels.max())} is out of range for a model of {num_classes} "
-                        f"classes (labels 0 to {num_classes - 1}); set --num-classes")
-    obs, bits = capture(batch.images, batch.labels, arch=arch, protocol=proto, num_classes=num_classes,
-                        model_seed=a.model_seed, labels_known=a.labels_known, obfuscations=specs,
-                        obfuscation_seed=a.seed, **kw)
-    observation.save(obs, out)
-    save_truth(Truth(batch.images, batch.labels, batch.patient_ids, batch.names, idx,
-                     observation_digest=observation.digest(obs)), truth_path)
-    clients = f", {k} clients x {len(idx) // k} images averaged" if k > 1 else ""
+    c = capture_batch(a.data, protocol=proto, indices=a.indices, batch_size=a.batch_size, seed=a.seed, size=a.size,
+                      arch=a.arch, num_classes=a.num_classes, model_state=a.model_state, model_seed=a.model_seed,
+                      labels_known=a.labels_known, obfuscations=specs)
+    c.save(out, truth_path)
+    obs, k = c.observation, proto.num_clients_averaged
+    clients = f", {k} clients x {obs.protocol.images_per_client} images averaged" if k > 1 else ""
     applied = ", ".join(o["name"] for o in obs.obfuscation) or "none"
-    victim = f"{arch} from {a.model_state}" if ckpt is not None else arch
-    print(f"observation: {out}  ({victim}, {proto.algorithm}, B={len(idx)}{clients}, obfuscation {applied}, "
-          f"{bits} bits/update)")
+    victim = f"{obs.model['arch']} from {a.model_state}" if a.model_state else obs.model["arch"]
+    print(f"observation: {out}  ({victim}, {proto.algorithm}, B={obs.num_images}{clients}, obfuscation {applied}, "
+          f"{c.bits} bits/update)")
     print(f"truth:       {truth_path}  (never read by attacks; pass it to 'gradleak attack --truth')")
     return 0
 
@@ -255,7 +225,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
         rec = run_attack(name, obs, overrides, seed=a.seed, device=a.device, progress=not a.quiet,
                          postprocess=prior)
         extra = {"observation": str(Path(a.observation).resolve()), **({"prior": str(a.prior)} if prior else {}),
-                 "obfuscation": obs.obfuscation, "protocol": obs.protocol, "model": obs.model,
+                 "obfuscation": obs.obfuscation, "protocol": obs.protocol.header(), "model": obs.model,
                  "data_description": (obs.meta or {}).get("data"),
                  "bits": ((obs.obfuscation[-1].get("update_bits") if obs.obfuscation else None)
                           or 32 * sum(int(v.numel()) for v in obs.update.values())),
@@ -294,7 +264,7 @@ def cmd_attack(a: argparse.Namespace) -> int:
               + (f"  label accuracy {metrics['label_accuracy']:.2f}" if "label_accuracy" in metrics else ""))
         from .experiment.reference import reference_summary
 
-        reference_summary(print, metrics)
+        reference_summary(metrics)
         if metrics.get("baseline_note"):
             print(f"blind baseline and re-identification {metrics['baseline_note']}")
     print(f"wrote {out}/reconstruction.npz, reconstruction.png" + (", metrics.json" if metrics else ""))
@@ -338,11 +308,10 @@ def cmd_prior_train(a: argparse.Namespace) -> int:
 
         obs = observation.load(a.calibrate_like)
         print(f"calibrating the degradation: ROG on {a.calibrate_images} auxiliary batch(es) captured as "
-              f"{a.calibrate_like} ({obs.model['arch']}, {obs.protocol['algorithm']}, obfuscation "
+              f"{a.calibrate_like} ({obs.model['arch']}, {obs.protocol.algorithm}, obfuscation "
               f"{', '.join(r['name'] for r in obs.obfuscation) or 'none'})")
         fit = calibrate_like(obs, ds, exclude_patients=excluded, images=a.calibrate_images,
-                             attack_settings={"iterations": a.calibrate_iterations}, seed=a.seed,
-                             echo=None if a.quiet else print)
+                             attack_settings={"iterations": a.calibrate_iterations}, seed=a.seed)
         degradation, calibration = fit["degradation"], fit["calibration"]
         print("calibrated degradation: " + ", ".join(f"{k}={v}" for k, v in degradation.items()))
     degradation.update(dict(a.degradation or []))
@@ -350,8 +319,7 @@ def cmd_prior_train(a: argparse.Namespace) -> int:
                          degradation=degradation, steps=a.steps, batch_size=a.batch_size,
                          crop=a.crop or None, lr=a.lr, seed=a.seed, width=a.width,
                          num_classes=a.num_classes if a.label_conditioned else 0, loss=a.loss,
-                         calibration=calibration, checkpoint_every=a.checkpoint_every, progress=not a.quiet,
-                         echo=print)
+                         calibration=calibration, checkpoint_every=a.checkpoint_every, progress=not a.quiet)
     t = header["training"]
     print(f"prior: {out}  ({header['size']} px, {t['num_images']} images of {t['num_patients']} patients, "
           f"{len(t['excluded_patients'])} patients excluded, {t['steps']} steps)")
@@ -430,14 +398,14 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         print(f"  failed: {what}: {err}")
     print(f"results: {summary.folder}/results.jsonl, results.csv")
     if not a.no_report:
-        from .report.html import write_report
+        from .report.render import write_report
         path = write_report(summary.folder)
         print(f"report:  {path}")
     return 0 if ok == summary.cells else 1
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from .report.html import write_report
+    from .report.render import write_report
 
     folder = Path(a.experiment)
     if not folder.is_dir():
@@ -463,7 +431,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     n = sum(v.numel() for v in obs.update.values())
     print(f"format     {observation.FORMAT}")
     print(f"model      {obs.model}")
-    print(f"protocol   {obs.protocol}")
+    print(f"protocol   {obs.protocol.header()}")
     print(f"labels     {'given: ' + str(obs.labels.tolist()) if obs.labels is not None else 'not given'}")
     print(f"obfuscation {obs.obfuscation or 'none'}")
     print(f"update     {len(obs.update)} tensors, {n} entries")
@@ -484,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "medmnist:FILE.npz,split=val, folder:PATH, dicom:PATH (default: phantoms)")
     c.add_argument("--size", type=_positive_int, default=None, help="image size in px (default: the spec's, else 64)")
     c.add_argument("--indices", type=_indices, default=None, help="comma-separated data set indices")
-    c.add_argument("--batch-size", type=_positive_int, default=1, help="images drawn with --seed when no --indices (default 1)")
+    c.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="images drawn with --seed when no --indices (default 4, as in experiment configs)")
     c.add_argument("--seed", type=_seed, default=0, help="seed for the batch choice and obfuscation noise")
     c.add_argument("--arch", default=None, help="victim model (lenet5, lenet_zhu, convnet, resnet18, resnet18_nobn; "
                    "default lenet5, or the --model-state file's)")
@@ -637,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    to_console()  # progress messages; --quiet only turns the progress bars off
     _NEW.clear()
     try:
         try:

@@ -99,11 +99,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        user = load_yaml(path.read_text()) or {}
+        user = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{at}") from None
+    if user is None:
+        raise UserError(f"{path}: the file is empty (write the settings to change, or {{}} for all defaults)")
     if not isinstance(user, dict):
         raise UserError(f"{path}: the top level must be a mapping")
     return user

@@ -106,7 +106,7 @@ class Capture(Section):
 
 class Attack(Section):
     name: str = "auto"
-    device: str = "cpu"
+    device: Annotated[str, Field(pattern=r"^(cpu|mps|cuda(:\d+)?)$")] = "cpu"  # checked on the machine that runs it
     prior: str | None = None  # a prior file ('gradleak prior train'): post-process, report with and without it
     settings: dict[str, Any] = {}  # overrides of the attack preset (iterations, restarts, time_budget, ...)
 

@@ -13,8 +13,7 @@ import torch
 
 from .. import __version__
 from ..attacks import Reconstruction
-from ..capture import Truth, check_truth
-from ..federated.protocol import ObservedProtocol
+from ..capture import Truth
 from ..files import atomic_path, write_text  # write_text: re-exported for the experiment layer
 from ..metrics import score
 from ..metrics.baseline import with_baseline
@@ -22,8 +21,6 @@ from ..figures.images import grid, save_png
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, ObservedProtocol):  # transitional: until callers pass ``obs.protocol.header()``
-        x = x.header()
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -75,12 +72,6 @@ def write_reconstruction(out: Path, rec: Reconstruction, truth: Truth | None = N
     the guesses. ``metrics.json`` always records the attack's ``budget`` and whether it ``converged``.
     Returns the metrics (or None without truth).
     """
-    if truth is not None and truth.observation_digest is not None and (extra or {}).get("observation"):
-        # transitional: until 'gradleak attack' checks the truth file against its observation when it loads it
-        from .. import observation
-
-        check_truth(truth, observation.load(extra["observation"]), truth_path=extra.get("truth", "the truth file"),
-                    observation_path=extra["observation"])
     out.mkdir(parents=True, exist_ok=True)
     raw = rec.extras.get("without_postprocessing")
     arrays = {"images": rec.images.numpy().astype(np.float32), "labels": rec.labels.numpy().astype(np.int64)}

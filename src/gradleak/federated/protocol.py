@@ -155,13 +155,6 @@ class ObservedProtocol(Protocol):
                    num_images=int(header["num_images"]),
                    other={k: v for k, v in header.items() if k not in HEADER_KEYS})
 
-    # transitional: dict-style reads of the header, for consumers not yet converted to attributes
-    def __getitem__(self, key: str) -> Any:  # transitional
-        return self.header()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:  # transitional
-        return self.header().get(key, default)
-
 
 def client_slices(num_images: int, num_clients: int) -> list[slice]:
     """The images of each of ``num_clients`` equal clients, in order (client k: k*B .. (k+1)*B - 1)."""
