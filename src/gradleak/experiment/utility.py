@@ -17,6 +17,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -34,15 +35,18 @@ from ..federated.protocol import ALGORITHMS
 from ..federated.settings import MONITORS, SAMPLINGS, Evaluation, Settings
 from ..federated.simulation import SimulationResult, dp_records, schedule_dp, simulate
 from ..flower import ENGINES, choose_engine
+from ..logs import recording
 from ..metrics.classification import AUC_VARIANT, THRESHOLD_VARIANT
 from ..models import build
 from ..models.checkpoint import save_model
 from .config import (Count, DataSpec, Fraction, Section, Stds, dump, fedavg_lr, merge_with_overrides,
                      read_yaml)
 from .outputs import versions, write_json, write_text
-from .run import Log, new_folder
+from .run import new_folder
 
 FORMAT = "gradleak-utility/1"
+
+log = logging.getLogger(__name__)
 
 _FED, _EVAL = Settings(), Evaluation()  # the federation's defaults live in its dataclasses
 
@@ -180,7 +184,7 @@ def _describe(ds, idx: np.ndarray) -> dict[str, Any]:
             "class_counts": [int((y == c).sum()) for c in range(max(2, len(ds.classes)))]}
 
 
-def _load_data(cfg: dict[str, Any], log: Log):
+def _load_data(cfg: dict[str, Any]):
     ds = load_dataset(cfg["data"])
     all_idx = np.arange(len(ds))
     if cfg["eval_data"] is not None:
@@ -200,7 +204,7 @@ def _load_data(cfg: dict[str, Any], log: Log):
     ye = torch.as_tensor(ev_ds.labels[ev_idx], dtype=torch.int64)
     if x.shape[1:] != xe.shape[1:]:
         raise UserError(f"evaluation images are {tuple(xe.shape[1:])} but training images {tuple(x.shape[1:])}")
-    log(f"data: {len(train_idx)} training images, {len(ev_idx)} evaluation images ({ev_source}), "
+    log.info(f"data: {len(train_idx)} training images, {len(ev_idx)} evaluation images ({ev_source}), "
         f"decoded in {time.perf_counter() - t0:.1f}s")
     train_p = {ds.patient_ids[i] for i in train_idx}
     overlap = len(train_p & {ev_ds.patient_ids[i] for i in ev_idx}) if ev_ds is ds or \
@@ -230,17 +234,17 @@ ENGINE_TEXT = {"flower": "Flower's simulation engine (one virtual node per clien
                "local": "the built-in loop (clients one after another in this process)"}
 
 
-def _engine(cfg: dict[str, Any], log: Log) -> tuple[Callable[..., SimulationResult], dict[str, Any]]:
+def _engine(cfg: dict[str, Any]) -> tuple[Callable[..., SimulationResult], dict[str, Any]]:
     """The ``simulate`` of the configured engine, and what ``utility.json`` records of it."""
     name, note = choose_engine(cfg["federation"]["engine"])
-    log(f"engine: {name}, {ENGINE_TEXT[name]}" + (f"; {note}" if note else ""))
+    log.info(f"engine: {name}, {ENGINE_TEXT[name]}" + (f"; {note}" if note else ""))
     if name == "flower":
         from ..flower import simulate as flower_simulate
         return flower_simulate, {"name": name, "note": note}
     return simulate, {"name": name, "note": note}
 
 
-def _round_logger(cfg: dict[str, Any], header: dict[str, Any], folder: Path, log: Log, saved: list[str]):
+def _round_logger(cfg: dict[str, Any], header: dict[str, Any], folder: Path, saved: list[str]):
     """The simulation's ``on_round``: a log line per round, and ``model_rR.pt`` for each of ``save_rounds``."""
     keep, mc = set(cfg["save_rounds"]), cfg["model"]
 
@@ -250,7 +254,7 @@ def _round_logger(cfg: dict[str, Any], header: dict[str, Any], folder: Path, log
             msg += f", AUC {rep['roc_auc']:.4f}, accuracy {rep['accuracy']:.4f}, loss {rep['loss']:.4f}"
         if rep.get("epsilon") is not None:
             msg += f", epsilon {rep['epsilon']:.3f}"
-        log(msg + f" ({rep['seconds']:.1f}s)")
+        log.info(msg + f" ({rep['seconds']:.1f}s)")
         if r in keep:
             save_model(folder / f"model_r{r}.pt", header, state, mean=mc["mean"], std=mc["std"], round=r,
                        meta={"experiment": cfg["name"]})
@@ -305,8 +309,7 @@ def _summary(cfg: dict[str, Any], res: SimulationResult, ev_settings: Evaluation
     }
 
 
-def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | None = None,
-                echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | None = None) -> dict[str, Any]:
     """Train the classifier federatedly under ``cfg`` (a config checked by :func:`from_dict`/:func:`load`)
     and write the experiment folder. Returns the content of ``utility.json``:
 
@@ -322,8 +325,8 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     spent so far; None without a Gaussian mechanism), ``seconds`` and, when the round was evaluated, the
     metrics ``accuracy``, ``balanced_accuracy``, ``roc_auc``, ``sensitivity``, ``specificity``,
     ``precision``, ``f1``, ``loss``, ``threshold``, ``confusion`` (tp/fp/tn/fn) and ``eval_images``;
-    ``final`` (those metrics of the final model, with ``num_images`` evaluated) and ``final_round``; ``best`` and ``best_round``
-    (by ``monitor``); ``stopped_early``; ``rounds_run``; ``bits_per_round`` (mean over rounds of all
+    ``final`` (those metrics of the final model, with ``num_images`` evaluated) and ``final_round``;
+    ``best`` and ``best_round`` (by ``monitor``); ``stopped_early``; ``rounds_run``; ``bits_per_round`` (mean over rounds of all
     clients' upload); ``bits_per_update`` (mean per client update); ``dense_bits_per_update`` (32 per
     parameter); ``epsilon`` (after the last round, or None) and ``delta``; ``obfuscation`` (the
     records of the last client update); ``metric_variants``; ``seconds``; ``versions``; ``files``.
@@ -331,60 +334,17 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     final_dir = Path(folder) if folder is not None else new_folder(Path(cfg["output_dir"]), cfg["name"])
     if final_dir.exists():
         raise UserError(f"output folder already exists: {final_dir}")
-    st, ev_settings = settings(cfg), Evaluation(**cfg["evaluation"])
-    specs = [obfuscation.normalize(s) for s in cfg["obfuscation"]]
-    applied = [s["name"] for s in specs] or ["none"]
     partial = final_dir.parent / f".{final_dir.name}.partial"
     partial.mkdir(parents=True, exist_ok=False)
-    log = Log(echo)
-    t_start = time.perf_counter()
     threads_before = torch.get_num_threads()
     try:
         if cfg["threads"] is not None:
             torch.set_num_threads(int(cfg["threads"]))
-        write_text(partial / "config.yaml", dump(cfg))
-        x, y, xe, ye, train_labels, pids, data_info = _load_data(cfg, log)
-        part = partition_by_patient(train_labels, pids, st.num_clients, scheme=st.partition, alpha=st.alpha,
-                                    seed=cfg["seed"])
-        clients_info = part.describe(np.asarray(train_labels), pids)
-        log(f"partition: {st.partition}" + (f" (alpha {st.alpha})" if st.partition == "dirichlet" else "")
-            + f", {st.num_clients} clients of " + ", ".join(str(c["num_images"]) for c in clients_info)
-            + " images")
-        model, header = _build_model(cfg, x)
-        num_params = sum(p.numel() for p in model.parameters())
-        log(f"model: {header}, {num_params} parameters; {st.algorithm}, {st.rounds} rounds, "
-            f"obfuscation {', '.join(applied)}")
-        run_federation, engine = _engine(cfg, log)
-        saved: list[str] = []
-        res = run_federation(model, x, y, part.clients, xe, ye, st, evaluation=ev_settings, obfuscations=specs,
-                             seed=cfg["seed"], delta=cfg["privacy"]["delta"], device=cfg["device"],
-                             progress=progress, on_round=_round_logger(cfg, header, partial, log, saved))
-        files = _save_models(cfg, header, partial, res, ev_settings.monitor) + saved
-        result: dict[str, Any] = {
-            "format": FORMAT, "name": cfg["name"], "folder": str(final_dir), "config": cfg, "model": header,
-            "num_parameters": int(num_params), "data": data_info,
-            "partition": {"scheme": part.scheme, "alpha": part.alpha, "attempts": part.attempts,
-                          "clients": clients_info},
-            "protocol": {**dataclasses.asdict(st), "sample_rate": st.sample_rate,
-                         "update_is": "gradient" if st.algorithm == "fedsgd" else "weight_delta"},
-            "threat_model": _threat_model(cfg, st, applied, dp_records(res.obfuscation)),
-            "engine": engine,
-            **_summary(cfg, res, ev_settings, num_params),
-            "seconds": time.perf_counter() - t_start,
-            "versions": versions(),
-            "files": sorted(files + ["utility.json", "learning_curves.png", "config.yaml", "log.txt",
-                                     "versions.json"]),
-        }
-        from ..figures.curves import learning_curves
-
-        title = f"{cfg['name']}: {st.algorithm}, {st.num_clients} clients, obfuscation " + ", ".join(applied)
-        learning_curves(res.rounds, partial / "learning_curves.png", title=title, best_round=res.best_round)
-        f = res.final or {}
-        log(f"final (round {len(res.rounds)}): AUC {f.get('roc_auc', float('nan')):.4f}, accuracy "
-            f"{f.get('accuracy', float('nan')):.4f}; best round {res.best_round} by {ev_settings.monitor}")
+        with recording() as rec:
+            result = _run(cfg, partial, final_dir, progress)
         write_json(partial / "utility.json", result)
         write_json(partial / "versions.json", versions())
-        write_text(partial / "log.txt", log.text())
+        write_text(partial / "log.txt", rec.text())
         partial.rename(final_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -392,6 +352,53 @@ def run_utility(cfg: dict[str, Any], *, progress: bool = True, folder: Path | No
     finally:
         torch.set_num_threads(threads_before)
     return result
+
+
+def _run(cfg: dict[str, Any], partial: Path, final_dir: Path, progress: bool) -> dict[str, Any]:
+    """The body of :func:`run_utility`: train, write the models and the curves into ``partial``, and
+    return the content of ``utility.json``."""
+    t_start = time.perf_counter()
+    st, ev_settings = settings(cfg), Evaluation(**cfg["evaluation"])
+    specs = [obfuscation.normalize(s) for s in cfg["obfuscation"]]
+    applied = [s["name"] for s in specs] or ["none"]
+    write_text(partial / "config.yaml", dump(cfg))
+    x, y, xe, ye, train_labels, pids, data_info = _load_data(cfg)
+    part = partition_by_patient(train_labels, pids, st.num_clients, scheme=st.partition, alpha=st.alpha,
+                                seed=cfg["seed"])
+    clients_info = part.describe(np.asarray(train_labels), pids)
+    log.info(f"partition: {st.partition}" + (f" (alpha {st.alpha})" if st.partition == "dirichlet" else "")
+             + f", {st.num_clients} clients of " + ", ".join(str(c["num_images"]) for c in clients_info)
+             + " images")
+    model, header = _build_model(cfg, x)
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info(f"model: {header}, {num_params} parameters; {st.algorithm}, {st.rounds} rounds, "
+             f"obfuscation {', '.join(applied)}")
+    run_federation, engine = _engine(cfg)
+    saved: list[str] = []
+    res = run_federation(model, x, y, part.clients, xe, ye, st, evaluation=ev_settings, obfuscations=specs,
+                         seed=cfg["seed"], delta=cfg["privacy"]["delta"], device=cfg["device"],
+                         progress=progress, on_round=_round_logger(cfg, header, partial, saved))
+    files = _save_models(cfg, header, partial, res, ev_settings.monitor) + saved
+    from ..figures.curves import learning_curves
+
+    title = f"{cfg['name']}: {st.algorithm}, {st.num_clients} clients, obfuscation " + ", ".join(applied)
+    learning_curves(res.rounds, partial / "learning_curves.png", title=title, best_round=res.best_round)
+    f = res.final or {}
+    log.info(f"final (round {len(res.rounds)}): AUC {f.get('roc_auc', float('nan')):.4f}, accuracy "
+             f"{f.get('accuracy', float('nan')):.4f}; best round {res.best_round} by {ev_settings.monitor}")
+    return {
+        "format": FORMAT, "name": cfg["name"], "folder": str(final_dir), "config": cfg, "model": header,
+        "num_parameters": int(num_params), "data": data_info,
+        "partition": {"scheme": part.scheme, "alpha": part.alpha, "attempts": part.attempts, "clients": clients_info},
+        "protocol": {**dataclasses.asdict(st), "sample_rate": st.sample_rate,
+                     "update_is": "gradient" if st.algorithm == "fedsgd" else "weight_delta"},
+        "threat_model": _threat_model(cfg, st, applied, dp_records(res.obfuscation)),
+        "engine": engine,
+        **_summary(cfg, res, ev_settings, num_params),
+        "seconds": time.perf_counter() - t_start,
+        "versions": versions(),
+        "files": sorted(files + ["utility.json", "learning_curves.png", "config.yaml", "log.txt", "versions.json"]),
+    }
 
 
 __all__ = ["FORMAT", "UtilityConfig", "from_dict", "load", "run_utility", "settings"]
