@@ -62,7 +62,7 @@ def config(defence: str, rounds: int, data: str, out: Path, seed: int, threads: 
         "data": {"source": "kaggle", "path": data, "split": "train", "size": 64},
         "holdout": 0.2,
         "model": {"arch": "convnet", "options": {"width": 8, "depth": 4, "pool_first": True}},
-        "federation": {"num_clients": 10, "partition": "iid", "clients_per_round": 1.0, "rounds": rounds,
+        "federation": {"engine": "local", "num_clients": 10, "partition": "iid", "clients_per_round": 1.0, "rounds": rounds,
                        "algorithm": "fedavg", "local_epochs": 1, "local_lr": 0.05, "local_batch_size": 32,
                        "sends_buffers": True, **SERVER.get(defence, {})},
         "obfuscation": specs,

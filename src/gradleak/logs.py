@@ -17,6 +17,9 @@ from typing import Iterator
 ROOT = "gradleak"
 
 logging.getLogger(ROOT).setLevel(logging.INFO)
+# gradleak's own handlers only: a library that configures the root logger (Opacus calls basicConfig when it
+# is imported) must not print every message a second time
+logging.getLogger(ROOT).propagate = False
 
 
 class _Elapsed(logging.Formatter):

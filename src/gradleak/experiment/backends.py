@@ -37,7 +37,7 @@ Done = Callable[[dict[str, Any], dict[str, Any], Path], None]
 #: What a sweep keeps of a utility run's result (the full ``utility.json`` stays in its folder).
 UTILITY_KEYS = ("final", "best", "best_round", "rounds_run", "bits_per_round", "bits_per_update",
                 "dense_bits_per_update", "epsilon", "delta", "threat_model", "metric_variants", "model",
-                "protocol", "seconds")
+                "protocol", "seconds", "engine")
 
 #: What a cell's result keeps of its attack's summary (``attack.json``).
 _ATTACK_KEYS = ("iterations", "seconds", "seconds_per_iteration", "converged", "pipeline", "final_loss", "settings")

@@ -82,6 +82,8 @@ def utility_config(spec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     fed = ucfg.setdefault("federation", {})
     if isinstance(fed, dict) and "algorithm" not in fed:  # the attacked protocol
         fed["algorithm"] = cap["protocol"]["algorithm"]
+    if isinstance(fed, dict):  # the sweep's own backend runs the tasks in parallel: no Ray inside each task
+        fed.setdefault("engine", "local")
     ucfg["obfuscation"] = copy.deepcopy(cfg["capture"]["obfuscation"])
     ucfg.setdefault("name", f"{spec['name']}-utility")
     ucfg.pop("output_dir", None)
