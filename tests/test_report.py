@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from test_cli import gradleak
 
-from gradleak.report.html import write_report
+from gradleak.report.render import write_report
 from gradleak.report.verdicts import above_chance
 
 

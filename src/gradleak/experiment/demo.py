@@ -125,7 +125,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def demo(out_root: Path = Path("experiments"), iterations: int | None = None, quiet: bool = False,
          workers: int | None = None) -> Path:
-    from ..report.html import write_report
+    from ..report.render import write_report
     from .run import new_folder
     from .spec import spec_from_dict
     from .store import ResultStore
