@@ -91,7 +91,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from ..experiment.demo import demo
+    from ..demo import demo
 
     demo(out_root=_output(a.out, "folder", "--out"), iterations=a.iterations, quiet=a.quiet)
     return 0

@@ -36,7 +36,7 @@ from ..federated.settings import MONITORS, SAMPLINGS, Evaluation, Settings
 from ..federated.simulation import SimulationResult, dp_records, schedule_dp, simulate
 from ..flower import ENGINES, choose_engine
 from ..logs import recording
-from ..metrics.classification import AUC_VARIANT, THRESHOLD_VARIANT
+from ..federated.evaluation import AUC_VARIANT, THRESHOLD_VARIANT
 from ..models import build
 from ..models.checkpoint import save_model
 from .config import (Count, DataSpec, Fraction, Section, Stds, dump, fedavg_lr, merge_with_overrides,

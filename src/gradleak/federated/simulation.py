@@ -36,7 +36,7 @@ from torch.func import functional_call
 from .. import obfuscation
 from ..errors import UserError
 from ..obfuscation import accounting
-from ..metrics.classification import binary_metrics
+from .evaluation import binary_metrics
 from .arithmetic import mean_buffers, mean_update
 from .client import client_update
 from .protocol import ObservedProtocol, Protocol, Tensors, split_state
@@ -84,7 +84,7 @@ class Server:
 def evaluate(model: nn.Module, state: Tensors, images: torch.Tensor, labels: torch.Tensor,
              threshold: float = 0.5, batch_size: int = 512) -> dict[str, Any]:
     """Score the model with weights ``state`` (eval mode) on ``images``: mean cross-entropy ``loss`` and
-    :func:`gradleak.metrics.classification.binary_metrics` of P(class 1)."""
+    :func:`gradleak.federated.evaluation.binary_metrics` of P(class 1)."""
     model.eval()
     device = next(iter(state.values())).device
     probs, loss_sum = [], 0.0

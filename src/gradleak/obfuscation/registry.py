@@ -22,16 +22,13 @@ validates. :func:`server_record` reads a record as a knowing server, whoever wro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..errors import UserError
 from ..validation import nearest, parse_value
 from .params import NoParams, Params, ServerValues, check
-
-if TYPE_CHECKING:  # the federated package applies obfuscations; only its protocol type is named here
-    from ..federated.protocol import ObservedProtocol
 
 Tensors = dict[str, torch.Tensor]
 
@@ -68,7 +65,7 @@ class Context:
     rounds: int | None = None
 
     @classmethod
-    def from_protocol(cls, protocol: "ObservedProtocol", **kw) -> "Context":
+    def from_protocol(cls, protocol: Any, **kw) -> "Context":
         """The context of one client of an Observation's protocol (a
         :class:`gradleak.federated.ObservedProtocol`)."""
         pec = protocol.per_example_clip

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from .errors import UserError
 
 #: The defences and attacks the demo shows.
 DEMO_OBFUSCATIONS = ["none", "qsgd:levels=16", "topk:keep=0.1", "gaussian:noise_multiplier=0.01,clip=1.0"]
@@ -35,9 +35,9 @@ DEMO_PRIOR: dict[str, Any] = {"steps": 300, "batch_size": 16, "crop": None, "wid
 
 def attacked_patients(base: dict[str, Any]) -> list[str]:
     """The patients whose images the demo's cells attack (every cell draws the same batch)."""
-    from ..data import load_dataset
-    from .config import from_dict
-    from ..capture import choose_indices
+    from .data import load_dataset
+    from .experiment.config import from_dict
+    from .capture import choose_indices
 
     cfg = from_dict(json.loads(json.dumps(base)), source="demo")
     ds = load_dataset(cfg["data"])
@@ -47,8 +47,8 @@ def attacked_patients(base: dict[str, Any]) -> list[str]:
 
 def train_demo_prior(base: dict[str, Any], out: Path, progress: bool = False) -> dict[str, Any]:
     """Train the demo's prior on the demo archive with the attacked patients excluded."""
-    from ..data import load_dataset
-    from ..prior import train_prior
+    from .data import load_dataset
+    from .prior import train_prior
 
     import torch
 
@@ -125,11 +125,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def demo(out_root: Path = Path("experiments"), iterations: int | None = None, quiet: bool = False,
          workers: int | None = None) -> Path:
-    from ..report.render import write_report
-    from .run import new_folder
-    from .spec import spec_from_dict
-    from .store import ResultStore
-    from .sweep import run_sweep
+    from .report.render import write_report
+    from .experiment.run import new_folder
+    from .experiment.spec import spec_from_dict
+    from .experiment.store import ResultStore
+    from .experiment.sweep import run_sweep
 
     import time
 

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradleak.metrics.classification import binary_metrics, roc_auc
+from gradleak.federated.evaluation import binary_metrics, roc_auc
 
 
 def test_roc_auc_by_hand_with_ties():
