@@ -24,7 +24,7 @@ import math
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Any, Iterable, TypeVar, Union, get_args, get_origin
+from typing import Any, Iterable, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -156,6 +156,14 @@ def nearest(word: Any, options: Iterable[Any]) -> str | None:
     return near[0] if near else None
 
 
+def unknown_name(kind: str, name: Any, known: Sequence[str], aliases: Iterable[str] = ()) -> UserError:
+    """The one-line error for a name no registry holds: "unknown KIND 'NAME' (did you mean ...?)", or the
+    known names when none is close."""
+    near = nearest(name, [*known, *aliases])
+    hint = f" (did you mean '{near}'?)" if near else f" (known: {', '.join(known)})"
+    return UserError(f"unknown {kind} '{name}'{hint}")
+
+
 # ------------------------------------------------------------------------------------------ models
 def section(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
     """The model of ``model``'s field ``key`` when it is a section (a nested model), else None."""
@@ -274,5 +282,5 @@ def validate(model: type[M], data: Any, source: str | None = None, context: dict
         raise UserError(f"{source}: {line}" if source else line) from None
 
 
-__all__ = ["load_yaml", "dump_yaml", "read_yaml", "parse_value", "parse_assignment", "set_dotted", "nearest",
+__all__ = ["load_yaml", "dump_yaml", "read_yaml", "parse_value", "parse_assignment", "set_dotted", "nearest", "unknown_name",
            "section", "unknown_dotted", "explain", "validate"]

@@ -26,7 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from ..errors import UserError
 from ..observation import Observation
-from ..validation import load_yaml, nearest, parse_value, validate
+from ..validation import load_yaml, parse_value, unknown_name, validate
 from . import auto, dlg, engine, inverting, rog
 from .base import Reconstruction
 
@@ -44,9 +44,7 @@ def names() -> list[str]:
 def canonical(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in _ATTACKS:
-        near = nearest(name, names() + list(ALIASES))
-        hint = f" (did you mean '{near}'?)" if near else f" (known: {', '.join(names())})"
-        raise UserError(f"unknown attack '{name}'{hint}")
+        raise unknown_name("attack", name, names(), ALIASES)
     return name
 
 

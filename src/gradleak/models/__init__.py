@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..validation import unknown_name
 from .base import VictimNet
 from .convnet import ConvNet
 from .lenet import LeNet5, LeNetZhu
@@ -30,9 +30,7 @@ _MIN_SIZE = {"lenet5": 4, "lenet_zhu": 4, "convnet": 8, "resnet18": 8, "resnet18
 
 def _check(arch: str, image_size: int) -> None:
     if arch not in _REGISTRY:
-        near = difflib.get_close_matches(arch, ARCHS, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(ARCHS)})"
-        raise UserError(f"unknown model arch '{arch}'{hint}")
+        raise unknown_name("model arch", arch, ARCHS)
     if image_size < _MIN_SIZE[arch]:
         raise UserError(f"image_size {image_size} is too small for {arch} (minimum {_MIN_SIZE[arch]})")
     if arch == "lenet5" and image_size % 4:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import UserError
-from ..validation import nearest, parse_value
+from ..validation import nearest, parse_value, unknown_name
 from .params import NoParams, Params, ServerValues, check
 
 Tensors = dict[str, torch.Tensor]
@@ -166,9 +166,7 @@ def canonical(name: str) -> str:
     key = name.strip().lower() if isinstance(name, str) else None  # a name is a string (None is not 'none')
     key = NAME_ALIASES.get(key, key)
     if key not in _REGISTRY:
-        near = nearest(name, names() + list(NAME_ALIASES))
-        hint = f" (did you mean '{near}'?)" if near else f" (known: {', '.join(names())})"
-        raise UserError(f"unknown obfuscation '{name}'{hint}")
+        raise unknown_name("obfuscation", name, names(), NAME_ALIASES)
     return key
 
 
