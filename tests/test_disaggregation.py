@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradleak.attacks import run_attack
-from gradleak.attacks.disaggregate import separate
+from gradleak.attacks.disaggregate import _distinct_rows, separate
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
 from gradleak.attacks.linear_leak import leak
 from gradleak.attacks.simulate import Simulator
@@ -43,6 +43,47 @@ def test_subset_sum_rows_give_each_input_with_its_scale(r):
     for x in sep.X:  # each recovered row is one image's a_i h_i / r, scale and sign included
         err = ((truth - x).norm(dim=1) / truth.norm(dim=1)).min()
         assert err < 1e-6
+
+
+def _shared_pattern_update(r: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer update shaped like a real chest X-ray batch's: most units active for every image (or for
+    none), the rest with mixed patterns. Returns (G, v, the true rows a_i h_i / r)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 400
+    H = torch.rand(r, n, generator=g, dtype=torch.float64)
+    a = torch.rand(r, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    a[::2] *= -1
+    M = torch.cat([torch.ones(110, r), torch.zeros(110, r), (torch.rand(290, r, generator=g) < 0.5).float()]).double()
+    v = torch.randn(len(M), generator=g, dtype=torch.float64)
+    truth = a[:, None] * H / r
+    return (v[:, None] * M) @ truth, v, truth
+
+
+def test_copies_of_one_pattern_are_merged_into_one_row():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    rows = base[torch.tensor([0, 1, 1, 2, 2, 2, 3, 4, 4, 0])]
+    noise = torch.full((len(rows),), 1e-3, dtype=torch.float64)
+    merged = _distinct_rows(rows + 1e-4 * torch.randn(rows.shape, generator=g, dtype=torch.float64), noise)
+    assert merged.shape[0] == 5
+    assert float((merged[:, None] - base[None]).norm(dim=2).amin(dim=1).max()) < 1e-3
+
+
+def test_sixteen_images_whose_units_mostly_agree_separate_exactly():
+    # 220 of 510 rows are copies of two patterns (all active, none): drawn from the rows, a set of 15 rows
+    # isolating one image is ~1 in 10^6; drawn from the distinct patterns, ~1 in 3,000
+    G, v, truth = _shared_pattern_update(16)
+    sep = separate(G, 16, row_scale=v, generator=torch.Generator().manual_seed(0), time_limit=120)
+    assert sep.info["separated"] == 16
+    for x in sep.X:
+        assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
+
+
+def test_a_search_cut_short_counts_only_the_images_it_separated():
+    G, v, _ = _shared_pattern_update(16)
+    sep = separate(G, 16, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=4096)
+    assert sep.info["separated"] < 16
+    assert sep.info["separated"] <= sep.info["fitting"]
 
 
 def _phantom_obs(B: int, size: int = 16, obfuscations=(), protocol: Protocol | None = None, seed: int = 0):
@@ -89,6 +130,17 @@ def test_auto_reconstructs_a_lenet5_batch_and_says_how():
     assert m["label_accuracy"] == 1.0
     p = rec.extras["pipeline"]
     assert p["leaky_layer"] == "fc1" and p["separated"] == 4
+    assert "gradient-matching refinement" in p["stages"]  # an exact update: refinement only sharpens
+
+
+def test_a_quantised_update_separated_whole_is_not_refined_into_its_noise():
+    obs, batch = _phantom_obs(4, obfuscations=[{"name": "uniform", "bits": 8}])
+    rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 300}, progress=False)
+    p = rec.extras["pipeline"]
+    assert p["separated"] == 4
+    assert p["kept"].startswith("inverted") and "gradient-matching refinement" not in p["stages"]
+    assert "refinement" not in rec.threat_model["attack_pipeline"]
+    assert score(batch.images, batch.labels, rec.images, rec.labels)["psnr"] > 25
     assert "disaggregation" in rec.threat_model["attack_pipeline"]
     assert rec.summary()["pipeline"]["leaky_layer"] == "fc1"
 
@@ -155,6 +207,9 @@ def test_top_k_update_is_separated_on_its_sent_entries():
     known = found.features.abs().sum(dim=0) > 0
     assert bool((_best_cos(found.features[:, known], h[:, known]) > 0.999).all())
     assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())
+    # the unsent columns are left to the gradient-matching refinement
+    rec = run_attack("auto", obs, {"iterations": 3, "invert_iterations": 50}, progress=False)
+    assert "gradient-matching refinement" in rec.extras["pipeline"]["stages"]
 
 
 def test_known_labels_are_paired_with_the_right_images_and_the_seed_fixes_the_result():
