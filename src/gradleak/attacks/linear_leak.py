@@ -178,8 +178,14 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
             p1 = torch.softmax(logits, dim=-1)[:, 1]
             return (1 - (p1 - y) / a).abs()  # relative: a -> 0 with p1 -> y is no solution
 
-        a = a_sign * grid  # candidate a in (0, 1] or [-1, 0): a coarse grid, then a fine one around the best
-        k = int(residual(a).argmin())
+        a = a_sign * grid  # candidate a in (0, 1] or [-1, 0): a coarse grid, then a fine one around the root
+        res = residual(a)
+        # the layers after fc1 are positively homogeneous (ReLU, no bias), so the logits of h / a grow as
+        # 1 / |a| and the equation has a second, spurious root at a tiny |a| (inputs hundreds of times
+        # larger than any image gives) where the softmax saturates: the true one is the root of largest |a|
+        roots = [j for j in range(len(a) - 1, -1, -1) if float(res[j]) < 0.05
+                 and float(res[j]) <= float(res[min(j + 1, len(a) - 1)]) and float(res[j]) <= float(res[max(j - 1, 0)])]
+        k = roots[0] if roots else int(res.argmin())
         fine = torch.linspace(float(a[max(k - 1, 0)]), float(a[min(k + 1, len(a) - 1)]), 2001, dtype=torch.float64)
         best = float(fine[int(residual(fine).argmin())])
         feats.append(g / best)
