@@ -122,6 +122,20 @@ def test_disaggregation_under_qsgd_stays_close():
     assert bool((_best_cos(found.features, h) > 0.98).all())
 
 
+def test_the_separation_estimates_each_input_s_error_from_the_update_s_noise():
+    # the estimate weights the inversion's smoothness prior: it must track the real error, and be ~0 exact
+    G, v, truth = _shared_pattern_update(4)
+    exact = separate(G, 4, row_scale=v, generator=torch.Generator().manual_seed(0))
+    assert max(exact.info["feature_noise"]) < 1e-8
+    g = torch.Generator().manual_seed(1)
+    noisy = G + 0.02 * G.abs().mean() * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    sep = separate(noisy, 4, row_scale=v, generator=g)
+    assert sep.info["separated"] == 4
+    for x, est in zip(sep.X, sep.info["feature_noise"]):
+        err = float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min())
+        assert 0.5 * err < est < 2 * err, (err, est)
+
+
 def test_auto_reconstructs_a_lenet5_batch_and_says_how():
     obs, batch = _phantom_obs(4)
     rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 200}, progress=False)

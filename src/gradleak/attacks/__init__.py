@@ -79,6 +79,7 @@ TYPES: dict[str, Any] = {
     "sparse_bound_weight": _Weight,
     # auto (:mod:`.auto`)
     "invert_iterations": _Count,
+    "invert_tv": _Weight,
     "leak_share": Annotated[float, Field(gt=0, le=1), BeforeValidator(_from_text)],
     "fallback_single": _Optimisation,
     "fallback_batch": _Optimisation,

@@ -132,6 +132,24 @@ def _distinct_rows(rows: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.stack(reps) if reps else rows[:0]
 
 
+def _feature_noise(v: torch.Tensor, M: torch.Tensor, noise: torch.Tensor, X: torch.Tensor) -> list[float]:
+    """Each separated input's expected relative error from the update's noise: with the ReLU patterns
+    ``M`` (rows x N) known, an input's entries are a weighted mean over the rows where its image is
+    active, ``G ~ diag(v) M X``, whose variance for per-entry row noise ``noise`` is
+    ``(A^T diag(1/noise) A)^-1`` with ``A = diag(v) M``; the relative error of row i is
+    ``sqrt(n * var_i) / |X_i|`` (0 for an exact update)."""
+    if float(noise.max()) <= 0:
+        return [0.0] * len(X)
+    A = v[:, None] * M
+    w = 1.0 / noise.clamp_min(1e-12 * float(noise.max()))
+    normal = A.T @ (w[:, None] * A)
+    try:
+        var = torch.linalg.inv(normal).diagonal().clamp_min(0)
+    except RuntimeError:
+        return [float("nan")] * len(X)
+    return [float(x) for x in (X.shape[1] * var).sqrt() / X.norm(dim=1).clamp_min(1e-300)]
+
+
 def _null_vectors(rows: torch.Tensor) -> torch.Tensor:
     """Unit null vectors of a batch of (r-1) x r matrices: the last column of the complete QR factor of
     the transpose, orthogonal to every row (five times faster than an SVD for a batch of small ones)."""
@@ -284,8 +302,10 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         cols += [full[:, j] for j in range(len(cols), r)]
     Q = torch.stack(cols, dim=1)
     X = torch.linalg.solve(Q, Vh)
+    feature_noise = (_feature_noise(vk, ((Pk @ Q) / vk[:, None] > 0.5).double(), outside, X)
+                     if separated == r else None)
     return Separation(X=X,
                       info={"separated": separated, "trials": trials, "spectrum": spectrum,
                             "seconds": round(time.perf_counter() - start, 3),
                             "best_spreads": sorted(spreads)[:2 * r], "candidates": len(found), "fitting": sum(1 for t in range(len(found)) if fits(t)),
-                            "noise_level": noise_level})
+                            "noise_level": noise_level, "feature_noise": feature_noise})

@@ -194,13 +194,15 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
 
 
 def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool, iterations: int,
-                    time_limit: float | None = None, chunk: int = 100, mask: torch.Tensor | None = None
+                    time_limit: float | None = None, chunk: int = 100, mask: torch.Tensor | None = None,
+                    tv_weight: torch.Tensor | float | None = None
                     ) -> tuple[torch.Tensor, list[tuple[int, float]], str]:
     """Images in [0, 1] whose inputs to the leaky layer match ``targets`` (N x n): relative squared
     error when the scale is known, else one minus cosine. One batched L-BFGS problem (strong Wolfe line
     search) for all images, projected on [0, 1] every ``chunk`` iterations; stops after ``iterations``,
     after ``time_limit`` seconds, or when a chunk improves the loss by less than 0.01 %; ``mask`` (n,
-    boolean) keeps only the features that are known. Returns the images, (iteration, mean loss per
+    boolean) keeps only the features that are known. ``tv_weight`` (one number, or one per image) adds
+    that much total variation (mean absolute difference of neighbouring pixels) per image. Returns the images, (iteration, mean loss per
     image) pairs and why it stopped (``converged``, ``time`` or ``iterations``)."""
     model = sim.model
     C, H, W = sim.image_shape
@@ -209,6 +211,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     if sel is not None:
         t = t[:, sel]
     tn = t.pow(2).sum(dim=1).clamp_min(1e-30)
+    tv = None if tv_weight is None else \
+        torch.as_tensor(tv_weight, dtype=torch.float32).to(sim.device).expand(t.shape[0])
     x = torch.full((t.shape[0], C, H, W), 0.5, device=sim.device, requires_grad=True)
     start = time.perf_counter()
     history: list[tuple[int, float]] = []
@@ -221,8 +225,13 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         if sel is not None:
             h = h[:, sel]
         if scale_known:
-            return ((h - t).pow(2).sum(dim=1) / tn).sum()
-        return (1 - F.cosine_similarity(h, t, dim=1)).sum()
+            loss = ((h - t).pow(2).sum(dim=1) / tn).sum()
+        else:
+            loss = (1 - F.cosine_similarity(h, t, dim=1)).sum()
+        if tv is not None:
+            loss = loss + (tv * ((x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=(1, 2, 3))
+                                 + (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(1, 2, 3)))).sum()
+        return loss
 
     stop = "iterations"
     try:
@@ -265,7 +274,7 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
 
 
 def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_limit: float | None = None,
-         invert_iterations: int = 5000) -> Leak | None:
+         invert_iterations: int = 5000, invert_tv: float = 1.0) -> Leak | None:
     """Disaggregate and invert; None when the model has no leaky linear layer feeding a two-class
     classifier (``leaky_linear`` and ``leaky_feeds_classifier``)."""
     layer = leaky_layer(sim)
@@ -314,8 +323,12 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
     if left is not None and int(info.get("separated", 0)) < n:  # mixtures: leave time to the fallback
         left = min(left, 0.25 * time_limit)
+    # the noisier an input, the more the inversion leans on smooth images: total variation weighted by
+    # each input's estimated relative error (none for an exact update)
+    noise = info.get("feature_noise")
+    tv = None if not noise else invert_tv * torch.tensor(noise, dtype=torch.float32).nan_to_num(0.0)
     images, history, stop = invert_features(sim, feats, scale_known=scale_known, iterations=invert_iterations,
-                                            time_limit=left, mask=known)
+                                            time_limit=left, mask=known, tv_weight=tv)
     info["inversion_iterations"] = history[-1][0] if history else 0
     info["inversion_stop"] = stop
     info["seconds"] = round(time.perf_counter() - start, 3)
