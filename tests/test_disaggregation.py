@@ -70,8 +70,8 @@ def test_copies_of_one_pattern_are_merged_into_one_row():
 
 
 def test_sixteen_images_whose_units_mostly_agree_separate_exactly():
-    # 220 of 510 rows are copies of two patterns (all active, none): drawn from the rows, a set of 15 rows
-    # isolating one image is ~1 in 10^6; drawn from the distinct patterns, ~1 in 3,000
+    # 220 of 510 rows are copies of two patterns (all active, none): drawn from the 400 live rows, a set
+    # of 15 rows isolating one image is ~1 in 300,000; drawn from the ~290 distinct patterns, ~1 in 3,000
     G, v, truth = _shared_pattern_update(16)
     sep = separate(G, 16, row_scale=v, generator=torch.Generator().manual_seed(0), time_limit=120)
     assert sep.info["separated"] == 16

@@ -8,8 +8,9 @@ obfuscation-aware objective and the labels the disaggregation found), starting f
 images; the refined batch is kept only when it matches the update better than the inverted one (the
 server can check that; it never sees the truth). Where every image separated on every column of an
 obfuscated or multi-step update, the inverted batch is the result: it matches the rank-N denoised
-inputs, and gradient matching on the whole update would only fit its noise. Where the model has no such layer, ``auto`` says so and runs the best optimisation attack for
-the batch size: Inverting Gradients for one image, ROG for a batch.
+inputs, and gradient matching on the whole update would only fit its noise. Where the model has no
+such layer, ``auto`` says so and runs the best optimisation attack for the batch size: Inverting
+Gradients for one image, ROG for a batch.
 
 Budget: with a ``time_budget`` the disaggregation and inversion get at most ``leak_share`` of it and
 the refinement the rest; without one, ``invert_iterations`` and ``iterations`` bound the two stages.
@@ -26,7 +27,7 @@ from .. import obfuscation
 from ..observation import Observation
 from . import engine
 from .base import Reconstruction, loss_converged
-from .linear_leak import leak
+from .linear_leak import leak, local_drift
 from .simulate import Simulator
 
 #: Settings of ``auto`` that are not the refinement engine's.
@@ -102,21 +103,21 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     # steps it cost 2.5-4 dB while lowering the objective). The refinement is for what the separation
     # leaves open (images left as mixtures, the unsent columns of a sparsified update) and for an exact
     # update, where it only sharpens what the inversion found.
-    p = obs.protocol
-    exact = not obs.obfuscation and p.algorithm == "fedsgd"
+    exact = not obs.obfuscation and not local_drift(obs.protocol)
     settled = not partial and "columns_solved" not in found.info and not exact
     if settled:
         refine = {**refine, "iterations": 1, "time_budget": None}  # scores the inverted batch only
-    rec = engine.run(obs, refine, attack="auto", device=device, generator=g_refine, progress=progress and not settled,
-                     init_images=start_images, labels=labels)
+    rec = engine.run(obs, refine, attack="auto", device=device, generator=g_refine,
+                     progress=progress and not settled, init_images=start_images, labels=labels)
     initial = rec.extras.get("initial_losses", [float("inf")])[rec.extras["best_restart"]]
     kept = "refined"
     if settled or not rec.loss <= initial:  # keep the inverted batch
         rec.images = start_images.clamp(0, 1).float()
         rec.loss = float(initial)
-        rec.iterations = 0 if settled else rec.iterations
-        kept = ("inverted (every image separated: no refinement)" if settled
-                else "inverted (refinement did not improve the match)")
+        kept = "inverted (refinement did not improve the match)"
+    if settled:  # the one engine iteration only scored the inverted batch
+        rec.iterations = 0
+        kept = "inverted (every image separated: no refinement)"
     info = {k: v for k, v in found.info.items() if k != "inversion_history"}
     rec.extras["pipeline"] = {
         "leaky_layer": found.layer, "separated": int(info.get("separated", 0)), "images": obs.num_images,

@@ -37,6 +37,7 @@ from ..federated.arithmetic import fedavg_gradient_scale
 from ..observation import Observation
 from .aware import _per_tensor, steps
 from .disaggregate import separate
+from .regularizers import total_variation
 from .simulate import Simulator
 
 
@@ -146,11 +147,17 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     return X, known, info
 
 
+def local_drift(p) -> bool:
+    """Whether the client's update sums gradients taken at different weights (FedAvg with several local
+    steps or mini-batches): its rows are then subset sums only up to the weights' drift."""
+    return p.algorithm == "fedavg" and (int(p.local_steps) > 1 or p.local_batch_size is not None)
+
+
 def exact_scale(obs: Observation, sim: Simulator) -> bool:
     """Whether every image's term enters the layer's update with weight exactly 1/N: FedSGD (or FedAvg
     with one full-batch step), no per-example clipping, no clipping of the whole update."""
     p = sim.protocol
-    one_step = p.algorithm == "fedsgd" or (int(p.local_steps) == 1 and p.local_batch_size is None)
+    one_step = not local_drift(p)
     clipped = p.per_example_clip is not None or any(not obfuscation.get(r["name"]).recovers_scale(r)
                                                     for r in obs.obfuscation)
     return one_step and not clipped
@@ -183,9 +190,9 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
         # the layers after fc1 are positively homogeneous (ReLU, no bias), so the logits of h / a grow as
         # 1 / |a| and the equation has a second, spurious root at a tiny |a| (inputs hundreds of times
         # larger than any image gives) where the softmax saturates: the true one is the root of largest |a|
-        roots = [j for j in range(len(a) - 1, -1, -1) if float(res[j]) < 0.05
-                 and float(res[j]) <= float(res[min(j + 1, len(a) - 1)]) and float(res[j]) <= float(res[max(j - 1, 0)])]
-        k = roots[0] if roots else int(res.argmin())
+        padded = torch.cat([res[:1], res, res[-1:]])
+        roots = torch.nonzero((res < 0.05) & (res <= padded[:-2]) & (res <= padded[2:])).reshape(-1)
+        k = int(roots[-1]) if len(roots) else int(res.argmin())
         fine = torch.linspace(float(a[max(k - 1, 0)]), float(a[min(k + 1, len(a) - 1)]), 2001, dtype=torch.float64)
         best = float(fine[int(residual(fine).argmin())])
         feats.append(g / best)
@@ -202,8 +209,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     search) for all images, projected on [0, 1] every ``chunk`` iterations; stops after ``iterations``,
     after ``time_limit`` seconds, or when a chunk improves the loss by less than 0.01 %; ``mask`` (n,
     boolean) keeps only the features that are known. ``tv_weight`` (one number, or one per image) adds
-    that much total variation (mean absolute difference of neighbouring pixels) per image. Returns the images, (iteration, mean loss per
-    image) pairs and why it stopped (``converged``, ``time`` or ``iterations``)."""
+    that much total variation per image. Returns the images, (iteration, mean loss per image) pairs and
+    why it stopped (``converged``, ``time`` or ``iterations``)."""
     model = sim.model
     C, H, W = sim.image_shape
     t = targets.float().to(sim.device)
@@ -229,8 +236,7 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         else:
             loss = (1 - F.cosine_similarity(h, t, dim=1)).sum()
         if tv is not None:
-            loss = loss + (tv * ((x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=(1, 2, 3))
-                                 + (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(1, 2, 3)))).sum()
+            loss = loss + (tv * total_variation(x, per_image=True)).sum()
         return loss
 
     stop = "iterations"
@@ -287,8 +293,6 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     v = w2[1] - w2[0]
     share = None if time_limit is None else 0.35 * time_limit
     known = None
-    p = sim.protocol
-    drift = p.algorithm == "fedavg" and (int(p.local_steps) > 1 or p.local_batch_size is not None)
     exact = exact_scale(obs, sim)
     if observed is not None and (bool(observed.all()) or sim.protocol.num_clients_averaged > 1):
         # noise after the sparsifier, or several clients' masks averaged: the sent values are not exact
@@ -298,7 +302,7 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         # several local steps move the weights between the gradients they sum: the rows are subset sums
         # only up to that drift, so a candidate is judged by its spread alone, not against the noise
         sep = separate(G, n, row_scale=v, weight=W, generator=generator, time_limit=share,
-                       fit_factor=None if drift else 5.0)
+                       fit_factor=None if local_drift(sim.protocol) else 5.0)
         info.update(sep.info)
         if exact:
             feats, labels = _fix_subset(sim, layer, sep.X, n)
