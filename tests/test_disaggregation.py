@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from gradleak.attacks import run_attack
-from gradleak.attacks.disaggregate import _distinct_rows, separate
+from gradleak.attacks.aware import Step, entry_likelihood
+from gradleak.attacks.disaggregate import _distinct_rows, reestimate, separate
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
-from gradleak.attacks.linear_leak import leak
+from gradleak.attacks.linear_leak import invert_best_of, invert_features, leak
 from gradleak.attacks.simulate import Simulator
 from gradleak.capture import capture
 from gradleak.data import load_dataset
 from gradleak.federated import Protocol
 from gradleak.metrics import score
-from gradleak import observation
+from gradleak import obfuscation, observation
 
 
 def _best_cos(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,44 @@ def test_the_separation_estimates_each_input_s_error_from_the_update_s_noise():
     for x, est in zip(sep.X, sep.info["feature_noise"]):
         err = float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min())
         assert 0.5 * err < est < 2 * err, (err, est)
+
+
+@pytest.mark.parametrize("spec,gain", [({"name": "uniform", "bits": 8}, 0.7), ({"name": "qsgd", "levels": 64}, 0.95)])
+def test_the_likelihood_of_the_received_entries_sharpens_the_separated_inputs(spec, gain):
+    # the rank-r projection treats every entry's noise alike; the rounding cell (deterministic) and QSGD's
+    # level likelihood know that an entry rounded to 0 was small: given the patterns, the inputs that make
+    # the received entries likeliest are closer to the truth than the projection's (measured here: 8-bit
+    # rounding 0.0039 -> 0.0020 mean relative error, QSGD 64 levels 0.0108 -> 0.0094)
+    G, v, truth = _shared_pattern_update(4)
+    out, records, _ = obfuscation.apply([spec], {"w": G.float()}, generator=torch.Generator().manual_seed(0))
+    received = out["w"]
+    sep = separate(received.double(), 4, row_scale=v, generator=torch.Generator().manual_seed(0))
+    assert sep.info["separated"] == 4 and sep.patterns is not None
+    A = v[:, None] * sep.patterns
+    rows = A.abs().sum(dim=1) > 0
+    values = obfuscation.server_record(records[0], obfuscation.Received(out, obfuscation.Context(), exact=True))
+    like = entry_likelihood(Step(1, obfuscation.get(spec["name"]), values), "w", received)
+    X, info = reestimate(received.double()[rows], A[rows], sep.X, lambda R, d: like(R, rows, d))
+
+    def err(Y):
+        return sum(float(((truth - y).norm(dim=1) / truth.norm(dim=1)).min()) for y in Y) / len(Y)
+    assert info["loss_after"] <= info["loss_before"]
+    assert err(X) < gain * err(sep.X), (err(X), err(sep.X))
+
+
+def test_the_inversion_keeps_each_image_s_best_start():
+    obs, batch = _phantom_obs(4, obfuscations=[{"name": "uniform", "bits": 8}])
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    kw = dict(scale_known=found.scale_known, iterations=60, tv_weight=0.01)
+    _, _, _, single = invert_features(sim, found.features, **kw)
+    images, _, _, info = invert_best_of(sim, found.features, starts=3, generator=torch.Generator().manual_seed(0), **kw)
+    assert info["starts"] == 3
+    best = torch.tensor(info["objective"])
+    assert bool((best <= single + 1e-7).all())  # the grey start is the first, so never worse
+    # the objective reported is the kept images' own: inverting again from them for no step reproduces it
+    _, _, _, again = invert_features(sim, found.features, **{**kw, "iterations": 1}, init=images)
+    assert bool((again <= best + 1e-6).all())
 
 
 def test_auto_reconstructs_a_lenet5_batch_and_says_how():

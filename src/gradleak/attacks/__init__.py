@@ -80,6 +80,7 @@ TYPES: dict[str, Any] = {
     # auto (:mod:`.auto`)
     "invert_iterations": _Count,
     "invert_tv": _Weight,
+    "invert_starts": _Count,
     "leak_share": Annotated[float, Field(gt=0, le=1), BeforeValidator(_from_text)],
     "fallback_single": _Optimisation,
     "fallback_batch": _Optimisation,

@@ -31,7 +31,7 @@ from .linear_leak import leak, local_drift
 from .simulate import Simulator
 
 #: Settings of ``auto`` that are not the refinement engine's.
-OWN = ("invert_iterations", "invert_tv", "leak_share", "fallback_single", "fallback_batch")
+OWN = ("invert_iterations", "invert_tv", "invert_starts", "leak_share", "fallback_single", "fallback_batch")
 
 
 def _in_label_order(images: torch.Tensor, found: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,8 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         why = "signSGD leaves no magnitudes, and the subset-sum structure of the layer needs them"
     else:
         found = leak(obs, sim, generator=g_leak, time_limit=None if T is None else float(s["leak_share"]) * T,
-                     invert_iterations=int(s["invert_iterations"]), invert_tv=float(s["invert_tv"]))
+                     invert_iterations=int(s["invert_iterations"]), invert_tv=float(s["invert_tv"]),
+                     invert_starts=int(s["invert_starts"]))
         if found is None:
             why = (f"{obs.model['arch']} has no linear layer followed by a ReLU feeding a two-class classifier, "
                    f"whose update would leak the batch")

@@ -331,6 +331,55 @@ def qsgd_matching(target: Tensors, record: dict[str, Any], masks: Tensors | None
     return Matching("qsgd likelihood", fn, {"s": s, "floor": floor})
 
 
+# --------------------------------------------------------------------- per-entry likelihoods
+def entry_likelihood(st: Step, name: str, target: torch.Tensor, scale: float = 1.0):
+    """The negative log-likelihood of each received entry of tensor ``name`` under a quantizing step
+    ``st`` (the last obfuscation), as a function of the residual ``R`` = candidate - received, in units
+    of ``target`` times ``scale`` (a FedAvg delta read as a gradient): ``fn(R, rows, derivatives)`` ->
+    the value entry-wise, and with ``derivatives`` also its first and second derivative, ``rows``
+    selecting the rows ``R`` holds. Deterministic rounding: the squared distance to the rounding cell
+    (plus 1e-4 of the squared distance to its centre, to break ties), as :func:`cell_matching`; QSGD:
+    ``-log(1 - |d|)``, ``d`` the distance in levels, continued linearly near 1, as
+    :func:`qsgd_matching`. None where the step is not a quantizer with known values."""
+    if st.values is None or st.ob.family != "quantize":
+        return None
+    if st.ob.stochastic:
+        s = int(st.values["s"])
+        levels = qsgd_scales({name: target}, st.values)[name].float() * (abs(scale) / s)
+        levels = torch.where(levels > 0, levels, torch.ones_like(levels))
+        floor = 0.05
+        top = 1 - floor
+
+        def qsgd(R: torch.Tensor, rows: torch.Tensor, derivatives: bool = True):
+            e = levels[rows]
+            d = R / e
+            a = d.abs()
+            inside = a < top
+            a.clamp_(max=top)
+            value = torch.where(inside, torch.log1p(-a).neg_(), (d.abs() - top) / floor - math.log(floor))
+            if not derivatives:
+                return value
+            slope = torch.where(inside, (1 - a).reciprocal_(), torch.full_like(a, 1 / floor))
+            curve = torch.where(inside, slope * slope, torch.full_like(a, 1e-6)).div_(e * e)
+            return value, torch.copysign(slope, d).div_(e), curve
+        return qsgd
+    step = float(_per_tensor(st.values["scale"], name)) * abs(scale)
+    if not step > 0:
+        return None
+    center = 1e-4
+
+    def cell(R: torch.Tensor, rows: torch.Tensor, derivatives: bool = True):
+        d = R / step
+        out = d.abs().sub_(0.5).clamp_(min=0)
+        value = out.square().add_(d.square(), alpha=center)
+        if not derivatives:
+            return value
+        slope = torch.copysign(out, d).mul_(2).add_(d, alpha=2 * center).div_(step)
+        curve = (out > 0).to(d.dtype).mul_(2 / step**2).add_(2 * center / step**2)
+        return value, slope, curve
+    return cell
+
+
 # ------------------------------------------------------------------------------------- rounding cells
 def cell_matching(target: Tensors, steps: dict[str, float], masks: Tensors | None = None,
                   center_weight: float = 0.01) -> Matching:

@@ -17,7 +17,9 @@ linear-layer leakage drives R-GAP (Zhu & Blaschko 2021), the Cocktail Party Atta
    levels 0 and 1 (hundreds of rows instead of N - 1: this is what makes it robust to noise), merge
    duplicates, keep the N that fit best (and, among sets that fit equally, the one whose inputs
    reproduce their own ReLU patterns);
-4. ``X = Q^{-1} V^T`` gives every ``a_i h_i / N``, sign and scale included.
+4. ``X = Q^{-1} V^T`` gives every ``a_i h_i / N``, sign and scale included;
+5. with every pattern known, :func:`reestimate` can replace ``X`` by the inputs that make the received
+   entries likeliest under the obfuscation's own noise model (a rounding cell, QSGD's levels).
 
 Everything here is plain linear algebra on tensors; nothing depends on a model (sparsified updates are
 handled in :mod:`.linear_leak`, on their sent entries).
@@ -39,6 +41,9 @@ class Separation:
 
     X: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    #: (m x n, 0/1) each row's ReLU pattern as the dual vectors read it, for every row of the update
+    #: (rows with a tiny row scale included), when every image separated; else None
+    patterns: torch.Tensor | None = None
 
 
 def _top_singular(G: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,8 +315,60 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     X = torch.linalg.solve(Q, Vh)
     feature_noise = (_feature_noise(vk, ((Pk @ Q) / vk[:, None] > 0.5).double(), outside, X)
                      if separated == r else None)
-    return Separation(X=X,
+    patterns = None
+    if separated == r:
+        safe = torch.where(v != 0, v, torch.ones_like(v))
+        patterns = torch.where(v[:, None] != 0, (P @ Q) / safe[:, None] > 0.5, False).double()
+    return Separation(X=X, patterns=patterns,
                       info={"separated": separated, "trials": trials, "spectrum": spectrum,
                             "seconds": round(time.perf_counter() - start, 3),
                             "best_spreads": sorted(spreads)[:2 * r], "candidates": len(found),
                             "fitting": len(good), "noise_level": noise_level, "feature_noise": feature_noise})
+
+
+def reestimate(G: torch.Tensor, A: torch.Tensor, X: torch.Tensor, loss, *, iterations: int = 25,
+               time_limit: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Maximum-likelihood inputs given the subset-sum structure: ``X`` minimising
+    ``sum_jk loss(G_pred - G)`` with ``G_pred = A X`` (``A = diag(v) M``, the rows' scales times their
+    ReLU patterns, m x r), one small convex problem per column of ``G`` solved by damped Newton steps
+    for all columns at once (in single precision: the residuals are a few rounding steps).
+
+    ``loss(R, derivatives)`` -> the value entry-wise for the residual ``R`` (m x n), and with
+    ``derivatives`` also its first and second derivative: the negative log-likelihood of the observed
+    entries, which the caller knows from the obfuscation (a rounding cell, QSGD's stochastic levels).
+    The rank-r projection behind ``X`` treats the noise as the same for every entry; a likelihood
+    knows better: an entry rounded to 0 says the true value was small, which a least-squares fit to the
+    rounded values ignores. Starts from ``X`` (the separation's estimate); each column only ever moves
+    to a lower loss. Rows that no image activates do not depend on ``X``: leave them out. Returns X and
+    what was done."""
+    start = time.perf_counter()
+    A, G = A.float(), G.float()
+    r = A.shape[1]
+    AA = (A[:, :, None] * A[:, None, :]).reshape(A.shape[0], r * r)
+    eye = torch.eye(r, dtype=A.dtype)
+    X = X.float().clone()
+    _, g, h = loss(A @ X - G, True)
+    total = loss(A @ X - G, False).double().sum(dim=0)
+    first = float(total.sum())
+    done = 0
+    for done in range(1, int(iterations) + 1):
+        grad = A.T @ g  # r x n
+        H = (h.T @ AA).reshape(-1, r, r)
+        H = H + 1e-6 * H.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None] * eye
+        step = torch.linalg.solve(H, grad.T[..., None])[..., 0].T
+        t = torch.ones(X.shape[1], dtype=X.dtype)
+        for _ in range(8):  # halve each column's step until its loss does not grow
+            new = loss(A @ (X - t * step) - G, False).double().sum(dim=0)
+            worse = new > total
+            if not bool(worse.any()):
+                break
+            t = torch.where(worse, t / 2, t)
+        ok = new <= total
+        X = torch.where(ok[None], X - t * step, X)
+        gain = float((total - torch.where(ok, new, total)).sum())
+        total = torch.where(ok, new, total)
+        if gain <= 1e-5 * abs(first) or (time_limit is not None and time.perf_counter() - start > time_limit):
+            break
+        _, g, h = loss(A @ X - G, True)
+    return X.double(), {"iterations": done, "loss_before": round(first, 6), "loss_after": round(float(total.sum()), 6),
+                        "seconds": round(time.perf_counter() - start, 3)}
