@@ -170,7 +170,7 @@ def test_the_inversion_keeps_each_image_s_best_start():
     assert info["starts"] == 3
     best = torch.tensor(info["objective"])
     assert bool((best <= single + 1e-7).all())  # the grey start is the first, so never worse
-    # the objective reported is the kept images' own: inverting again from them for no step reproduces it
+    # the objective reported is the kept images' own: one more step from them can only lower it
     _, _, _, again = invert_features(sim, found.features, **{**kw, "iterations": 1}, init=images)
     assert bool((again <= best + 1e-6).all())
 

@@ -116,9 +116,9 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         rec.images = start_images.clamp(0, 1).float()
         rec.loss = float(initial)
         kept = "inverted (refinement did not improve the match)"
-    if settled:  # the one engine iteration only scored the inverted batch
-        rec.iterations = 0
-        kept = "inverted (every image separated: no refinement)"
+        if settled:  # the one engine iteration only scored the inverted batch
+            rec.iterations = 0
+            kept = "inverted (every image separated: no refinement)"
     info = {k: v for k, v in found.info.items() if k != "inversion_history"}
     rec.extras["pipeline"] = {
         "leaky_layer": found.layer, "separated": int(info.get("separated", 0)), "images": obs.num_images,

@@ -233,10 +233,10 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     # the noise each projected row carries: its energy outside the rank-r subspace, spread over n - r
     # directions, times the r directions kept (zero for an exact update)
     outside = (Gd[keep].pow(2).sum(dim=1) - Pk.pow(2).sum(dim=1)).clamp_min(0) / max(n - r, 1)
-    patterns = _distinct_rows(Pt[live], (outside[live] * r).sqrt() / vk[live].abs())
+    distinct = _distinct_rows(Pt[live], (outside[live] * r).sqrt() / vk[live].abs())
     # the spread a true dual vector q would show from the noise alone is |q| * noise_level
     noise_level = float(outside.sum().sqrt() / vk.norm())
-    rows = patterns / patterns.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    rows = distinct / distinct.norm(dim=1, keepdim=True).clamp_min(1e-300)
     mr = rows.shape[0]
     found: list[tuple[torch.Tensor, float]] = []  # (q, quality: higher is better)
     hits: list[int] = []
@@ -279,7 +279,7 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         idx = torch.rand(k, mr, generator=g).topk(r - 1, dim=1).indices  # r - 1 distinct patterns per set
         qs = _null_vectors(rows[idx])  # k x r
         trials += k
-        w = patterns @ qs.T  # mr x k: should be 0 on the sampled rows and one other value elsewhere
+        w = distinct @ qs.T  # mr x k: should be 0 on the sampled rows and one other value elsewhere
         big = w.abs() >= w.abs().amax(dim=0, keepdim=True) * 0.5
         alpha = torch.where(big, w, torch.zeros_like(w)).sum(dim=0) / big.sum(dim=0).clamp_min(1)
         wn = w / alpha.where(alpha != 0, torch.ones_like(alpha))
@@ -313,12 +313,11 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         cols += [full[:, j] for j in range(len(cols), r)]
     Q = torch.stack(cols, dim=1)
     X = torch.linalg.solve(Q, Vh)
-    feature_noise = (_feature_noise(vk, ((Pk @ Q) / vk[:, None] > 0.5).double(), outside, X)
-                     if separated == r else None)
-    patterns = None
-    if separated == r:
+    patterns = feature_noise = None
+    if separated == r:  # every row's ReLU pattern, as the dual vectors read it
         safe = torch.where(v != 0, v, torch.ones_like(v))
         patterns = torch.where(v[:, None] != 0, (P @ Q) / safe[:, None] > 0.5, False).double()
+        feature_noise = _feature_noise(vk, patterns[keep], outside, X)
     return Separation(X=X, patterns=patterns,
                       info={"separated": separated, "trials": trials, "spectrum": spectrum,
                             "seconds": round(time.perf_counter() - start, 3),
@@ -347,8 +346,8 @@ def reestimate(G: torch.Tensor, A: torch.Tensor, X: torch.Tensor, loss, *, itera
     AA = (A[:, :, None] * A[:, None, :]).reshape(A.shape[0], r * r)
     eye = torch.eye(r, dtype=A.dtype)
     X = X.float().clone()
-    _, g, h = loss(A @ X - G, True)
-    total = loss(A @ X - G, False).double().sum(dim=0)
+    value, g, h = loss(A @ X - G, True)
+    total = value.double().sum(dim=0)
     first = float(total.sum())
     done = 0
     for done in range(1, int(iterations) + 1):
