@@ -13,7 +13,7 @@ from gradleak.attacks import run_attack
 from gradleak.attacks.aware import Step, entry_likelihood
 from gradleak.attacks.disaggregate import _distinct_rows, reestimate, separate
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
-from gradleak.attacks.linear_leak import invert_best_of, invert_features, leak
+from gradleak.attacks.linear_leak import _NoBlock, _sparse_separation, invert_best_of, invert_features, leak
 from gradleak.attacks.simulate import Simulator
 from gradleak.capture import capture
 from gradleak.data import load_dataset
@@ -268,6 +268,44 @@ def test_top_k_update_is_separated_on_its_sent_entries():
     # the unsent columns are left to the gradient-matching refinement
     rec = run_attack("auto", obs, {"iterations": 3, "invert_iterations": 50}, progress=False)
     assert "gradient-matching refinement" in rec.extras["pipeline"]["stages"]
+
+
+def _top_fraction(G: torch.Tensor, keep: float) -> torch.Tensor:
+    """The mask of the ``keep`` largest-magnitude entries of ``G`` (top-k)."""
+    k = int(keep * G.numel())
+    mask = torch.zeros(G.numel(), dtype=torch.bool)
+    mask[G.abs().reshape(-1).topk(k).indices] = True
+    return mask.reshape(G.shape)
+
+
+def test_a_sparsified_update_is_solved_exactly_and_a_split_that_does_not_fit_is_refused():
+    g = torch.Generator().manual_seed(3)
+    r, m, n = 4, 300, 2000
+    # post-ReLU inputs with many zeros, as conv features have; mixed ReLU patterns
+    H = torch.rand(r, n, generator=g, dtype=torch.float64) * (torch.rand(r, n, generator=g) < 0.6).double()
+    a = torch.tensor([0.5, -0.4, 0.45, -0.5], dtype=torch.float64)
+    M = (torch.rand(m, r, generator=g) < 0.6).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    truth = a[:, None] * H / r
+    G = (v[:, None] * M) @ truth
+    sent = _top_fraction(G, 0.3)
+    X, known, info = _sparse_separation(G * sent, sent, v, r, torch.Generator().manual_seed(0), 10.0)
+    assert info["separated"] == r and info["sent_residual"] < 1e-6
+    assert 0 < int(known.sum()) < n
+    # every column counted solved is exact (matched to the true rows by cosine), and no other is touched
+    pair = ((X / X.norm(dim=1, keepdim=True)) @ (truth / truth.norm(dim=1, keepdim=True)).T).argmax(dim=1)
+    assert sorted(pair.tolist()) == list(range(r))
+    err = (X[:, known] - truth[pair][:, known]).abs().max() / truth.abs().max()
+    assert float(err) < 1e-9
+    assert bool((X[:, ~known] == 0).all())
+    # the sent values were exact, so a split that does not reproduce them is no separation: with 1 % of
+    # noise on every sent entry, no block fits, and it says so instead of inverting mixtures
+    noisy = G * (1 + 0.01 * torch.randn(G.shape, generator=g, dtype=torch.float64)) * sent
+    with pytest.raises(_NoBlock, match="consistently|separated"):
+        _sparse_separation(noisy, sent, v, r, torch.Generator().manual_seed(0), 4.0)
+    # told that the sent values are noisy, it keeps the best-fitting split
+    _, _, loose = _sparse_separation(noisy, sent, v, r, torch.Generator().manual_seed(0), 4.0, exact=False)
+    assert loose["sent_residual"] > 1e-4
 
 
 def test_known_labels_are_paired_with_the_right_images_and_the_seed_fixes_the_result():
