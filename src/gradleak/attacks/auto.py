@@ -13,7 +13,7 @@ such layer, ``auto`` says so and runs the best optimisation attack for the batch
 Gradients for one image, ROG for a batch.
 
 Budget: with a ``time_budget`` the disaggregation and inversion get at most ``leak_share`` of it and
-the refinement the rest; without one, ``invert_iterations`` and ``iterations`` bound the two stages.
+the refinement the rest (all of it, less a margin, where nothing is left to refine); without one, ``invert_iterations`` and ``iterations`` bound the two stages.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .. import obfuscation
 from ..observation import Observation
 from . import engine
 from .base import Reconstruction, loss_converged
-from .linear_leak import leak, local_drift
+from .linear_leak import leak, settled as leak_settled
 from .simulate import Simulator
 
 #: Settings of ``auto`` that are not the refinement engine's.
@@ -65,7 +65,8 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     else:
         found = leak(obs, sim, generator=g_leak, time_limit=None if T is None else float(s["leak_share"]) * T,
                      invert_iterations=int(s["invert_iterations"]), invert_tv=float(s["invert_tv"]),
-                     invert_starts=int(s["invert_starts"]))
+                     invert_starts=int(s["invert_starts"]),
+                     settled_time_limit=None if T is None else 0.97 * T)
         if found is None:
             why = (f"{obs.model['arch']} has no linear layer followed by a ReLU feeding a two-class classifier, "
                    f"whose update would leak the batch")
@@ -104,8 +105,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     # steps it cost 2.5-4 dB while lowering the objective). The refinement is for what the separation
     # leaves open (images left as mixtures, the unsent columns of a sparsified update) and for an exact
     # update, where it only sharpens what the inversion found.
-    exact = not obs.obfuscation and not local_drift(obs.protocol)
-    settled = not partial and "columns_solved" not in found.info and not exact
+    settled = leak_settled(obs, found.info)
     if settled:
         refine = {**refine, "iterations": 1, "time_budget": None}  # scores the inverted batch only
     rec = engine.run(obs, refine, attack="auto", device=device, generator=g_refine,

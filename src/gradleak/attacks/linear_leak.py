@@ -224,6 +224,15 @@ def local_drift(p) -> bool:
     return p.algorithm == "fedavg" and (int(p.local_steps) > 1 or p.local_batch_size is not None)
 
 
+def settled(obs: Observation, info: dict[str, Any]) -> bool:
+    """Whether the separation leaves nothing for gradient matching on the whole update: every image
+    separated, on every column, of an obfuscated or multi-step update (the inverted batch matches the
+    rank-N denoised inputs; matching the whole update would only fit its noise). An exact update is
+    not settled: matching it sharpens what the inversion found."""
+    exact = not obs.obfuscation and not local_drift(obs.protocol)
+    return int(info.get("separated", 0)) == obs.num_images and "columns_solved" not in info and not exact
+
+
 def exact_scale(obs: Observation, sim: Simulator) -> bool:
     """Whether every image's term enters the layer's update with weight exactly 1/N: FedSGD (or FedAvg
     with one full-batch step), no per-example clipping, no clipping of the whole update."""
@@ -367,6 +376,10 @@ def _start(k: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.
     return torch.rand(shape, generator=generator)
 
 
+#: With a time limit, the inversion runs up to this many times its ``starts`` while time is left.
+EXTRA_STARTS = 4
+
+
 def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, generator: torch.Generator,
                   time_limit: float | None = None, **kw) -> tuple[torch.Tensor, list[tuple[int, float]], str,
                                                                    dict[str, Any]]:
@@ -384,13 +397,22 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
     images, history, stop, best = invert_features(
         sim, targets, time_limit=None if time_limit is None else time_limit / starts, **kw)
     first = time.perf_counter() - t0
+    longest = first
     ran, improved = 1, 0
-    while ran < starts and float(best.max()) > 1e-8:
+    # with a time limit, starts that converge early leave time: fresh noise starts use it (up to
+    # EXTRA_STARTS times as many), each while the longest start so far would still fit
+    most = starts if time_limit is None else EXTRA_STARTS * starts
+    while ran < most and float(best.max()) > 1e-8:
         left = None if time_limit is None else time_limit - (time.perf_counter() - t0)
-        if left is not None and left < 0.5 * min(first, time_limit / starts):
+        if left is not None and ran < starts and left < 0.5 * min(first, time_limit / starts):
             break
-        cand, _, _, loss = invert_features(sim, targets, time_limit=None if left is None else left / (starts - ran),
+        if left is not None and ran >= starts and left < longest:
+            break
+        share = None if left is None else (left / (starts - ran) if ran < starts else time_limit / starts)
+        t1 = time.perf_counter()
+        cand, _, _, loss = invert_features(sim, targets, time_limit=share,
                                            init=_start(ran, tuple(images.shape), generator), **kw)
+        longest = max(longest, time.perf_counter() - t1)
         better = loss < best
         images[better] = cand[better]
         best = torch.where(better, loss, best)
@@ -407,9 +429,12 @@ SPARSE_TV = 0.06
 
 
 def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_limit: float | None = None,
-         invert_iterations: int = 5000, invert_tv: float = 1.0, invert_starts: int = 4) -> Leak | None:
+         invert_iterations: int = 5000, invert_tv: float = 1.0, invert_starts: int = 4,
+         settled_time_limit: float | None = None) -> Leak | None:
     """Disaggregate and invert; None when the model has no leaky linear layer feeding a two-class
-    classifier (``leaky_linear`` and ``leaky_feeds_classifier``)."""
+    classifier (``leaky_linear`` and ``leaky_feeds_classifier``). ``settled_time_limit``: the time the
+    whole leak may take instead of ``time_limit`` when the separation turns out :func:`settled` (no
+    later stage would use the rest)."""
     layer = leaky_layer(sim)
     if layer is None or not (sim.num_classes == 2 and bool(getattr(sim.model, "leaky_feeds_classifier", False))):
         return None
@@ -466,6 +491,8 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     if int(info.get("separated", 0)) == 0:  # nothing to invert: the caller falls back to optimisation
         return Leak(layer=layer, images=torch.full((n, *sim.image_shape), 0.5), labels=None, features=feats,
                     scale_known=scale_known, info=info)
+    if time_limit is not None and settled_time_limit is not None and settled(obs, info):
+        time_limit = max(time_limit, settled_time_limit)
     left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
     if left is not None and int(info.get("separated", 0)) < n:  # mixtures: leave time to the fallback
         left = min(left, 0.25 * time_limit)
