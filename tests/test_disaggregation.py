@@ -13,7 +13,8 @@ from gradleak.attacks import run_attack
 from gradleak.attacks.aware import Step, entry_likelihood
 from gradleak.attacks.disaggregate import _distinct_rows, reestimate, separate
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
-from gradleak.attacks.linear_leak import _NoBlock, _sparse_separation, invert_best_of, invert_features, leak
+from gradleak.attacks.linear_leak import (_NoBlock, _sparse_separation, invert_best_of, invert_coarse_to_fine,
+                                         invert_features, leak)
 from gradleak.attacks.simulate import Simulator
 from gradleak.capture import capture
 from gradleak.data import load_dataset
@@ -165,7 +166,7 @@ def test_the_inversion_keeps_each_image_s_best_start():
     sim = Simulator(obs)
     found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
     kw = dict(scale_known=found.scale_known, iterations=60, tv_weight=0.01)
-    _, _, _, single = invert_features(sim, found.features, **kw)
+    _, _, _, single = invert_coarse_to_fine(sim, found.features, **kw)
     images, _, _, info = invert_best_of(sim, found.features, starts=3, generator=torch.Generator().manual_seed(0), **kw)
     assert info["starts"] == 3
     best = torch.tensor(info["objective"])
@@ -173,6 +174,26 @@ def test_the_inversion_keeps_each_image_s_best_start():
     # the objective reported is the kept images' own: one more step from them can only lower it
     _, _, _, again = invert_features(sim, found.features, **{**kw, "iterations": 1}, init=images)
     assert bool((again <= best + 1e-6).all())
+
+
+def test_the_coarse_phase_returns_upsampled_images_with_their_own_objective():
+    obs, batch = _phantom_obs(2, size=32)
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    kw = dict(scale_known=found.scale_known, tv_weight=0.01)
+    images, _, _, objective = invert_features(sim, found.features, iterations=30, coarse=8, **kw)
+    assert images.shape == batch.images.shape and float(images.min()) >= 0 and float(images.max()) <= 1
+    # each image is a bilinear upsampling of an 8 x 8 one: it lies in that operator's range
+    basis = torch.nn.functional.interpolate(torch.eye(64).reshape(64, 1, 8, 8), size=(32, 32), mode="bilinear",
+                                            align_corners=False).reshape(64, -1).T  # 1024 x 64
+    flat = images.reshape(len(images), -1).T
+    fit = basis @ torch.linalg.lstsq(basis, flat).solution
+    assert float((fit - flat).abs().max()) < 1e-4
+    # the objective it reports is the returned images' own
+    _, _, _, again = invert_features(sim, found.features, iterations=0, init=images, **kw)
+    assert torch.allclose(again, objective, rtol=1e-4, atol=1e-7)
+    fine, _, _, end = invert_coarse_to_fine(sim, found.features, iterations=30, **kw)
+    assert fine.shape == batch.images.shape and bool(torch.isfinite(end).all())
 
 
 def test_auto_reconstructs_a_lenet5_batch_and_says_how():

@@ -14,7 +14,8 @@ through a ReLU), ``leaky_input(x)`` (normalised images -> that layer's input) an
    exactly, the features are non-negative (post-ReLU) so the sign of ``a_i = p_i - y_i`` gives the
    label, and ``|a_i|`` solves ``a = softmax(head(h / a))_1 - y``;
 3. each recovered input is inverted to its image through the layers before it (one batched L-BFGS
-   problem on the pixels, projected on [0, 1], from several starting batches: :func:`invert_best_of`).
+   problem on the pixels, projected on [0, 1], coarse to fine, from several starting batches:
+   :func:`invert_best_of`).
 
 Where the protocol rescales each image's term (per-example clipping, clipping of the whole update,
 FedAvg with local mini-batches or several steps), ``|a_i|`` cannot be read off exactly: the sign (and so
@@ -282,15 +283,16 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
 
 def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool, iterations: int,
                     time_limit: float | None = None, chunk: int = 100, mask: torch.Tensor | None = None,
-                    tv_weight: torch.Tensor | float | None = None, init: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
+                    tv_weight: torch.Tensor | float | None = None, init: torch.Tensor | None = None,
+                    coarse: int | None = None) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
     """Images in [0, 1] whose inputs to the leaky layer match ``targets`` (N x n): relative squared
     error when the scale is known, else one minus cosine. One batched L-BFGS problem (strong Wolfe line
     search) for all images, projected on [0, 1] every ``chunk`` iterations; stops after ``iterations``,
     after ``time_limit`` seconds, or when a chunk improves the loss by less than 0.01 %; ``mask`` (n,
     boolean) keeps only the features that are known. ``tv_weight`` (one number, or one per image) adds
     that much total variation per image. ``init``: the images to start from (default: mid-grey).
-    Returns the images, (iteration, mean loss per image) pairs, why it stopped (``converged``, ``time``
+    ``coarse``: optimise a ``coarse`` x ``coarse`` image per channel, bilinearly upsampled (the first
+    phase of :func:`invert_coarse_to_fine`). Returns the images, (iteration, mean loss per image) pairs, why it stopped (``converged``, ``time``
     or ``iterations``) and each image's final objective."""
     model = sim.model
     C, H, W = sim.image_shape
@@ -301,8 +303,14 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     tn = t.pow(2).sum(dim=1).clamp_min(1e-30)
     tv = None if tv_weight is None else \
         torch.as_tensor(tv_weight, dtype=torch.float32).to(sim.device).expand(t.shape[0])
-    x = (torch.full((t.shape[0], C, H, W), 0.5) if init is None else init.float().clone()
-         ).to(sim.device).requires_grad_(True)
+    x = torch.full((t.shape[0], C, H, W), 0.5) if init is None else init.float().clone()
+    if coarse is not None:
+        x = F.interpolate(x, size=(coarse, coarse), mode="area")
+    x = x.to(sim.device).requires_grad_(True)
+
+    def image() -> torch.Tensor:
+        return x if coarse is None else F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+
     start = time.perf_counter()
     history: list[tuple[int, float]] = []
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -310,7 +318,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         p.requires_grad_(False)
 
     def per_image() -> torch.Tensor:
-        h = model.leaky_input((x - model.input_mean) / model.input_std)
+        img = image()
+        h = model.leaky_input((img - model.input_mean) / model.input_std)
         if sel is not None:
             h = h[:, sel]
         if scale_known:
@@ -318,7 +327,7 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         else:
             loss = 1 - F.cosine_similarity(h, t, dim=1)
         if tv is not None:
-            loss = loss + tv * total_variation(x, per_image=True)
+            loss = loss + tv * total_variation(img, per_image=True)
         return loss
 
     def objective() -> torch.Tensor:
@@ -360,10 +369,38 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
                 break
         with torch.no_grad():
             final = per_image().detach().cpu()
+            out = image().clamp(0, 1).detach().cpu()
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return x.detach().cpu(), history, stop, final
+    return out, history, stop, final
+
+
+#: The coarse phase of :func:`invert_coarse_to_fine`: a quarter of the image side, a third of the time.
+COARSE_FACTOR = 4
+COARSE_SHARE = 1 / 3
+
+
+def invert_coarse_to_fine(sim: Simulator, targets: torch.Tensor, *, iterations: int,
+                          time_limit: float | None = None, init: torch.Tensor | None = None, **kw
+                          ) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
+    """:func:`invert_features` first on images of a quarter of the side (bilinearly upsampled: a third
+    of the time and of the iterations), then at full resolution from there. The full-resolution
+    problem has many poor local minima (a patch where every ReLU after the first convolution is dead
+    gets no gradient); the coarse image settles the layout first. On the tune draw (B = 4, exact
+    features, 12 s per inversion) it took the images from 31 / 132 / 52 / 39 dB to 140 / 140 / 140 /
+    103 dB on one batch and from 51 / 140 / 40 / 28 dB to 140 / 140 / 67 / 95 dB on another. Images
+    smaller than 16 px go straight to full resolution."""
+    C, H, W = sim.image_shape
+    side = min(H, W) // COARSE_FACTOR
+    if side < 4:
+        return invert_features(sim, targets, iterations=iterations, time_limit=time_limit, init=init, **kw)
+    t0 = time.perf_counter()
+    start, _, _, _ = invert_features(sim, targets, iterations=max(1, int(iterations * COARSE_SHARE)),
+                                     time_limit=None if time_limit is None else COARSE_SHARE * time_limit,
+                                     init=init, coarse=side, **kw)
+    left = None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0))
+    return invert_features(sim, targets, iterations=iterations, time_limit=left, init=start, **kw)
 
 
 def _start(k: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:
@@ -388,13 +425,14 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
     sees the truth). The inversion is not convex: from mid-grey, one image of a batch sometimes settles
     where its inputs fit 30 to 60 times worse than from another start (on real X-rays under 8-bit
     rounding, B = 4: 6e-4 against 1e-5 in one minus cosine, 28 dB against 45 dB where the blind guess
-    scores 17.9 dB), which the other starts catch. Each start gets an equal share of the time left (one image that settles slowly would
-    otherwise hold the whole batch), a start runs only while half a share is left, and none when every
-    image already fits to 1e-8 (an exact update). Returns the images, the first start's history, its
+    scores 17.9 dB), which the other starts catch. Every start is coarse to fine
+    (:func:`invert_coarse_to_fine`). Each start gets an equal share of the time left (one image that
+    settles slowly would otherwise hold the whole batch), a start runs only while half a share is left,
+    and none when every image already fits to 1e-8 (an exact update). Returns the images, the first start's history, its
     stop reason, and how many starts ran and improved an image."""
     t0 = time.perf_counter()
     starts = max(1, int(starts))
-    images, history, stop, best = invert_features(
+    images, history, stop, best = invert_coarse_to_fine(
         sim, targets, time_limit=None if time_limit is None else time_limit / starts, **kw)
     first = time.perf_counter() - t0
     longest = first
@@ -410,8 +448,8 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
             break
         share = None if left is None else (left / (starts - ran) if ran < starts else time_limit / starts)
         t1 = time.perf_counter()
-        cand, _, _, loss = invert_features(sim, targets, time_limit=share,
-                                           init=_start(ran, tuple(images.shape), generator), **kw)
+        cand, _, _, loss = invert_coarse_to_fine(sim, targets, time_limit=share,
+                                                 init=_start(ran, tuple(images.shape), generator), **kw)
         longest = max(longest, time.perf_counter() - t1)
         better = loss < best
         images[better] = cand[better]
