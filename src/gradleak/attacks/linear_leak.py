@@ -156,6 +156,11 @@ def _solve_columns(G: torch.Tensor, O: torch.Tensor, A: torch.Tensor) -> tuple[t
     return X, known
 
 
+#: The share of its time limit the sparse separation spends trying blocks (on the tune draw under top-k
+#: 1 % the block that fitted was found after 4.7 s of a 21 s limit).
+BLOCK_SHARE = 0.4
+
+
 def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor, n: int,
                        generator: torch.Generator, time_limit: float | None, exact: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -183,8 +188,8 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     best = None
     tried = 0
     for R, C in blocks:
-        if time_limit is not None and tried and time.perf_counter() - start > time_limit:
-            break
+        if time_limit is not None and tried and time.perf_counter() - start > BLOCK_SHARE * time_limit:
+            break  # a block that fits stops the search at once: past this, leave the time to the fallback
         tried += 1
         sep = separate(Gl[R][:, C], n, row_scale=vl[R], generator=generator, time_limit=per_try)
         if sep.info["separated"] < n:  # the per-row patterns below need every image's input
