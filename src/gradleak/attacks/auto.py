@@ -13,7 +13,8 @@ such layer, ``auto`` says so and runs the best optimisation attack for the batch
 Gradients for one image, ROG for a batch.
 
 Budget: with a ``time_budget`` the disaggregation and inversion get at most ``leak_share`` of it and
-the refinement the rest (all of it, less a margin, where nothing is left to refine); without one, ``invert_iterations`` and ``iterations`` bound the two stages.
+the refinement the rest (all of it, less a margin, where nothing is left to refine); without one,
+``invert_iterations`` and ``iterations`` bound the two stages.
 """
 
 from __future__ import annotations

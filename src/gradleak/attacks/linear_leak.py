@@ -176,8 +176,8 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     only when the solved columns reproduce the sent entries they were solved from (relative residual
     below 1e-6: the sent values are exact, a wrong split of the block leaves a residual of percents).
     ``exact=False`` (the sent values were quantized or noised after the sparsifier): the best-fitting
-    separation is kept whatever its residual. Returns the rows ``x_i = a_i h_i / N`` (0 where unknown), the
-    mask of the columns solved, and what was done."""
+    separation is kept whatever its residual. Returns the rows ``x_i = a_i h_i / N`` (0 where unknown),
+    the mask of the columns solved, and what was done."""
     start = time.perf_counter()
     live = observed.any(dim=1)
     O, Gl, vl = observed[live], G[live], v[live]
@@ -297,8 +297,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     boolean) keeps only the features that are known. ``tv_weight`` (one number, or one per image) adds
     that much total variation per image. ``init``: the images to start from (default: mid-grey).
     ``coarse``: optimise a ``coarse`` x ``coarse`` image per channel, bilinearly upsampled (the first
-    phase of :func:`invert_coarse_to_fine`). Returns the images, (iteration, mean loss per image) pairs, why it stopped (``converged``, ``time``
-    or ``iterations``) and each image's final objective."""
+    phase of :func:`invert_coarse_to_fine`). Returns the images, (iteration, mean loss per image)
+    pairs, why it stopped (``converged``, ``time`` or ``iterations``) and each image's final objective."""
     model = sim.model
     C, H, W = sim.image_shape
     t = targets.float().to(sim.device)
@@ -433,8 +433,8 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
     scores 17.9 dB), which the other starts catch. Every start is coarse to fine
     (:func:`invert_coarse_to_fine`). Each start gets an equal share of the time left (one image that
     settles slowly would otherwise hold the whole batch), a start runs only while half a share is left,
-    and none when every image already fits to 1e-8 (an exact update). Returns the images, the first start's history, its
-    stop reason, and how many starts ran and improved an image."""
+    and none when every image already fits to 1e-8 (an exact update). Returns the images, the first
+    start's history, its stop reason, and how many starts ran and improved an image."""
     t0 = time.perf_counter()
     starts = max(1, int(starts))
     images, history, stop, best = invert_coarse_to_fine(
