@@ -192,8 +192,9 @@ def test_the_coarse_phase_returns_upsampled_images_with_their_own_objective():
     # the objective it reports is the returned images' own
     _, _, _, again = invert_features(sim, found.features, iterations=0, init=images, **kw)
     assert torch.allclose(again, objective, rtol=1e-4, atol=1e-7)
-    fine, _, _, end = invert_coarse_to_fine(sim, found.features, iterations=30, **kw)
+    fine, history, _, end = invert_coarse_to_fine(sim, found.features, iterations=30, **kw)
     assert fine.shape == batch.images.shape and bool(torch.isfinite(end).all())
+    assert history[-1][0] <= 20  # the two phases share the 30 iterations: the coarse one took 10
 
 
 def test_auto_reconstructs_a_lenet5_batch_and_says_how():

@@ -159,6 +159,9 @@ def _solve_columns(G: torch.Tensor, O: torch.Tensor, A: torch.Tensor) -> tuple[t
 #: The share of its time limit the sparse separation spends trying blocks (on the tune draw under top-k
 #: 1 % the block that fitted was found after 4.7 s of a 21 s limit).
 BLOCK_SHARE = 0.4
+#: Without a time limit: the row sets all blocks together may draw (:func:`.disaggregate.separate`'s own
+#: bound for one search).
+SEPARATE_TRIALS = 400_000
 
 
 def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor, n: int,
@@ -185,13 +188,16 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     if not blocks:
         raise _NoBlock("the sent entries hold no dense block to separate on")
     per_try = None if time_limit is None else max(0.5, time_limit / 8)
+    # without a time limit, the blocks share the row sets one search would draw (each at least four chunks)
+    trials = None if time_limit is not None else max(SEPARATE_TRIALS // len(blocks), 4 * 4096)
     best = None
     tried = 0
     for R, C in blocks:
         if time_limit is not None and tried and time.perf_counter() - start > BLOCK_SHARE * time_limit:
             break  # a block that fits stops the search at once: past this, leave the time to the fallback
         tried += 1
-        sep = separate(Gl[R][:, C], n, row_scale=vl[R], generator=generator, time_limit=per_try)
+        sep = separate(Gl[R][:, C], n, row_scale=vl[R], generator=generator, time_limit=per_try,
+                       max_trials=trials)
         if sep.info["separated"] < n:  # the per-row patterns below need every image's input
             continue
         inC = torch.zeros(G.shape[1], dtype=torch.bool)
@@ -390,8 +396,8 @@ def invert_coarse_to_fine(sim: Simulator, targets: torch.Tensor, *, iterations: 
                           time_limit: float | None = None, init: torch.Tensor | None = None, **kw
                           ) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
     """:func:`invert_features` first on images of a quarter of the side (bilinearly upsampled: a third
-    of the time and of the iterations), then at full resolution from there. The full-resolution
-    problem has many poor local minima (a patch where every ReLU after the first convolution is dead
+    of the time and of the iterations), then at full resolution from there (the rest of both). The
+    full-resolution problem has many poor local minima (a patch where every ReLU after the first convolution is dead
     gets no gradient); the coarse image settles the layout first. On the tune draw (B = 4, exact
     features, 12 s per inversion) it took the images from 31 / 132 / 52 / 39 dB to 140 / 140 / 140 /
     103 dB on one batch and from 51 / 140 / 40 / 28 dB to 140 / 140 / 67 / 95 dB on another. Images
@@ -401,11 +407,13 @@ def invert_coarse_to_fine(sim: Simulator, targets: torch.Tensor, *, iterations: 
     if side < 4:
         return invert_features(sim, targets, iterations=iterations, time_limit=time_limit, init=init, **kw)
     t0 = time.perf_counter()
-    start, _, _, _ = invert_features(sim, targets, iterations=max(1, int(iterations * COARSE_SHARE)),
+    coarse = max(1, int(iterations * COARSE_SHARE))
+    start, _, _, _ = invert_features(sim, targets, iterations=coarse,
                                      time_limit=None if time_limit is None else COARSE_SHARE * time_limit,
                                      init=init, coarse=side, **kw)
     left = None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0))
-    return invert_features(sim, targets, iterations=iterations, time_limit=left, init=start, **kw)
+    # ``iterations`` bounds both phases together (the coarse ones are the cheaper)
+    return invert_features(sim, targets, iterations=max(1, iterations - coarse), time_limit=left, init=start, **kw)
 
 
 def _start(k: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:

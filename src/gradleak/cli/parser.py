@@ -204,7 +204,8 @@ def _add_report(sub) -> None:
 def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="the built-in demonstration on synthetic chest radiographs")
     d.add_argument("--out", default="experiments", help="folder for the demo's experiment (default experiments)")
-    d.add_argument("--iterations", type=_positive_int, default=None, help="attack iterations (default: the demo's)")
+    d.add_argument("--iterations", type=_positive_int, default=None,
+                   help="attack iterations, and auto's inversion iterations per start (default: the demo's)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
