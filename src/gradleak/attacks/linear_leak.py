@@ -395,13 +395,13 @@ COARSE_SHARE = 1 / 3
 def invert_coarse_to_fine(sim: Simulator, targets: torch.Tensor, *, iterations: int,
                           time_limit: float | None = None, init: torch.Tensor | None = None, **kw
                           ) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
-    """:func:`invert_features` first on images of a quarter of the side (bilinearly upsampled: a third
-    of the time and of the iterations), then at full resolution from there (the rest of both). The
-    full-resolution problem has many poor local minima (a patch where every ReLU after the first convolution is dead
-    gets no gradient); the coarse image settles the layout first. On the tune draw (B = 4, exact
-    features, 12 s per inversion) it took the images from 31 / 132 / 52 / 39 dB to 140 / 140 / 140 /
-    103 dB on one batch and from 51 / 140 / 40 / 28 dB to 140 / 140 / 67 / 95 dB on another. Images
-    smaller than 16 px go straight to full resolution."""
+    """:func:`invert_features` first on images of a quarter of the side (bilinearly upsampled: a third of the
+    time and of the iterations), then at full resolution from there (the rest of both). The full-resolution
+    problem has many poor local minima (a patch where every ReLU after the first convolution is dead gets no
+    gradient); the coarse image settles the layout first. On the tune draw (B = 4, exact features, 12 s per
+    inversion) it took the images from 31 / 132 / 52 / 39 dB to 140 / 140 / 140 / 103 dB on one batch and from
+    51 / 140 / 40 / 28 dB to 140 / 140 / 67 / 95 dB on another. Images smaller than 16 px go straight to full
+    resolution."""
     C, H, W = sim.image_shape
     side = min(H, W) // COARSE_FACTOR
     if side < 4:
