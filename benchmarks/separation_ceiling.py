@@ -12,7 +12,10 @@ hand (a diagnostic: no attack reads them):
 - a ceiling for the separation: the relative error of each image's input ``a_i h_i / N`` estimated by
   least squares over every row of the update *with the true ReLU patterns given*. No search for the
   patterns gives a least-squares estimate closer than this; only the noise model can (the likelihood
-  re-estimation of a quantized update), or the rest of the update (the convolution layers' gradients).
+  re-estimation of a quantized update), or the rest of the update (the convolution layers' gradients);
+- whether a global search for the patterns (:func:`pattern_search`, a prototype the attack does not
+  use yet) finds them where the attack's search does not: its best residual beside the true patterns',
+  how well its patterns agree with the true ones, and the inputs' error with its patterns.
 
     python benchmarks/separation_ceiling.py --split tune --batches 1 --obfuscations none qsgd16 qsgd4 relgauss1
 """
@@ -35,6 +38,48 @@ from gradleak.attacks.linear_leak import observed_matrix  # noqa: E402
 from gradleak.attacks.simulate import Simulator  # noqa: E402
 from gradleak.capture import capture  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
+
+
+def pattern_search(G: torch.Tensor, v: torch.Tensor, true: torch.Tensor, k: int = 32, restarts: int = 300,
+                   seed: int = 0) -> dict:
+    """A global search for the ReLU patterns (a prototype, not yet in the attack): alternating least
+    squares on the update's rows projected on their top ``k`` singular directions (each row's pattern
+    <- the nearest of the 2^N subset sums, the inputs <- least squares), from ``restarts`` random
+    patterns, keeping the lowest residual. Returns that residual and the true patterns' own (as a fixed
+    point of the same iteration), how many restarts reached it, how well the found patterns agree with
+    the true ones, and the least-squares inputs' relative error (over the full rows) with the found
+    patterns."""
+    n = true.shape[1]
+    cands = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * n).reshape(-1, n)
+    _, _, vh = _top_singular(G, k)
+    Gp = G @ vh.T
+    R, w = Gp / v[:, None], v.pow(2)[:, None]
+
+    def als(M: torch.Tensor, iterations: int = 50):
+        for _ in range(iterations):
+            A = v[:, None] * M
+            if int(torch.linalg.matrix_rank(A)) < n:
+                return None, float("inf")
+            X = torch.linalg.lstsq(A, Gp).solution
+            S = cands @ X
+            nearest = cands[(w * (R.pow(2).sum(1)[:, None] - 2 * R @ S.T + S.pow(2).sum(1)[None])).argmin(1)]
+            if bool((nearest == M).all()):
+                break
+            M = nearest
+        return M, float((v[:, None] * (M @ X) - Gp).pow(2).sum())
+
+    _, truth_residual = als(true.clone())
+    g = torch.Generator().manual_seed(seed)
+    found, residuals = None, []
+    for _ in range(restarts):
+        M, r = als((torch.rand(true.shape, generator=g) < 0.5).double())
+        residuals.append(r)
+        if M is not None and r <= min(residuals):
+            found = M
+    agree = torch.tensor([[float((found[:, i] == true[:, j]).double().mean()) for j in range(n)] for i in range(n)])
+    return {"residual": min(residuals), "truth_residual": truth_residual, "found": found,
+            "hits": sum(r <= truth_residual * (1 + 1e-9) for r in residuals),
+            "agreement": [float(a) for a in agree.max(dim=1).values], "match": agree.argmax(dim=1)}
 
 
 def measure(batch, name: str, time_limit: float) -> dict:
@@ -65,7 +110,12 @@ def measure(batch, name: str, time_limit: float) -> dict:
     A = v[keep][:, None] * patterns[keep]
     X = torch.linalg.lstsq(A, G[keep].double()).solution
     ceiling = (X - truth).norm(dim=1) / truth.norm(dim=1)
-    return {"clean": [float(t) for t in s0], "received": [float(t) for t in s[: n + 1]],
+    search = pattern_search(G[keep].double(), v[keep], patterns[keep])
+    Xs = torch.linalg.lstsq(v[keep][:, None] * search["found"], G[keep].double()).solution
+    searched = (Xs - truth[search["match"]]).norm(dim=1) / truth[search["match"]].norm(dim=1)
+    return {"search": {**{k: search[k] for k in ("residual", "truth_residual", "hits", "agreement")},
+                       "error": [float(t) for t in searched]},
+            "clean": [float(t) for t in s0], "received": [float(t) for t in s[: n + 1]],
             "angles": [float(t) for t in angles], "separated": int(sep.info["separated"]),
             "ceiling": [float(t) for t in ceiling]}
 
@@ -84,8 +134,9 @@ def main() -> None:
     a = ap.parse_args()
     ds = load_dataset(f"kaggle:{a.data},split=train", size=a.size)
     print("| batch | obfuscation | clean singular values | received | cos principal angles | separated "
-          "| ceiling: rel. error with true patterns |")
-    print("| --- | --- | --- | --- | --- | ---: | --- |")
+          "| ceiling: rel. error with true patterns | pattern search: residual (true patterns') | "
+          "pattern agreement | rel. error with found patterns |")
+    print("| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- |")
     for b, (_, idx) in enumerate(cells(ds, a.split, 0, a.batches, a.batch_size)):
         batch = ds.batch(idx)
         for name in a.obfuscations:
@@ -94,7 +145,10 @@ def main() -> None:
             def fmt(xs):
                 return " ".join(f"{x:.3g}" for x in xs)
             print(f"| {a.split} {b} | {OBFUSCATIONS[name][0]} | {fmt(r['clean'])} | {fmt(r['received'])} | "
-                  f"{fmt(r['angles'])} | {r['separated']} of {a.batch_size} | {fmt(r['ceiling'])} |", flush=True)
+                  f"{fmt(r['angles'])} | {r['separated']} of {a.batch_size} | {fmt(r['ceiling'])} | "
+                  f"{r['search']['residual']:.4g} ({r['search']['truth_residual']:.4g}, reached by "
+                  f"{r['search']['hits']} of 300) | {fmt(r['search']['agreement'])} | {fmt(r['search']['error'])} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
