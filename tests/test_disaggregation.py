@@ -11,7 +11,7 @@ import torch
 
 from gradleak.attacks import run_attack
 from gradleak.attacks.aware import Step, entry_likelihood
-from gradleak.attacks.disaggregate import _distinct_rows, reestimate, separate
+from gradleak.attacks.disaggregate import _distinct_rows, reestimate, search_patterns, separate
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
 from gradleak.attacks.linear_leak import (_NoBlock, _sparse_separation, invert_best_of, invert_coarse_to_fine,
                                          invert_features, leak)
@@ -59,6 +59,48 @@ def _shared_pattern_update(r: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     v = torch.randn(len(M), generator=g, dtype=torch.float64)
     truth = a[:, None] * H / r
     return (v[:, None] * M) @ truth, v, truth
+
+
+def _agreement(found: torch.Tensor, true: torch.Tensor) -> list[float]:
+    """For each true pattern column, the best share of rows a found column agrees with it on."""
+    return [max(float((found[:, i] == true[:, j]).double().mean()) for i in range(found.shape[1]))
+            for j in range(true.shape[1])]
+
+
+def test_the_global_pattern_search_reads_noisy_subset_sums():
+    g = torch.Generator().manual_seed(3)
+    m, n, r = 300, 400, 4
+    H = 1.0 + 0.2 * torch.rand(r, n, generator=g, dtype=torch.float64)  # alike images, as on chest X-rays
+    a = torch.tensor([0.5, -0.4, -0.3, 0.45], dtype=torch.float64)
+    M = (torch.rand(m, r, generator=g) < 0.5).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    truth = a[:, None] * H / r
+    G = (v[:, None] * M) @ truth
+    G = G + 0.01 * float(G.abs().mean()) * torch.randn(m, n, generator=g, dtype=torch.float64)
+    found, info = search_patterns(G, v, r, seed=0)
+    assert min(_agreement(found, M)) > 0.99, info
+    assert info["starts"] == 300 and info["reached_by"] >= 1
+    # the same seed, the same search
+    again, _ = search_patterns(G, v, r, seed=0)
+    assert torch.equal(found, again)
+
+
+def test_separate_falls_back_to_the_global_search_for_what_the_dual_vectors_miss():
+    g = torch.Generator().manual_seed(4)
+    m, n, r = 300, 400, 4
+    H = torch.rand(r, n, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.5, -0.4, -0.3, 0.45], dtype=torch.float64)
+    M = (torch.rand(m, r, generator=g) < 0.5).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    truth = a[:, None] * H / r
+    G = (v[:, None] * M) @ truth
+    cut = separate(G, r, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=1)
+    assert cut.info["separated"] < r and cut.patterns is None  # one row set: the dual vectors miss
+    sep = separate(G, r, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=1, global_search=True)
+    assert sep.info["separated"] == r and "global_search" in sep.info
+    assert sep.patterns is not None and min(_agreement(sep.patterns, M)) == 1.0
+    for x in sep.X:  # exact subset sums: each input, scale and sign included
+        assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
 
 
 def test_copies_of_one_pattern_are_merged_into_one_row():

@@ -185,10 +185,68 @@ def _subset_refine(P: torch.Tensor, v: torch.Tensor, q: torch.Tensor, rounds: in
     return q, spread, float(one.double().mean())
 
 
+#: The global pattern search (:func:`search_patterns`): random starts, and the dimension of the row space
+#: it works in. On the tune draw (B = 4) it reached the true patterns' residual in 1 to 24 of 300 starts
+#: where the dual-vector search separated 1 or 2 of 4 images (QSGD 4 and relative noise σ0 = 1).
+SEARCH_STARTS = 300
+SEARCH_DIMENSIONS = 32
+#: The largest batch the global pattern search enumerates the subset sums of (2^N per row).
+SEARCH_MAX_RANK = 8
+
+
+def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, starts: int = SEARCH_STARTS,
+                    dimensions: int = SEARCH_DIMENSIONS, time_limit: float | None = None
+                    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Every row's ReLU pattern (m x rank, 0/1) by a global search: alternating least squares on the rows
+    of ``diag(1/v) G`` projected on their top ``dimensions`` singular directions (each row's pattern the
+    nearest of the 2^rank subset sums of the current inputs, the inputs the least-squares fit to the
+    patterns), from ``starts`` random patterns, keeping the lowest residual. The projection keeps the
+    weak directions that tell alike images apart (the top-rank projection loses them under heavy noise)
+    and makes a start cheap. None when no start keeps full rank."""
+    start = time.perf_counter()
+    m, n = G.shape
+    r = int(rank)
+    k = max(r, min(int(dimensions), m - 1, n - 1))
+    _, _, vh = _top_singular(G, k)
+    Gp = G @ vh.T
+    R, w = Gp / v[:, None], v.pow(2)[:, None]
+    subsets = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * r).reshape(-1, r)
+    g = torch.Generator().manual_seed(int(seed))
+
+    def als(M: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        for _ in range(50):
+            A = v[:, None] * M
+            if int(torch.linalg.matrix_rank(A)) < r:
+                return None, float("inf")
+            X = torch.linalg.lstsq(A, Gp).solution
+            S = subsets @ X
+            nearest = subsets[(w * (R.pow(2).sum(1)[:, None] - 2 * R @ S.T + S.pow(2).sum(1)[None])).argmin(1)]
+            if bool((nearest == M).all()):
+                break
+            M = nearest
+        return M, float((v[:, None] * (M @ X) - Gp).pow(2).sum())
+
+    best, residuals = None, []
+    for _ in range(int(starts)):
+        M, res = als((torch.rand(m, r, generator=g) < 0.5).double())
+        # the same patterns in another column order fit equally: the first start to reach them wins
+        # (float round-off must not pick among them)
+        if M is not None and (best is None or res < best[1] * (1 - 1e-9)):
+            best = (M, res)
+        residuals.append(res)
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            break
+    if best is None:
+        return None, {"starts": len(residuals), "seconds": round(time.perf_counter() - start, 3)}
+    return best[0], {"starts": len(residuals), "residual": best[1], "dimensions": k,
+                     "reached_by": sum(x <= best[1] * (1 + 1e-9) for x in residuals),
+                     "seconds": round(time.perf_counter() - start, 3)}
+
+
 def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: torch.Tensor | None = None,
              generator: torch.Generator | None = None, max_trials: int | None = None,
              chunk: int = 4096, time_limit: float | None = None, max_spread: float = 0.2,
-             fit_factor: float | None = 5.0) -> Separation:
+             fit_factor: float | None = 5.0, global_search: bool = False) -> Separation:
     """Split ``G`` (m x n) into ``rank`` output-gradient columns and their input rows.
 
     ``row_scale``: the layer feeds a ReLU and then a two-class classifier, whose weight difference
@@ -211,6 +269,10 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     with nothing that fits. ``info["separated"]`` counts the images found; when fewer than ``rank``, the
     rest are completed with the remaining directions (their rows are mixtures, not single images).
     ``info["feature_noise"]`` (when all separated) is each row's expected relative error.
+
+    ``global_search``: where the dual vectors leave images unseparated, :func:`search_patterns` reads
+    every row's pattern instead, and the inputs are the least-squares fit to them over all rows
+    (``info["global_search"]`` says so; ``info["separated"]`` then counts every image).
     """
     start = time.perf_counter()
     if max_trials is None:  # a time limit bounds the search; without one, this many row sets
@@ -314,15 +376,32 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     Q = torch.stack(cols, dim=1)
     X = torch.linalg.solve(Q, Vh)
     patterns = feature_noise = None
+    extra: dict[str, Any] = {}
     if separated == r:  # every row's ReLU pattern, as the dual vectors read it
         safe = torch.where(v != 0, v, torch.ones_like(v))
         patterns = torch.where(v[:, None] != 0, (P @ Q) / safe[:, None] > 0.5, False).double()
+    elif global_search and 1 < r <= SEARCH_MAX_RANK:
+        Mk, extra["global_search"] = search_patterns(
+            Gd[keep], vk, r, seed=g.initial_seed() + 1,
+            time_limit=None if time_limit is None else max(1.0, 0.5 * time_limit))
+        if Mk is not None:
+            X = torch.linalg.lstsq(vk[:, None] * Mk, Gd[keep]).solution
+            # every row (those with a tiny row scale included): the nearest subset sum of the inputs
+            subsets = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * r).reshape(-1, r)
+            Rk = Gd / torch.where(v != 0, v, torch.ones_like(v))[:, None]
+            SX = subsets @ X
+            d = Rk.pow(2).sum(1)[:, None] - 2 * Rk @ SX.T + SX.pow(2).sum(1)[None]
+            patterns = torch.where(v[:, None] != 0, subsets[d.argmin(1)], torch.zeros(1, r, dtype=torch.float64))
+            patterns[keep] = Mk
+            separated = r
+    if patterns is not None:
         feature_noise = _feature_noise(vk, patterns[keep], outside, X)
     return Separation(X=X, patterns=patterns,
                       info={"separated": separated, "trials": trials, "spectrum": spectrum,
                             "seconds": round(time.perf_counter() - start, 3),
                             "best_spreads": sorted(spreads)[:2 * r], "candidates": len(found),
-                            "fitting": len(good), "noise_level": noise_level, "feature_noise": feature_noise})
+                            "fitting": len(good), "noise_level": noise_level, "feature_noise": feature_noise,
+                            **extra})
 
 
 def reestimate(G: torch.Tensor, A: torch.Tensor, X: torch.Tensor, loss, *, iterations: int = 25,

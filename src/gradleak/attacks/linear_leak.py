@@ -507,7 +507,8 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         # several local steps move the weights between the gradients they sum: the rows are subset sums
         # only up to that drift, so a candidate is judged by its spread alone, not against the noise
         sep = separate(G, n, row_scale=v, weight=W, generator=generator, time_limit=share,
-                       fit_factor=None if local_drift(sim.protocol) else 5.0)
+                       fit_factor=None if local_drift(sim.protocol) else 5.0,
+                       global_search=not local_drift(sim.protocol))
         info.update(sep.info)
         X = sep.X
         like = None if sep.patterns is None or local_drift(sim.protocol) else likelihood(obs, sim, layer)
