@@ -186,12 +186,24 @@ def _subset_refine(P: torch.Tensor, v: torch.Tensor, q: torch.Tensor, rounds: in
 
 
 #: The global pattern search (:func:`search_patterns`): random starts, and the dimension of the row space
-#: it works in. On the tune draw (B = 4) it reached the true patterns' residual in 1 to 24 of 300 starts
-#: where the dual-vector search separated 1 or 2 of 4 images (QSGD 4 and relative noise σ0 = 1).
+#: it works in. On the tune draw (B = 4, QSGD 4 and relative noise σ0 = 1), where the dual-vector search
+#: separated 1 or 2 of 4 images, its best (found by 1 to 6 of 300 starts) fit at least as well as the
+#: true patterns, with 94.5 to 100 % of the rows' patterns right.
 SEARCH_STARTS = 300
 SEARCH_DIMENSIONS = 32
 #: The largest batch the global pattern search enumerates the subset sums of (2^N per row).
 SEARCH_MAX_RANK = 8
+
+
+def _subsets(r: int) -> torch.Tensor:
+    """The 2^r ReLU patterns of r images (2^r x r, 0/1)."""
+    return torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * r).reshape(-1, r)
+
+
+def _nearest_subsets(R: torch.Tensor, X: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:
+    """For each row of ``R``, the pattern whose subset sum of the rows of ``X`` is nearest (rows x r)."""
+    S = subsets @ X
+    return subsets[(R.pow(2).sum(1)[:, None] - 2 * R @ S.T + S.pow(2).sum(1)[None]).argmin(1)]
 
 
 def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, starts: int = SEARCH_STARTS,
@@ -209,8 +221,8 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
     k = max(r, min(int(dimensions), m - 1, n - 1))
     _, _, vh = _top_singular(G, k)
     Gp = G @ vh.T
-    R, w = Gp / v[:, None], v.pow(2)[:, None]
-    subsets = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * r).reshape(-1, r)
+    R = Gp / v[:, None]
+    subsets = _subsets(r)
     g = torch.Generator().manual_seed(int(seed))
 
     def als(M: torch.Tensor) -> tuple[torch.Tensor | None, float]:
@@ -219,8 +231,7 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
             if int(torch.linalg.matrix_rank(A)) < r:
                 return None, float("inf")
             X = torch.linalg.lstsq(A, Gp).solution
-            S = subsets @ X
-            nearest = subsets[(w * (R.pow(2).sum(1)[:, None] - 2 * R @ S.T + S.pow(2).sum(1)[None])).argmin(1)]
+            nearest = _nearest_subsets(R, X, subsets)  # per row: a row weight would not change its argmin
             if bool((nearest == M).all()):
                 break
             M = nearest
@@ -387,11 +398,8 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         if Mk is not None:
             X = torch.linalg.lstsq(vk[:, None] * Mk, Gd[keep]).solution
             # every row (those with a tiny row scale included): the nearest subset sum of the inputs
-            subsets = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * r).reshape(-1, r)
-            Rk = Gd / torch.where(v != 0, v, torch.ones_like(v))[:, None]
-            SX = subsets @ X
-            d = Rk.pow(2).sum(1)[:, None] - 2 * Rk @ SX.T + SX.pow(2).sum(1)[None]
-            patterns = torch.where(v[:, None] != 0, subsets[d.argmin(1)], torch.zeros(1, r, dtype=torch.float64))
+            nearest = _nearest_subsets(Gd / torch.where(v != 0, v, torch.ones_like(v))[:, None], X, _subsets(r))
+            patterns = torch.where(v[:, None] != 0, nearest, torch.zeros(1, r, dtype=torch.float64))
             patterns[keep] = Mk
             separated = r
     if patterns is not None:
