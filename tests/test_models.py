@@ -31,6 +31,14 @@ def test_lenet5_matches_rog_layout():
     assert m.classifier.bias is None and m.classifier.out_features == 2
 
 
+def test_lenet5_leaky_input_is_the_relu_of_its_preactivation():
+    m = build("lenet5", 2, 1, 16)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    u = m.leaky_preactivation(x)
+    assert bool((u < 0).any()) and bool((u > 0).any())
+    assert torch.equal(m.leaky_input(x), torch.relu(u))  # max pooling and ReLU commute, bit for bit
+
+
 def test_lenet_zhu_is_sigmoid_three_convs():
     m = build("lenet_zhu", 10, 1, 32)
     convs = [l for l in m.body if isinstance(l, torch.nn.Conv2d)]

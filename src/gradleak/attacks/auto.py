@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from .. import obfuscation
 from ..observation import Observation
 from . import engine
 from .base import Reconstruction, loss_converged
@@ -61,18 +60,16 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     sim = Simulator(obs, device)
     why = None
     found = None
-    if any(obfuscation.get(r["name"]).family == "sign" for r in obs.obfuscation):
-        why = "signSGD leaves no magnitudes, and the subset-sum structure of the layer needs them"
-    else:
-        found = leak(obs, sim, generator=g_leak, time_limit=None if T is None else float(s["leak_share"]) * T,
-                     invert_iterations=int(s["invert_iterations"]), invert_tv=float(s["invert_tv"]),
-                     invert_starts=int(s["invert_starts"]),
-                     settled_time_limit=None if T is None else 0.97 * T)
-        if found is None:
-            why = (f"{obs.model['arch']} has no linear layer followed by a ReLU feeding a two-class classifier, "
-                   f"whose update would leak the batch")
-        elif int(found.info.get("separated", 0)) == 0:
-            why = f"the update of layer '{found.layer}' did not separate into images (too degraded)"
+    found = leak(obs, sim, generator=g_leak, time_limit=None if T is None else float(s["leak_share"]) * T,
+                 invert_iterations=int(s["invert_iterations"]), invert_tv=float(s["invert_tv"]),
+                 invert_starts=int(s["invert_starts"]),
+                 settled_time_limit=None if T is None else 0.97 * T)
+    if found is None:
+        why = (f"{obs.model['arch']} has no linear layer followed by a ReLU feeding a two-class classifier, "
+               f"whose update would leak the batch")
+    elif int(found.info.get("separated", 0)) == 0:
+        why = (f"the update of layer '{found.layer}' did not separate into images ("
+               f"{found.info.get('note') or 'too degraded'})")
     name = s["fallback_single"] if obs.num_images == 1 else s["fallback_batch"]
 
     def fallback() -> Reconstruction:
@@ -129,7 +126,8 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         "note": f"layer '{found.layer}' leaked {int(info.get('separated', 0))} of {obs.num_images} images "
                 f"separately"}
     rec.extras["leak_images"] = found.images
-    rec.threat_model["attack_pipeline"] = (f"linear-layer disaggregation ({found.layer}) + feature inversion"
+    what = "sign-support disaggregation" if info.get("method") == "sign supports" else "linear-layer disaggregation"
+    rec.threat_model["attack_pipeline"] = (f"{what} ({found.layer}) + feature inversion"
                                            + ("" if settled else " + refinement"))
     if partial:  # some inputs are mixtures: the optimisation attack competes, the better match wins
         alt = fallback()

@@ -38,7 +38,7 @@ from .. import obfuscation
 from ..federated.arithmetic import fedavg_gradient_scale
 from ..observation import Observation
 from .aware import _per_tensor, entry_likelihood, steps
-from .disaggregate import reestimate, separate
+from .disaggregate import reestimate, separate, sign_supports
 from .regularizers import total_variation
 from .simulate import Simulator
 
@@ -292,10 +292,16 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
     return torch.stack(feats), torch.tensor(labels, dtype=torch.int64)
 
 
+#: The margin of the support objective (:func:`invert_features` with ``support=True``), a fraction of the
+#: median magnitude of the layer's pre-ReLU input at mid-grey.
+SUPPORT_MARGIN = 0.1
+
+
 def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool, iterations: int,
                     time_limit: float | None = None, chunk: int = 100, mask: torch.Tensor | None = None,
                     tv_weight: torch.Tensor | float | None = None, init: torch.Tensor | None = None,
-                    coarse: int | None = None) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
+                    coarse: int | None = None, support: bool = False
+                    ) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
     """Images in [0, 1] whose inputs to the leaky layer match ``targets`` (N x n): relative squared
     error when the scale is known, else one minus cosine. One batched L-BFGS problem (strong Wolfe line
     search) for all images, projected on [0, 1] every ``chunk`` iterations; stops after ``iterations``,
@@ -303,8 +309,12 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     boolean) keeps only the features that are known. ``tv_weight`` (one number, or one per image) adds
     that much total variation per image. ``init``: the images to start from (default: mid-grey).
     ``coarse``: optimise a ``coarse`` x ``coarse`` image per channel, bilinearly upsampled (the first
-    phase of :func:`invert_coarse_to_fine`). Returns the images, (iteration, mean loss per image)
-    pairs, why it stopped (``converged``, ``time`` or ``iterations``) and each image's final objective."""
+    phase of :func:`invert_coarse_to_fine`). ``support``: ``targets`` are 0/1 supports (signSGD's leak,
+    :func:`.disaggregate.sign_supports`), and each image's objective is the mean squared hinge of the
+    layer's input before its ReLU (``leaky_preactivation``) on the side of 0 the support says, with a
+    margin of ``SUPPORT_MARGIN`` times its median magnitude at mid-grey. Returns the images,
+    (iteration, mean loss per image) pairs, why it stopped (``converged``, ``time`` or ``iterations``)
+    and each image's final objective."""
     model = sim.model
     C, H, W = sim.image_shape
     t = targets.float().to(sim.device)
@@ -318,6 +328,12 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     if coarse is not None:
         x = F.interpolate(x, size=(coarse, coarse), mode="area")
     x = x.to(sim.device).requires_grad_(True)
+    margin = None
+    if support:
+        with torch.no_grad():
+            grey = torch.full((1, C, H, W), 0.5, device=sim.device)
+            margin = SUPPORT_MARGIN * float(model.leaky_preactivation((grey - model.input_mean) / model.input_std)
+                                            .abs().median().clamp_min(1e-12))
 
     def image() -> torch.Tensor:
         return x if coarse is None else F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
@@ -330,6 +346,10 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
 
     def per_image() -> torch.Tensor:
         img = image()
+        if support:
+            u = model.leaky_preactivation((img - model.input_mean) / model.input_std)
+            loss = (t * F.relu(margin - u).pow(2) + (1 - t) * F.relu(u + margin).pow(2)).mean(dim=1) / margin ** 2
+            return loss if tv is None else loss + tv * total_variation(img, per_image=True)
         h = model.leaky_input((img - model.input_mean) / model.input_std)
         if sel is not None:
             h = h[:, sel]
@@ -473,6 +493,51 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
                                    "objective": [float(b) for b in best]}
 
 
+#: Total variation of the support inversion (signSGD), relative to its hinge objective.
+SIGN_TV = 0.03
+
+
+def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch.Generator, start: float,
+               time_limit: float | None, settled_time_limit: float | None, invert_iterations: int,
+               invert_tv: float, invert_starts: int) -> Leak:
+    """signSGD: each image's support from the signs of the layer's update
+    (:func:`.disaggregate.sign_supports`), inverted to images that switch on those inputs and no other
+    (:func:`invert_features` with ``support=True``). Only where the signs are the whole obfuscation of
+    one client's FedSGD gradient (a weight delta's signs are the gradient's flipped, and a zero's
+    +1 with them) and the model exposes its layer's pre-ReLU input."""
+    n = sim.num_images
+    blank = torch.full((n, *sim.image_shape), 0.5)
+    p = sim.protocol
+    why = None
+    if len(steps(obs, sim.target)) != 1:
+        why = "signs combined with another obfuscation"
+    elif p.algorithm != "fedsgd" or p.num_clients_averaged > 1:
+        why = "signs of a weight delta or of several clients' updates"
+    elif not hasattr(sim.model, "leaky_preactivation"):
+        why = f"{type(sim.model).__name__} does not expose its layer's pre-ReLU input"
+    if why is not None:
+        return Leak(layer=layer, images=blank, labels=None, features=torch.zeros(n, 0), scale_known=False,
+                    info={"separated": 0, "separation_seconds": 0.0, "note": f"signSGD: {why}, not read"})
+    w2 = sim.model.classifier.weight.detach().double().cpu()
+    sep = sign_supports(sim.target[f"{layer}.weight"].double().cpu(), w2[1] - w2[0], n)
+    info = dict(sep.info)
+    info["separation_seconds"] = info.pop("seconds")
+    feats = sep.supports.double()
+    if int(info["separated"]) == 0:
+        return Leak(layer=layer, images=blank, labels=None, features=feats, scale_known=False, info=info)
+    if time_limit is not None and settled_time_limit is not None and int(info["separated"]) == n:
+        time_limit = max(time_limit, settled_time_limit)  # nothing after the inversion needs the rest
+    left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
+    images, history, stop, sinfo = invert_best_of(sim, feats, starts=invert_starts, generator=generator,
+                                                  scale_known=False, iterations=invert_iterations,
+                                                  time_limit=left, support=True, tv_weight=invert_tv * SIGN_TV)
+    info.update({"inversion_starts": sinfo["starts"], "inversion_improved_by_other_starts":
+                 sinfo["improved_by_other_starts"], "inversion_iterations": history[-1][0] if history else 0,
+                 "inversion_stop": stop, "seconds": round(time.perf_counter() - start, 3)})
+    return Leak(layer=layer, images=images, labels=sep.labels, features=feats, scale_known=False,
+                info={**info, "inversion_history": history})
+
+
 #: Total variation per unknown fraction of the leaky layer's columns (a sparsified update): on the tune
 #: draw (B = 4, top-k 10 %, half the columns unknown) 0.03 was the best weight of 0.01 to 0.3 on all
 #: three batches, 6 to 9 dB above none.
@@ -493,6 +558,10 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     # the inversion's random starts get their own generator, drawn before the (time-limited) search
     g_invert = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     n = sim.num_images
+    if any(st.ob.family == "sign" for st in steps(obs, sim.target)):
+        return _sign_leak(obs, sim, layer, generator=g_invert, start=start, time_limit=time_limit,
+                          settled_time_limit=settled_time_limit, invert_iterations=invert_iterations,
+                          invert_tv=invert_tv, invert_starts=invert_starts)
     G, observed, info = observed_matrix(obs, sim, layer)
     w2 = sim.model.classifier.weight.detach().double().cpu()
     v = w2[1] - w2[0]

@@ -28,11 +28,16 @@ class LeNet5(VictimNet):
     #: ``fc1``'s ReLU output feeds the classifier directly (its rows are subset sums of the images').
     leaky_feeds_classifier = True
 
+    def leaky_preactivation(self, x):
+        """``fc1``'s input before its last ReLU: ``leaky_input(x) == relu(leaky_preactivation(x))`` (max
+        pooling and ReLU commute). Where ``leaky_input`` is 0 this is how far below 0 it lies, which a
+        support constraint (signSGD's leak) needs: the ReLU's output is flat there."""
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        return torch.max_pool2d(self.conv2(x), 2).flatten(1)
+
     def leaky_input(self, x):
         """The input of ``fc1`` (the flattened convolutional features) for normalised images ``x``."""
-        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return x.flatten(1)
+        return torch.relu(self.leaky_preactivation(x))
 
     def after_leaky(self, z):
         """The logits from ``fc1``'s pre-activation output ``z``."""
