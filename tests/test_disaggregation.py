@@ -461,3 +461,17 @@ def test_signs_of_a_weight_delta_fall_back_with_the_reason():
     rec = run_attack("auto", obs, {"iterations": 3}, progress=False)
     p = rec.extras["pipeline"]
     assert p["separated"] == 0 and "weight delta" in p["note"] and "fell back" in p["note"]
+
+
+def test_several_local_steps_are_separated_by_the_global_pattern_search():
+    # five FedAvg steps move the weights between the gradients they sum: the dual vectors miss images
+    # there, the global search reads every row's pattern, and each input is close to the image's own
+    # input at the weights the server sent (the drift keeps it from exact)
+    obs, batch = _phantom_obs(4, protocol=Protocol("fedavg", local_steps=5, local_lr=0.1))
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1, time_limit=20)
+    assert found.info["separated"] == 4 and "global_search" in found.info
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
+    cos = _best_cos(found.features, h)
+    assert bool((cos > 0.9).all()), cos
