@@ -433,6 +433,15 @@ def test_signs_with_too_many_distinct_sets_are_not_guessed():
     assert sep.info["distinct_sets"] > 30 and f"more than the {SIGN_FAMILIES}" in sep.info["note"]
 
 
+def test_the_sign_search_bounds_its_checks(monkeypatch):
+    from gradleak.attacks import disaggregate
+
+    signs, v, _, _ = _sign_update(3)
+    monkeypatch.setattr(disaggregate, "SIGN_CHECKS", 10)
+    sep = sign_supports(signs, v, 3)
+    assert sep.info["separated"] == 0 and "more than the 10 an exhaustive search makes" in sep.info["note"]
+
+
 @pytest.mark.parametrize("B,size", [(2, 16), (4, 32)])
 def test_auto_reads_signsgd_supports_and_inverts_them(B, size):
     obs, batch = _phantom_obs(B, size=size, obfuscations=[{"name": "sign"}])

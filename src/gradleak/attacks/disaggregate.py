@@ -468,6 +468,9 @@ def reestimate(G: torch.Tensor, A: torch.Tensor, X: torch.Tensor, loss, *, itera
 #: on the tune draw at B = 4 the distinct sets number 15 to 22 (at most 7,315 families, 0.1 s); at
 #: B = 8 they number 83 to 105, past any exhaustive search, and a greedy one picked wrong sets there.
 SIGN_FAMILIES = 50_000
+#: And the most (choice, set to explain) pairs it checks, about 0.7 µs each (at B = 4 on the tune draw:
+#: up to 7,315 choices x 41 sets).
+SIGN_CHECKS = 10_000_000
 
 
 @dataclass
@@ -501,8 +504,8 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
     Among the distinct sets, the N chosen as supports are those that explain the most distinct sets:
     a pure set by the union of the chosen sets of its sign inside it, a mixed pair by the union of the
     chosen sets inside it, of both labels (ties: the most rows explained). Every choice is scored, so
-    this is for small batches; past ``SIGN_FAMILIES`` choices, or with fewer distinct sets than images,
-    nothing is separated (``info['note']`` says why)."""
+    this is for small batches; past ``SIGN_FAMILIES`` choices or ``SIGN_CHECKS`` checks, or with fewer
+    distinct sets than images, nothing is separated (``info['note']`` says why)."""
     start = time.perf_counter()
     live = v != 0
     neg = (signs[live] < 0)
@@ -535,6 +538,11 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
             if (S[c] & ~T) == 0 and (mixed or label1[c] == same):
                 inside |= 1 << c
         targets.append((T, inside, mixed))
+    if families * len(targets) > SIGN_CHECKS:
+        info["note"] = (f"{D} distinct sets of negative signs and {len(pairs)} mixed pairs for {n} images: "
+                        f"{families * len(targets)} checks, more than the {SIGN_CHECKS} an exhaustive search makes")
+        info["seconds"] = round(time.perf_counter() - start, 3)
+        return empty
     ones = sum(1 << c for c in range(D) if label1[c])
     union_of: dict[int, int] = {}
 
