@@ -11,10 +11,11 @@ import torch
 
 from gradleak.attacks import run_attack
 from gradleak.attacks.aware import Step, entry_likelihood
+from gradleak.attacks import disaggregate
 from gradleak.attacks.disaggregate import SIGN_FAMILIES, _distinct_rows, reestimate, search_patterns, separate, sign_supports
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
 from gradleak.attacks.linear_leak import (_NoBlock, _sparse_separation, invert_best_of, invert_coarse_to_fine,
-                                         invert_features, leak)
+                                         invert_features, leak, noise_coupling)
 from gradleak.attacks.simulate import Simulator
 from gradleak.capture import capture
 from gradleak.data import load_dataset
@@ -83,6 +84,58 @@ def test_the_global_pattern_search_reads_noisy_subset_sums():
     # the same seed, the same search
     again, _ = search_patterns(G, v, r, seed=0)
     assert torch.equal(found, again)
+
+
+def test_perturbing_the_best_patterns_never_fits_worse(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    m, n, r = 300, 400, 4
+    H = 1.0 + 0.2 * torch.rand(r, n, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.5, -0.4, -0.3, 0.45], dtype=torch.float64)
+    M = (torch.rand(m, r, generator=g) < 0.5).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    G = (v[:, None] * M) @ (a[:, None] * H / r)
+    G = G + 1.0 * float(G.abs().mean()) * torch.randn(m, n, generator=g, dtype=torch.float64)
+    _, info = search_patterns(G, v, r, seed=0, starts=1)
+    monkeypatch.setattr(disaggregate, "PERTURB_ROUNDS", 0)
+    _, plain = search_patterns(G, v, r, seed=0, starts=1)
+    assert info["perturbations"] == 300 and plain["perturbations"] == 0
+    assert info["residual"] <= plain["residual"]
+    assert info["perturbations_improved"] > 0  # from one start under this noise the kicks find better fits
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0], [0, 1, 1]])
+def test_the_noise_coupling_is_the_likelihood_of_the_least_squares_inputs(labels):
+    # with the same noise on every entry of G = diag(v) M X, the log-likelihood of inputs X differs from the
+    # least-squares fit's by tr((X - X_hat)^T A^T A (X - X_hat)): the coupled objective must be that form
+    g = torch.Generator().manual_seed(6)
+    m, n, r = 200, 50, 3
+    M = (torch.rand(m, r, generator=g) < 0.6).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    A = v[:, None] * M
+    G = A @ torch.rand(r, n, generator=g, dtype=torch.float64) + 0.1 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    X_hat = torch.linalg.lstsq(A, G).solution
+    X = X_hat + 0.05 * torch.randn(r, n, generator=g, dtype=torch.float64)
+    K = noise_coupling(v, M, torch.tensor(labels))
+    assert torch.allclose(K.diagonal(), torch.ones(r, dtype=torch.float64))
+    assert torch.allclose(K, K.T) and float(torch.linalg.eigvalsh(K).min()) > 0
+    # in the inversion's units each input is divided by its scale, whose sign is the label's
+    sgn = torch.where(torch.tensor(labels) == 0, 1.0, -1.0).double()
+    d = (A.T @ A).diagonal().sqrt()
+    E = (X - X_hat) * sgn[:, None]
+    coupled = float((K * (d[:, None] * d[None, :]) * (E @ E.T)).sum())
+    exact = float((G - A @ X).pow(2).sum() - (G - A @ X_hat).pow(2).sum())
+    assert coupled == pytest.approx(exact, rel=1e-9)
+
+
+def test_an_identity_coupling_is_the_uncoupled_inversion():
+    obs, _ = _phantom_obs(2, obfuscations=[{"name": "uniform", "bits": 8}])
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    kw = dict(scale_known=True, iterations=5, tv_weight=0.01)
+    plain, _, _, loss = invert_features(sim, found.features, **kw)
+    coupled, _, _, closs = invert_features(sim, found.features, coupling=torch.eye(2), **kw)
+    # (the same objective summed in another order: float32 round-off that L-BFGS carries a little)
+    assert torch.allclose(plain, coupled, atol=5e-3) and torch.allclose(loss, closs, rtol=1e-2)
 
 
 def test_separate_falls_back_to_the_global_search_for_what_the_dual_vectors_miss():

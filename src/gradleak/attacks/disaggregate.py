@@ -193,6 +193,14 @@ def _subset_refine(P: torch.Tensor, v: torch.Tensor, q: torch.Tensor, rounds: in
 #: separated 1 or 2 of 4 images, its best (found by 1 to 6 of 300 starts) fit at least as well as the
 #: true patterns, with 94.5 to 100 % of the rows' patterns right.
 SEARCH_STARTS = 300
+#: After the starts, the best patterns are perturbed (a random ``PERTURB_FRACTION`` of the rows given
+#: random patterns) and the alternating least squares rerun from there, ``PERTURB_ROUNDS`` times, each kept
+#: when it fits better (an iterated local search: the starts land in nearby local minima). On the tune
+#: draw under QSGD 4 (B = 4, 8 batches) it took one batch from a worse fit than the true patterns to as
+#: good a fit, its inputs' mean relative error from 0.39 to 0.37 (true patterns: 0.37); the other seven
+#: and all eight under relative noise σ0 = 1 did not change by more than 0.01.
+PERTURB_ROUNDS = 300
+PERTURB_FRACTION = 0.05
 SEARCH_DIMENSIONS = 32
 #: The largest batch the global pattern search enumerates the subset sums of (2^N per row).
 SEARCH_MAX_RANK = 8
@@ -215,7 +223,8 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
     """Every row's ReLU pattern (m x rank, 0/1) by a global search: alternating least squares on the rows
     of ``diag(1/v) G`` projected on their top ``dimensions`` singular directions (each row's pattern the
     nearest of the 2^rank subset sums of the current inputs, the inputs the least-squares fit to the
-    patterns), from ``starts`` random patterns, keeping the lowest residual. The projection keeps the
+    patterns), from ``starts`` random patterns, keeping the lowest residual, then perturbed and refitted
+    from the best (``PERTURB_ROUNDS``). The projection keeps the
     weak directions that tell alike images apart (the top-rank projection loses them under heavy noise)
     and makes a start cheap. None when no start keeps full rank."""
     start = time.perf_counter()
@@ -250,10 +259,22 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
         residuals.append(res)
         if time_limit is not None and time.perf_counter() - start > time_limit:
             break
+    kicks = improved = 0
+    while best is not None and kicks < PERTURB_ROUNDS and not (time_limit is not None and
+                                                             time.perf_counter() - start > time_limit):
+        kicks += 1
+        M = best[0].clone()
+        flip = torch.rand(m, generator=g) < PERTURB_FRACTION
+        M[flip] = (torch.rand(int(flip.sum()), r, generator=g) < 0.5).double()
+        M, res = als(M)
+        if M is not None and res < best[1] * (1 - 1e-9):
+            best = (M, res)
+            improved += 1
     if best is None:
         return None, {"starts": len(residuals), "seconds": round(time.perf_counter() - start, 3)}
     return best[0], {"starts": len(residuals), "residual": best[1], "dimensions": k,
                      "reached_by": sum(x <= best[1] * (1 + 1e-9) for x in residuals),
+                     "perturbations": kicks, "perturbations_improved": improved,
                      "seconds": round(time.perf_counter() - start, 3)}
 
 
