@@ -11,7 +11,7 @@ import torch
 
 from gradleak.attacks import run_attack
 from gradleak.attacks.aware import Step, entry_likelihood
-from gradleak.attacks import disaggregate
+from gradleak.attacks import disaggregate, linear_leak
 from gradleak.attacks.disaggregate import SIGN_FAMILIES, _distinct_rows, reestimate, search_patterns, separate, sign_supports
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
 from gradleak.attacks.linear_leak import (_NoBlock, _sparse_separation, invert_best_of, invert_coarse_to_fine,
@@ -256,12 +256,13 @@ def test_the_likelihood_of_the_received_entries_sharpens_the_separated_inputs(sp
     assert err(X) < gain * err(sep.X), (err(X), err(sep.X))
 
 
-def test_the_inversion_keeps_each_image_s_best_start():
+def test_the_inversion_keeps_each_image_s_best_start(monkeypatch):
     obs, batch = _phantom_obs(4, obfuscations=[{"name": "uniform", "bits": 8}])
     sim = Simulator(obs)
     found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
     kw = dict(scale_known=found.scale_known, iterations=60, tv_weight=0.01)
     _, _, _, single = invert_coarse_to_fine(sim, found.features, **kw)
+    monkeypatch.setattr(linear_leak, "AVERAGE_WITHIN", 1.0)  # the best start alone
     images, _, _, info = invert_best_of(sim, found.features, starts=3, generator=torch.Generator().manual_seed(0), **kw)
     assert info["starts"] == 3
     best = torch.tensor(info["objective"])
@@ -269,6 +270,28 @@ def test_the_inversion_keeps_each_image_s_best_start():
     # the objective reported is the kept images' own: one more step from them can only lower it
     _, _, _, again = invert_features(sim, found.features, **{**kw, "iterations": 1}, init=images)
     assert bool((again <= best + 1e-6).all())
+
+
+def test_the_inversion_averages_the_starts_that_fit_alike(monkeypatch):
+    obs, batch = _phantom_obs(3, obfuscations=[{"name": "uniform", "bits": 8}])
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    kw = dict(scale_known=found.scale_known, iterations=30, tv_weight=0.01)
+    runs = {}
+    for within in (1.0, float("inf")):
+        monkeypatch.setattr(linear_leak, "AVERAGE_WITHIN", within)
+        runs[within] = invert_best_of(sim, found.features, starts=3, generator=torch.Generator().manual_seed(0),
+                                      **kw)
+    best, _, _, one = runs[1.0]
+    mean, _, _, every = runs[float("inf")]
+    assert one["objective"] == every["objective"] and every["averaged"] == [3, 3, 3]
+    assert all(a >= 1 for a in one["averaged"])
+    # the mean of all three starts, recomputed from the starts themselves
+    starts = [invert_coarse_to_fine(sim, found.features, init=linear_leak._start(k, tuple(best.shape),
+                                                                                  g), **kw)[0]
+              for g in [torch.Generator().manual_seed(0)] for k in range(3)]
+    assert torch.allclose(mean, torch.stack(starts).mean(0), atol=1e-6)
+    assert float(mean.min()) >= 0 and float(mean.max()) <= 1
 
 
 def test_the_coarse_phase_returns_upsampled_images_with_their_own_objective():
