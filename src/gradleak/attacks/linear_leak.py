@@ -463,6 +463,7 @@ def _start(k: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.
 #: FedAvg 5 steps 17.6 -> 17.8, top-k 10 % +0.1 dB, 8 bit +0.0 (batches 1 and 2: +0.2, +0.5).
 AVERAGE_WITHIN = 1.5
 
+
 def mean_of_close(results: torch.Tensor, fits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Per image, the mean of the starts' ``results`` (starts x images x ...) whose objective ``fits``
     (starts x images) is within ``AVERAGE_WITHIN`` times the lowest, measured against the lowest's
@@ -502,7 +503,7 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
     first = time.perf_counter() - t0
     longest = first
     ran, improved = 1, 0
-    pool, losses = [images.clone()], [best.clone()]  # every start's result, for the mean
+    pool, losses = [images], [best]  # every start's result, for the mean
     # with a time limit, starts that converge early leave time: fresh noise starts use it (up to
     # EXTRA_STARTS times as many), each while the longest start so far would still fit
     most = starts if time_limit is None else EXTRA_STARTS * starts
@@ -517,8 +518,8 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
         cand, _, _, loss = invert_coarse_to_fine(sim, targets, time_limit=share,
                                                  init=_start(ran, tuple(images.shape), generator), **kw)
         longest = max(longest, time.perf_counter() - t1)
-        pool.append(cand.clone())
-        losses.append(loss.clone())
+        pool.append(cand)
+        losses.append(loss)
         better = loss < best
         best = torch.where(better, loss, best)
         ran += 1
@@ -599,8 +600,14 @@ def noise_coupling(v: torch.Tensor, patterns: torch.Tensor, labels: torch.Tensor
     A = v.double()[:, None] * patterns.double()
     S = A.T @ A
     d = S.diagonal().sqrt().clamp_min(1e-300)
-    sgn = torch.where(labels == 0, 1.0, -1.0).double()
+    sgn = _label_signs(labels)
     return S / d[:, None] / d[None, :] * sgn[:, None] * sgn[None, :]
+
+
+def _label_signs(labels: torch.Tensor) -> torch.Tensor:
+    """The sign of each image's ``a_i = p_i - y_i`` (two classes): + for class 0, - for class 1."""
+    return torch.where(labels == 0, 1.0, -1.0).double()
+
 
 #: Total variation per unknown fraction of the leaky layer's columns (a sparsified update): on the tune
 #: draw (B = 4, top-k 10 %, half the columns unknown) 0.03 was the best weight of 0.01 to 0.3 on all
@@ -661,7 +668,7 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
             feats, labels = _fix_subset(sim, layer, X, n)
         else:
             labels = torch.tensor([0 if float(x.sum()) >= 0 else 1 for x in X], dtype=torch.int64)
-            feats = X * torch.where(labels == 0, 1.0, -1.0).double()[:, None]
+            feats = X * _label_signs(labels)[:, None]
         scale_known = exact
         # heavy noise: the inputs' errors are weighed jointly, as the update's likelihood weighs them
         noise_now = sep.info.get("feature_noise") or []
@@ -679,7 +686,7 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
             sinfo = {"separated": 0, "seconds": round(time.perf_counter() - t_sep, 3), "note": str(e)}
         info.update(sinfo)
         labels = torch.tensor([0 if float(x.sum()) >= 0 else 1 for x in X], dtype=torch.int64)
-        feats = X * torch.where(labels == 0, 1.0, -1.0).double()[:, None]  # a_i h_i up to |a_i|: h_i >= 0
+        feats = X * _label_signs(labels)[:, None]  # a_i h_i up to |a_i|: h_i >= 0
         scale_known = False
     info["separation_seconds"] = info.pop("seconds")
     if int(info.get("separated", 0)) == 0:  # nothing to invert: the caller falls back to optimisation
