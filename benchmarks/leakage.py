@@ -14,6 +14,14 @@ the obfuscation (obfuscation-aware objective, FedAvg unrolled).
 
 Metrics: PSNR (data range 1) and SSIM (Gaussian window, sigma 1.5), means over the images, after
 Hungarian pairing of reconstructions to originals for B = 4; label accuracy as a multiset overlap.
+Patient re-identification, as ``gradleak run`` measures it: each paired reconstruction ranks an
+identified gallery (every image of the attacked patients plus a seeded sample of other patients' images,
+256 in all) by MSE and by SSIM; top-1 counts the reconstructions whose nearest gallery image, with the
+attacked image itself left out, is another image of the same patient (among those whose patient has
+one; "–" where no attacked patient has another image); IIP (Yin et al. 2021) those whose nearest
+gallery image of the same label is the attacked image itself. Top-1 is the distance's that
+re-identified more patients, IIP the distance's that identified more images; the blind baseline is
+ranked the same way.
 
 Images are drawn from the train split only, with two disjoint seeded draws: ``--split tune`` (for
 choosing hyper-parameters) and ``--split report`` (for reporting). Never tune on the report draw.
@@ -48,9 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from gradleak.attacks import apply_postprocessing, run_attack  # noqa: E402
-from gradleak.capture import capture  # noqa: E402
+from gradleak.capture import Truth, capture  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
 from gradleak.experiment.outputs import write_json  # noqa: E402
+from gradleak.experiment.reference import measure_reid  # noqa: E402
 from gradleak.federated import Protocol  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
 from gradleak.metrics.baseline import blind_guesses  # noqa: E402
@@ -114,6 +123,44 @@ def cells(dataset, split: str, n_single: int, n_batches: int, batch_size: int = 
     rest = idx[n_single:]
     out += [(batch_size, rest[batch_size * b: batch_size * b + batch_size]) for b in range(n_batches)]
     return out
+
+
+def reidentification(ds, idx: list[int], batch, rec_images: torch.Tensor, metrics: dict) -> dict:
+    """Patient re-identification of the reconstructions paired as ``metrics`` (``score``) paired them:
+    the strongest distance's top-1 and IIP hits, how many could be re-identified, and chance."""
+    perm = [p["paired_reconstruction"] for p in metrics["per_image"]] if "per_image" in metrics else [0]
+    truth = Truth(images=batch.images, labels=batch.labels, patient_ids=[str(ds.patient_ids[i]) for i in idx],
+                  names=list(batch.names), indices=list(idx))
+    r = measure_reid(rec_images.detach().cpu().float()[perm], truth, ds)
+    best = r.get("strongest") or {}
+    iip = max((int(v["iip_hits"]) for v in r["by_distance"].values() if "iip_hits" in v), default=0)
+    return {"reid_top1_hits": best.get("top1_hits"), "reid_n": r["num_with_other_images"],
+            "iip_hits": iip, "iip_n": len(idx), "reid_distance": best.get("distance"),
+            "reid_chance_top1": r.get("chance_top1")}
+
+
+def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -> str:
+    """Patient top-1 hits / images whose patient has another image, and IIP hits / images, summed over
+    the observations."""
+    head = "| attack | " + " | ".join(OBFUSCATIONS[o][0] for o in obfs) + " |"
+    lines = [head, "| --- |" + " ---: |" * len(obfs)]
+    for a in attacks:
+        row = []
+        for o in obfs:
+            rs = [r for r in results.values() if r["B"] == batch and r["attack"] == a and r["obf"] == o
+                  and r.get("iip_n") is not None]
+            if not rs:
+                row.append("–")
+                continue
+            top, n = sum(int(r["reid_top1_hits"] or 0) for r in rs), sum(int(r["reid_n"]) for r in rs)
+            iip, m = sum(int(r["iip_hits"]) for r in rs), sum(int(r["iip_n"]) for r in rs)
+            row.append(f"{top}/{n} / {iip}/{m}" if n else f"– / {iip}/{m}")
+        label = "blind baseline (mean auxiliary image)" if a == "blind" else ATTACKS[a][0]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    chance = [r["reid_chance_top1"] for r in results.values() if r["B"] == batch and r.get("reid_chance_top1")]
+    if chance:
+        lines.append(f"\nChance of a top-1 patient hit by a random ranking: {float(np.mean(chance)):.3f}.")
+    return "\n".join(lines)
 
 
 def table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -> str:
@@ -210,9 +257,11 @@ def main(argv=None) -> int:
             recs: dict = {}
             bkey = f"{o}|blind|{','.join(map(str, idx))}"
             if bkey not in results:
-                m = score(batch.images, batch.labels, blind.expand_as(batch.images), batch.labels)
+                guess = blind.expand_as(batch.images)
+                m = score(batch.images, batch.labels, guess, batch.labels)
                 results[bkey] = {"obf": o, "attack": "blind", "B": B, "indices": idx, "psnr": m["psnr"],
-                                 "ssim": m["ssim"], "label_accuracy": float("nan")}
+                                 "ssim": m["ssim"], "label_accuracy": float("nan"),
+                                 **reidentification(ds, idx, batch, guess, m)}
             for name in a.attacks:
                 key = f"{o}|{name}|{','.join(map(str, idx))}"
                 if key in results:
@@ -233,7 +282,8 @@ def main(argv=None) -> int:
                                 "ssim": m["ssim"], "label_accuracy": m.get("label_accuracy", float("nan")),
                                 "iterations": rec.iterations, "seconds": rec.seconds,
                                 "objective": rec.threat_model.get("objective"), "converged": rec.converged,
-                                "pipeline": (rec.extras.get("pipeline") or {}).get("note")}
+                                "pipeline": (rec.extras.get("pipeline") or {}).get("note"),
+                                **reidentification(ds, idx, batch, rec.images, m)}
                 print(f"[{time.time() - started:6.0f}s] {o:9s} B={B} {name:9s} {idx}: PSNR {m['psnr']:.2f} "
                       f"SSIM {m['ssim']:.3f} labels {m.get('label_accuracy', float('nan')):.2f} "
                       f"({rec.iterations} it, {rec.threat_model.get('objective')})", file=sys.stderr, flush=True)
@@ -250,6 +300,11 @@ def main(argv=None) -> int:
         if n:
             print(f"## B = {B} ({n} observation{'s' if n > 1 else ''})\n")
             print(table(results, B, ["blind"] + a.attacks, a.obfuscations) + "\n")
+            print("Patient re-identification (leave-the-image-out, the stronger of MSE and SSIM ranking; "
+                  "– where no attacked patient has another image): "
+                  "top-1 patient hits / images whose patient has another image in the gallery, and IIP "
+                  "(the attacked image nearest among its label's) / images, summed over the observations.\n")
+            print(reid_table(results, B, ["blind"] + a.attacks, a.obfuscations) + "\n")
     return 0
 
 
