@@ -128,7 +128,7 @@ def cells(dataset, split: str, n_single: int, n_batches: int, batch_size: int = 
 def reidentification(ds, idx: list[int], batch, rec_images: torch.Tensor, metrics: dict) -> dict:
     """Patient re-identification of the reconstructions paired as ``metrics`` (``score``) paired them:
     the strongest distance's top-1 and IIP hits, how many could be re-identified, and chance."""
-    perm = [p["paired_reconstruction"] for p in metrics["per_image"]] if "per_image" in metrics else [0]
+    perm = [p["paired_reconstruction"] for p in metrics["per_image"]]
     truth = Truth(images=batch.images, labels=batch.labels, patient_ids=[str(ds.patient_ids[i]) for i in idx],
                   names=list(batch.names), indices=list(idx))
     r = measure_reid(rec_images.detach().cpu().float()[perm], truth, ds)

@@ -297,6 +297,7 @@ def test_the_inversion_averages_the_starts_that_fit_alike(monkeypatch):
     best, _, _, one = runs[1.0]
     mean, _, _, every = runs[float("inf")]
     assert one["objective"] == every["objective"] and every["averaged"] == [3, 3, 3]
+    assert all(a >= 1 for a in one["averaged"])
     # the mean of all three starts, recomputed from the starts themselves
     g = torch.Generator().manual_seed(0)  # only the noise start (k = 1) draws from it, as in invert_best_of
     starts = [invert_coarse_to_fine(sim, found.features, init=linear_leak._start(k, tuple(best.shape), g), **kw)[0]
