@@ -417,9 +417,11 @@ def test_top_k_update_is_separated_on_its_sent_entries():
     assert not bool((known & ~sent).any())
     assert bool((_best_cos(found.features[:, known], h[:, known]) > 0.999).all())
     assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())
-    # the unsent columns are left to the gradient-matching refinement
+    # every image separated: the inverted batch is the result (the inversion's smoothness prior fills the
+    # unsent columns; matching the sparse entries of every layer only loosened the images)
     rec = run_attack("auto", obs, {"iterations": 3, "invert_iterations": 50}, progress=False)
-    assert "gradient-matching refinement" in rec.extras["pipeline"]["stages"]
+    assert rec.extras["pipeline"]["stages"] == ["disaggregation", "feature inversion"]
+    assert rec.extras["pipeline"]["kept"].startswith("inverted (every image separated")
 
 
 def _top_fraction(G: torch.Tensor, keep: float) -> torch.Tensor:
@@ -458,6 +460,69 @@ def test_a_sparsified_update_is_solved_exactly_and_a_split_that_does_not_fit_is_
     # told that the sent values are noisy, it keeps the best-fitting split
     _, _, loose = _sparse_separation(noisy, sent, v, r, torch.Generator().manual_seed(0), 4.0, exact=False)
     assert loose["sent_residual"] > 1e-4
+
+
+def _subset_sums(r: int, m: int, n: int, seed: int, active: float = 0.7, nonzero: float = 0.6, floor: float = 0.0):
+    """Exact subset-sum rows of post-ReLU-like inputs (a ``nonzero`` fraction of each in [floor, 1]):
+    (rows, patterns, true rows a_i h_i / r, v)."""
+    g = torch.Generator().manual_seed(seed)
+    H = (floor + (1 - floor) * torch.rand(r, n, generator=g, dtype=torch.float64)) \
+        * (torch.rand(r, n, generator=g) < nonzero).double()
+    a = (torch.rand(r, generator=g, dtype=torch.float64) * 0.5 + 0.2) * torch.where(torch.arange(r) % 2 == 0, 1.0, -1.0)
+    M = (torch.rand(m, r, generator=g) < active).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    truth = a[:, None] * H / r
+    return (v[:, None] * M) @ truth, M, truth, v
+
+
+def test_rows_of_one_pattern_are_merged_from_their_sent_entries_and_no_two_patterns_are():
+    # inputs away from zero: rows of two patterns then differ on every column they share (with zeros,
+    # or inputs below the tolerance, they may agree where they meet; the separation's residual on every
+    # row catches such a merge)
+    G, M, truth, v = _subset_sums(6, 400, 3000, seed=11, nonzero=1.0, floor=0.2)
+    sent = _top_fraction(G, 0.02)
+    live = sent.any(dim=1)
+    R = torch.where(sent[live], G[live] / v[live, None], torch.zeros_like(G[live]))
+    values, mask, group = disaggregate.merge_equal_rows(R.float().double(), sent[live])
+    P = M[live]
+    for k in range(len(values)):
+        members = torch.nonzero(group == k).reshape(-1)
+        assert bool((P[members] == P[members[0]]).all())  # one pattern per group
+        cols = mask[k]
+        assert torch.allclose(values[k, cols], (P[members[0]] @ truth)[cols], rtol=1e-6, atol=0)
+    # rows of one pattern that sent a common column always end in one group
+    for i in range(len(P)):
+        for j in range(i + 1, len(P)):
+            if bool((P[i] == P[j]).all()) and bool((sent[live][i] & sent[live][j]).any()):
+                assert int(group[i]) == int(group[j])
+    assert len(values) < int(live.sum())
+
+
+@pytest.mark.parametrize("r", [3, 4, 8])
+def test_the_enumeration_separates_rows_none_of_which_shows_one_image_alone(r):
+    G, M, truth, v = _subset_sums(r, 200, 40, seed=r)
+    distinct = torch.unique(M[M.sum(dim=1) >= 2], dim=0)  # no row with a single active image
+    rows = distinct @ truth
+    found = disaggregate.label_exhaustive(rows, r)
+    # one of the labelings returned is the truth, image by image
+    assert any(all(float(((X[i] - truth).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-9 for i in range(r))
+               for X in found)
+    # rows of rank below r pin nothing down
+    assert disaggregate.label_exhaustive(rows[:, :r - 1], r) == []
+
+
+def test_a_top_k_update_of_eight_images_separates_exactly_without_single_image_rows():
+    r = 8
+    G, M, truth, v = _subset_sums(r, 512, 4000, seed=5, active=0.8)
+    G = G * (M.sum(dim=1) >= 2).double()[:, None]  # no row shows one image alone
+    sent = _top_fraction(G, 0.01)
+    X, known, info = _sparse_separation(G * sent, sent, v, r, torch.Generator().manual_seed(0), 30.0)
+    assert info["separated"] == r and info["block_method"] == "enumeration" and info["sent_residual"] < 1e-6
+    assert info["rows_merged"][1] < info["rows_merged"][0]
+    pair = ((X[:, known] / X[:, known].norm(dim=1, keepdim=True))
+            @ (truth[:, known] / truth[:, known].norm(dim=1, keepdim=True)).T).argmax(dim=1)
+    assert sorted(pair.tolist()) == list(range(r))
+    assert float((X[:, known] - truth[pair][:, known]).abs().max() / truth.abs().max()) < 1e-9
 
 
 def test_known_labels_are_paired_with_the_right_images_and_the_seed_fixes_the_result():

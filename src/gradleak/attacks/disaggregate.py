@@ -21,8 +21,12 @@ linear-layer leakage drives R-GAP (Zhu & Blaschko 2021), the Cocktail Party Atta
 5. with every pattern known, :func:`reestimate` can replace ``X`` by the inputs that make the received
    entries likeliest under the obfuscation's own noise model (a rounding cell, QSGD's levels).
 
-Everything here is plain linear algebra on tensors; nothing depends on a model (sparsified updates are
-handled in :mod:`.linear_leak`, on their sent entries).
+Exact sent entries of a sparsified update (:mod:`.linear_leak` runs that path) have two more tools
+here: :func:`merge_equal_rows` merges the rows of one pattern (they agree on every column they share),
+and :func:`label_exhaustive` enumerates the patterns of a block of distinct exact subset sums, one
+image at a time, without needing a row where one image is active alone.
+
+Everything here is plain linear algebra on tensors; nothing depends on a model.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
+from scipy.sparse import coo_matrix
 
 
 @dataclass
@@ -482,6 +488,126 @@ def reestimate(G: torch.Tensor, A: torch.Tensor, X: torch.Tensor, loss, *, itera
         _, g, h = loss(A @ X - G, True)
     return X.double(), {"iterations": done, "loss_before": round(first, 6), "loss_after": round(float(total.sum()), 6),
                         "seconds": round(time.perf_counter() - start, 3)}
+
+
+# ------------------------------------------------------------------ exact sent entries (sparsifiers)
+#: Two sent entries ``G_jk / v_j`` of one column count as equal below this relative difference (the
+#: update is computed in single precision: rows of one pattern agree to about 1e-7).
+EQUAL_TOLERANCE = 1e-5
+
+
+def merge_equal_rows(R: torch.Tensor, O: torch.Tensor, tol: float = EQUAL_TOLERANCE
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of one ReLU pattern merged into one, from exact sent entries.
+
+    ``R`` (m x n) holds ``G_jk / v_j`` where ``O`` says the entry was sent. Rows with the same pattern
+    are the same subset sum, so they agree on every column both sent; rows of different patterns
+    differ wherever an image in one set and not the other has a non-zero input. Pairs that share a
+    column and agree on all they share are merged, those agreeing on most columns first, never two
+    groups with a pair that disagrees on a shared column (inputs with zeros can make rows of two
+    patterns agree where they meet, and a chain of such pairs would otherwise join patterns that
+    conflict). Each group becomes one row, its value the mean of its members' and its sent columns
+    their union (under top-k 1 % on real X-rays a pattern's rows each send a few columns, together
+    hundreds). Returns the merged values, their mask, and each row's group index (m,)."""
+    m, n = R.shape
+    rows, cols = torch.nonzero(O, as_tuple=True)
+    vals = R[rows, cols]
+    # sort the entries by column, then value: runs of equal values within a column
+    order = torch.argsort(vals, stable=True)
+    order = order[torch.argsort(cols[order], stable=True)]
+    r, c, x = rows[order], cols[order], vals[order]
+    new = torch.ones(len(x), dtype=torch.bool)
+    if len(x) > 1:
+        gap = (x[1:] - x[:-1]).abs() > tol * torch.maximum(x[1:].abs(), x[:-1].abs())
+        new[1:] = (c[1:] != c[:-1]) | gap
+    run = torch.cumsum(new.long(), 0) - 1
+    ones = np.ones(len(x))
+    sent = coo_matrix((ones, (r.numpy(), c.numpy())), shape=(m, n)).tocsr()
+    same = coo_matrix((ones, (r.numpy(), run.numpy())), shape=(m, int(run[-1]) + 1 if len(x) else 0)).tocsr()
+    shared = (sent @ sent.T).toarray()
+    agree = (same @ same.T).toarray()
+    conflict = torch.from_numpy(agree < shared)
+    i, j = np.nonzero(np.triu((agree == shared) & (shared > 0), k=1))
+    group = list(range(m))
+
+    def find(a: int) -> int:
+        while group[a] != a:
+            group[a] = group[group[a]]
+            a = group[a]
+        return a
+
+    for k in np.argsort(-shared[i, j], kind="stable").tolist():
+        a, b = find(int(i[k])), find(int(j[k]))
+        if a == b or bool(conflict[a, b]):
+            continue
+        group[b] = a
+        conflict[a] |= conflict[b]
+        conflict[:, a] |= conflict[:, b]
+    roots = torch.tensor([find(a) for a in range(m)])
+    _, index = torch.unique(roots, return_inverse=True)
+    count = int(index.max()) + 1 if m else 0
+    Og = torch.zeros(count, n, dtype=torch.bool).index_put_((index[rows], cols), torch.ones(len(rows), dtype=torch.bool))
+    total = torch.zeros(count, n, dtype=R.dtype).index_put_((index[rows], cols), vals, accumulate=True)
+    hits = torch.zeros(count, n, dtype=R.dtype).index_put_((index[rows], cols), torch.ones_like(vals), accumulate=True)
+    return total / hits.clamp_min(1), Og, index
+
+
+#: The largest batch :func:`label_exhaustive` enumerates the patterns of (2^N candidate images per row).
+EXHAUSTIVE_MAX_RANK = 16
+#: And the most choices of N among more candidates than images it checks (under top-k 1 % at B = 8 on
+#: the tune draw the largest blocks give 11 candidates, 165 choices).
+EXHAUSTIVE_MAX_CHOICES = 20_000
+#: The most labelings it returns (tune draw, top-k 1 %, B = 8: 32 fit a 26 x 16 block, one of them the
+#: whole update).
+EXHAUSTIVE_MAX_FOUND = 64
+
+
+def label_exhaustive(rows: torch.Tensor, r: int, tol: float = 1e-4) -> list[torch.Tensor]:
+    """Every image's input from exact, distinct subset-sum rows (k x n, rank r), by enumeration.
+
+    r linearly independent rows (pivoted QR) are the basis; every other row is an exact combination
+    ``c_j`` of them. If the basis rows' patterns are the 0/1 matrix ``A`` (r x r, invertible), row j's
+    pattern is ``c_j A``: each image's column ``a`` of ``A`` (which basis rows it is active in) must make
+    ``c_j . a`` 0 or 1 for every other row j. That condition is per image, so the 2^r - 1 possible columns
+    are checked one by one; the images are r of the columns that pass, chosen so that every row comes
+    out non-zero and distinct. Returns ``X = A^-1 B`` (r x n, each image's ``a_i h_i / N`` on these
+    columns, in no particular order) for every choice that fits, those closest to one sign per image
+    first (post-ReLU inputs are non-negative; a wrong choice mixes images of both signs): the caller
+    tells them apart on the other rows. Empty when the rows have rank below r or too many choices
+    fit. This needs no row where one image is active alone: under top-k 1 % on real X-rays such rows
+    often send nothing."""
+    k = rows.shape[0]
+    if r > EXHAUSTIVE_MAX_RANK or k < r:
+        return []
+    _, tri, piv = scipy.linalg.qr(rows.T.numpy(), pivoting=True, mode="economic")
+    diag = np.abs(np.diag(tri))
+    if len(diag) < r or diag[r - 1] <= 1e-9 * diag[0]:
+        return []
+    basis, rest = list(piv[:r]), list(piv[r:])
+    Bm = rows[basis]
+    C = torch.linalg.lstsq(Bm.T, rows[rest].T).solution.T if rest else torch.zeros(0, r, dtype=rows.dtype)
+    codes = torch.arange(1, 2 ** r)
+    columns = ((codes[:, None] >> torch.arange(r)) & 1).to(rows.dtype)  # 2^r - 1 x r
+    fit = columns @ C.T  # candidate x other rows
+    ok = ((fit - fit.round()).abs() < tol).all(dim=1) & ((fit.round() == 0) | (fit.round() == 1)).all(dim=1)
+    cand = columns[ok]
+    if len(cand) < r or math.comb(len(cand), r) > EXHAUSTIVE_MAX_CHOICES:
+        return []
+    weights = 2.0 ** torch.arange(r, dtype=rows.dtype)
+    found = []
+    for choice in itertools.combinations(range(len(cand)), r):
+        A = cand[list(choice)].T  # basis rows x images
+        if abs(float(torch.linalg.det(A))) < 0.5:
+            continue
+        P = torch.cat([A, (C @ A).round()])
+        if bool((P.sum(dim=1) == 0).any()) or len(torch.unique(P @ weights)) < k:
+            continue  # every row has an active image; rows of one pattern were merged, so all differ
+        X = torch.linalg.solve(A, Bm)
+        mixed = torch.minimum(X.clamp_min(0).norm(dim=1), (-X).clamp_min(0).norm(dim=1)) / X.norm(dim=1).clamp_min(1e-300)
+        found.append((float(mixed.max()), X))
+        if len(found) > EXHAUSTIVE_MAX_FOUND:
+            return []
+    return [X for _, X in sorted(found, key=lambda f: f[0])]
 
 
 # ------------------------------------------------------------------------------------------ signSGD
