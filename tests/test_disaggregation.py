@@ -424,6 +424,28 @@ def test_top_k_update_is_separated_on_its_sent_entries():
     assert rec.extras["pipeline"]["kept"].startswith("inverted (every image separated")
 
 
+def test_the_sent_subset_sums_are_met_by_the_true_images_and_not_by_grey():
+    obs, batch = _phantom_obs(4, size=32, obfuscations=[{"name": "topk", "keep": 0.05}])
+    sim = Simulator(obs)
+    G, observed, _ = linear_leak.observed_matrix(obs, sim, "fc1")
+    w2 = sim.model.classifier.weight.detach().double()
+    X, known, info, sums = _sparse_separation(G, observed, w2[1] - w2[0], 4, torch.Generator().manual_seed(0), 10.0)
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
+    pair = ((X[:, known] / X[:, known].norm(dim=1, keepdim=True))
+            @ (h[:, known] / h[:, known].norm(dim=1, keepdim=True)).T).abs().argmax(dim=1)
+    assert sorted(pair.tolist()) == [0, 1, 2, 3]
+    # more columns carry a sent subset sum than are solved
+    assert int(sums[2].any(dim=0).sum()) > int(known.sum())
+    kw = dict(scale_known=False, iterations=0, mask=known, sums=sums)
+    _, _, _, at_truth = invert_features(sim, X.abs(), init=batch.images[pair], **kw)
+    _, _, _, at_grey = invert_features(sim, X.abs(), **kw)
+    assert float(at_truth.max()) < 1e-6 < float(at_grey.min())
+    # without the sums the grey start scores lower: the sums are what adds
+    _, _, _, grey_alone = invert_features(sim, X.abs(), scale_known=False, iterations=0, mask=known)
+    assert bool((at_grey > grey_alone).all())
+
+
 def _top_fraction(G: torch.Tensor, keep: float) -> torch.Tensor:
     """The mask of the ``keep`` largest-magnitude entries of ``G`` (top-k)."""
     k = int(keep * G.numel())
@@ -443,7 +465,7 @@ def test_a_sparsified_update_is_solved_exactly_and_a_split_that_does_not_fit_is_
     truth = a[:, None] * H / r
     G = (v[:, None] * M) @ truth
     sent = _top_fraction(G, 0.3)
-    X, known, info = _sparse_separation(G * sent, sent, v, r, torch.Generator().manual_seed(0), 10.0)
+    X, known, info, (P, S, O) = _sparse_separation(G * sent, sent, v, r, torch.Generator().manual_seed(0), 10.0)
     assert info["separated"] == r and info["sent_residual"] < 1e-6
     assert 0 < int(known.sum()) < n
     # every column counted solved is exact (matched to the true rows by cosine), and no other is touched
@@ -452,13 +474,17 @@ def test_a_sparsified_update_is_solved_exactly_and_a_split_that_does_not_fit_is_
     err = (X[:, known] - truth[pair][:, known]).abs().max() / truth.abs().max()
     assert float(err) < 1e-9
     assert bool((X[:, ~known] == 0).all())
+    # the sent subset sums handed to the inversion: each read row's pattern is its true one (up to the
+    # images' order), and its sent values are that pattern's sum of the true rows, unsolved columns too
+    assert bool(O.any()) and len(P) == len(S) == len(O)
+    assert torch.allclose((P @ truth[pair]) * O, S, rtol=0, atol=1e-9 * float(truth.abs().max()))
     # the sent values were exact, so a split that does not reproduce them is no separation: with 1 % of
     # noise on every sent entry, no block fits, and it says so instead of inverting mixtures
     noisy = G * (1 + 0.01 * torch.randn(G.shape, generator=g, dtype=torch.float64)) * sent
     with pytest.raises(_NoBlock, match="consistently|separated"):
         _sparse_separation(noisy, sent, v, r, torch.Generator().manual_seed(0), 4.0)
     # told that the sent values are noisy, it keeps the best-fitting split
-    _, _, loose = _sparse_separation(noisy, sent, v, r, torch.Generator().manual_seed(0), 4.0, exact=False)
+    _, _, loose, _ = _sparse_separation(noisy, sent, v, r, torch.Generator().manual_seed(0), 4.0, exact=False)
     assert loose["sent_residual"] > 1e-4
 
 
@@ -516,7 +542,7 @@ def test_a_top_k_update_of_eight_images_separates_exactly_without_single_image_r
     G, M, truth, v = _subset_sums(r, 512, 4000, seed=5, active=0.8)
     G = G * (M.sum(dim=1) >= 2).double()[:, None]  # no row shows one image alone
     sent = _top_fraction(G, 0.01)
-    X, known, info = _sparse_separation(G * sent, sent, v, r, torch.Generator().manual_seed(0), 30.0)
+    X, known, info, _ = _sparse_separation(G * sent, sent, v, r, torch.Generator().manual_seed(0), 30.0)
     assert info["separated"] == r and info["block_method"] == "enumeration" and info["sent_residual"] < 1e-6
     assert info["rows_merged"][1] < info["rows_merged"][0]
     pair = ((X[:, known] / X[:, known].norm(dim=1, keepdim=True))

@@ -166,12 +166,12 @@ SEPARATE_TRIALS = 400_000
 
 
 def _fit_block(G: torch.Tensor, O: torch.Tensor, v: torch.Tensor, XB: torch.Tensor, C: torch.Tensor, n: int
-               ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+               ) -> tuple[torch.Tensor, torch.Tensor, float, int, torch.Tensor]:
     """Every column from a block's separation ``XB`` (n x |C|, exact ``a_i h_i / N`` on the columns
     ``C``): each row's ReLU pattern read from the block's columns it sent, each column solved from its
     own sent rows, the rows left read from the columns solved so far, until nothing changes. Returns the
     inputs (0 on unsolved columns), the mask of solved columns, the relative residual on the sent
-    entries of the rows read, and the rounds taken."""
+    entries of the rows read, the rounds taken, and every row's pattern (0 where unread)."""
     inC = torch.zeros(G.shape[1], dtype=torch.bool)
     inC[C] = True
     XC = torch.zeros(n, G.shape[1], dtype=torch.float64)
@@ -188,12 +188,12 @@ def _fit_block(G: torch.Tensor, O: torch.Tensor, v: torch.Tensor, XB: torch.Tens
     fitted = O[:, known] & (M.sum(dim=1) > 0)[:, None]
     pred = (M * v[:, None]) @ X[:, known]
     resid = float(((pred - G[:, known]) * fitted).norm() / (G[:, known] * fitted).norm().clamp_min(1e-300))
-    return X, known, resid, rounds
+    return X, known, resid, rounds, M
 
 
 def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor, n: int,
                        generator: torch.Generator, time_limit: float | None, exact: bool = True
-                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], tuple[torch.Tensor, ...]]:
     """Separation of a sparsified update from its sent entries alone (they are exact).
 
     The rows are separated on a dense, exact block of sent entries (:func:`_blocks`), which gives each
@@ -210,7 +210,8 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     exact, a wrong split of the block leaves a residual of percents).
     ``exact=False`` (the sent values were quantized or noised after the sparsifier): the best-fitting
     separation is kept whatever its residual. Returns the rows ``x_i = a_i h_i / N`` (0 where unknown),
-    the mask of the columns solved, and what was done."""
+    the mask of the columns solved, what was done, and the sent subset sums of every row whose pattern
+    was read (patterns, values ``G_jk / v_j``, sent mask: :func:`invert_features`'s ``sums``)."""
     start = time.perf_counter()
     live = observed.any(dim=1)
     O, Gl, vl = observed[live], G[live], v[live]
@@ -246,10 +247,10 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
                 continue
             labelings = [(sep.X, "search", sep.info)]
         for XB, method, found in labelings:
-            X, known, resid, rounds = _fit_block(Gl, O, vl, XB, C, n)
+            X, known, resid, rounds, M = _fit_block(Gl, O, vl, XB, C, n)
             if best is None or resid < best[3]:
                 best = (X, known, {**found, "block_method": method, "block_rows": name,
-                                   "block": [int(len(R)), int(len(C))], "pattern_rounds": rounds}, resid)
+                                   "block": [int(len(R)), int(len(C))], "pattern_rounds": rounds}, resid, M)
             if resid < 1e-6:
                 break
         if best is not None and best[3] < 1e-6:
@@ -258,12 +259,14 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
         raise _NoBlock(f"none of the {tried} dense blocks of sent entries tried (largest "
                        f"{largest[0]} x {largest[1]}) separated all {n} images"
                        + ("" if best is None else f" consistently (best residual on the sent entries {best[3]:.2g})"))
-    X, known, info, resid = best
+    X, known, info, resid, M = best
+    read = M.sum(dim=1) > 0  # the rows whose patterns were read: their sent entries are exact subset sums
+    sums = (M[read], torch.where(O[read], Gl[read] / vl[read, None], torch.zeros_like(Gl[read])), O[read])
     if exact:
         info["rows_merged"] = [int(live.sum()), len(sources[0][1])]  # live rows, the groups they merged into
     info.update({"blocks_tried": tried, "sent_residual": resid, "columns_solved": int(known.sum()),
                  "columns": int(G.shape[1]), "seconds": round(time.perf_counter() - start, 3)})
-    return X, known, info
+    return X, known, info, sums
 
 
 def local_drift(p) -> bool:
@@ -339,7 +342,8 @@ SUPPORT_MARGIN = 0.1
 def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool, iterations: int,
                     time_limit: float | None = None, chunk: int = 100, mask: torch.Tensor | None = None,
                     tv_weight: torch.Tensor | float | None = None, init: torch.Tensor | None = None,
-                    coarse: int | None = None, support: bool = False, coupling: torch.Tensor | None = None
+                    coarse: int | None = None, support: bool = False, coupling: torch.Tensor | None = None,
+                    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, sums_weight: float = 1.0
                     ) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
     """Images in [0, 1] whose inputs to the leaky layer match ``targets`` (N x n): relative squared
     error when the scale is known, else one minus cosine. One batched L-BFGS problem (strong Wolfe line
@@ -354,7 +358,12 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     margin of ``SUPPORT_MARGIN`` times its median magnitude at mid-grey. ``coupling`` (N x N, with the
     scale known): the images' relative errors ``E_i = (h_i - t_i) / |t_i|`` are weighed jointly,
     ``sum_ij K_ij <E_i, E_j>`` (:func:`noise_coupling`), each image's objective its row of that sum (they
-    add up to the whole; one image's may be below 0). Returns the images,
+    add up to the whole; one image's may be below 0). ``sums`` (a sparsified update, scale unknown):
+    ``(P, S, O)``, the 0/1 patterns of the update's merged rows (G x N), their exact sent values (G x n,
+    subset sums of ``a_i h_i / N``) and which were sent: every image's objective adds ``sums_weight``
+    times the batch's relative squared error on the sent entries, the images' scales fitted by least
+    squares (a column sent by too few rows to be solved still says what its subset sums are). Returns
+    the images,
     (iteration, mean loss per image) pairs, why it stopped (``converged``, ``time`` or ``iterations``)
     and each image's final objective."""
     model = sim.model
@@ -371,6 +380,14 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         x = F.interpolate(x, size=(coarse, coarse), mode="area")
     x = x.to(sim.device).requires_grad_(True)
     K = None if coupling is None else coupling.float().to(sim.device)
+    if sums is not None:
+        keep = sums[2].any(dim=0)
+        sP = sums[0].float().to(sim.device)
+        sS = sums[1][:, keep].float().to(sim.device)
+        sO = sums[2][:, keep].float().to(sim.device)
+        sel_sums = torch.nonzero(keep).reshape(-1).to(sim.device)
+        sS = sS * sO
+        s_norm = sS.pow(2).sum().clamp_min(1e-30)
     margin = None
     if support:
         with torch.no_grad():
@@ -394,6 +411,14 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
             loss = (t * F.relu(margin - u).pow(2) + (1 - t) * F.relu(u + margin).pow(2)).mean(dim=1) / margin ** 2
             return loss if tv is None else loss + tv * total_variation(img, per_image=True)
         h = model.leaky_input((img - model.input_mean) / model.input_std)
+        joint = None
+        if sums is not None:  # the sent subset sums, each image's scale fitted by least squares
+            hs = h[:, sel_sums]
+            # normal equations of min_c sum_gk O_gk (sum_i P_gi c_i h_ik - S_gk)^2
+            A = torch.einsum("gi,gj,gk,ik,jk->ij", sP, sP, sO, hs, hs)
+            b = torch.einsum("gi,gk,ik->i", sP, sS, hs)
+            c = torch.linalg.solve(A + 1e-9 * A.diagonal().mean().clamp_min(1e-30) * torch.eye(len(b), device=A.device), b)
+            joint = ((sP @ (c[:, None] * hs)) * sO - sS).pow(2).sum() / s_norm
         if sel is not None:
             h = h[:, sel]
         if scale_known and K is not None:
@@ -403,6 +428,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
             loss = (h - t).pow(2).sum(dim=1) / tn
         else:
             loss = 1 - F.cosine_similarity(h, t, dim=1)
+        if joint is not None:
+            loss = loss + sums_weight * joint
         if tv is not None:
             loss = loss + tv * total_variation(img, per_image=True)
         return loss
@@ -652,6 +679,9 @@ def _label_signs(labels: torch.Tensor) -> torch.Tensor:
 #: draw (B = 4, top-k 10 %, half the columns unknown) 0.03 was the best weight of 0.01 to 0.3 on all
 #: three batches, 6 to 9 dB above none.
 SPARSE_TV = 0.06
+#: The weight of a sparsified update's sent subset sums in the inversion (:func:`invert_features`'s
+#: ``sums``), beside the solved columns' cosine.
+SPARSE_SUMS = 1.0
 
 
 def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_limit: float | None = None,
@@ -678,6 +708,7 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     share = None if time_limit is None else 0.35 * time_limit
     known = None
     coupling = None
+    sums = None
     exact = exact_scale(obs, sim)
     if observed is not None and (bool(observed.all()) or sim.protocol.num_clients_averaged > 1):
         # noise after the sparsifier, or several clients' masks averaged: the sent values are not exact
@@ -719,9 +750,9 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         t_sep = time.perf_counter()
         try:
             last = steps(obs, sim.target)[-1].ob.family == "sparsify"  # the sent values are exact
-            X, known, sinfo = _sparse_separation(G, observed, v, n, generator, share, exact=last)
+            X, known, sinfo, sums = _sparse_separation(G, observed, v, n, generator, share, exact=last)
         except _NoBlock as e:
-            X, known = torch.zeros(n, G.shape[1], dtype=torch.float64), None
+            X, known, sums = torch.zeros(n, G.shape[1], dtype=torch.float64), None, None
             sinfo = {"separated": 0, "seconds": round(time.perf_counter() - t_sep, 3), "note": str(e)}
         info.update(sinfo)
         labels = torch.tensor([0 if float(x.sum()) >= 0 else 1 for x in X], dtype=torch.int64)
@@ -747,7 +778,8 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         tv = (0.0 if tv is None else tv) + invert_tv * SPARSE_TV * unknown
     images, history, stop, sinfo = invert_best_of(sim, feats, starts=invert_starts, generator=g_invert,
                                                   scale_known=scale_known, iterations=invert_iterations,
-                                                  time_limit=left, mask=known, tv_weight=tv, coupling=coupling)
+                                                  time_limit=left, mask=known, tv_weight=tv, coupling=coupling,
+                                                  sums=sums, sums_weight=SPARSE_SUMS)
     info["inversion_starts"] = sinfo["starts"]
     info["inversion_improved_by_other_starts"] = sinfo["improved_by_other_starts"]
     info["inversion_averaged"] = sinfo["averaged"]
