@@ -543,7 +543,7 @@ def merge_equal_rows(R: torch.Tensor, O: torch.Tensor, tol: float = EQUAL_TOLERA
         group[b] = a
         conflict[a] |= conflict[b]
         conflict[:, a] |= conflict[:, b]
-    roots = torch.tensor([find(a) for a in range(m)])
+    roots = torch.tensor([find(a) for a in range(m)], dtype=torch.long)
     _, index = torch.unique(roots, return_inverse=True)
     count = int(index.max()) + 1 if m else 0
     Og = torch.zeros(count, n, dtype=torch.bool).index_put_((index[rows], cols), torch.ones(len(rows), dtype=torch.bool))

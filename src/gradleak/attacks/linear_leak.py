@@ -221,7 +221,8 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     sources = []
     if exact:
         Rm, Om, _ = merge_equal_rows(torch.where(O, Gl / vl[:, None], torch.zeros_like(Gl)), O)
-        sources.append(("merged", Rm, Om, torch.ones(len(Rm), dtype=G.dtype)))
+        if len(Rm) < len(Gl):  # nothing merged: the rows as sent are the same blocks
+            sources.append(("merged", Rm, Om, torch.ones(len(Rm), dtype=G.dtype)))
     sources.append(("rows", Gl, O, vl))
     plan = [(name, Gs, vs, R, C) for name, Gs, Os, vs in sources for R, C in _blocks(Os, n)]
     if not plan:
@@ -247,6 +248,9 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
                 continue
             labelings = [(sep.X, "search", sep.info)]
         for XB, method, found in labelings:
+            if time_limit is not None and best is not None and \
+                    time.perf_counter() - start > BLOCK_SHARE * time_limit:
+                break
             X, known, resid, rounds, M = _fit_block(Gl, O, vl, XB, C, n)
             if best is None or resid < best[3]:
                 best = (X, known, {**found, "block_method": method, "block_rows": name,
@@ -263,7 +267,7 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     read = M.sum(dim=1) > 0  # the rows whose patterns were read: their sent entries are exact subset sums
     sums = (M[read], torch.where(O[read], Gl[read] / vl[read, None], torch.zeros_like(Gl[read])), O[read])
     if exact:
-        info["rows_merged"] = [int(live.sum()), len(sources[0][1])]  # live rows, the groups they merged into
+        info["rows_merged"] = [int(live.sum()), len(Rm)]  # live rows, the groups they merged into
     info.update({"blocks_tried": tried, "sent_residual": resid, "columns_solved": int(known.sum()),
                  "columns": int(G.shape[1]), "seconds": round(time.perf_counter() - start, 3)})
     return X, known, info, sums
@@ -279,11 +283,14 @@ def settled(obs: Observation, info: dict[str, Any]) -> bool:
     """Whether the separation leaves nothing for gradient matching on the whole update: every image
     separated from an obfuscated or multi-step update (the inverted batch matches the rank-N denoised
     inputs; matching the whole update would only fit its noise). A sparsified update counts too, though
-    only some columns were solved: on the tune draw (B = 4, 60 s) the refinement never lowered the
-    matching loss under top-k 10 %, and under top-k 1 % it lowered it while costing 1 to 5 dB (the
-    sparse entries of every layer leave the images freer than the inversion's smoothness prior does).
+    only some columns were solved, where its sent values are exact: on the tune draw (B = 4, 60 s) the
+    refinement never lowered the matching loss under top-k 10 %, and under top-k 1 % it lowered it while
+    costing 1 to 5 dB (the sparse entries of every layer leave the images freer than the inversion's
+    smoothness prior does). Noised or quantized after the sparsifier, it is refined as before.
     An exact update is not settled: matching it sharpens what the inversion found."""
     exact = not obs.obfuscation and not local_drift(obs.protocol)
+    if "columns_solved" in info and not info.get("sent_exact", False):
+        return False  # a sparsified update noised after the sparsifier: its split is only the best-fitting
     return int(info.get("separated", 0)) == obs.num_images and not exact
 
 
@@ -359,11 +366,11 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     scale known): the images' relative errors ``E_i = (h_i - t_i) / |t_i|`` are weighed jointly,
     ``sum_ij K_ij <E_i, E_j>`` (:func:`noise_coupling`), each image's objective its row of that sum (they
     add up to the whole; one image's may be below 0). ``sums`` (a sparsified update, scale unknown):
-    ``(P, S, O)``, the 0/1 patterns of the update's merged rows (G x N), their exact sent values (G x n,
-    subset sums of ``a_i h_i / N``) and which were sent: every image's objective adds ``sums_weight``
-    times the batch's relative squared error on the sent entries, the images' scales fitted by least
-    squares (a column sent by too few rows to be solved still says what its subset sums are). Returns
-    the images,
+    ``(P, S, O)``, the 0/1 patterns of the update's rows whose patterns were read (G x N), their exact
+    sent values (G x n, subset sums of ``a_i h_i / N``) and which were sent: the batch's relative
+    squared error on the sent entries, the images' scales fitted by least squares, is added times
+    ``sums_weight`` and N, each row's error shared among its active images (a column sent by too few
+    rows to be solved still says what its subset sums are). Returns the images,
     (iteration, mean loss per image) pairs, why it stopped (``converged``, ``time`` or ``iterations``)
     and each image's final objective."""
     model = sim.model
@@ -382,12 +389,17 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     K = None if coupling is None else coupling.float().to(sim.device)
     if sums is not None:
         keep = sums[2].any(dim=0)
-        sP = sums[0].float().to(sim.device)
-        sS = sums[1][:, keep].float().to(sim.device)
-        sO = sums[2][:, keep].float().to(sim.device)
+        sP = sums[0].double()
+        sO = sums[2][:, keep].double()
+        sS = sums[1][:, keep].double() * sO
+        # the scales' normal equations, A_ij = sum_k h_ik h_jk W_ijk and b_i = sum_k h_ik V_ik, with the
+        # pattern sums W_ijk = sum_g P_gi P_gj O_gk and V = P^T S fixed
+        sW = torch.einsum("gi,gj,gk->ijk", sP, sP, sO).to(sim.device)
+        sV = (sP.T @ sS).to(sim.device)
+        s_share = (sP / sP.sum(dim=1, keepdim=True).clamp_min(1)).float().to(sim.device)  # a row's images
+        s_norm = float(sS.pow(2).sum().clamp_min(1e-300))
+        sP, sO, sS = sP.float().to(sim.device), sO.float().to(sim.device), sS.float().to(sim.device)
         sel_sums = torch.nonzero(keep).reshape(-1).to(sim.device)
-        sS = sS * sO
-        s_norm = sS.pow(2).sum().clamp_min(1e-30)
     margin = None
     if support:
         with torch.no_grad():
@@ -414,11 +426,15 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         joint = None
         if sums is not None:  # the sent subset sums, each image's scale fitted by least squares
             hs = h[:, sel_sums]
-            # normal equations of min_c sum_gk O_gk (sum_i P_gi c_i h_ik - S_gk)^2
-            A = torch.einsum("gi,gj,gk,ik,jk->ij", sP, sP, sO, hs, hs)
-            b = torch.einsum("gi,gk,ik->i", sP, sS, hs)
-            c = torch.linalg.solve(A + 1e-9 * A.diagonal().mean().clamp_min(1e-30) * torch.eye(len(b), device=A.device), b)
-            joint = ((sP @ (c[:, None] * hs)) * sO - sS).pow(2).sum() / s_norm
+            hd = hs.double()
+            A = (sW * hd[:, None, :] * hd[None, :, :]).sum(dim=2)
+            b = (sV * hd).sum(dim=1)
+            ridge = 1e-9 * A.diagonal().mean().clamp_min(1e-300)
+            c = torch.linalg.solve(A + ridge * torch.eye(len(b), dtype=A.dtype, device=A.device), b).float()
+            s_rows = ((sP @ (c[:, None] * hs)) * sO - sS).pow(2).sum(dim=1) / s_norm
+            # each row's error shared among its active images, times N: they add up to N times the
+            # batch's relative error, and an image's own objective is its share
+            joint = len(c) * (s_share.T @ s_rows)
         if sel is not None:
             h = h[:, sel]
         if scale_known and K is not None:
@@ -748,13 +764,16 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
             info["inversion_coupled"] = True
     else:  # sparsified: exact values on the sent entries, nothing known elsewhere
         t_sep = time.perf_counter()
+        last = steps(obs, sim.target)[-1].ob.family == "sparsify"  # the sent values are exact
         try:
-            last = steps(obs, sim.target)[-1].ob.family == "sparsify"  # the sent values are exact
             X, known, sinfo, sums = _sparse_separation(G, observed, v, n, generator, share, exact=last)
+            if not last:  # noised or quantized after the sparsifier: the sent values are no exact sums
+                sums = None
         except _NoBlock as e:
             X, known, sums = torch.zeros(n, G.shape[1], dtype=torch.float64), None, None
             sinfo = {"separated": 0, "seconds": round(time.perf_counter() - t_sep, 3), "note": str(e)}
         info.update(sinfo)
+        info["sent_exact"] = last
         labels = torch.tensor([0 if float(x.sum()) >= 0 else 1 for x in X], dtype=torch.int64)
         feats = X * _label_signs(labels)[:, None]  # a_i h_i up to |a_i|: h_i >= 0
         scale_known = False
