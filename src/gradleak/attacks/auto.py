@@ -101,7 +101,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     # Every image separated from an obfuscated or multi-step update: the inverted batch already matches
     # the rank-N denoised inputs, and gradient matching on the whole update only fits what it cannot
     # model (on real X-rays under QSGD 16, relative noise 0.1 and FedAvg with 5 local steps it cost
-    # 2.5-4 dB while lowering the objective; under top-k 1 % 1-5 dB). The refinement is for what the
+    # 2.5-4 dB while lowering the objective; under top-k 1 % 0.9-4.9 dB). The refinement is for what the
     # separation leaves open (images left as mixtures) and for an exact update, where it only sharpens
     # what the inversion found.
     settled = leak_settled(obs, found.info)

@@ -586,21 +586,19 @@ def label_exhaustive(rows: torch.Tensor, r: int, tol: float = 1e-4) -> list[torc
     basis, rest = list(piv[:r]), list(piv[r:])
     Bm = rows[basis]
     C = torch.linalg.lstsq(Bm.T, rows[rest].T).solution.T if rest else torch.zeros(0, r, dtype=rows.dtype)
-    codes = torch.arange(1, 2 ** r)
-    columns = ((codes[:, None] >> torch.arange(r)) & 1).to(rows.dtype)  # 2^r - 1 x r
+    columns = _subsets(r)[1:].to(rows.dtype)  # every non-empty pattern, 2^r - 1 x r
     fit = columns @ C.T  # candidate x other rows
     ok = ((fit - fit.round()).abs() < tol).all(dim=1) & ((fit.round() == 0) | (fit.round() == 1)).all(dim=1)
     cand = columns[ok]
     if len(cand) < r or math.comb(len(cand), r) > EXHAUSTIVE_MAX_CHOICES:
         return []
-    weights = 2.0 ** torch.arange(r, dtype=rows.dtype)
     found = []
     for choice in itertools.combinations(range(len(cand)), r):
         A = cand[list(choice)].T  # basis rows x images
         if abs(float(torch.linalg.det(A))) < 0.5:
             continue
         P = torch.cat([A, (C @ A).round()])
-        if bool((P.sum(dim=1) == 0).any()) or len(torch.unique(P @ weights)) < k:
+        if bool((P.sum(dim=1) == 0).any()) or len(torch.unique(P, dim=0)) < k:
             continue  # every row has an active image; rows of one pattern were merged, so all differ
         X = torch.linalg.solve(A, Bm)
         mixed = torch.minimum(X.clamp_min(0).norm(dim=1), (-X).clamp_min(0).norm(dim=1)) / X.norm(dim=1).clamp_min(1e-300)
