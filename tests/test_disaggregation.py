@@ -636,6 +636,67 @@ def test_signs_of_a_relu_layer_give_each_image_s_support_and_label(r):
     assert sorted(sep.labels.tolist()) == sorted(labels.tolist())
 
 
+@pytest.mark.parametrize("r", [2, 3, 4])
+def test_mixed_rows_compare_the_images_inputs_exactly(r):
+    # a row whose active images have a_i of both signs shows on which columns which side outweighs: every
+    # comparison returned holds images of both labels, covers exactly the union of their supports and
+    # gives the sign of sum a_i h_i there
+    g = torch.Generator().manual_seed(1)
+    n = 600
+    H = torch.rand(r, n, generator=g, dtype=torch.float64) * (torch.rand(r, n, generator=g) > 1 / 3)
+    a = (torch.rand(r, generator=g, dtype=torch.float64) * 0.4 + 0.3) * torch.where(torch.arange(r) % 2 == 0, 1.0, -1.0)
+    M = (torch.rand(400, r, generator=g) < 0.3).double()
+    v = torch.randn(400, generator=g, dtype=torch.float64)
+    signs = torch.where((v[:, None] * M * a / r) @ H >= 0, 1.0, -1.0)
+    sep = sign_supports(signs, v, r)
+    assert sep.info["separated"] == r and sep.mixed is not None
+    order = [next(i for i in range(r) if bool((sep.supports[k] == (H[i] > 0)).all())) for k in range(r)]
+    images, compared = sep.mixed
+    assert len(images) == sep.info["mixed_compared"] >= 1
+    for f, d in zip(images, compared):
+        members = [order[k] for k in range(r) if bool(f[k])]
+        assert {int(a[i] < 0) for i in members} == {0, 1}  # both labels
+        union = (H[members] > 0).any(dim=0)
+        assert bool(((d != 0) == union).all())
+        total = (a[members, None] * H[members]).sum(dim=0)
+        assert bool((torch.sign(total[union]) == d[union].double()).all())
+
+
+def test_one_label_leaves_nothing_to_compare():
+    g = torch.Generator().manual_seed(0)  # every image's a_i of one sign: every row is pure
+    H = torch.rand(3, 600, generator=g, dtype=torch.float64) * (torch.rand(3, 600, generator=g) > 1 / 3)
+    M = (torch.rand(400, 3, generator=g) < 0.4).double()
+    v = torch.randn(400, generator=g, dtype=torch.float64)
+    signs = torch.where((v[:, None] * M * 0.5) @ H >= 0, 1.0, -1.0)
+    sep = sign_supports(signs, v, 3)
+    assert sep.info["separated"] == 3 and sep.mixed is None and sep.info["mixed_compared"] == 0
+
+
+def test_the_comparisons_hold_at_the_true_images_not_at_grey():
+    # the inversion's comparison term is (nearly) 0 at the true images and clearly larger at mid-grey,
+    # whose supports are wrong too: it is what the true images satisfy, not a prior
+    obs, batch = _phantom_obs(4, size=16, obfuscations=[{"name": "sign"}])
+    assert len(set(batch.labels.tolist())) == 2
+    sim = Simulator(obs)
+    v = (sim.model.classifier.weight[1] - sim.model.classifier.weight[0]).detach().double()
+    sep = sign_supports(sim.target["fc1.weight"].double(), v, 4)
+    assert sep.mixed is not None
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std)
+    order = [int(((h > 0) == s).all(dim=1).nonzero()[0]) for s in sep.supports]
+    truth = batch.images[order]
+
+    def objective(images, mixed):
+        kw = dict(scale_known=False, iterations=0, support=True, init=images)
+        _, _, _, fin = invert_features(sim, sep.supports.double(), mixed=mixed, mixed_weight=1.0, **kw)
+        _, _, _, base = invert_features(sim, sep.supports.double(), **kw)
+        return float((fin - base).sum())
+
+    at_truth = objective(truth, (*sep.mixed, sep.labels))
+    at_grey = objective(torch.full_like(truth, 0.5), (*sep.mixed, sep.labels))
+    assert at_truth < 0.1 * at_grey, (at_truth, at_grey)
+
+
 def test_signs_with_too_many_distinct_sets_are_not_guessed():
     signs, v, _, _ = _sign_update(8)
     sep = sign_supports(signs, v, 8)  # C(D, 8) choices of supports: past the exhaustive search

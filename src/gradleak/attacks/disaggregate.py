@@ -626,6 +626,10 @@ class SignSeparation:
     supports: torch.Tensor  # n x K, bool
     labels: torch.Tensor  # n, int64: 0 where a_i > 0, 1 where a_i < 0
     info: dict[str, Any] = field(default_factory=dict)
+    #: The mixed rows' comparisons: which separated images each explained mixed pair holds (M x n, bool)
+    #: and the sign of ``sum_i a_i h_ik`` over them on every column of its union (M x K, +1 / -1, 0 off
+    #: the union); None where nothing was separated
+    mixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _bitsets(rows: torch.Tensor) -> list[int]:
@@ -650,7 +654,11 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
     a pure set by the union of the chosen sets of its sign inside it, a mixed pair by the union of the
     chosen sets inside it, of both labels (ties: the most rows explained). Every choice is scored, so
     this is for small batches; past ``SIGN_FAMILIES`` choices or ``SIGN_CHECKS`` checks, or with fewer
-    distinct sets than images, nothing is separated (``info['note']`` says why)."""
+    distinct sets than images, nothing is separated (``info['note']`` says why).
+
+    Every mixed pair the chosen supports explain also compares its images' inputs: ``sum_i a_i h_ik``
+    over the chosen sets inside its union is positive on the set negative under ``v < 0`` and negative
+    on the other (``mixed``: which images, and that sign on every column of the union)."""
     start = time.perf_counter()
     live = v != 0
     neg = (signs[live] < 0)
@@ -719,7 +727,23 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
         elif sc == best_score:
             tied += 1
     chosen = list(best)
+    # every explained mixed pair compares its images: on the set negative under v < 0 the sum of
+    # a_i h_i over them is positive, on the one negative under v > 0 negative
+    fmask = sum(1 << c for c in chosen)
+    mixed_images, mixed_signs = [], []
+    for p, (d, e) in enumerate(pairs):
+        T, inside, _ = targets[D + p]
+        m = fmask & inside
+        if not (m and union(m) == T and m & ones and m & ~ones):
+            continue
+        mixed_images.append(torch.tensor([bool(m >> c & 1) for c in chosen]))
+        mixed_signs.append(sets[d].to(torch.int8) - sets[e].to(torch.int8))
+    mixed = None
+    if mixed_images:
+        mixed = (torch.stack(mixed_images), torch.stack(mixed_signs))
     info.update({"separated": n, "sets_explained": best_score[0], "mixed_pairs": len(pairs),
+                 "mixed_compared": len(mixed_images),
                  "rows_explained": best_score[1], "rows": int(live.sum()), "families_scored": families,
                  "families_tied": tied, "seconds": round(time.perf_counter() - start, 3)})
-    return SignSeparation(sets[chosen].clone(), torch.tensor([int(label1[c]) for c in chosen], dtype=torch.int64), info)
+    return SignSeparation(sets[chosen].clone(), torch.tensor([int(label1[c]) for c in chosen], dtype=torch.int64), info,
+                          mixed=mixed)

@@ -346,13 +346,22 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
 #: The margin of the support objective (:func:`invert_features` with ``support=True``), a fraction of the
 #: median magnitude of the layer's pre-ReLU input at mid-grey.
 SUPPORT_MARGIN = 0.1
+#: The margin of signSGD's comparisons in the support inversion (``mixed``): ``sum_i a_i h_i`` over a
+#: mixed pair's images, relative to ``sum_i |a_i| h_i`` (tune draw, B = 4: 0.02, 0.05 and 0.15 within
+#: 0.1 dB of each other).
+SIGN_MIXED_MARGIN = 0.05
+#: Their weight beside the supports' hinge. Tune draw, B = 4, 60 s, the leak stage alone, blind
+#: 18.8 / 17.9 / 17.5 dB: without 25.2 / 27.3 / 25.8 dB, weight 1 26.3 / 28.1 / 25.8, weight 10
+#: 26.4 / 27.9 / 25.8 (batch 2's images share one label: nothing to compare).
+SIGN_MIXED = 1.0
 
 
 def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool, iterations: int,
                     time_limit: float | None = None, chunk: int = 100, mask: torch.Tensor | None = None,
                     tv_weight: torch.Tensor | float | None = None, init: torch.Tensor | None = None,
                     coarse: int | None = None, support: bool = False, coupling: torch.Tensor | None = None,
-                    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, sums_weight: float = 1.0
+                    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, sums_weight: float = 1.0,
+                    mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, mixed_weight: float = 1.0
                     ) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
     """Images in [0, 1] whose inputs to the leaky layer match ``targets`` (N x n): relative squared
     error when the scale is known, else one minus cosine. One batched L-BFGS problem (strong Wolfe line
@@ -403,6 +412,14 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         sP, sO, sS = sP.float().to(sim.device), sO.float().to(sim.device), sS.float().to(sim.device)
         sel_sums = torch.nonzero(keep).reshape(-1).to(sim.device)
     margin = None
+    if mixed is not None:
+        mF = mixed[0].float().to(sim.device)
+        mD = mixed[1].float().to(sim.device)
+        m_on = (mD != 0).float()
+        m_count = m_on.sum(dim=1).clamp_min(1)
+        m_share = (mF / mF.sum(dim=1, keepdim=True).clamp_min(1)).T * (mF.shape[1] / mF.shape[0])  # N x M
+        m_y = mixed[2].float().to(sim.device)
+        head = getattr(model, model.leaky_linear)
     if support:
         with torch.no_grad():
             grey = torch.full((1, C, H, W), 0.5, device=sim.device)
@@ -423,6 +440,15 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         if support:
             u = model.leaky_preactivation((img - model.input_mean) / model.input_std)
             loss = (t * F.relu(margin - u).pow(2) + (1 - t) * F.relu(u + margin).pow(2)).mean(dim=1) / margin ** 2
+            if mixed is not None:  # the mixed rows' comparisons, with each image's a_i at the current images
+                h = F.relu(u)
+                with torch.no_grad():
+                    a = torch.softmax(model.after_leaky(head(h)), dim=-1)[:, 1] - m_y
+                num = (mF * a[None, :]) @ h
+                den = (mF * a.abs()[None, :]) @ h
+                ratio = num / (den + 1e-6 * float(den.detach().mean().clamp_min(1e-30)))
+                per = (F.relu(SIGN_MIXED_MARGIN - mD * ratio).pow(2) * m_on).sum(dim=1) / m_count
+                loss = loss + mixed_weight * (m_share @ per)
             return loss if tv is None else loss + tv * total_variation(img, per_image=True)
         h = model.leaky_input((img - model.input_mean) / model.input_std)
         joint = None
@@ -624,7 +650,7 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
                invert_tv: float, invert_starts: int) -> Leak:
     """signSGD: each image's support from the signs of the layer's update
     (:func:`.disaggregate.sign_supports`), inverted to images that switch on those inputs and no other
-    (:func:`invert_features` with ``support=True``). Only where the signs are the whole obfuscation of
+    (:func:`invert_features` with ``support=True``), their mixed rows' comparisons with them. Only where the signs are the whole obfuscation of
     one client's FedSGD gradient (a weight delta's signs are the gradient's flipped, and a zero's
     +1 with them) and the model exposes its layer's pre-ReLU input."""
     n = sim.num_images
@@ -652,7 +678,9 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
     left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
     images, history, stop, sinfo = invert_best_of(sim, feats, starts=invert_starts, generator=generator,
                                                   scale_known=False, iterations=invert_iterations,
-                                                  time_limit=left, support=True, tv_weight=invert_tv * SIGN_TV)
+                                                  time_limit=left, support=True, tv_weight=invert_tv * SIGN_TV,
+                                                  mixed=None if sep.mixed is None or not SIGN_MIXED else
+                                                  (*sep.mixed, sep.labels), mixed_weight=SIGN_MIXED)
     info.update({"inversion_starts": sinfo["starts"], "inversion_improved_by_other_starts":
                  sinfo["improved_by_other_starts"], "inversion_averaged": sinfo["averaged"],
                  "inversion_iterations": history[-1][0] if history else 0,
