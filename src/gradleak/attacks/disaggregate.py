@@ -650,9 +650,12 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
     one active image whose ``a_i`` opposes ``v_j`` shows that image's support exactly, and the sign of
     ``v_j`` gives its label (``v_j > 0``: ``a_i < 0``, label 1).
 
-    Among the distinct sets, the N chosen as supports are those that explain the most distinct sets:
-    a pure set by the union of the chosen sets of its sign inside it, a mixed pair by the union of the
-    chosen sets inside it, of both labels (ties: the most rows explained). Every choice is scored, so
+    Among the distinct sets, the N chosen as supports are those that explain the most distinct sets and
+    mixed pairs: a pure set by the union of the chosen sets of its sign inside it, a mixed pair by the
+    union of the chosen sets inside it, of both labels (and each of its two sets with it; ties: the most
+    rows explained). A half of a mixed pair taken for a support would explain itself, but not the support
+    it stands in for: with two images whose both-active rows are as many as each one's own, counting
+    the pair's halves as explained is what keeps the true supports ahead. Every choice is scored, so
     this is for small batches; past ``SIGN_FAMILIES`` choices or ``SIGN_CHECKS`` checks, or with fewer
     distinct sets than images, nothing is separated (``info['note']`` says why).
 
@@ -714,14 +717,17 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
     best, best_score, tied = None, (-1, -1), 0
     for fam in itertools.combinations(range(D), n):
         fmask = sum(1 << c for c in fam)
-        sets_explained = rows_explained = 0
+        explained = set()  # the distinct sets explained, as a union of supports or as half of a mixed pair
+        pairs_explained = 0
         for t, (T, inside, mixed) in enumerate(targets):
             m = fmask & inside
             if m and union(m) == T and (not mixed or (m & ones and m & ~ones)):
-                sets_explained += 1
                 if t < D:
-                    rows_explained += count[t]
-        sc = (sets_explained, rows_explained)
+                    explained.add(t)
+                else:
+                    pairs_explained += 1
+                    explained.update(pairs[t - D])
+        sc = (len(explained) + pairs_explained, sum(count[t] for t in explained))
         if sc > best_score:
             best, best_score, tied = fam, sc, 1
         elif sc == best_score:
