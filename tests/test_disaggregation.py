@@ -327,6 +327,28 @@ def test_the_coarse_phase_returns_upsampled_images_with_their_own_objective():
     assert history[-1][0] <= 20  # the two phases share the 30 iterations: the coarse one took 10
 
 
+def test_annealing_the_prior_fits_exact_inputs_closer_and_reports_the_unannealed_objective():
+    obs, _ = _phantom_obs(2, size=32)
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    kw = dict(scale_known=False, tv_weight=0.05)
+    plain, _, _, _ = invert_coarse_to_fine(sim, found.features, iterations=150, **kw)
+    images, history, _, objective = invert_coarse_to_fine(sim, found.features, iterations=150, anneal=0.0, **kw)
+    # the three phases share the 150 iterations (the coarse phase took a third of the first 100, which
+    # the history leaves out, as without annealing), and the last phase's are counted on from the fine one's
+    steps = [k for k, _ in history]
+    assert steps == sorted(steps) and steps[-1] <= 150 - 33
+    # the objective reported is the one with the full prior, at the returned images
+    _, _, _, again = invert_features(sim, found.features, iterations=0, init=images, **kw)
+    assert torch.allclose(again, objective, rtol=1e-4, atol=1e-7)
+
+    def misfit(x):  # one minus cosine to the exact inputs, no prior
+        _, _, _, f = invert_features(sim, found.features, iterations=0, init=x, scale_known=False)
+        return float(f.sum())
+
+    assert misfit(images) < misfit(plain)
+
+
 def test_auto_reconstructs_a_lenet5_batch_and_says_how():
     obs, batch = _phantom_obs(4)
     rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 200}, progress=False)
