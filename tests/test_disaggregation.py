@@ -346,7 +346,11 @@ def test_annealing_the_prior_fits_exact_inputs_closer_and_reports_the_unannealed
         _, _, _, f = invert_features(sim, found.features, iterations=0, init=x, scale_known=False)
         return float(f.sum())
 
-    assert misfit(images) < misfit(plain)
+    assert misfit(images) < 0.9 * misfit(plain)
+    # without a prior there is nothing to anneal: the same as no annealing, step for step
+    a, ha, _, fa = invert_coarse_to_fine(sim, found.features, iterations=60, anneal=0.0, scale_known=False)
+    b, hb, _, fb = invert_coarse_to_fine(sim, found.features, iterations=60, scale_known=False)
+    assert torch.equal(a, b) and ha == hb and torch.equal(fa, fb)
 
 
 def test_auto_reconstructs_a_lenet5_batch_and_says_how():
@@ -439,6 +443,7 @@ def test_top_k_update_is_separated_on_its_sent_entries():
     assert not bool((known & ~sent).any())
     assert bool((_best_cos(found.features[:, known], h[:, known]) > 0.999).all())
     assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())
+    assert found.info["inversion_anneal"] == linear_leak.SPARSE_ANNEAL  # the sent values are exact
     # every image separated: the inverted batch is the result (the inversion's smoothness prior fills the
     # unsent columns; matching the sparse entries of every layer only loosened the images)
     rec = run_attack("auto", obs, {"iterations": 3, "invert_iterations": 50}, progress=False)
@@ -481,6 +486,7 @@ def test_a_sparsified_update_quantized_after_is_refined_and_its_sums_are_not_tru
     assert linear_leak.settled(obs, {**info, "sent_exact": True})
     found = leak(obs, Simulator(obs), generator=torch.Generator().manual_seed(0), invert_iterations=1)
     assert found.info.get("sent_exact") is False and not linear_leak.settled(obs, found.info)
+    assert "inversion_anneal" not in found.info  # quantized values: the prior stays whole
 
 
 def _top_fraction(G: torch.Tensor, keep: float) -> torch.Tensor:
@@ -696,6 +702,14 @@ def test_one_label_leaves_nothing_to_compare():
     assert sep.info["separated"] == 3 and sep.mixed is None and sep.info["mixed_compared"] == 0
 
 
+def test_mixed_comparisons_need_the_support_objective():
+    obs, _ = _phantom_obs(2, size=16, obfuscations=[{"name": "sign"}])
+    F_, D_ = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 1024, dtype=torch.int8)
+    with pytest.raises(ValueError, match="support=True"):
+        invert_features(Simulator(obs), torch.ones(2, 1024), scale_known=False, iterations=0,
+                        mixed=(F_, D_, torch.tensor([0, 1])))
+
+
 def test_the_comparisons_hold_at_the_true_images_not_at_grey():
     # the inversion's comparison term is (nearly) 0 at the true images and clearly larger at mid-grey,
     # whose supports are wrong too: it is what the true images satisfy, not a prior
@@ -760,6 +774,7 @@ def test_auto_reads_signsgd_supports_and_inverts_them(B, size):
     rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 200}, progress=False)
     p = rec.extras["pipeline"]
     assert p["separated"] == B and p["separation"]["method"] == "sign supports"
+    assert p["separation"]["mixed_compared"] >= (1 if len(set(batch.labels.tolist())) == 2 else 0)
     found = sign_supports(sim.target["fc1.weight"].double(), (sim.model.classifier.weight[1]
                                                              - sim.model.classifier.weight[0]).detach().double(), B)
     assert all(any(bool((s == (hi > 0)).all()) for hi in h) for s in found.supports)  # exact supports

@@ -628,7 +628,7 @@ class SignSeparation:
     info: dict[str, Any] = field(default_factory=dict)
     #: The mixed rows' comparisons: which separated images each explained mixed pair holds (M x n, bool)
     #: and the sign of ``sum_i a_i h_ik`` over them on every column of its union (M x K, +1 / -1, 0 off
-    #: the union); None where nothing was separated
+    #: the union); None where nothing was separated or no mixed pair was explained
     mixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -742,6 +742,8 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
         m = fmask & inside
         if not (m and union(m) == T and m & ones and m & ~ones):
             continue
+        if any(union(m & ~(1 << c)) == T for c in chosen if m >> c & 1):
+            continue  # a support inside the others' union: which images the rows hold is ambiguous
         mixed_images.append(torch.tensor([bool(m >> c & 1) for c in chosen]))
         mixed_signs.append(sets[d].to(torch.int8) - sets[e].to(torch.int8))
     mixed = None

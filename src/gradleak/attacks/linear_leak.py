@@ -381,7 +381,15 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     sent values (G x n, subset sums of ``a_i h_i / N``) and which were sent: the batch's relative
     squared error on the sent entries, the images' scales fitted by least squares, is added times
     ``sums_weight`` and N, each row's error shared among its active images (a column sent by too few
-    rows to be solved still says what its subset sums are). Returns the images,
+    rows to be solved still says what its subset sums are). ``mixed`` (only with ``support``):
+    ``(F, D, labels)``, signSGD's comparisons of the images' inputs
+    (:attr:`.disaggregate.SignSeparation.mixed`: which images each holds, M x N in the order of
+    ``targets``, and the sign of ``sum_i a_i h_i`` over them on every column of its union, M x n, 0
+    elsewhere) and the images' labels; with ``a_i = p_i - y_i`` from the model at the images each
+    L-BFGS call starts from (fixed within the call, so that its line search sees one objective), the
+    mean squared hinge of ``sum_i a_i h_ik / sum_i |a_i| h_ik`` on the side the sign says, margin
+    ``SIGN_MIXED_MARGIN``, is added times ``mixed_weight``, each comparison's hinge shared among its
+    images and the whole scaled to N times the mean over comparisons. Returns the images,
     (iteration, mean loss per image) pairs, why it stopped (``converged``, ``time`` or ``iterations``)
     and each image's final objective."""
     model = sim.model
@@ -412,6 +420,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         sP, sO, sS = sP.float().to(sim.device), sO.float().to(sim.device), sS.float().to(sim.device)
         sel_sums = torch.nonzero(keep).reshape(-1).to(sim.device)
     margin = None
+    if mixed is not None and not support:
+        raise ValueError("mixed comparisons are signSGD's: they need support=True")
     if mixed is not None:
         mF = mixed[0].float().to(sim.device)
         mD = mixed[1].float().to(sim.device)
@@ -420,6 +430,11 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         m_share = (mF / mF.sum(dim=1, keepdim=True).clamp_min(1)).T * (mF.shape[1] / mF.shape[0])  # N x M
         m_y = mixed[2].float().to(sim.device)
         head = getattr(model, model.leaky_linear)
+
+        def mixed_scales(h: torch.Tensor) -> torch.Tensor:  # each image's a_i = p_i - y_i at inputs h
+            with torch.no_grad():
+                return torch.softmax(model.after_leaky(head(h.detach())), dim=-1)[:, 1] - m_y
+    fixed_a: list[torch.Tensor | None] = [None]  # the a_i one L-BFGS call holds fixed (its objective's)
     if support:
         with torch.no_grad():
             grey = torch.full((1, C, H, W), 0.5, device=sim.device)
@@ -442,8 +457,7 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
             loss = (t * F.relu(margin - u).pow(2) + (1 - t) * F.relu(u + margin).pow(2)).mean(dim=1) / margin ** 2
             if mixed is not None:  # the mixed rows' comparisons, with each image's a_i at the current images
                 h = F.relu(u)
-                with torch.no_grad():
-                    a = torch.softmax(model.after_leaky(head(h)), dim=-1)[:, 1] - m_y
+                a = fixed_a[0] if fixed_a[0] is not None else mixed_scales(h)
                 num = (mF * a[None, :]) @ h
                 den = (mF * a.abs()[None, :]) @ h
                 ratio = num / (den + 1e-6 * float(den.detach().mean().clamp_min(1e-30)))
@@ -503,8 +517,13 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
                 loss.backward()
                 return loss
 
+            if mixed is not None:  # one objective per call: the a_i at the images it starts from
+                with torch.no_grad():
+                    fixed_a[0] = mixed_scales(F.relu(model.leaky_preactivation(
+                        (image() - model.input_mean) / model.input_std)))
             t0 = time.perf_counter()
             opt.step(closure)
+            fixed_a[0] = None
             ran = int(opt.state[x].get("n_iter", steps)) if x in opt.state else steps
             done += max(1, ran)
             per_iteration = (time.perf_counter() - t0) / max(1, ran)
@@ -533,8 +552,8 @@ COARSE_SHARE = 1 / 3
 ANNEAL_SHARE = 1 / 3
 #: The smoothness prior's factor there where the values inverted are exact (a sparsified update's sent
 #: entries, :func:`leak`). Tune draw, B = 4, 60 s, the leak stage alone, without -> with (blind
-#: 18.8 / 17.9 / 17.5 dB): top-k 1 % 26.5 / 28.4 / 25.1 -> 27.3 / 29.0 / 25.6 dB (factor 0: 27.5 / 28.9 /
-#: 25.7), top-k 10 % 36.5 / 37.5 / 35.2 -> 37.7 / 38.1 / 37.2 dB. A lower weight throughout instead was
+#: 18.8 / 17.9 / 17.5 dB): top-k 1 % 26.5 / 28.4 / 25.1 -> 27.2 / 28.9 / 25.6 dB (factor 0, from a
+#: script patching the inversion: 27.5 / 28.9 / 25.7), top-k 10 % 36.5 / 37.5 / 35.2 -> 37.7 / 38.1 / 37.2 dB. A lower weight throughout instead was
 #: worse: top-k 10 % lost 1.3 to 2.8 dB at a sixth of it, top-k 1 % gained 0.4 to 0.6 dB.
 SPARSE_ANNEAL = 0.1
 
@@ -554,15 +573,20 @@ def invert_coarse_to_fine(sim: Simulator, targets: torch.Tensor, *, iterations: 
     With ``anneal`` (and a ``tv_weight``), the coarse and fine phases take the first
     ``1 - ANNEAL_SHARE`` of the time and iterations, and a last phase at full resolution continues from
     there with the total variation times ``anneal``: where the values are exact the smoothness prior
-    settles the layout, then lets the images fit them closer. The objective returned is the
-    unannealed one's (the starts are compared on it)."""
+    settles the layout, then lets the images fit them closer. The history's last entries are the
+    annealed objective's; the objective returned is the unannealed one's at the images returned (the
+    starts are compared and averaged on it, as measured; where less than 5 % of the time is left for
+    the last phase, it is skipped)."""
     if anneal is not None and kw.get("tv_weight") is not None:
         t0 = time.perf_counter()
         last = max(1, int(iterations * ANNEAL_SHARE))
         images, history, _, _ = _coarse_then_fine(
             sim, targets, iterations=max(1, iterations - last), init=init,
             time_limit=None if time_limit is None else (1 - ANNEAL_SHARE) * time_limit, **kw)
-        left = None if time_limit is None else max(1e-3, time_limit - (time.perf_counter() - t0))
+        left = None if time_limit is None else time_limit - (time.perf_counter() - t0)
+        if left is not None and left < 0.05 * time_limit:  # the first phases overran: no time to anneal
+            _, _, _, final = invert_features(sim, targets, iterations=0, init=images, **kw)
+            return images, history, "time", final
         annealed = {**kw, "tv_weight": torch.as_tensor(kw["tv_weight"]) * anneal}
         images, more, stop, _ = invert_features(sim, targets, iterations=last, time_limit=left, init=images,
                                                 **annealed)
@@ -687,7 +711,8 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
                invert_tv: float, invert_starts: int) -> Leak:
     """signSGD: each image's support from the signs of the layer's update
     (:func:`.disaggregate.sign_supports`), inverted to images that switch on those inputs and no other
-    (:func:`invert_features` with ``support=True``), their mixed rows' comparisons with them. Only where the signs are the whole obfuscation of
+    (:func:`invert_features` with ``support=True``), with the mixed rows' comparisons. Only where the
+    signs are the whole obfuscation of
     one client's FedSGD gradient (a weight delta's signs are the gradient's flipped, and a zero's
     +1 with them) and the model exposes its layer's pre-ReLU input."""
     n = sim.num_images
@@ -872,6 +897,8 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     info["inversion_averaged"] = sinfo["averaged"]
     info["inversion_iterations"] = history[-1][0] if history else 0
     info["inversion_stop"] = stop
+    if sums is not None:
+        info["inversion_anneal"] = SPARSE_ANNEAL
     info["seconds"] = round(time.perf_counter() - start, 3)
     return Leak(layer=layer, images=images, labels=labels, features=feats, scale_known=scale_known,
                 info={**info, "inversion_history": history})
