@@ -740,7 +740,8 @@ def test_halves_of_a_mixed_pair_are_not_taken_for_supports(r, seed):
     # units active for most images (as on chest X-rays): a mixed pair's rows are as many as an image's
     # own, and a half of the pair explains itself as well as the support it would stand in for; the
     # true supports also explain the pair's halves (on two real B = 2 batches of mixed labels the
-    # halves were chosen before: supports 59 to 87 % right, 13.5 / 15.2 dB below a blind 18.1 / 19.9)
+    # halves were chosen before: supports 59 to 87 % right, 13.5 / 15.2 dB in 30 s, below a blind
+    # 18.1 / 19.9)
     signs, v, supports, labels = _sign_update(r, seed, active=0.5)
     sep = sign_supports(signs, v, r)
     assert sep.info["separated"] == r

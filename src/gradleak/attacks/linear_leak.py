@@ -288,7 +288,8 @@ def settled(obs: Observation, info: dict[str, Any]) -> bool:
     only some columns were solved, where its sent values are exact: on the tune draw (B = 4, 60 s) the
     refinement did not lower the matching loss on the two batches checked under top-k 10 %, and under
     top-k 1 % it lowered it on two of three batches while costing 0.9 and 4.9 dB (the sparse entries of
-    every layer leave the images freer than the inversion's smoothness prior does). Noised or quantized after the sparsifier, it is refined as before.
+    every layer leave the images freer than the inversion's smoothness prior does). Noised or quantized
+    after the sparsifier, it is refined as before.
     An exact update is not settled: matching it sharpens what the inversion found."""
     exact = not obs.obfuscation and not local_drift(obs.protocol)
     if "columns_solved" in info and not info.get("sent_exact", False):
@@ -347,8 +348,8 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
 #: median magnitude of the layer's pre-ReLU input at mid-grey.
 SUPPORT_MARGIN = 0.1
 #: The margin of signSGD's comparisons in the support inversion (``mixed``): ``sum_i a_i h_i`` over a
-#: mixed pair's images, relative to ``sum_i |a_i| h_i`` (tune draw, B = 4: 0.02, 0.05 and 0.15 within
-#: 0.1 dB of each other).
+#: mixed pair's images, relative to ``sum_i |a_i| h_i`` (tune draw, B = 4, 60 s, batches 0 and 1: 0.02
+#: and 0.15 at weight 3 within 0.1 dB of 0.05 at weight 1).
 SIGN_MIXED_MARGIN = 0.05
 #: Their weight beside the supports' hinge. Tune draw, B = 4, 60 s, the leak stage alone, blind
 #: 18.8 / 17.9 / 17.5 dB: without 25.2 / 27.3 / 25.8 dB, weight 1 26.3 / 28.1 / 25.8, weight 10
@@ -553,8 +554,9 @@ ANNEAL_SHARE = 1 / 3
 #: The smoothness prior's factor there where the values inverted are exact (a sparsified update's sent
 #: entries, :func:`leak`). Tune draw, B = 4, 60 s, the leak stage alone, without -> with (blind
 #: 18.8 / 17.9 / 17.5 dB): top-k 1 % 26.5 / 28.4 / 25.1 -> 27.2 / 28.9 / 25.6 dB (factor 0, from a
-#: script patching the inversion: 27.5 / 28.9 / 25.7), top-k 10 % 36.5 / 37.5 / 35.2 -> 37.7 / 38.1 / 37.2 dB. A lower weight throughout instead was
-#: worse: top-k 10 % lost 1.3 to 2.8 dB at a sixth of it, top-k 1 % gained 0.4 to 0.6 dB.
+#: script patching the inversion: 27.5 / 28.9 / 25.7), top-k 10 % 36.5 / 37.5 / 35.2 -> 37.7 / 38.1 /
+#: 37.2 dB. A lower weight throughout instead was worse: top-k 10 % lost 1.3 to 2.8 dB at a sixth of it,
+#: top-k 1 % gained 0.4 to 0.6 dB.
 SPARSE_ANNEAL = 0.1
 
 
@@ -712,9 +714,8 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
     """signSGD: each image's support from the signs of the layer's update
     (:func:`.disaggregate.sign_supports`), inverted to images that switch on those inputs and no other
     (:func:`invert_features` with ``support=True``), with the mixed rows' comparisons. Only where the
-    signs are the whole obfuscation of
-    one client's FedSGD gradient (a weight delta's signs are the gradient's flipped, and a zero's
-    +1 with them) and the model exposes its layer's pre-ReLU input."""
+    signs are the whole obfuscation of one client's FedSGD gradient (a weight delta's signs are the
+    gradient's flipped, and a zero's +1 with them) and the model exposes its layer's pre-ReLU input."""
     n = sim.num_images
     blank = torch.full((n, *sim.image_shape), 0.5)
     p = sim.protocol
