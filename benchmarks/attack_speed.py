@@ -8,7 +8,10 @@ ratio batched / loop is what to compare across machines.
 
 A second table times the matching objective alone (one simulated update's cosine distance to the
 observed one, forward and backward) in the bound dot-product form the attacks use against the
-element-wise form it replaced.
+element-wise form it replaced. A third times what each iteration of the linear-layer leak's feature
+inversion evaluates (the leaky layer's pre-ReLU input for B images, forward and backward, through the
+model's own weights) with the convolutions in the default layout against channels-last, the layout the
+simulator keeps its model in on a CPU.
 
     python benchmarks/attack_speed.py                       # defaults: small, a few minutes on 2 cores
     python benchmarks/attack_speed.py --archs lenet5 resnet18_nobn --sizes 64 128 --device cuda
@@ -17,6 +20,7 @@ element-wise form it replaced.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -86,6 +90,30 @@ def time_objective(obs, batch: int, repeats: int, device: str) -> tuple[float, f
     return tuple(statistics.median(times[k][1:]) for k in forms)
 
 
+def time_inversion(obs, repeats: int, device: str) -> tuple[float, float] | None:
+    """Median seconds of one forward and backward of ``leaky_preactivation`` for the observation's batch,
+    default layout and channels-last (None where the model has no leaky layer)."""
+    sim = Simulator(obs, device)
+    if not hasattr(sim.model, "leaky_preactivation"):
+        return None
+    layouts = {"default": copy.deepcopy(sim.model).to(memory_format=torch.contiguous_format),
+               "channels_last": copy.deepcopy(sim.model).to(memory_format=torch.channels_last)}
+    x = torch.rand(sim.num_images, *sim.image_shape, generator=torch.Generator().manual_seed(1)).to(sim.device)
+    x.requires_grad_(True)
+    times = {k: [] for k in layouts}
+    for _ in range(repeats + 1):
+        for k, model in layouts.items():
+            for p in model.parameters():
+                p.requires_grad_(False)
+            x.grad = None
+            t = time.perf_counter()
+            model.leaky_preactivation(x).pow(2).mean().backward()
+            if sim.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t)
+    return tuple(statistics.median(times[k][1:]) for k in layouts)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attacks", nargs="+", default=["ig", "dlg", "rog"])
@@ -95,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--restarts", type=int, default=4)
     p.add_argument("--iterations", type=int, default=5, help="iterations per timed run (default 5)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per cell; the median is reported")
+    p.add_argument("--inversion-batch", type=int, default=4, help="images per inversion step (default 4)")
+    p.add_argument("--inversion-repeats", type=int, default=30, help="timed inversion steps per layout")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args(argv)
@@ -124,6 +154,18 @@ def main(argv=None) -> int:
             obs = observation(arch, size, a.batch)
             bound, elem = time_objective(obs, a.batch, a.repeats, a.device)
             print(f"| {arch} | {size} | {bound:.4f} | {elem:.4f} | {elem / bound:.2f} |", flush=True)
+    print(f"\nFeature inversion's step (the leaky layer's pre-ReLU input, forward and backward, "
+          f"B = {a.inversion_batch}), median seconds over {a.inversion_repeats} repeats:\n")
+    print("| arch | size | default layout (s) | channels-last (s) | speed-up |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for arch in a.archs:
+        for size in a.sizes:
+            got = time_inversion(observation(arch, size, a.inversion_batch), a.inversion_repeats, a.device)
+            if got is None:
+                print(f"| {arch} | {size} | – | – | no leaky layer |", flush=True)
+                continue
+            default, last = got
+            print(f"| {arch} | {size} | {default:.4f} | {last:.4f} | {default / last:.2f} |", flush=True)
     return 0
 
 
