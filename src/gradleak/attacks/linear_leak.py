@@ -373,11 +373,13 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     search) for all images, projected on [0, 1] every ``chunk`` iterations; stops after ``iterations``,
     after ``time_limit`` seconds, or when a chunk improves the loss by less than 0.01 %; ``mask`` (n,
     boolean) keeps only the features that are known. ``tv_weight`` (one number, or one per image) adds
-    that much total variation per image; with the scale unknown it is contrast-free
-    (:func:`.regularizers.contrast_free_tv`, each image's contrast where each L-BFGS call starts): the
-    objective then leaves the contrast free, and plain total variation would pull it down (the true
-    images were 4 to 18 % more contrasted than the inverted ones under top-k 1 %, 2 to 16 % under
-    signSGD, measured as the least-squares slope of the truth on them). ``init``: the images to start from (default: mid-grey).
+    that much total variation per image; with the scale unknown it is contrast-free within each
+    L-BFGS call (:func:`.regularizers.contrast_free_tv`, each image's contrast where the call starts;
+    the objective returned has the plain one, its value at the images returned): the objective then
+    leaves the contrast free, and plain total variation would pull it down (the true images were 4 to
+    18 % more contrasted than the inverted ones under top-k 1 %, 2 to 16 % under signSGD, measured as
+    the least-squares slope of the truth on them). ``init``: the images to start from (default:
+    mid-grey).
     ``coarse``: optimise a ``coarse`` x ``coarse`` image per channel, bilinearly upsampled (the first
     phase of :func:`invert_coarse_to_fine`). ``support``: ``targets`` are 0/1 supports (signSGD's leak,
     :func:`.disaggregate.sign_supports`), and each image's objective is the mean squared hinge of the
@@ -443,13 +445,13 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         def mixed_scales(h: torch.Tensor) -> torch.Tensor:  # each image's a_i = p_i - y_i at inputs h
             with torch.no_grad():
                 return torch.softmax(model.after_leaky(head(h.detach())), dim=-1)[:, 1] - m_y
-    fixed_a: list[torch.Tensor | None] = [None]
+    fixed_a: list[torch.Tensor | None] = [None]  # the a_i one L-BFGS call holds fixed (its objective's)
     contrast: list[torch.Tensor | None] = [None]  # each image's standard deviation where a call starts
 
-    def smoothness(img: torch.Tensor) -> torch.Tensor:
+    def smoothness(img: torch.Tensor) -> torch.Tensor:  # outside a call: the plain total variation
         if scale_known or contrast[0] is None:
             return total_variation(img, per_image=True)
-        return contrast_free_tv(img, contrast[0])  # the a_i one L-BFGS call holds fixed (its objective's)
+        return contrast_free_tv(img, contrast[0])
     if support:
         with torch.no_grad():
             grey = torch.full((1, C, H, W), 0.5, device=sim.device)
@@ -542,6 +544,7 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
             t0 = time.perf_counter()
             opt.step(closure)
             fixed_a[0] = None
+            contrast[0] = None
             ran = int(opt.state[x].get("n_iter", steps)) if x in opt.state else steps
             done += max(1, ran)
             per_iteration = (time.perf_counter() - t0) / max(1, ran)
