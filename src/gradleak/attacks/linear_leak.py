@@ -350,6 +350,8 @@ def _fix_subset(sim: Simulator, layer: str, rows: torch.Tensor, n: int) -> tuple
 #: 1.16 (tune draw, B = 4, 60 s). Leak stage, 0.1 -> 0.2 (blind 18.8 / 17.9 / 17.5 dB): 26.2 / 28.1 / 25.8
 #: -> 26.5 / 28.2 / 26.2 dB (slopes 1.02 to 1.13); B = 2, 30 s, two batches: 26.1 / 25.4 -> 26.3 / 25.6.
 #: At 0.27 27.6 dB on batch 1, at 0.4 (slopes 0.97 to 1.06) 0.1 to 0.9 dB below 0.1 on all three.
+#: With the contrast-free prior (:func:`invert_features`) 0.2 still leads: 0.1 26.9 / 28.7 / 26.4 dB,
+#: 0.2 27.3 / 28.9 / 27.0.
 SUPPORT_MARGIN = 0.2
 #: The margin of signSGD's comparisons in the support inversion (``mixed``): ``sum_i a_i h_i`` over a
 #: mixed pair's images, relative to ``sum_i |a_i| h_i`` (tune draw, B = 4, 60 s, batches 0 and 1: 0.02
@@ -377,8 +379,9 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     L-BFGS call (:func:`.regularizers.contrast_free_tv`, each image's contrast where the call starts;
     the objective returned has the plain one, its value at the images returned): the objective then
     leaves the contrast free, and plain total variation would pull it down (the true images were 4 to
-    18 % more contrasted than the inverted ones under top-k 1 %, 2 to 16 % under signSGD, measured as
-    the least-squares slope of the truth on them). ``init``: the images to start from (default:
+    18 % more contrasted than the inverted ones under top-k 1 %, 4 to 16 % under signSGD at a margin of
+    0.1 and 2 to 13 % at 0.2, measured on the tune draw as the least-squares slope of the truth on
+    them; 0 to 2 % with the contrast-free prior). ``init``: the images to start from (default:
     mid-grey).
     ``coarse``: optimise a ``coarse`` x ``coarse`` image per channel, bilinearly upsampled (the first
     phase of :func:`invert_coarse_to_fine`). ``support``: ``targets`` are 0/1 supports (signSGD's leak,

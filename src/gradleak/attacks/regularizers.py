@@ -26,4 +26,3 @@ def contrast_free_tv(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     std = x.flatten(1).std(dim=1)
     flat = reference < 1e-3
     return torch.where(flat, tv, tv * reference / std.clamp_min(1e-6))
-
