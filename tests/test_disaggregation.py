@@ -13,9 +13,10 @@ from hypothesis import given, settings, strategies as st
 from gradleak.attacks import run_attack
 from gradleak.attacks.aware import Step, entry_likelihood
 from gradleak.attacks import disaggregate, linear_leak
-from gradleak.attacks.disaggregate import SIGN_FAMILIES, _distinct_rows, reestimate, search_patterns, separate, sign_supports
+from gradleak.attacks.disaggregate import (RUNNER_UP_DISTINCT, RUNNER_UP_WITHIN, SIGN_FAMILIES, _distinct_rows,
+                                          pattern_distance, reestimate, search_patterns, separate, sign_supports)
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
-from gradleak.attacks.linear_leak import (_NoBlock, _sparse_separation, invert_best_of, invert_coarse_to_fine,
+from gradleak.attacks.linear_leak import (_NoBlock, _screen, _sparse_separation, invert_best_of, invert_coarse_to_fine,
                                          invert_features, leak, noise_coupling)
 from gradleak.attacks.regularizers import contrast_free_tv, total_variation
 from gradleak.attacks.simulate import Simulator
@@ -88,15 +89,22 @@ def test_the_global_pattern_search_reads_noisy_subset_sums():
     assert torch.equal(found, again)
 
 
-def test_perturbing_the_best_patterns_never_fits_worse(monkeypatch):
-    g = torch.Generator().manual_seed(5)
+def _alike_update(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """Exact subset sums of four alike inputs (300 rows, 400 columns), their row scales, and the
+    generator, left where it is for the noise."""
+    g = torch.Generator().manual_seed(seed)
     m, n, r = 300, 400, 4
     H = 1.0 + 0.2 * torch.rand(r, n, generator=g, dtype=torch.float64)
     a = torch.tensor([0.5, -0.4, -0.3, 0.45], dtype=torch.float64)
     M = (torch.rand(m, r, generator=g) < 0.5).double()
     v = torch.randn(m, generator=g, dtype=torch.float64)
-    G = (v[:, None] * M) @ (a[:, None] * H / r)
-    G = G + 1.0 * float(G.abs().mean()) * torch.randn(m, n, generator=g, dtype=torch.float64)
+    return (v[:, None] * M) @ (a[:, None] * H / r), v, g
+
+
+def test_perturbing_the_best_patterns_never_fits_worse(monkeypatch):
+    G, v, g = _alike_update(5)
+    r = 4
+    G = G + 1.0 * float(G.abs().mean()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
     _, info = search_patterns(G, v, r, seed=0, starts=1)
     monkeypatch.setattr(disaggregate, "PERTURB_ROUNDS", 0)
     _, plain = search_patterns(G, v, r, seed=0, starts=1)
@@ -183,6 +191,59 @@ def test_a_search_cut_short_counts_only_the_images_it_separated():
     sep = separate(G, 16, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=4096)
     assert sep.info["separated"] < 16
     assert sep.info["separated"] <= sep.info["fitting"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(5, 60), r=st.integers(1, 8), flips=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+def test_the_pattern_distance_pairs_the_images_before_counting(m, r, flips, seed):
+    g = torch.Generator().manual_seed(seed)
+    M = (torch.rand(m, r, generator=g) < 0.5).double()
+    perm = torch.randperm(r, generator=g)
+    assert pattern_distance(M, M[:, perm]) == 0.0  # the same reading, its images in another order
+    N = M.clone()
+    cells = torch.randperm(m * r, generator=g)[:flips]
+    N.view(-1)[cells] = 1 - N.view(-1)[cells]
+    d = pattern_distance(M, N[:, perm])
+    # never more than the entries changed (the identity pairing counts exactly those), symmetric
+    assert d <= flips / (m * r) + 1e-12
+    assert abs(d - pattern_distance(N[:, perm], M)) < 1e-12
+
+
+def test_the_search_hands_on_other_readings_that_fit_almost_as_well():
+    # under heavy noise other patterns fit about as well as the best; exact subset sums leave none
+    G, v, g = _alike_update(4)
+    r = 4
+    exact = separate(G, r, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=1,
+                     global_search=True)
+    assert exact.alternatives == [] and exact.info["global_search"]["runners_up"] == []
+    noisy = G + 2.0 * float(G.abs().mean()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    sep = separate(noisy, r, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=1, global_search=True)
+    gaps = sep.info["global_search"]["runners_up"]
+    assert len(sep.alternatives) == len(gaps) >= 1
+    assert all(0 < gap <= RUNNER_UP_WITHIN for gap in gaps) and gaps == sorted(gaps)
+    keep = v.abs() > 0.1 * v.pow(2).mean().sqrt()
+    for X, patterns, noise in sep.alternatives:
+        assert X.shape == sep.X.shape and patterns.shape == sep.patterns.shape and len(noise) == r
+        assert pattern_distance(patterns[keep], sep.patterns[keep]) > RUNNER_UP_DISTINCT  # another reading
+        # its inputs are the least-squares fit to its own patterns
+        fit = torch.linalg.lstsq(v[keep, None] * patterns[keep], noisy[keep]).solution
+        assert torch.allclose(X, fit, atol=1e-8)
+
+
+def test_the_screen_keeps_the_separation_images_can_produce():
+    # the true inputs against the same inputs mixed across images (as a wrong reading of the weak
+    # directions leaves them): only the first are a batch of images' inputs
+    obs, batch = _phantom_obs(2)
+    sim = Simulator(obs)
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
+    mixed = torch.tensor([[0.6, 0.4], [0.4, 0.6]], dtype=torch.float64) @ h
+    labels = batch.labels
+    for order in ([mixed, h], [h, mixed]):
+        prepared = [(f, labels, None, None, None) for f in order]
+        pick, objectives = _screen(sim, prepared, scale_known=True, invert_tv=1.0, iterations=150, time_limit=None)
+        assert order[pick] is h, objectives
+        assert objectives[pick] < 0.5 * max(objectives)
 
 
 def _phantom_obs(B: int, size: int = 16, obfuscations=(), protocol: Protocol | None = None, seed: int = 0):

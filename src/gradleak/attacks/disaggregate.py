@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.optimize
 import torch
 from scipy.sparse import coo_matrix
 
@@ -53,6 +54,9 @@ class Separation:
     #: (m x n, 0/1) each row's ReLU pattern as the dual vectors read it, for every row of the update
     #: (rows with a tiny row scale included), when every image separated; else None
     patterns: torch.Tensor | None = None
+    #: Other separations that fit the update almost as well (the global pattern search's runners-up,
+    #: :data:`RUNNERS_UP`), each as ``(X, patterns, feature_noise)``, best fit first
+    alternatives: list[tuple[torch.Tensor, torch.Tensor, list[float]]] = field(default_factory=list)
 
 
 def _top_singular(G: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,6 +214,28 @@ PERTURB_FRACTION = 0.05
 SEARCH_DIMENSIONS = 32
 #: The largest batch the global pattern search enumerates the subset sums of (2^N per row).
 SEARCH_MAX_RANK = 8
+#: Where the noise leaves the weak directions lost, readings of the patterns that differ on a fifth of
+#: the rows fit the update almost equally, and the best fit is not the likeliest to be the images: on
+#: the tune draw's batch 2 under relative noise σ0 = 1 (B = 4), three seeds of the search ended at
+#: residuals 7.246 / 7.255 / 7.248 with images of 17.1 / 21.0 / 18.2 dB, the worst fit giving the best
+#: images. The search hands on up to ``RUNNERS_UP`` other readings within ``RUNNER_UP_WITHIN``
+#: (relative) of its best residual, for the caller to judge by what the residual cannot see
+#: (:func:`.linear_leak.leak`: which inputs a batch of images can produce).
+RUNNERS_UP = 3
+RUNNER_UP_WITHIN = 0.01
+#: Two minima read different images when their patterns differ on more than this share of the rows
+#: (:func:`pattern_distance`); closer ones are one reading with a few rows changed. At 0.02 the
+#: runners-up on that batch were 2 to 4 % from the best and their images alike (inversion objectives
+#: within 0.5 % of each other); at 0.08 they differ from it on 18 to 22 % of the rows.
+RUNNER_UP_DISTINCT = 0.08
+
+
+def pattern_distance(M1: torch.Tensor, M2: torch.Tensor) -> float:
+    """The share of entries where two pattern matrices (rows x images, 0/1) differ, their images paired
+    to agree most (the images of a separation come in no particular order)."""
+    agree = M1.T.double() @ M2.double() + (1 - M1.T.double()) @ (1 - M2.double())  # images x images
+    r, c = scipy.optimize.linear_sum_assignment(-agree.numpy())
+    return 1.0 - float(agree[r, c].sum()) / float(M1.numel())
 
 
 def _subsets(r: int) -> torch.Tensor:
@@ -224,15 +250,18 @@ def _nearest_subsets(R: torch.Tensor, X: torch.Tensor, subsets: torch.Tensor) ->
 
 
 def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, starts: int = SEARCH_STARTS,
-                    dimensions: int = SEARCH_DIMENSIONS, time_limit: float | None = None
-                    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+                    dimensions: int = SEARCH_DIMENSIONS, time_limit: float | None = None,
+                    runners_up: list | None = None) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """Every row's ReLU pattern (m x rank, 0/1) by a global search: alternating least squares on the rows
     of ``diag(1/v) G`` projected on their top ``dimensions`` singular directions (each row's pattern the
     nearest of the 2^rank subset sums of the current inputs, the inputs the least-squares fit to the
     patterns), from ``starts`` random patterns, keeping the lowest residual, then perturbed and refitted
     from the best (``PERTURB_ROUNDS``). The projection keeps the
     weak directions that tell alike images apart (the top-rank projection loses them under heavy noise)
-    and makes a start cheap. None when no start keeps full rank."""
+    and makes a start cheap. None when no start keeps full rank. ``runners_up`` (a list, filled in):
+    the other local minima the starts reached whose residual is within ``RUNNER_UP_WITHIN`` of the
+    best's, as ``(patterns, residual)``, best first, at most ``RUNNERS_UP`` (the same patterns in another
+    column order count once)."""
     start = time.perf_counter()
     m, n = G.shape
     r = int(rank)
@@ -256,8 +285,26 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
         return M, float((v[:, None] * (M @ X) - Gp).pow(2).sum())
 
     best, residuals = None, []
+    minima: list[tuple[torch.Tensor, float]] = []  # distinct local minima, for the runners-up
+
+    def remember(M: torch.Tensor | None, res: float) -> None:
+        # minima that read the same images (patterns within RUNNER_UP_DISTINCT of each other) count once,
+        # as the better of them
+        if runners_up is None or M is None:
+            return
+        for t, (Mq, q) in enumerate(minima):
+            if pattern_distance(M, Mq) <= RUNNER_UP_DISTINCT:
+                if res < q:
+                    minima[t] = (M, res)
+                    minima.sort(key=lambda mq: mq[1])
+                return
+        minima.append((M, res))
+        minima.sort(key=lambda mq: mq[1])
+        del minima[RUNNERS_UP + 1:]
+
     for _ in range(int(starts)):
         M, res = als((torch.rand(m, r, generator=g) < 0.5).double())
+        remember(M, res)
         # the same patterns in another column order fit equally: the first start to reach them wins
         # (float round-off must not pick among them)
         if M is not None and (best is None or res < best[1] * (1 - 1e-9)):
@@ -273,11 +320,15 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
         flip = torch.rand(m, generator=g) < PERTURB_FRACTION
         M[flip] = (torch.rand(int(flip.sum()), r, generator=g) < 0.5).double()
         M, res = als(M)
+        remember(M, res)
         if M is not None and res < best[1] * (1 - 1e-9):
             best = (M, res)
             improved += 1
     if best is None:
         return None, {"starts": len(residuals), "seconds": round(time.perf_counter() - start, 3)}
+    if runners_up is not None:
+        runners_up.extend((M, q) for M, q in minima if q <= best[1] * (1 + RUNNER_UP_WITHIN)
+                          and pattern_distance(M, best[0]) > RUNNER_UP_DISTINCT)
     return best[0], {"starts": len(residuals), "residual": best[1], "dimensions": k,
                      "reached_by": sum(x <= best[1] * (1 + 1e-9) for x in residuals),
                      "perturbations": kicks, "perturbations_improved": improved,
@@ -421,20 +472,30 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     if separated == r:  # every row's ReLU pattern, as the dual vectors read it
         safe = torch.where(v != 0, v, torch.ones_like(v))
         patterns = torch.where(v[:, None] != 0, (P @ Q) / safe[:, None] > 0.5, False).double()
-    elif global_search and 1 < r <= SEARCH_MAX_RANK:
+    alternatives = []
+    if separated < r and global_search and 1 < r <= SEARCH_MAX_RANK:
+        others: list = []
         Mk, extra["global_search"] = search_patterns(
             Gd[keep], vk, r, seed=g.initial_seed() + 1,
-            time_limit=None if time_limit is None else max(1.0, 0.5 * time_limit))
+            time_limit=None if time_limit is None else max(1.0, 0.5 * time_limit), runners_up=others)
         if Mk is not None:
-            X = torch.linalg.lstsq(vk[:, None] * Mk, Gd[keep]).solution
-            # every row (those with a tiny row scale included): the nearest subset sum of the inputs
-            nearest = _nearest_subsets(Gd / torch.where(v != 0, v, torch.ones_like(v))[:, None], X, _subsets(r))
-            patterns = torch.where(v[:, None] != 0, nearest, torch.zeros(1, r, dtype=torch.float64))
-            patterns[keep] = Mk
+            def whole(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                Xm = torch.linalg.lstsq(vk[:, None] * M, Gd[keep]).solution
+                # every row (those with a tiny row scale included): the nearest subset sum of the inputs
+                near = _nearest_subsets(Gd / torch.where(v != 0, v, torch.ones_like(v))[:, None], Xm, _subsets(r))
+                pm = torch.where(v[:, None] != 0, near, torch.zeros(1, r, dtype=torch.float64))
+                pm[keep] = M
+                return Xm, pm
+            X, patterns = whole(Mk)
             separated = r
+            for M, _ in others:
+                Xm, pm = whole(M)
+                alternatives.append((Xm, pm, _feature_noise(vk, M, outside, Xm)))
+            extra["global_search"]["runners_up"] = [round(q / extra["global_search"]["residual"] - 1, 6)
+                                                    for _, q in others]
     if patterns is not None:
         feature_noise = _feature_noise(vk, patterns[keep], outside, X)
-    return Separation(X=X, patterns=patterns,
+    return Separation(X=X, patterns=patterns, alternatives=alternatives,
                       info={"separated": separated, "trials": trials, "spectrum": spectrum,
                             "seconds": round(time.perf_counter() - start, 3),
                             "best_spreads": sorted(spreads)[:2 * r], "candidates": len(found),
