@@ -260,8 +260,9 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
     weak directions that tell alike images apart (the top-rank projection loses them under heavy noise)
     and makes a start cheap. None when no start keeps full rank. ``runners_up`` (a list, filled in):
     the other local minima the starts reached whose residual is within ``RUNNER_UP_WITHIN`` of the
-    best's, as ``(patterns, residual)``, best first, at most ``RUNNERS_UP`` (the same patterns in another
-    column order count once)."""
+    best's and differ from it on more than ``RUNNER_UP_DISTINCT`` of the rows (:func:`pattern_distance`),
+    as ``(patterns, residual)``, best first, at most ``RUNNERS_UP``; minima closer than that to each
+    other count once, as the better of them."""
     start = time.perf_counter()
     m, n = G.shape
     r = int(rank)

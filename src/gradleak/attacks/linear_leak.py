@@ -829,6 +829,13 @@ SPARSE_SUMS = 1.0
 SCREEN_SHARE = 0.25
 
 
+def _noise_tv(invert_tv: float, noise: list[float] | None, coupling: torch.Tensor | None) -> torch.Tensor | None:
+    """The inversion's total variation per image: ``invert_tv`` times each input's estimated relative
+    error (None for an exact update), times ``COUPLED_TV`` where the errors are weighed jointly."""
+    tv = None if not noise else invert_tv * torch.tensor(noise, dtype=torch.float32).nan_to_num(0.0)
+    return tv * COUPLED_TV if tv is not None and coupling is not None else tv
+
+
 def _screen(sim: Simulator, prepared: list, *, scale_known: bool, invert_tv: float, iterations: int,
             time_limit: float | None) -> tuple[int, list[float]]:
     """Which of the ``prepared`` separations (features, labels, coupling, feature noise, ...) images
@@ -836,12 +843,9 @@ def _screen(sim: Simulator, prepared: list, *, scale_known: bool, invert_tv: flo
     Returns the index and the objectives."""
     objectives = []
     for feats, _, coupled, noise, _ in prepared:
-        tv = None if not noise else invert_tv * torch.tensor(noise, dtype=torch.float32).nan_to_num(0.0)
-        if tv is not None and coupled is not None:
-            tv = tv * COUPLED_TV
         _, _, _, final = invert_coarse_to_fine(sim, feats, iterations=iterations, scale_known=scale_known,
                                                time_limit=None if time_limit is None else time_limit / len(prepared),
-                                               tv_weight=tv, coupling=coupled)
+                                               tv_weight=_noise_tv(invert_tv, noise, coupled), coupling=coupled)
         objectives.append(round(float(final.mean()), 6))
     return int(torch.tensor(objectives).argmin()), objectives
 
@@ -950,9 +954,7 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
     # the noisier an input, the more the inversion leans on smooth images: total variation weighted by
     # each input's estimated relative error (none for an exact update)
     noise = info.get("feature_noise")
-    tv = None if not noise else invert_tv * torch.tensor(noise, dtype=torch.float32).nan_to_num(0.0)
-    if tv is not None and coupling is not None:
-        tv = tv * COUPLED_TV
+    tv = _noise_tv(invert_tv, noise, coupling)
     if known is not None:  # and it fills what the unsent columns leave open
         unknown = 1.0 - float(known.double().mean())
         tv = (0.0 if tv is None else tv) + invert_tv * SPARSE_TV * unknown
