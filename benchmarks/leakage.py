@@ -37,6 +37,11 @@ on its own, on a wider set of images.
 
     python benchmarks/leakage.py --split report --images 1 --batches 0 --attacks ig_plain rog rog_prior \
         --prior /tmp/leakage_prior.safetensors
+
+The ``auto_prior`` row is ``auto`` followed by a learned prior of the same network trained for what the
+leak's inversion leaves (``--auto-prior FILE``, trained there first like ``--prior``, on the same images
+and with the same patient check; ``gradleak prior train --for-attack auto``: milder degradations at half
+the image side, fitted on the tune draw), from the same ``auto`` run as the ``auto`` row.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from gradleak.federated import Protocol  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
 from gradleak.metrics.baseline import blind_guesses  # noqa: E402
 from gradleak.prior import Prior, train_prior  # noqa: E402
+from gradleak.prior.degrade import LEAK_DEGRADATION  # noqa: E402
 
 OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
     "none": ("none", [], Protocol()),
@@ -86,21 +92,28 @@ ATTACKS: dict[str, tuple[str, str, dict]] = {
     "dlg": ("DLG, obfuscation-aware", "dlg", {}),
     "rog": ("ROG (no post-processing), obfuscation-aware", "rog", {}),
     "rog_prior": ("ROG + learned prior, obfuscation-aware", "rog", {}),
+    "auto_prior": ("auto + learned prior (leak regime)", "auto", {}),
 }
+#: The rows that post-process another row's run with a learned prior, and that row.
+PRIOR_ROWS = {"rog_prior": "rog", "auto_prior": "auto"}
 
 TRAIN_SIZE_SEED = {"tune": 1, "report": 2}
 PRIOR_STEPS = 1500
 
 
-def _prior(ds, a, attacked_patients: list[str]) -> Prior:
-    """The rog_prior row's prior: ``--prior`` (trained there first when missing), never trained on an
-    attacked patient."""
-    path = Path(a.prior) if a.prior else Path(tempfile.gettempdir()) / f"gradleak_leakage_prior_{a.size}.safetensors"
+def _prior(ds, a, attacked_patients: list[str], row: str = "rog_prior") -> Prior:
+    """A prior row's prior: ``--prior`` (rog_prior, ROG's default degradation, L1) or ``--auto-prior``
+    (auto_prior, :data:`gradleak.prior.degrade.LEAK_DEGRADATION`, fitted on the tune draw, squared error), trained there first when missing, never
+    trained on an attacked patient."""
+    own = a.prior if row == "rog_prior" else a.auto_prior
+    stem = "gradleak_leakage_prior" if row == "rog_prior" else "gradleak_leakage_auto_prior"
+    path = Path(own) if own else Path(tempfile.gettempdir()) / f"{stem}_{a.size}.safetensors"
     if not path.exists():
-        print(f"training the prior on up to {a.prior_images} images of patients other than the "
+        print(f"training the {row} prior on up to {a.prior_images} images of patients other than the "
               f"{len(attacked_patients)} attacked ones -> {path}", file=sys.stderr, flush=True)
+        extra = {} if row == "rog_prior" else {"degradation": LEAK_DEGRADATION, "loss": "l2"}
         train_prior(ds, path, size=a.size, exclude_patients=attacked_patients, limit=a.prior_images,
-                    steps=a.prior_steps, seed=0, progress=False)
+                    steps=a.prior_steps, seed=0, progress=False, **extra)
     prior = Prior.load(path)
     prior.check_disjoint(attacked_patients)  # raises (exit 2) if an attacked patient trained it
     print(f"prior {path}: trained on {len(prior.patients)} patients, none of the {len(attacked_patients)} "
@@ -224,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--prior", default=None, help="prior file for the rog_prior row (trained there first if "
                    "it does not exist)")
+    p.add_argument("--auto-prior", default=None, help="prior file for the auto_prior row (trained there first "
+                   "if it does not exist)")
     p.add_argument("--prior-images", type=int, default=3000, help="images (other patients) the prior trains on")
     p.add_argument("--prior-steps", type=int, default=PRIOR_STEPS, help="prior training steps")
     a = p.parse_args(argv)
@@ -240,9 +255,8 @@ def main(argv=None) -> int:
     attacked = {i for _, idx in obs_list for i in idx}
     aux = [i for i in np.random.default_rng(7).permutation(len(ds)).tolist() if i not in attacked][: a.blind_images]
     blind = blind_guesses(ds.batch(aux).images)["mean_image"]  # the attacker's guess without the update
-    prior = None
-    if "rog_prior" in a.attacks:
-        prior = _prior(ds, a, sorted({ds.patient_ids[i] for _, idx in obs_list for i in idx}))
+    attacked_patients = sorted({ds.patient_ids[i] for _, idx in obs_list for i in idx})
+    priors = {row: _prior(ds, a, attacked_patients, row) for row in PRIOR_ROWS if row in a.attacks}
     json_path = Path(a.json) if a.json else None
     results: dict = {}
     if json_path and a.resume and json_path.exists():
@@ -267,16 +281,16 @@ def main(argv=None) -> int:
                 if key in results:
                     continue
                 _, attack, overrides = ATTACKS[name]
-                row = "rog" if name == "rog_prior" else name
+                row = PRIOR_ROWS.get(name, name)
                 settings = {**overrides, "time_budget": a.time_budget, "iterations": a.iterations,
                             **extra.get(row, {})}
                 if a.restarts:
                     settings["restarts"] = a.restarts
                 rec = recs.get(row) or run_attack(attack, obs, settings, seed=0, device=a.device, progress=False)
                 recs[row] = rec
-                if name == "rog_prior":
+                if name in PRIOR_ROWS:
                     rec = apply_postprocessing(dataclasses.replace(rec, extras=dict(rec.extras),
-                                                                     threat_model=dict(rec.threat_model)), prior)
+                                                                     threat_model=dict(rec.threat_model)), priors[name])
                 m = score(batch.images, batch.labels, rec.images, rec.labels)
                 results[key] = {"obf": o, "attack": name, "B": B, "indices": idx, "psnr": m["psnr"],
                                 "ssim": m["ssim"], "label_accuracy": m.get("label_accuracy", float("nan")),

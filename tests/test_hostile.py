@@ -150,6 +150,8 @@ CASES = [
      "--out {w}/p.safetensors", "exclu"),
     ("prior-degradation-unknown", "prior train --data phantoms:n=8 --degradation bogus=1 "
      "--out {w}/p.safetensors", "bogus"),
+    ("prior-calibrate-for-auto", "prior train --data phantoms:n=8 --for-attack auto --calibrate-like {bad}/junk.pt "
+     "--out {w}/p.safetensors", "--for-attack auto"),
     ("prior-calibrate-junk", "prior train --data phantoms:n=8 --calibrate-like {bad}/junk.pt "
      "--out {w}/p.safetensors", "junk.pt"),
     ("prior-inspect-missing", "prior inspect {w}/p.safetensors", "p.safetensors"),

@@ -19,7 +19,7 @@ from gradleak.data import load_dataset
 from gradleak.errors import UserError
 from gradleak.prior import (FORMAT, Prior, PriorNet, calibrate, check_disjoint, degrade, load_prior_file,
                             save_prior, select_images, train_prior)
-from gradleak.prior.degrade import DEFAULT_DEGRADATION, decode, latent_of, project
+from gradleak.prior.degrade import DEFAULT_DEGRADATION, LEAK_DEGRADATION, decode, latent_of, project
 from gradleak.prior.fileformat import HEADER_KEY
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -259,6 +259,14 @@ def test_cli_trains_a_prior_and_the_attack_reports_with_and_without_it(tmp_path)
     cal = header["training"]["calibration"]
     assert cal["images"] == 2 and not set(cal["patients"]) & {"phantom0"} and cal["arch"] == "lenet_zhu"
     assert header["degradation"]["brightness"] == 0.05 and header["training"]["loss"] == "l2"
+    # a prior for auto's inverted images starts from the leak's settings; an explicit setting still wins
+    for_auto = tmp_path / "for_auto.safetensors"
+    gradleak("prior", "train", "--data", "phantoms:n=24", "--size", 16, "--out", for_auto, "--steps", 2,
+             "--width", 4, "--exclude-from", truth, "--for-attack", "auto", "--degradation", "pixel_noise=0.03",
+             "--quiet")
+    _, header = load_prior_file(for_auto)
+    assert header["degradation"] == {**LEAK_DEGRADATION, "pixel_noise": 0.03}
+    assert header["degradation"]["scale_factor"] == 2 and "calibration" not in header["training"]
     out = tmp_path / "attack"
     p = gradleak("attack", "--observation", obs, "--attack", "rog", "--out", out, "--truth", truth,
                  "--iterations", 3, "--restarts", 1, "--prior", prior, "--quiet")

@@ -134,6 +134,10 @@ def _add_prior_train(prs) -> None:
     pt.add_argument("--label-conditioned", action="store_true", help="condition the prior on the image's label")
     pt.add_argument("--num-classes", type=_positive_int, default=2)
     pt.add_argument("--loss", choices=["l1", "l2"], default="l1", help="training loss (l2 is what PSNR measures)")
+    pt.add_argument("--for-attack", choices=["rog", "auto"], default="rog",
+                    help="the attack whose outputs the prior post-processes: rog (ROG's latent decoding, the "
+                         "default degradation) or auto (the linear-layer leak's inverted images: milder "
+                         "degradations at half the side)")
     pt.add_argument("--degradation", type=_kv, action="append", metavar="KEY=VALUE",
                     help="degradation setting: scale_factor, latent_noise, contrast, brightness, pixel_noise "
                          "(wins over a calibrated value)")

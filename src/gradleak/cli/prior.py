@@ -51,11 +51,16 @@ def _calibrate(a: argparse.Namespace, ds, excluded: list[str]) -> tuple[dict, di
 def cmd_prior_train(a: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..prior import train_prior
+    from ..prior.degrade import FOR_ATTACK
 
+    if a.calibrate_like and a.for_attack != "rog":
+        raise UserError(f"--calibrate-like fits the degradation to ROG's outputs; a prior --for-attack "
+                        f"{a.for_attack} starts from its own fitted settings (change them with --degradation)")
     out = _output(a.out, "file", "--out")
     excluded = _excluded_patients(a)
     ds = load_dataset(a.data, size=a.size)
-    degradation, calibration = _calibrate(a, ds, excluded) if a.calibrate_like else ({}, None)
+    degradation, calibration = (_calibrate(a, ds, excluded) if a.calibrate_like
+                                else (dict(FOR_ATTACK[a.for_attack]), None))
     degradation.update(dict(a.degradation or []))
     header = train_prior(ds, out, size=a.size, exclude_patients=excluded, limit=a.limit,
                          degradation=degradation, steps=a.steps, batch_size=a.batch_size,
