@@ -89,6 +89,47 @@ def test_the_global_pattern_search_reads_noisy_subset_sums():
     assert torch.equal(found, again)
 
 
+def test_the_pattern_search_completes_known_patterns_past_its_enumeration_limit():
+    # twelve images, more than the search enumerates: the patterns of ten are known (as the dual vectors
+    # give them), the other two are read from the noisy rows, and the known columns come back first
+    g = torch.Generator().manual_seed(4)
+    m, n, r = 400, 300, 12
+    assert r > disaggregate.SEARCH_MAX_RANK
+    H = 1.0 + 0.2 * torch.rand(r, n, generator=g, dtype=torch.float64)
+    a = (torch.rand(r, generator=g, dtype=torch.float64) * 0.4 + 0.3) * torch.tensor([1.0, -1.0] * (r // 2)).double()
+    M = (torch.rand(m, r, generator=g) < 0.5).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    G = (v[:, None] * M) @ (a[:, None] * H / r)
+    G = G + 0.01 * float(G.abs().mean()) * torch.randn(m, n, generator=g, dtype=torch.float64)
+    found, info = search_patterns(G, v, r, seed=0, fixed=M[:, :10])
+    assert found.shape == (m, r) and torch.equal(found[:, :10], M[:, :10])
+    assert min(_agreement(found[:, 10:], M[:, 10:])) > 0.99, info
+    assert info["known"] == 10
+    with pytest.raises(ValueError):
+        search_patterns(G, v, r, seed=0, fixed=M)
+
+
+def test_past_the_enumeration_limit_the_worst_fitting_patterns_are_read_again():
+    # twelve noisy images: the dual vectors' worst-fitting patterns (and any they missed) are searched
+    # again from their reading, and every image's input comes back
+    g = torch.Generator().manual_seed(7)
+    m, n, r = 500, 300, 12
+    H = torch.rand(r, n, generator=g, dtype=torch.float64)
+    a = (torch.rand(r, generator=g, dtype=torch.float64) * 0.4 + 0.3) * torch.tensor([1.0, -1.0] * (r // 2)).double()
+    M = (torch.rand(m, r, generator=g) < 0.5).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    truth = a[:, None] * H / r
+    G = (v[:, None] * M) @ truth
+    G = G + 0.002 * float(G.abs().mean()) * torch.randn(m, n, generator=g, dtype=torch.float64)
+    sep = separate(G, r, row_scale=v, generator=torch.Generator().manual_seed(0), global_search=True,
+                   time_limit=20)
+    info = sep.info
+    assert info["separated"] == r and info["researched"]["doubted"] + info["researched"]["missing"] >= 1
+    assert info["global_search"]["known"] == r - info["researched"]["doubted"] - info["researched"]["missing"]
+    assert float(_best_cos(sep.X, truth).min()) > 0.99
+    assert min(_agreement(sep.patterns, M)) > 0.99
+
+
 def _alike_update(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
     """Exact subset sums of four alike inputs (300 rows, 400 columns), their row scales, and the
     generator, left where it is for the noise."""
