@@ -503,14 +503,15 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         patterns = torch.where(v[:, None] != 0, (P @ Q) / safe[:, None] > 0.5, False).double()
     alternatives = []
     big = r > SEARCH_MAX_RANK
-    # the spread the noise alone gives the separated images' levels: round-off for an exact update
-    expected = max([noise_level * float(found[c][0].norm()) for c in chosen[:separated]], default=0.0)
+    # the spread the noise alone gives each separated image's levels: round-off for an exact update
+    from_noise = [noise_level * float(found[c][0].norm()) for c in chosen[:separated]]
+    expected = max(from_noise, default=0.0)
     if global_search and r > 1 and (separated >= r - SEARCH_MAX_RANK if big else separated < r) and \
             not (big and separated == r and expected <= EXACT_SPREAD):
         others: list = []
         known = first = None
         if big:  # the patterns of the images the dual vectors missed, and of the RESEARCHED worst-fitting
-            ratio = [-found[c][1] / max(noise_level * float(found[c][0].norm()), 1e-300) for c in chosen[:separated]]
+            ratio = [-found[c][1] / max(e, 1e-300) for c, e in zip(chosen[:separated], from_noise)]
             order = sorted(range(separated), key=lambda j: ratio[j])
             # an exact update (no energy outside the rank-r subspace) leaves nothing to doubt
             doubt = 0 if expected <= EXACT_SPREAD else min(RESEARCHED, SEARCH_MAX_RANK - (r - separated))
