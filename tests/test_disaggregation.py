@@ -14,7 +14,8 @@ from gradleak.attacks import run_attack
 from gradleak.attacks.aware import Step, entry_likelihood
 from gradleak.attacks import disaggregate, linear_leak
 from gradleak.attacks.disaggregate import (RUNNER_UP_DISTINCT, RUNNER_UP_WITHIN, SIGN_FAMILIES, _distinct_rows,
-                                          pattern_distance, reestimate, search_patterns, separate, sign_supports)
+                                          nonneg_separate, pattern_distance, reestimate, search_patterns, separate,
+                                          sign_supports)
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
 from gradleak.attacks.linear_leak import (_NoBlock, _screen, _sparse_separation, invert_best_of, invert_coarse_to_fine,
                                          invert_features, leak, noise_coupling)
@@ -69,6 +70,67 @@ def _agreement(found: torch.Tensor, true: torch.Tensor) -> list[float]:
     """For each true pattern column, the best share of rows a found column agrees with it on."""
     return [max(float((found[:, i] == true[:, j]).double().mean()) for i in range(found.shape[1]))
             for j in range(true.shape[1])]
+
+
+def _drifted_update(r: int, steps: int, drift: float, seed: int = 0, n: int = 2000, m: int = 300
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A two-class head's layer update summed over ``steps`` gradients whose inputs, ReLU patterns and
+    output-gradient factors drift between them (FedAvg's local steps): alike non-negative inputs with a
+    third of their entries exactly zero, as a ReLU leaves them. Returns (G, v, the inputs at the first
+    step, the output-gradient factors a_i at the first step)."""
+    g = torch.Generator().manual_seed(seed)
+    base = 1.0 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
+    pre = base + 0.5 * torch.randn(r, n, generator=g, dtype=torch.float64) - 0.6
+    a = torch.rand(r, generator=g, dtype=torch.float64) * 0.6 + 0.2
+    a[::2] *= -1
+    M = (torch.rand(m, r, generator=g) < 0.5).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    G = torch.zeros(m, n, dtype=torch.float64)
+    for t in range(steps):
+        H = (pre + t * drift * torch.randn(r, n, generator=g, dtype=torch.float64)).clamp_min(0)
+        Mt = torch.where(torch.rand(m, r, generator=g) < t * drift, 1 - M, M)
+        at = a * (1 - 0.1 * t)  # each image's loss falls as the client trains
+        G += (v[:, None] * Mt * at / r) @ H / steps
+    return G, v, pre.clamp_min(0), a
+
+
+def test_the_non_negative_separation_gives_exact_inputs_scales_and_patterns():
+    G, v, H, a = _drifted_update(4, steps=1, drift=0.0)
+    sep = nonneg_separate(G, 4, row_scale=v, generator=torch.Generator().manual_seed(0))
+    assert sep is not None and sep.info["separated"] == 4 and sep.info["method"] == "nonneg"
+    truth = a[:, None] * H / 4
+    for x in sep.X:  # each row one image's a_i h_i / N, its sign (the label) and scale included (small true
+        # entries under the zero threshold count as zeros and leave it about 1 % off; an exact update is
+        # read by the 0/1 search, which is exact)
+        assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 0.02
+    assert min(sep.info["hits"]) >= 5  # each image found from many starts
+
+
+def test_the_non_negative_separation_holds_where_the_rows_drift_from_subset_sums():
+    # five local steps: no row is a 0/1 subset sum any more, but every input is still non-negative with
+    # zeros, and the sparsest non-negative vectors of the row space are still the images' inputs
+    G, v, H, a = _drifted_update(8, steps=5, drift=0.02, seed=1)
+    sep = nonneg_separate(G, 8, row_scale=v, generator=torch.Generator().manual_seed(0))
+    assert sep is not None and sep.info["separated"] == 8
+    cos = _best_cos(sep.X, H)
+    assert bool((cos > 0.99).all()), cos
+    # the signs are the labels': a_i > 0 for label 0
+    c = (sep.X / sep.X.norm(dim=1, keepdim=True)) @ (H / H.norm(dim=1, keepdim=True)).T
+    pair = c.abs().argmax(dim=0)
+    assert [float(sep.X[int(j)].sum()) > 0 for j in pair] == [float(x) > 0 for x in a]
+    # the same seed, the same separation
+    again = nonneg_separate(G, 8, row_scale=v, generator=torch.Generator().manual_seed(0))
+    assert again.info["hits"] == sep.info["hits"] and torch.allclose(sep.X, again.X, rtol=1e-9, atol=0)
+
+
+def test_the_non_negative_separation_stays_close_under_noise_and_declines_a_rank_too_high():
+    G, v, H, _ = _drifted_update(4, steps=1, drift=0.0, seed=2)
+    g = torch.Generator().manual_seed(5)
+    noisy = G + float(G.pow(2).mean().sqrt()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    sep = nonneg_separate(noisy, 4, row_scale=v, generator=g)  # noise as strong as the update itself
+    assert sep is not None and bool((_best_cos(sep.X, H) > 0.95).all()), sep.info
+    # a fifth direction holds noise only: no sparse non-negative input there, so no separation is claimed
+    assert nonneg_separate(noisy, 5, row_scale=v, generator=g) is None
 
 
 def test_the_global_pattern_search_reads_noisy_subset_sums():
@@ -930,15 +992,46 @@ def test_signs_of_a_weight_delta_fall_back_with_the_reason():
     assert p["separated"] == 0 and "weight delta" in p["note"] and "fell back" in p["note"]
 
 
-def test_several_local_steps_are_separated_by_the_global_pattern_search():
-    # five FedAvg steps move the weights between the gradients they sum: the dual vectors miss images
-    # there, the global search reads every row's pattern, and each input is close to the image's own
-    # input at the weights the server sent (the drift keeps it from exact)
+def test_several_local_steps_are_separated_by_the_inputs_zeros_seeded_by_the_global_pattern_search():
+    # five FedAvg steps move the weights between the gradients they sum: the rows are subset sums only up
+    # to that drift. The 0/1 search (dual vectors judged by their spread alone, the global pattern search
+    # for what they miss) still reads every row's pattern roughly; the non-negative separation, seeded
+    # by it, reads each input by its zeros, close to the image's own input at the weights the server sent
     obs, batch = _phantom_obs(4, protocol=Protocol("fedavg", local_steps=5, local_lr=0.1))
     sim = Simulator(obs)
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
+    G = sim.target["fc1.weight"].double() * linear_leak.fedavg_gradient_scale(sim.protocol)
+    v = (sim.model.classifier.weight[1] - sim.model.classifier.weight[0]).detach().double()
+    rough = separate(G, 4, row_scale=v, weight=sim.model.fc1.weight.detach().double(),
+                     generator=torch.Generator().manual_seed(0), time_limit=10, fit_factor=None, global_search=True)
+    assert rough.info["separated"] == 4 and "global_search" in rough.info
+    assert bool((_best_cos(rough.X, h) > 0.9).all())
     found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1, time_limit=20)
-    assert found.info["separated"] == 4 and "global_search" in found.info
+    assert found.info["separated"] == 4 and found.info["method"] == "nonneg"
+    assert found.info["subset_sum_search"]["separated"] == 4
+    cos = _best_cos(found.features, h)
+    # on these phantoms: 0.959 to 0.9999 (the 0/1 search's own: 0.945 to 0.982)
+    assert bool((cos > 0.95).all()) and float(cos.mean()) > float(_best_cos(rough.X, h).mean()) + 0.01, cos
+
+
+def test_real_x_rays_under_local_steps_are_separated_by_their_inputs_zeros(shared_data):
+    # on chest X-rays a fifth to a third of the live inputs of each image are exact zeros: the sparsest
+    # non-negative vectors of the update's row space are the images' inputs, drift or not
+    ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=32)
+    batch = ds.batch([0, 1, len(ds) - 2, len(ds) - 1])  # both labels
+    assert sorted(batch.labels.tolist()) == [0, 0, 1, 1]
+    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=Protocol("fedavg", local_steps=5,
+                                                                                  local_lr=0.1),
+                     model_seed=0, obfuscations=[], obfuscation_seed=0, labels_known=False)
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1, time_limit=20)
+    assert found.info["separated"] == 4 and found.info["method"] == "nonneg", found.info
+    assert "global_search" not in found.info and min(found.info["sign_consistency"]) > 0.99
     with torch.no_grad():
         h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
     cos = _best_cos(found.features, h)
-    assert bool((cos > 0.9).all()), cos
+    assert bool((cos > 0.97).all()), cos
+    pair = ((found.features / found.features.norm(dim=1, keepdim=True))
+            @ (h / h.norm(dim=1, keepdim=True)).T).argmax(dim=0)
+    assert found.labels[pair].tolist() == batch.labels.tolist()  # each image's own label

@@ -127,7 +127,8 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         "note": f"layer '{found.layer}' leaked {int(info.get('separated', 0))} of {obs.num_images} images "
                 f"separately"}
     rec.extras["leak_images"] = found.images
-    what = "sign-support disaggregation" if info.get("method") == "sign supports" else "linear-layer disaggregation"
+    what = {"sign supports": "sign-support disaggregation",
+            "nonneg": "non-negative-input disaggregation"}.get(info.get("method"), "linear-layer disaggregation")
     rec.threat_model["attack_pipeline"] = (f"{what} ({found.layer}) + feature inversion"
                                            + ("" if settled else " + refinement"))
     if partial:  # some inputs are mixtures: the optimisation attack competes, the better match wins
