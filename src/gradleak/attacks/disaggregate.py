@@ -567,8 +567,9 @@ NONNEG_ZERO = 0.1
 NONNEG_ROUNDS = 12
 NONNEG_SAME = 0.95
 NONNEG_NEGATIVE = 1e-3
-#: Random starts per image at least; up to ``NONNEG_MORE`` times as many (time permitting) until each
-#: image has been found ``NONNEG_HITS`` times (a spurious combination: once or twice in a few hundred).
+#: Random starts per image at least; then on until each image has been found ``NONNEG_HITS`` times (a
+#: spurious combination: once or twice in a few hundred), up to the time limit, or without one up to
+#: ``NONNEG_MORE`` times the least.
 NONNEG_TRIALS = 50
 NONNEG_MORE = 4
 NONNEG_HITS = 3
@@ -608,11 +609,18 @@ def _nonneg_refine(V: torch.Tensor, w: torch.Tensor, rounds: int = NONNEG_ROUNDS
     return w, negative, float(zero.double().mean())
 
 
+def _weight(f: list) -> int:
+    """How often a candidate counts as found: its random starts' hits, and ``NONNEG_HITS`` at least where a
+    seed (another separation's input) refined to it."""
+    return max(f[3], NONNEG_HITS) if f[5] else f[3]
+
+
 def _nonneg_choose(found: list, r: int) -> list:
-    """The ``r`` linearly independent inputs found most often (each at least ``NONNEG_HITS`` times)."""
+    """The ``r`` linearly independent inputs found most often (each at least ``NONNEG_HITS`` times, a seeded
+    one counted as that often), random starts' hits first."""
     chosen: list = []
-    for f in sorted(found, key=lambda f: -f[3]):
-        if f[3] < NONNEG_HITS or len(chosen) == r:
+    for f in sorted(found, key=lambda f: (-_weight(f), -f[3])):
+        if _weight(f) < NONNEG_HITS or len(chosen) == r:
             break
         cand = torch.stack([c[1] for c in chosen + [f]])
         if int(torch.linalg.matrix_rank(cand, rtol=1e-6)) == len(chosen) + 1:
@@ -687,10 +695,11 @@ def nonneg_separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
     candidate with the most zeros) have been found ``NONNEG_HITS`` times each and hold (below), or until
     ``time_limit`` has passed (without one, ``NONNEG_MORE`` times the least); after the least, every
     other start is drawn from the columns the images found so far explain best
-    (:func:`_deflated_pool`). Their scale and sign come from the rows: the coefficients ``c_ij`` of ``G = C U`` divided by ``row_scale``
-    take the values 0 and ``a_i / N`` (up to drift), ``a_i`` the image's output-gradient factor, so they
-    share one sign, the label's; the rows' weighted energy on either side gives it, the typical value on
-    that side the scale, the rows reaching half of it the pattern.
+    (:func:`_deflated_pool`). Their scale and sign come from the rows: the coefficients ``c_ij`` of
+    ``G = C U`` divided by ``row_scale`` take the values 0 and ``a_i / N`` (up to drift), ``a_i`` the
+    image's output-gradient factor, so they share one sign, the label's; the rows' weighted energy on
+    either side gives it, the typical value on that side the scale, the rows reaching half of it the
+    pattern.
 
     The search runs in the top ``rank + extra`` right singular directions (``extra`` default ``rank``;
     only those above round-off): under several local steps the images' inputs at the weights the server
@@ -699,9 +708,11 @@ def nonneg_separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
     the drift adds are no sparse non-negative vectors. On that batch every one of 600 random starts in
     the top 16 directions converged to an image, each image 52 to 142 times.
 
-    ``seeds`` (k x n): inputs another separation found (the 0/1 search's, where this one declined); each
-    is refined here first and counts as found ``NONNEG_HITS`` times, so that an image whose basin the
-    random starts miss can still be read exactly from a near start.
+    ``seeds`` (k x n): inputs another separation found (the 0/1 search's); each is refined here first,
+    and an input a seed reaches counts as found ``NONNEG_HITS`` times however many seeds reach it, so
+    that an image whose basin the random starts rarely reach can still be read exactly from a near
+    start. (A seed that is a mixture may refine to a spurious input; the sign test below refuses a set
+    that holds one.)
 
     Returns None where fewer than ``rank`` distinct inputs were found often enough, or where an image's
     coefficients do not share one sign (at least ``NONNEG_SIGNED`` of their energy on one side): a
@@ -711,6 +722,8 @@ def nonneg_separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
     g, Gd, r = _setup(G, rank, generator)
     m, n = Gd.shape
     extra = r if extra is None else int(extra)
+    if extra < 0:
+        raise ValueError(f"extra directions must be 0 or more, not {extra}")
     _, s, vh = _top_singular(Gd, min(r + extra, m - 1, n - 1))
     # the top r directions and the extra ones the update really has (not round-off of an exact rank r)
     Vh = vh[: max(r, int((s > 1e-6 * s[0]).sum()))]
@@ -722,13 +735,13 @@ def nonneg_separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
     least = NONNEG_TRIALS * r if trials is None else int(trials)
     most = least if trials is not None else (2**62 if time_limit is not None else NONNEG_MORE * least)
     v = row_scale.double().reshape(-1)
-    found: list[list] = []  # [unit input u (live columns), w, zero share, hits]
+    found: list[list] = []  # [unit input u (live columns), w, zero share, hits, version, seeded]
     done = 0
     result = None
     tried: set = set()
     pool = None
 
-    def add(w: torch.Tensor, hits: int) -> None:
+    def add(w: torch.Tensor, seeded: bool = False) -> None:
         res = _nonneg_refine(V, w)
         if res is None or res[1] > NONNEG_NEGATIVE:
             return
@@ -737,18 +750,19 @@ def nonneg_separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
         u = u / u.norm()
         for f in found:
             if float(u @ f[0]) > NONNEG_SAME:
-                f[3] += hits
+                f[3] += 0 if seeded else 1
+                f[5] = f[5] or seeded
                 if zero_share > f[2]:
-                    f[0], f[1], f[2] = u, w, zero_share
+                    f[0], f[1], f[2], f[4] = u, w, zero_share, f[4] + 1
                 return
-        found.append([u, w, zero_share, hits])
+        found.append([u, w, zero_share, 0 if seeded else 1, 0, seeded])
     for x in ([] if seeds is None else seeds.double()):
-        add(Vh @ x, NONNEG_HITS)
+        add(Vh @ x, seeded=True)
     while True:
         over = done >= most or (time_limit is not None and time.perf_counter() - start > time_limit)
-        if len(found) >= r and (over or (done >= least and sorted(f[3] for f in found)[-r] >= NONNEG_HITS)):
+        if len(found) >= r and (over or (done >= least and sorted(_weight(f) for f in found)[-r] >= NONNEG_HITS)):
             chosen = _nonneg_choose(found, r)
-            key = tuple(id(f) for f in chosen)
+            key = frozenset((id(f), f[4]) for f in chosen)  # the set, each at its current representative
             if len(chosen) == r and key not in tried:  # a new set of the most-found inputs: does it hold?
                 tried.add(key)
                 result = _nonneg_assemble(chosen, Vh, Gd, v)
@@ -763,11 +777,12 @@ def nonneg_separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor,
         cols = torch.randperm(V.shape[1], generator=g)[:k]
         if pool is not None and done > least and done % 2 == 0:  # every other start: deflated
             cols = pool[torch.randperm(len(pool), generator=g)[:k]]
-        add(torch.linalg.svd(V[:, cols].T, full_matrices=True)[2][-1] if k else torch.ones(1, dtype=torch.float64), 1)
+        add(torch.linalg.svd(V[:, cols].T, full_matrices=True)[2][-1] if k else torch.ones(1, dtype=torch.float64))
     chosen = _nonneg_choose(found, r)
     info: dict[str, Any] = {"method": "nonneg", "dimensions": Vh.shape[0], "trials": done,
                             "seeds": 0 if seeds is None else len(seeds), "candidates": len(found),
                             "sets_tried": len(tried), "hits": [int(f[3]) for f in chosen],
+                            "seeded": [bool(f[5]) for f in chosen],
                             "zero_share": [round(f[2], 4) for f in chosen]}
     if result is None or result[0] is None:
         return None
