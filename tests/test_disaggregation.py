@@ -345,11 +345,19 @@ def test_the_screen_keeps_the_separation_images_can_produce():
     G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
     for order in ([mixed, h], [h, mixed]):
         prepared = [(f, labels, None, None, None) for f in order]
-        pick, errors, objectives = _screen(sim, prepared, G, "fc1", scale_known=True, invert_tv=1.0,
-                                           iterations=150, time_limit=None)
-        assert order[pick] is h, (errors, objectives)
+        pick, compared = _screen(sim, prepared, G, "fc1", scale_known=True, invert_tv=1.0, iterations=150,
+                                 time_limit=None)
+        assert order[pick] is h, compared
         # the true inputs' images send (nearly) the update received; the mixture's images do not
+        errors, objectives = compared["update_errors"], compared["objectives"]
+        assert compared["judged_by"] == "update" and compared["inputs_like_noise"] == [0, 0]
         assert errors[pick] < 0.01 < max(errors) and objectives[pick] < 0.5 * max(objectives)
+    # an input that is noise (half its energy negative) is no image: the other separation is judged alone
+    noise = torch.randn(h.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * h.std()
+    prepared = [(torch.stack([h[0], noise[1]]), labels, None, None, None), (mixed, labels, None, None, None)]
+    pick, compared = _screen(sim, prepared, G, "fc1", scale_known=True, invert_tv=1.0, iterations=50,
+                             time_limit=None)
+    assert pick == 1 and compared["inputs_like_noise"] == [1, 0] and compared["update_errors"][0] is None
 
 
 def _phantom_obs(B: int, size: int = 16, obfuscations=(), protocol: Protocol | None = None, seed: int = 0):
@@ -1064,6 +1072,16 @@ def test_the_relu_consistent_search_reads_what_the_residual_cannot(shared_data):
     # the best fit reads an image wrong; the consistent reading is among those handed on, every input
     # at cosine 0.82 or more with its image's (the true patterns' least-squares inputs: 0.823 to 0.872)
     assert readings[0] < 0.5 and max(readings) > 0.8, readings
+    # an input that is no image's fits only the noise: half its energy negative, as noise would have
+    noise_inputs = 0
+    for X in [sep.X] + [X for X, _, _ in sep.alternatives]:
+        X = X * torch.sign(X.sum(dim=1, keepdim=True))
+        share = X.clamp(max=0).pow(2).sum(dim=1) / X.pow(2).sum(dim=1)
+        like = _best_cos(h, X)
+        noise_inputs += int((like < 0.1).sum())
+        assert bool((share[like < 0.1] > linear_leak.LIKE_NOISE).all()), (share, like)
+        assert bool((share[like > 0.8] < linear_leak.LIKE_NOISE).all()), (share, like)
+    assert noise_inputs >= 1
     # without the layer's weights only the residual judges: that reading is not among them
     plain = separate(G, 4, row_scale=v, generator=torch.Generator().manual_seed(0), global_search=True)
     assert "consistent" not in plain.info["global_search"]

@@ -125,7 +125,8 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         "stages": ["disaggregation", "feature inversion"] + ([] if settled else ["gradient-matching refinement"]),
         "kept": kept, "leak_seconds": round(leak_seconds, 3),
         "note": f"layer '{found.layer}' leaked {int(info.get('separated', 0))} of {obs.num_images} images "
-                f"separately"}
+                f"separately" + (f" ({info['like_noise']} of the inputs read as noise, not an image: half their "
+                                 f"energy negative)" if info.get("like_noise") else "")}
     rec.extras["leak_images"] = found.images
     what = {"sign supports": "sign-support disaggregation",
             "nonneg": "non-negative-input disaggregation"}.get(info.get("method"), "linear-layer disaggregation")
