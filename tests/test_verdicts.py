@@ -169,3 +169,18 @@ def test_without_a_blind_baseline_images_are_not_judged_and_the_risk_is_not_low(
     s = {**_stats(converged=(True,)), "ssim_skill": None, "baseline_ssim": None}
     assert image_level(None) is None and risk(s) == "inconclusive"
     assert "no blind baseline" in verdict(s, None, None)
+
+
+def test_the_budget_says_when_a_separated_input_was_noise():
+    # auto's separation records how many of the inputs it kept read as noise (no image's): the verdict's
+    # budget passes it on, summed over the setting's cells; cells without a separation say nothing
+    from gradleak.report.summary import _budget_stats
+    rows = [{"budget": {"converged": True, "iterations": 10, "seconds": 5.0,
+                        "pipeline": {"separation": {"like_noise": k}}}} for k in (1, 0)]
+    rows.append({"budget": {"converged": True, "iterations": 10, "seconds": 5.0, "pipeline": None}})
+    stats = _budget_stats(rows)
+    assert stats["inputs_like_noise"] == 1
+    text = verdict({**_stats(skill=0.9), **stats}, None, None)
+    assert "1 separated input read as noise, not an image" in text
+    assert _budget_stats(rows[1:])["inputs_like_noise"] == 0 and _budget_stats(rows[2:])["inputs_like_noise"] is None
+    assert "read as noise" not in verdict({**_stats(skill=0.9), **_budget_stats(rows[1:])}, None, None)

@@ -110,8 +110,12 @@ def _budget_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for r, b in zip(rows, budgets)]
     its = mean(b.get("iterations", (r.get("attack_run") or {}).get("iterations")) for r, b in zip(rows, budgets))
     secs = mean(b.get("seconds", (r.get("timings") or {}).get("attack_s")) for r, b in zip(rows, budgets))
+    # auto's separation: the kept inputs of the leaky layer that read as noise, not as any image
+    separations = [((b.get("pipeline") or {}).get("separation") or {}) for b in budgets]
+    noise = [int(sep["like_noise"]) for sep in separations if sep.get("like_noise") is not None]
     return {"converged": conv, "iterations": its, "seconds": secs,
-            "seconds_per_iteration": (secs / its) if its and secs is not None else None}
+            "seconds_per_iteration": (secs / its) if its and secs is not None else None,
+            "inputs_like_noise": sum(noise) if noise else None}
 
 
 def _post(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:

@@ -140,6 +140,9 @@ def budget_text(s: dict[str, Any]) -> str:
                          else f"converged in {n_true} of {len(conv)} runs")
     else:
         parts.append("convergence not recorded")
+    noise = s.get("inputs_like_noise")
+    if noise:  # auto separated an input that is no image's (half its energy negative)
+        parts.append(f"{noise} separated input{'s' if noise > 1 else ''} read as noise, not an image")
     budget = ", ".join(parts)
     return f"{s.get('attack')}: {budget}" if s.get("attack") else budget
 
