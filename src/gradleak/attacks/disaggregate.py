@@ -333,7 +333,6 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
         WV = weight.double() @ vh.T
         wn = WV.norm(dim=1)
         ones = vh.sum(dim=1)
-        log_sub = (subsets, 1 - subsets)
 
     def relu_cost(M: torch.Tensor, X: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """Minus the log-likelihood of each searched pattern of each row (m x 2^(r - f)) under the ReLU
@@ -341,7 +340,7 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
         tau = (torch.linalg.inv(A.T @ A).diagonal() * noise).clamp_min(1e-300).sqrt()[f:]
         Xs = X[f:]
         z = (WV @ Xs.T) * torch.sign(Xs @ ones)[None, :] / (wn[:, None] * tau[None, :]).clamp_min(1e-300)
-        return -(torch.special.log_ndtr(z) @ log_sub[0].T + torch.special.log_ndtr(-z) @ log_sub[1].T)
+        return -(torch.special.log_ndtr(z) @ subsets.T + torch.special.log_ndtr(-z) @ (1 - subsets).T)
 
     def als(M: torch.Tensor, relu: bool = False) -> tuple[torch.Tensor | None, float]:
         for _ in range(50):
