@@ -1086,3 +1086,30 @@ def test_the_relu_consistent_search_reads_what_the_residual_cannot(shared_data):
     plain = separate(G, 4, row_scale=v, generator=torch.Generator().manual_seed(0), global_search=True)
     assert "consistent" not in plain.info["global_search"]
     assert max(worst(X) for X in [plain.X] + [X for X, _, _ in plain.alternatives]) < 0.8
+
+
+def test_the_consistent_search_prefers_readings_whose_inputs_are_no_noise(shared_data):
+    # four X-rays under relative noise sigma0 = 1: every reading the residual alone finds lets one input
+    # absorb the noise (half its energy negative, where a ReLU's output has none), and the consistent
+    # search's lowest cost can too; among its starts it keeps the lowest cost of those whose inputs all
+    # read as inputs
+    ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=64)
+    batch = ds.batch([94, 1263, 192, 2607])
+    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=Protocol(), model_seed=0,
+                     obfuscations=[{"name": "relative_gaussian", "sigma0": 1.0}], obfuscation_seed=0,
+                     labels_known=False)
+    sim = Simulator(obs)
+    G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
+    v = (sim.model.classifier.weight[1] - sim.model.classifier.weight[0]).detach().double()
+    W = sim.model.fc1.weight.detach().double()
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
+    sep = separate(G, 4, row_scale=v, weight=W, generator=torch.Generator().manual_seed(0), global_search=True)
+    found = sep.info["global_search"]["consistent"]
+    assert found["like_noise"] == 0 and found["starts_without_noise"] >= 1, found
+    readings = [sep.X] + [X for X, _, _ in sep.alternatives]
+    noisy = [int((disaggregate.negative_share(X) > disaggregate.LIKE_NOISE).sum()) for X in readings]
+    assert noisy[0] == 1 and 0 in noisy, noisy  # the best fit has a noise input; one handed on has none
+    clean = readings[noisy.index(0)]
+    assert float(_best_cos(h, clean).min()) > 0.7, _best_cos(h, clean)
+    assert float(_best_cos(h, readings[0]).min()) < 0.1, _best_cos(h, readings[0])

@@ -39,7 +39,8 @@ from .. import obfuscation
 from ..federated.arithmetic import fedavg_gradient_scale
 from ..observation import Observation
 from .aware import _per_tensor, entry_likelihood, steps
-from .disaggregate import label_exhaustive, merge_equal_rows, nonneg_separate, reestimate, separate, sign_supports
+from .disaggregate import (LIKE_NOISE, label_exhaustive, merge_equal_rows, negative_share, nonneg_separate,
+                           reestimate, separate, sign_supports)
 from .regularizers import contrast_free_tv, total_variation
 from .simulate import Simulator
 
@@ -834,13 +835,6 @@ SPARSE_SUMS = 1.0
 SCREEN_SHARE = 0.25
 
 
-#: An input of the layer is a ReLU's output, non-negative: the least-squares inputs of true patterns keep
-#: 7 to 18 % of their energy on negative entries even under relative noise σ0 = 1 (tune batch 2 and the
-#: report batch, B = 4), the inputs the search's readings got right 2 to 20 %, while an input that fits
-#: only the noise (a reading whose free input absorbs it, its cosine with every image 0.004 to 0.07) has
-#: 45 to 50 %, as noise would. Past this share the
-#: result says the input is no image (``info["like_noise"]``); the separation still counts it.
-LIKE_NOISE = 0.3
 
 
 def _noise_tv(invert_tv: float, noise: list[float] | None, coupling: torch.Tensor | None) -> torch.Tensor | None:
@@ -848,12 +842,6 @@ def _noise_tv(invert_tv: float, noise: list[float] | None, coupling: torch.Tenso
     error (None for an exact update), times ``COUPLED_TV`` where the errors are weighed jointly."""
     tv = None if not noise else invert_tv * torch.tensor(noise, dtype=torch.float32).nan_to_num(0.0)
     return tv * COUPLED_TV if tv is not None and coupling is not None else tv
-
-
-def negative_share(feats: torch.Tensor) -> torch.Tensor:
-    """Each input's share of its energy on negative entries (its rows made non-negative on the whole)."""
-    X = feats * torch.where(feats.sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(feats.dtype)
-    return X.clamp(max=0).pow(2).sum(dim=1) / X.pow(2).sum(dim=1).clamp_min(1e-300)
 
 
 def _screen(sim: Simulator, prepared: list, G: torch.Tensor, layer: str, *, scale_known: bool, invert_tv: float,
