@@ -1048,21 +1048,27 @@ def test_real_x_rays_under_local_steps_are_separated_by_their_inputs_zeros(share
     assert found.labels[pair].tolist() == batch.labels.tolist()  # each image's own label
 
 
+def _xray_fc1(shared_data, indices: list[int], obfuscation: dict):
+    """Real X-rays' obfuscated FedSGD update of ``lenet5``'s ``fc1`` (labels not given): the update, the
+    classifier's weight difference, ``fc1``'s weight and the images' true inputs to it."""
+    ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=64)
+    batch = ds.batch(indices)
+    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=Protocol(), model_seed=0,
+                     obfuscations=[obfuscation], obfuscation_seed=0, labels_known=False)
+    sim = Simulator(obs)
+    G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
+    v = (sim.model.classifier.weight[1] - sim.model.classifier.weight[0]).detach().double()
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
+    return G, v, sim.model.fc1.weight.detach().double(), h
+
+
 def test_the_relu_consistent_search_reads_what_the_residual_cannot(shared_data):
     # four X-rays of one label under QSGD 4 (the benchmark's tune draw, batch 2): a reading of the
     # patterns with two images wrong fits the update better than the true patterns do, but the true
     # patterns are the ones the images' ReLU switches on (fc1 has no bias: w_j . h_i > 0 exactly where
     # image i is active). The search judged by both hands that reading on, however its residual compares
-    ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=64)
-    batch = ds.batch([4490, 4875, 3206, 1716])
-    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=Protocol(), model_seed=0,
-                     obfuscations=[{"name": "qsgd", "levels": 4}], obfuscation_seed=0, labels_known=False)
-    sim = Simulator(obs)
-    G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
-    v = (sim.model.classifier.weight[1] - sim.model.classifier.weight[0]).detach().double()
-    W = sim.model.fc1.weight.detach().double()
-    with torch.no_grad():
-        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
+    G, v, W, h = _xray_fc1(shared_data, [4490, 4875, 3206, 1716], {"name": "qsgd", "levels": 4})
     sep = separate(G, 4, row_scale=v, weight=W, generator=torch.Generator().manual_seed(0), global_search=True)
     found = sep.info["global_search"]["consistent"]
     assert found["starts"] == disaggregate.SEARCH_STARTS and found["distance"] > RUNNER_UP_DISTINCT, found
@@ -1093,17 +1099,7 @@ def test_the_consistent_search_prefers_readings_whose_inputs_are_no_noise(shared
     # absorb the noise (half its energy negative, where a ReLU's output has none), and the consistent
     # search's lowest cost can too; among its starts it keeps the lowest cost of those whose inputs all
     # read as inputs
-    ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=64)
-    batch = ds.batch([94, 1263, 192, 2607])
-    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=Protocol(), model_seed=0,
-                     obfuscations=[{"name": "relative_gaussian", "sigma0": 1.0}], obfuscation_seed=0,
-                     labels_known=False)
-    sim = Simulator(obs)
-    G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
-    v = (sim.model.classifier.weight[1] - sim.model.classifier.weight[0]).detach().double()
-    W = sim.model.fc1.weight.detach().double()
-    with torch.no_grad():
-        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
+    G, v, W, h = _xray_fc1(shared_data, [94, 1263, 192, 2607], {"name": "relative_gaussian", "sigma0": 1.0})
     sep = separate(G, 4, row_scale=v, weight=W, generator=torch.Generator().manual_seed(0), global_search=True)
     found = sep.info["global_search"]["consistent"]
     assert found["like_noise"] == 0 and found["starts_without_noise"] >= 1, found
