@@ -202,8 +202,9 @@ def _subset_refine(P: torch.Tensor, v: torch.Tensor, q: torch.Tensor, rounds: in
 #: 7 to 18 % of their energy on negative entries even under relative noise σ0 = 1 (tune batch 2 and the
 #: report batch, B = 4), the inputs the search's readings got right 2 to 20 %, while an input that fits
 #: only the noise (a reading whose free input absorbs it, its cosine with every image 0.004 to 0.07) has
-#: 45 to 50 %, as noise would. Past this share the
-#: result says the input is no image (``info["like_noise"]``); the separation still counts it.
+#: 45 to 50 %, as noise would. Past this share the leak's result says the input is no image
+#: (``info["like_noise"]``; the separation still counts it), and the ReLU-consistent pattern search
+#: prefers readings with fewer such inputs (:func:`search_patterns`).
 LIKE_NOISE = 0.3
 
 
@@ -324,10 +325,10 @@ def search_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, seed: int, s
     starts whose least-squares inputs have the fewest that read as noise, :data:`LIKE_NOISE`: a free
     input can absorb the noise and lower both terms), polished by the plain alternating least squares
     (a local minimum of the residual, like any other) unless the polish lets an input read as noise,
-    becomes the best when
-    it fits better and is handed on as a runner-up otherwise (when it differs from the best and every
-    other runner-up by more than ``CONSISTENT_DISTINCT``), whatever its residual: the residual cannot
-    tell it from the best (``info["consistent"]``). With a time limit the plain search has half of it.
+    becomes the best when it fits better and is handed on as a runner-up otherwise (when it differs
+    from the best and every other runner-up by more than ``CONSISTENT_DISTINCT``), whatever its
+    residual: the residual cannot tell it from the best (``info["consistent"]``). With a time limit the
+    plain search has half of it.
     The layer must have no bias (the ReLU's side of 0 is then independent of the inputs' scale)."""
     start = time.perf_counter()
     m, n = G.shape

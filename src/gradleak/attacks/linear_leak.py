@@ -835,8 +835,6 @@ SPARSE_SUMS = 1.0
 SCREEN_SHARE = 0.25
 
 
-
-
 def _noise_tv(invert_tv: float, noise: list[float] | None, coupling: torch.Tensor | None) -> torch.Tensor | None:
     """The inversion's total variation per image: ``invert_tv`` times each input's estimated relative
     error (None for an exact update), times ``COUPLED_TV`` where the errors are weighed jointly."""
