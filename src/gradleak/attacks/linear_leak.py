@@ -829,9 +829,9 @@ SPARSE_SUMS = 1.0
 #: 0.31 / 0.14 / 0.23), judged by the inversion's objective 24.0 / 24.3 / 24.0 dB; under QSGD 4 17.9 ->
 #: 21.5 dB. There the consistent search's reading (inputs at cosine 0.823 to 0.872 with the truth)
 #: inverted to images whose update was the nearest (relative squared error 0.656 against 0.664 to 0.687
-#: for the others, in the leak stage with the generator seeded 0), while its inversion objective was second to a reading with two images wrong
-#: (0.063 against 0.056). Batches 0 and 1 (both noises) have no runner-up within reach of their best fit
-#: and are unchanged.
+#: for the others, in the leak stage with the generator seeded 0), while its inversion objective was
+#: second to a reading with two images wrong (0.063 against 0.056). Batches 0 and 1 (both noises) have
+#: no runner-up within reach of their best fit and are unchanged.
 SCREEN_SHARE = 0.25
 
 
@@ -851,8 +851,7 @@ def _screen(sim: Simulator, prepared: list, G: torch.Tensor, layer: str, *, scal
     :func:`observed_matrix` reads it; where the scale is not known, at the scale that fits it best) is
     kept; where each has one, the lowest inversion objective is (an input fitted to the noise inverts to
     an image whose update fits the noise too). Returns the index and what was compared."""
-    shares = [negative_share(feats.double()) for feats, *_ in prepared]
-    noisy = [int((sh > LIKE_NOISE).sum()) for sh in shares]
+    noisy = [int((negative_share(feats.double()) > LIKE_NOISE).sum()) for feats, *_ in prepared]
     judged = [c for c in range(len(prepared)) if noisy[c] == min(noisy)]
     objectives, errors = {}, {}
     scale = fedavg_gradient_scale(sim.protocol)
