@@ -119,10 +119,12 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
             rec.iterations = 0
             kept = "inverted (every image separated: no refinement)"
     info = {k: v for k, v in found.info.items() if k != "inversion_history"}
+    on_layer = bool(info.get("layer_refinement", {}).get("kept"))
     rec.extras["pipeline"] = {
         "leaky_layer": found.layer, "separated": int(info.get("separated", 0)), "images": obs.num_images,
         "separation": info, "scale_known": found.scale_known,
-        "stages": ["disaggregation", "feature inversion"] + ([] if settled else ["gradient-matching refinement"]),
+        "stages": ["disaggregation", "feature inversion"] + (["refinement on the leaky layer"] if on_layer else [])
+        + ([] if settled else ["gradient-matching refinement"]),
         "kept": kept, "leak_seconds": round(leak_seconds, 3),
         "note": f"layer '{found.layer}' leaked {int(info.get('separated', 0))} of {obs.num_images} images "
                 f"separately" + (f" ({info['like_noise']} of the inputs read as noise, not an image: half their "
@@ -131,6 +133,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     what = {"sign supports": "sign-support disaggregation",
             "nonneg": "non-negative-input disaggregation"}.get(info.get("method"), "linear-layer disaggregation")
     rec.threat_model["attack_pipeline"] = (f"{what} ({found.layer}) + feature inversion"
+                                           + (f" + refinement on {found.layer}'s update" if on_layer else "")
                                            + ("" if settled else " + refinement"))
     if partial:  # some inputs are mixtures: the optimisation attack competes, the better match wins
         alt = fallback()
