@@ -1127,15 +1127,22 @@ def test_the_layer_update_in_factored_form_is_the_models_own():
     assert float((soft - C).norm() / C.norm()) < 1e-6  # a cold sigmoid is the step
 
 
-def test_refinement_on_the_layer_moves_images_towards_the_truth_under_heavy_noise(shared_data):
-    # four X-rays under relative noise sigma0 = 1: from images 0.08 off the truth in every pixel, matching
-    # the received fc1 update itself (each image's units switching where its own pre-activation says)
-    # with the smoothness prior brings them closer, and the objective says so without the truth
+def _xray_heavy_noise(shared_data):
+    """Four real X-rays of one label (the benchmark's tune draw, batch 2) and their FedSGD update of
+    ``lenet5`` under relative Gaussian noise sigma0 = 1, labels not given: (observation, batch)."""
     ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=64)
     batch = ds.batch([4490, 4875, 3206, 1716])
     obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=Protocol(), model_seed=0,
                      obfuscations=[{"name": "relative_gaussian", "sigma0": 1.0}], obfuscation_seed=0,
                      labels_known=False)
+    return obs, batch
+
+
+def test_refinement_on_the_layer_moves_images_towards_the_truth_under_heavy_noise(shared_data):
+    # four X-rays under relative noise sigma0 = 1: from images 0.08 off the truth in every pixel, matching
+    # the received fc1 update itself (each image's units switching where its own pre-activation says)
+    # with the smoothness prior brings them closer, and the objective says so without the truth
+    obs, batch = _xray_heavy_noise(shared_data)
     sim = Simulator(obs)
     G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
     start = (batch.images + 0.08 * torch.randn(batch.images.shape, generator=torch.Generator().manual_seed(0))
@@ -1158,11 +1165,7 @@ def test_refinement_on_the_layer_moves_images_towards_the_truth_under_heavy_nois
 def test_auto_refines_on_the_layer_under_heavy_noise_and_says_so(shared_data):
     # the same four X-rays under sigma0 = 1, the whole pipeline in a 20 s budget: every image separates,
     # the inputs are noisy, and the inverted images are refined on fc1's update; the result says so
-    ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=64)
-    batch = ds.batch([4490, 4875, 3206, 1716])
-    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=Protocol(), model_seed=0,
-                     obfuscations=[{"name": "relative_gaussian", "sigma0": 1.0}], obfuscation_seed=0,
-                     labels_known=False)
+    obs, batch = _xray_heavy_noise(shared_data)
     rec = run_attack("auto", obs, {"time_budget": 20}, progress=False)
     p = rec.extras["pipeline"]
     refined = p["separation"]["layer_refinement"]
