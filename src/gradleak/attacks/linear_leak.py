@@ -1114,8 +1114,9 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         left = min(left, 0.25 * time_limit)
     # heavy Gaussian-type noise on a one-step update whose scale is exact: the inverted images are refined
     # to the received update itself (refine_on_layer), in a share of the time
+    last_family = [st.ob.family for st in steps(obs, sim.target)][-1:]
     on_layer = (known is None and exact and not local_drift(sim.protocol) and int(info.get("separated", 0)) == n
-                and [st.ob.family for st in steps(obs, sim.target)][-1:] == ["noise"] and bool(info.get("feature_noise"))
+                and last_family == ["noise"] and bool(info.get("feature_noise"))
                 and sum(info["feature_noise"]) / len(info["feature_noise"]) >= COUPLED_NOISE)
     if on_layer and left is not None:
         left = (1 - LAYER_REFINE_SHARE) * left
