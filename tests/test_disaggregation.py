@@ -410,6 +410,27 @@ def test_the_separation_estimates_each_input_s_error_from_the_update_s_noise():
         assert 0.5 * err < est < 2 * err, (err, est)
 
 
+def test_a_row_sent_as_zeros_does_not_make_a_reading_exact():
+    # a quantizer sends a small row as all zeros: it has no energy outside the rank-N subspace, yet it is
+    # no exact constraint. A reading that makes images active on such rows must not have its inputs
+    # estimated exact (the inversion would then drop its smoothness prior)
+    g = torch.Generator().manual_seed(0)
+    rows, n = 400, 4
+    v = torch.randn(rows, generator=g, dtype=torch.float64)
+    M = (torch.rand(rows, n, generator=g) < 0.5).double()
+    X = torch.rand(n, 256, generator=g, dtype=torch.float64)
+    noisy = torch.full((rows,), 1e-6, dtype=torch.float64)
+    zeroed = noisy.clone()
+    zeroed[:100] = 0.0  # a quarter of the rows sent as zeros
+    floored = noisy.clone()
+    floored[:100] = disaggregate.NOISE_FLOOR * 1e-6
+    every = disaggregate._feature_noise(v, M, noisy, X)
+    est = disaggregate._feature_noise(v, M, zeroed, X)
+    assert est == pytest.approx(disaggregate._feature_noise(v, M, floored, X))
+    assert all(0.2 * a < b <= a for a, b in zip(every, est)), (every, est)
+    assert disaggregate._feature_noise(v, M, torch.zeros(rows, dtype=torch.float64), X) == [0.0] * n
+
+
 @pytest.mark.parametrize("spec,gain", [({"name": "uniform", "bits": 8}, 0.7), ({"name": "qsgd", "levels": 64}, 0.95)])
 def test_the_likelihood_of_the_received_entries_sharpens_the_separated_inputs(spec, gain):
     # the rank-r projection treats every entry's noise alike; the rounding cell (deterministic) and QSGD's

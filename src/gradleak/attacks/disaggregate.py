@@ -151,16 +151,25 @@ def _distinct_rows(rows: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.stack(reps) if reps else rows[:0]
 
 
+#: The least noise :func:`_feature_noise` lets a row carry, a fraction of the median row's.
+NOISE_FLOOR = 0.1
+
+
 def _feature_noise(v: torch.Tensor, M: torch.Tensor, noise: torch.Tensor, X: torch.Tensor) -> list[float]:
     """Each separated input's expected relative error from the update's noise: with the ReLU patterns
     ``M`` (rows x N) known, an input's entries are a weighted mean over the rows where its image is
     active, ``G ~ diag(v) M X``, whose variance for per-entry row noise ``noise`` is
     ``(A^T diag(1/noise) A)^-1`` with ``A = diag(v) M``; the relative error of row i is
-    ``sqrt(n * var_i) / |X_i|`` (0 for an exact update)."""
+    ``sqrt(n * var_i) / |X_i|`` (0 for an exact update). Each row's noise is at least ``NOISE_FLOOR``
+    times the median of the rows' that carry any: a row a quantizer sent as all zeros has no energy
+    outside the rank-N subspace, yet it is no exact constraint. Under QSGD 4 at B = 8 (tune draw, batch
+    1, 240 s) 115 of the 469 rows kept were such; the reading chosen made images active there, seven of
+    its eight inputs read as exact (1e-5), the inversion dropped its smoothness prior and scored 16.1 dB
+    (blind 16.4). With the floor they read 0.45 to 0.64, and the leak's inversion 17.8 dB."""
     if float(noise.max()) <= 0:
         return [0.0] * len(X)
     A = v[:, None] * M
-    w = 1.0 / noise.clamp_min(1e-12 * float(noise.max()))
+    w = 1.0 / noise.clamp_min(NOISE_FLOOR * float(noise[noise > 0].median()))
     normal = A.T @ (w[:, None] * A)
     try:
         var = torch.linalg.inv(normal).diagonal().clamp_min(0)
