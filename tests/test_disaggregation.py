@@ -1184,6 +1184,22 @@ def test_refinement_on_the_layer_moves_images_towards_the_truth_under_heavy_nois
     assert info0["objective_after"] > info0["objective_before"] and torch.equal(same, batch.images)
 
 
+@pytest.mark.parametrize("B,size,limit,refines", [(8, 32, 20.0, True), (4, 16, 10.0, False)])
+def test_a_quantized_update_is_refined_on_the_layer_where_its_rows_per_pattern_are_few(B, size, limit, refines):
+    # under QSGD 4 least squares is not the update's likelihood: the refinement on fc1's update runs only
+    # where the layer's 512 rows are fewer than LAYER_QUANTIZED_ROWS per possible ReLU pattern (B = 8: 2;
+    # B = 4: 32), and then lowers its objective
+    obs, _ = _phantom_obs(B, size=size, obfuscations=[{"name": "qsgd", "levels": 4}])
+    found = leak(obs, Simulator(obs), generator=torch.Generator().manual_seed(0), time_limit=limit)
+    noise = found.info["feature_noise"]
+    assert found.info["separated"] == B and sum(noise) / B >= linear_leak.COUPLED_NOISE, noise  # heavy in both
+    assert (512 < linear_leak.LAYER_QUANTIZED_ROWS * 2 ** B) == refines
+    assert ("layer_refinement" in found.info) == refines
+    if refines:
+        refined = found.info["layer_refinement"]
+        assert refined["kept"] and refined["objective_after"] < refined["objective_before"], refined
+
+
 def test_auto_refines_on_the_layer_under_heavy_noise_and_says_so(shared_data):
     # the same four X-rays under sigma0 = 1, the whole pipeline in a 20 s budget: every image separates,
     # the inputs are noisy, and the inverted images are refined on fc1's update; the result says so
