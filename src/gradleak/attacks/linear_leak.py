@@ -897,7 +897,8 @@ LAYER_STAGES = 10
 #: average few rows each. Tune draw, QSGD 4 (least squares is not its likelihood), the leak stage with and
 #: without its share: B = 4, 60 s, 27.7 / 26.6 -> 27.4 / 26.4 dB on batches 0 and 2 (batch 1 too little
 #: noise to run; blind 18.8 / 17.5); B = 8, 240 s, 19.5 / 17.8 -> 22.1 / 19.1 dB (blind 18.4 / 16.4). With
-#: 0.4 of the time instead of 0.2 at B = 8: 22.4 / 19.3 dB (kept at 0.2, as chosen at B = 4).
+#: 0.4 of the time instead of 0.2 at B = 8: 22.4 / 19.3 dB; under σ0 = 1 (B = 8, 240 s, blind as above) 0.2
+#: gave 18.0 / 15.6 -> 19.5 / 16.75 dB and 0.5 19.56 / 16.93: kept at 0.2, as chosen at B = 4.
 LAYER_QUANTIZED_ROWS = 8
 #: Without a time limit, the L-BFGS calls (of up to 30 iterations) per stage.
 LAYER_CALLS = 3
