@@ -878,14 +878,16 @@ def _screen(sim: Simulator, prepared: list, G: torch.Tensor, layer: str, *, scal
                   "judged_by": "update" if min(noisy) == 0 else "inversion objective"}
 
 
-#: The share of the leak's time for :func:`refine_on_layer` where it runs (heavy additive noise).
+#: The share of the leak's time for :func:`refine_on_layer` where it runs (heavy additive noise, or
+#: heavy quantization where ``LAYER_QUANTIZED_ROWS`` allows).
 LAYER_REFINE_SHARE = 0.2
 #: :func:`refine_on_layer`'s total variation per image, per unit of the update's noise share (the
 #: least-squares objective is the update's relative squared error, whose floor is that share). Tune draw,
 #: relative noise σ0 = 1, B = 4, the leak stage with 48 s then 12 s of it (blind 18.8 / 17.9 / 17.5 dB):
 #: without 27.5 / 28.2 / 24.0 dB; 0.003: 27.0 / 27.8 / 25.2; 0.006: 28.1 / 28.7 / 25.6; 0.01: 28.5 /
 #: 29.3 / 25.4; 0.025: 28.1 / 29.1 / 24.8. Under QSGD 4 (not Gaussian: the inputs are re-estimated by
-#: its own likelihood, and least squares is not it) 0.01 cost 0.2 to 0.3 dB, so it runs on noise only.
+#: its own likelihood, and least squares is not it) 0.01 cost 0.2 to 0.3 dB at B = 4, so under quantizers
+#: it runs only at larger batches (``LAYER_QUANTIZED_ROWS``).
 LAYER_TV = 0.01
 #: Its annealing: the ReLU's gate is a sigmoid of the pre-activation over a temperature falling
 #: geometrically from the first to the second factor times the median |pre-activation|, in this many
@@ -1145,10 +1147,9 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
                                                   time_limit=left, mask=known, tv_weight=tv, coupling=coupling,
                                                   sums=sums, sums_weight=SPARSE_SUMS,
                                                   anneal=None if sums is None else SPARSE_ANNEAL)
-    if on_layer:
-        Gf = G.float()
-        energy = torch.linalg.eigvalsh((Gf @ Gf.T).double())  # the squared singular values, ascending
-        noise_share = 1.0 - float(energy[-n:].sum() / energy.sum().clamp_min(1e-300))
+    if on_layer:  # the update's energy outside its top N singular directions (the separation's spectrum)
+        top = torch.tensor(info["spectrum"][:n], dtype=torch.float64).pow(2).sum()
+        noise_share = 1.0 - float(top / G.double().pow(2).sum().clamp_min(1e-300))
         images, info["layer_refinement"] = refine_on_layer(
             sim, G, images, labels, noise_share=noise_share,
             time_limit=None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start)))
