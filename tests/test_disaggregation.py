@@ -1189,15 +1189,39 @@ def test_a_quantized_update_is_refined_on_the_layer_where_its_rows_per_pattern_a
     # under QSGD 4 least squares is not the update's likelihood: the refinement on fc1's update runs only
     # where the layer's 512 rows are fewer than LAYER_QUANTIZED_ROWS per possible ReLU pattern (B = 8: 2;
     # B = 4: 32), and then lowers its objective
-    obs, _ = _phantom_obs(B, size=size, obfuscations=[{"name": "qsgd", "levels": 4}])
+    obs, batch = _phantom_obs(B, size=size, obfuscations=[{"name": "qsgd", "levels": 4}])
     found = leak(obs, Simulator(obs), generator=torch.Generator().manual_seed(0), time_limit=limit)
     noise = found.info["feature_noise"]
     assert found.info["separated"] == B and sum(noise) / B >= linear_leak.COUPLED_NOISE, noise  # heavy in both
     assert (512 < linear_leak.LAYER_QUANTIZED_ROWS * 2 ** B) == refines
     assert ("layer_refinement" in found.info) == refines
-    if refines:
+    if refines:  # from the inverted images, and (few rows per pattern) from a blank start: the lower wins
         refined = found.info["layer_refinement"]
         assert refined["kept"] and refined["objective_after"] < refined["objective_before"], refined
+        blank = refined["from_blank"]
+        assert blank["kept"] and blank["won"] == (blank["objective_after"] < refined["objective_after"]), refined
+        assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())  # counts right, either way
+    assert found.info["seconds"] <= 1.05 * limit
+
+
+def test_auto_pits_a_blank_start_against_the_fallback_where_nothing_separates():
+    # sixteen phantoms (32 px) under sigma0 = 1: no image separates, fc1 has fewer than LAYER_QUANTIZED_ROWS
+    # rows per pattern, so the refinement on its update runs from a blank start with the label counts, and
+    # competes with the optimisation attack by its objective; the lower one is kept and the result says which
+    obs, batch = _phantom_obs(16, size=32, obfuscations=[{"name": "relative_gaussian", "sigma0": 1.0}])
+    rec = run_attack("auto", obs, {"time_budget": 20}, progress=False)
+    p = rec.extras["pipeline"]
+    blank = p["separation"]["layer_refinement"]["from_blank"]
+    assert p["separated"] == 0 and blank["kept"] and blank["objective_after"] < blank["objective_before"], p
+    assert p["stages"] == ["refinement on the leaky layer from a blank start", "rog"]
+    won = blank["objective_after"] < p["competitor"]["layer_objective"]
+    assert p["kept"].startswith("refined from a blank start" if won else "rog"), p["kept"]
+    assert ("(kept over rog)" if won else "then rog (kept)") in rec.threat_model["attack_pipeline"]
+    if won:  # the images and the labels are the blank start's: the label counts
+        assert torch.equal(rec.images, rec.extras["leak_images"].clamp(0, 1).float())
+        assert sorted(rec.labels.tolist()) == sorted(batch.labels.tolist()) and "counts" in rec.threat_model["labels"]
+        assert rec.converged == blank["converged"]
+    assert rec.seconds < 20 * 1.05
 
 
 def test_auto_refines_on_the_layer_under_heavy_noise_and_says_so(shared_data):
