@@ -11,7 +11,10 @@ included: its unsent columns are left to the inversion's smoothness prior), the 
 result: it matches the rank-N denoised inputs, and gradient matching on the whole update would only
 fit its noise. Where the model has no
 such layer, ``auto`` says so and runs the best optimisation attack for the batch size: Inverting
-Gradients for one image, ROG for a batch.
+Gradients for one image, ROG for a batch. Where the layer has few rows per ReLU pattern of the batch
+and nothing separated from a one-step update under noise or a quantizer, the images the leak refined on
+the layer's update from a blank start compete with that optimisation attack, judged by the layer's
+objective (:func:`.linear_leak.layer_fit`).
 
 Budget: with a ``time_budget`` the disaggregation and inversion get at most ``leak_share`` of it and
 the refinement the rest (all of it, less a margin, where nothing is left to refine); without one,
