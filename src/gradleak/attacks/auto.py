@@ -83,6 +83,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
             base["time_budget"] = max(0.5, until * T - (time.perf_counter() - start))
         return engine.run(obs, base, attack="auto", device=device, generator=g_fallback, progress=progress)
 
+    refine = {k: v for k, v in s.items() if k not in OWN}  # the engine's settings
     blank = None if found is None else found.info.get("layer_refinement", {}).get("from_blank")
     if why is not None and blank is not None and found.labels is not None:
         # nothing separated, but the images refined on the layer's update from a blank start compete with the
@@ -103,9 +104,9 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
                                                   f"then {name} (kept)"
             alt.seconds = time.perf_counter() - start
             return alt
-        rec = engine.run(obs, {**{k: v for k, v in s.items() if k not in OWN}, "iterations": 1, "time_budget": None},
-                         attack="auto", device=device, generator=g_refine, progress=False, init_images=found.images,
-                         labels=(found.labels, found.info["labels"]))
+        rec = engine.run(obs, {**refine, "iterations": 1, "time_budget": None}, attack="auto", device=device,
+                         generator=g_refine, progress=False, init_images=found.images,
+                         labels=(found.labels, found.info["labels"]))  # scores the blank start's batch only
         rec.images = found.images.clamp(0, 1).float()
         rec.loss = float(rec.extras.get("initial_losses", [float("inf")])[rec.extras["best_restart"]])
         rec.iterations = int(blank["iterations"]) + alt.iterations
@@ -128,7 +129,6 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         return rec
     leak_seconds = time.perf_counter() - start
     partial = int(found.info.get("separated", 0)) < obs.num_images
-    refine = {k: v for k, v in s.items() if k not in OWN}
     if T is not None:  # with some images left as mixtures, the optimisation attack gets half of what is left
         refine["time_budget"] = max(0.5, (0.5 if partial else 1.0) * (T - leak_seconds))
     labels = None

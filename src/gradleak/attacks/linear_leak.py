@@ -1026,30 +1026,39 @@ def refine_on_layer(sim: Simulator, G: torch.Tensor, images: torch.Tensor, label
     return (x.detach().cpu().clamp(0, 1) if kept else images), info
 
 
+def _few_rows(G: torch.Tensor, n: int) -> bool:
+    """Whether the layer has fewer than ``LAYER_QUANTIZED_ROWS`` rows per possible ReLU pattern of ``n``."""
+    return G.shape[0] < LAYER_QUANTIZED_ROWS * 2 ** n
+
+
 def _on_layer(obs: Observation, sim: Simulator, G: torch.Tensor, info: dict[str, Any], *, exact: bool) -> bool:
     """Whether :func:`refine_on_layer` runs on a separation (``info``): heavy Gaussian-type noise, or
-    quantization of a batch with few of the layer's rows per possible ReLU pattern
-    (``LAYER_QUANTIZED_ROWS``), on a one-step update whose scale is exact, every image separated."""
+    quantization of a batch with few of the layer's rows per possible ReLU pattern (:func:`_few_rows`),
+    on a one-step update whose scale is exact, every image separated."""
     n = sim.num_images
     last_family = [st.ob.family for st in steps(obs, sim.target)][-1:]
-    few_rows = G.shape[0] < LAYER_QUANTIZED_ROWS * 2 ** n  # per possible pattern: quantized updates too
     noise = info.get("feature_noise")
     return (exact and not local_drift(sim.protocol) and int(info.get("separated", 0)) == n
-            and (last_family == ["noise"] or (last_family == ["quantize"] and few_rows))
+            and (last_family == ["noise"] or (last_family == ["quantize"] and _few_rows(G, n)))
             and bool(noise) and sum(noise) / len(noise) >= COUPLED_NOISE)
 
 
 def _from_blank(obs: Observation, sim: Simulator, G: torch.Tensor, info: dict[str, Any], *, exact: bool) -> bool:
     """Whether :func:`refine_on_layer` also runs from a blank start: the layer has few rows per possible
-    pattern (``LAYER_QUANTIZED_ROWS``) and either the inverted images are refined too (:func:`_on_layer`)
-    or nothing separated from a one-step update of exact scale under Gaussian-type noise or a quantizer."""
-    n = sim.num_images
-    if G.shape[0] >= LAYER_QUANTIZED_ROWS * 2 ** n:
+    pattern (:func:`_few_rows`) and either the inverted images are refined too (:func:`_on_layer`) or
+    nothing separated from a one-step update of exact scale under Gaussian-type noise or a quantizer."""
+    if not _few_rows(G, sim.num_images):
         return False
     if int(info.get("separated", 0)) == 0:
         last_family = [st.ob.family for st in steps(obs, sim.target)][-1:]
         return exact and not local_drift(sim.protocol) and last_family in (["noise"], ["quantize"])
     return _on_layer(obs, sim, G, info, exact=exact)
+
+
+def _blank_labels_note(obs: Observation) -> str:
+    """Where the labels of the images refined from a blank start came from."""
+    return ("known (given with the observation)" if obs.labels is not None
+            else "counts from the classifier's update (the blank start's images in class order)")
 
 
 def _noise_share(G: torch.Tensor, info: dict[str, Any], n: int) -> float:
@@ -1124,10 +1133,11 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
                 time_limit = max(time_limit, settled_time_limit)
             g_blank = torch.Generator().manual_seed(g_invert.initial_seed() + 1)  # the inversion's starts stay
             start_images = 0.5 + LAYER_BLANK_JITTER * torch.randn((n, *sim.image_shape), generator=g_blank)
-            # the label counts from the classifier's update: a reading of few rows can take a noise-like
-            # input for an image of the other class (tune draw, B = 8, sigma0 = 1: every reading of batch 1
-            # did, 15.0 dB against 17.3 with the counts, blind 16.4), and from a blank start only counts matter
-            blank_labels = count_based(sim, g_blank)
+            # the labels where the server has them, else the counts from the classifier's update: a reading of
+            # few rows can take a noise-like input for an image of the other class (tune draw, B = 8, 240 s,
+            # sigma0 = 1, batch 1: 15.0 dB with the first reading's labels against 17.3 with the counts, blind
+            # 16.4), and from a blank start only the counts matter
+            blank_labels = (obs.labels.to(torch.int64) if obs.labels is not None else count_based(sim, g_blank))
             blank = (*refine_on_layer(sim, G, start_images.clamp(0, 1), blank_labels,
                                       noise_share=_noise_share(G, info, n),
                                       time_limit=None if time_limit is None else
@@ -1198,7 +1208,7 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         # competes with the images refined from a blank start where those ran)
         if blank is not None:
             info["layer_refinement"] = {"from_blank": blank[1]}
-            info["labels"] = "counts from the classifier's update (the blank start's images in class order)"
+            info["labels"] = _blank_labels_note(obs)
             info["seconds"] = round(time.perf_counter() - start, 3)
             return Leak(layer=layer, images=blank[0], labels=blank[2], features=feats, scale_known=scale_known,
                         info=info)
@@ -1237,7 +1247,7 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
             info["layer_refinement"] = {**mine, "from_blank": {**blank[1], "won": won}}
             if won:
                 images, labels = blank[0], blank[2]
-                info["labels"] = "counts from the classifier's update (the blank start's images in class order)"
+                info["labels"] = _blank_labels_note(obs)
     info["inversion_starts"] = sinfo["starts"]
     info["inversion_improved_by_other_starts"] = sinfo["improved_by_other_starts"]
     info["inversion_averaged"] = sinfo["averaged"]
