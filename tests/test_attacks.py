@@ -115,3 +115,20 @@ def test_attack_package_never_imports_the_data_package():
                 assert "data" not in mod.split(".") and "capture" not in mod.split("."), (path, mod)
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("gradleak.data") for a in node.names), path
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40)])
+def test_lowrank_denoise_is_the_thin_svd_projection_on_either_side(shape):
+    # the projection on the top singular vectors, read from the shorter side's Gram matrix, equals the
+    # thin SVD's; a vector, or a matrix with a side not larger than the rank, is returned as it was
+    from gradleak.attacks.aware import lowrank_denoise
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g)
+         + 0.3 * torch.randn(shape, generator=g))
+    bias, narrow = torch.randn(7, generator=g), torch.randn(3, 50, generator=g)
+    out = lowrank_denoise({"w": t, "b": bias, "n": narrow}, 3)
+    u, sv, vh = torch.linalg.svd(t.double(), full_matrices=False)
+    expected = (u[:, :3] * sv[:3]) @ vh[:3]
+    assert out["w"].dtype == t.dtype and torch.allclose(out["w"].double(), expected, atol=1e-5)
+    assert torch.linalg.matrix_rank(out["w"].double(), rtol=1e-6) == 3
+    assert out["b"] is bias and out["n"] is narrow

@@ -432,8 +432,14 @@ def lowrank_denoise(target: Tensors, rank: int) -> Tensors:
     out = {}
     for k, t in target.items():
         if t.dim() == 2 and min(t.shape) > rank:
-            u, sv, vh = torch.linalg.svd(t.double(), full_matrices=False)
-            out[k] = ((u[:, :rank] * sv[:rank]) @ vh[:rank]).to(t.dtype)
+            # the projection on the top singular vectors of the shorter side, from the eigenvectors of its
+            # Gram matrix: the same projection as a thin SVD's, without decomposing the long side (fc1 of
+            # lenet5 at 64 px, 512 x 16384: 1.2 s by SVD on two cores)
+            d = t.double()
+            wide = d.shape[0] <= d.shape[1]
+            _, vecs = torch.linalg.eigh(d @ d.T if wide else d.T @ d)
+            u = vecs[:, -rank:]
+            out[k] = (u @ (u.T @ d) if wide else (d @ u) @ u.T).to(t.dtype)
         else:
             out[k] = t
     return out

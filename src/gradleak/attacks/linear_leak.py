@@ -988,22 +988,33 @@ def refine_on_layer(sim: Simulator, G: torch.Tensor, images: torch.Tensor, label
         x.requires_grad_(True)
         hot, cold = LAYER_TEMPERATURES
         iterations = 0
+        evaluations = [0, 0.0]  # closure calls and their seconds, to fit each L-BFGS call in its stage's time
         for k in range(LAYER_STAGES):
             temperature = max(scale, 1e-12) * hot * (cold / hot) ** (k / max(1, LAYER_STAGES - 1))
             opt = torch.optim.LBFGS([x], lr=1, max_iter=30, history_size=50, line_search_fn="strong_wolfe")
 
             def closure():
+                t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 loss = objective(x, temperature)
                 loss.backward()
+                evaluations[0] += 1
+                evaluations[1] += time.perf_counter() - t0
                 return loss
 
             end = None if time_limit is None else start + time_limit * (k + 1) / LAYER_STAGES
             last = None
             settled_here = False
             for _ in range(LAYER_CALLS if end is None else 10 ** 9):
-                if end is not None and time.perf_counter() >= end:
-                    break
+                if end is not None:
+                    left = end - time.perf_counter()
+                    if left <= 0:
+                        break
+                    # a call of up to 30 iterations must not run past the stage's end: a short first call
+                    # times the evaluations, the later ones take what fits in the time left
+                    fits = int(left / (evaluations[1] / evaluations[0])) if evaluations[0] else 3
+                    opt.param_groups[0]["max_eval"] = max(1, fits)
+                    opt.param_groups[0]["max_iter"] = max(1, min(30, fits))
                 opt.step(closure)
                 with torch.no_grad():
                     x.clamp_(0, 1)
