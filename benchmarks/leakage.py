@@ -297,6 +297,7 @@ def main(argv=None) -> int:
                                 "iterations": rec.iterations, "seconds": rec.seconds,
                                 "objective": rec.threat_model.get("objective"), "converged": rec.converged,
                                 "pipeline": (rec.extras.get("pipeline") or {}).get("note"),
+                                "stages": (rec.extras.get("pipeline") or {}).get("stages"),
                                 **reidentification(ds, idx, batch, rec.images, m)}
                 print(f"[{time.time() - started:6.0f}s] {o:9s} B={B} {name:9s} {idx}: PSNR {m['psnr']:.2f} "
                       f"SSIM {m['ssim']:.3f} labels {m.get('label_accuracy', float('nan')):.2f} "

@@ -1184,6 +1184,27 @@ def test_refinement_on_the_layer_moves_images_towards_the_truth_under_heavy_nois
     assert info0["objective_after"] > info0["objective_before"] and torch.equal(same, batch.images)
 
 
+def test_refinement_on_the_layer_from_a_blank_start_moves_coarse_images_first(shared_data):
+    # from jittered mid-grey, the first LAYER_COARSE_STAGES stages move images of half the side (upsampled
+    # to be matched); the images returned are full-size, lower the objective, are judged by the same
+    # objective as a competitor's (layer_fit), and are closer to the truth than the start
+    obs, batch = _xray_heavy_noise(shared_data)
+    sim = Simulator(obs)
+    G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
+    start = (0.5 + 0.05 * torch.randn(batch.images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    refined, info = linear_leak.refine_on_layer(sim, G, start, batch.labels, noise_share=0.9, time_limit=8.0,
+                                                coarse=linear_leak.LAYER_BLANK_COARSE)
+    assert refined.shape == batch.images.shape and info["kept"], info
+    assert info["objective_after"] < info["objective_before"]
+    fit = linear_leak.layer_fit(obs, sim, "fc1", refined, batch.labels, noise_share=0.9)
+    assert fit == pytest.approx(info["objective_after"], rel=1e-4)
+    # the coarse stages leave detail at full size: not a 2x2-block image
+    assert not torch.equal(refined[..., ::2, ::2], refined[..., 1::2, 1::2])
+    before = score(batch.images, batch.labels, start, batch.labels)["psnr"]
+    after = score(batch.images, batch.labels, refined, batch.labels)["psnr"]
+    assert after > before + 2, (before, after)
+
+
 @pytest.mark.parametrize("B,size,limit,refines", [(8, 32, 20.0, True), (4, 16, 10.0, False)])
 def test_a_quantized_update_is_refined_on_the_layer_where_its_rows_per_pattern_are_few(B, size, limit, refines):
     # under QSGD 4 least squares is not the update's likelihood: the refinement on fc1's update runs only
@@ -1235,5 +1256,7 @@ def test_auto_refines_on_the_layer_under_heavy_noise_and_says_so(shared_data):
     assert refined["objective_after"] < refined["objective_before"] and 0.5 < refined["noise_share"] < 1
     assert p["stages"] == ["disaggregation", "feature inversion", "refinement on the leaky layer"]
     assert "refinement on fc1's update" in rec.threat_model["attack_pipeline"]
+    # the iterations count the inversion's and the refinement's on the layer (no gradient matching after)
+    assert rec.iterations == p["separation"]["inversion_iterations"] + refined["iterations"] > 0
     assert rec.seconds < 20 * 1.05
     assert score(batch.images, batch.labels, rec.images, rec.labels)["psnr"] > 20  # blind guess: 17.5 dB

@@ -194,11 +194,18 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
             alt.threat_model["attack_pipeline"] = rec.threat_model["attack_pipeline"] + f", then {name} (kept)"
             alt.extras["leak_images"] = found.images
             alt.seconds = time.perf_counter() - start
-            alt.iterations += rec.iterations + int(found.info.get("inversion_iterations", 0))
+            alt.iterations += rec.iterations + _leak_iterations(found.info)
             return alt
     rec.seconds = time.perf_counter() - start
     rec.converged = (loss_converged(rec.history) if kept == "refined"
                      else bool(blank["converged"]) if blank is not None and blank.get("won")
                      else found.info.get("inversion_stop") == "converged")
-    rec.iterations = rec.iterations + int(found.info.get("inversion_iterations", 0))
+    rec.iterations = rec.iterations + _leak_iterations(found.info)
     return rec
+
+
+def _leak_iterations(info: dict[str, Any]) -> int:
+    """The leak's optimisation iterations: the feature inversion's and the refinements' on the layer."""
+    refined = info.get("layer_refinement") or {}
+    return (int(info.get("inversion_iterations", 0)) + int(refined.get("iterations", 0))
+            + int((refined.get("from_blank") or {}).get("iterations", 0)))
