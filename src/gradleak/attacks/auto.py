@@ -109,7 +109,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
                          labels=(found.labels, found.info["labels"]))  # scores the blank start's batch only
         rec.images = found.images.clamp(0, 1).float()
         rec.loss = float(rec.extras.get("initial_losses", [float("inf")])[rec.extras["best_restart"]])
-        rec.iterations = int(blank["iterations"]) + alt.iterations
+        rec.iterations = _leak_iterations(found.info) + alt.iterations
         rec.converged = bool(blank.get("converged"))
         rec.extras["pipeline"] = {**pipeline, "kept": "refined from a blank start (matched the layer's update "
                                                       f"better than {name})",
@@ -198,7 +198,7 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
             return alt
     rec.seconds = time.perf_counter() - start
     rec.converged = (loss_converged(rec.history) if kept == "refined"
-                     else bool(blank["converged"]) if blank is not None and blank.get("won")
+                     else bool(blank["converged"]) if from_blank
                      else found.info.get("inversion_stop") == "converged")
     rec.iterations = rec.iterations + _leak_iterations(found.info)
     return rec

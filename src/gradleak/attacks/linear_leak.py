@@ -1004,7 +1004,7 @@ def refine_on_layer(sim: Simulator, G: torch.Tensor, images: torch.Tensor, label
         for k in range(LAYER_STAGES):
             temperature = max(scale, 1e-12) * hot * (cold / hot) ** (k / max(1, LAYER_STAGES - 1))
             if coarse > 1 and k == 0:  # the first stages on images of 1/coarse the side, upsampled
-                x = F.interpolate(x.detach(), size=low, mode="area").requires_grad_(True)
+                x = F.interpolate(x.detach(), size=low, mode="area")
             if coarse > 1 and k == LAYER_COARSE_STAGES:
                 x = F.interpolate(x.detach(), size=size, mode="bilinear", align_corners=False).clamp(0, 1)
             x.requires_grad_(True)
@@ -1067,10 +1067,10 @@ def _on_layer(obs: Observation, sim: Simulator, G: torch.Tensor, info: dict[str,
     quantization of a batch with few of the layer's rows per possible ReLU pattern (:func:`_few_rows`),
     on a one-step update whose scale is exact, every image separated."""
     n = sim.num_images
-    last_family = [st.ob.family for st in steps(obs, sim.target)][-1:]
+    family = _one_step_family(obs, sim, exact=exact)
     noise = info.get("feature_noise")
-    return (exact and not local_drift(sim.protocol) and int(info.get("separated", 0)) == n
-            and (last_family == ["noise"] or (last_family == ["quantize"] and _few_rows(G, n)))
+    return (int(info.get("separated", 0)) == n
+            and (family == "noise" or (family == "quantize" and _few_rows(G, n)))
             and bool(noise) and sum(noise) / len(noise) >= COUPLED_NOISE)
 
 
@@ -1081,9 +1081,17 @@ def _from_blank(obs: Observation, sim: Simulator, G: torch.Tensor, info: dict[st
     if not _few_rows(G, sim.num_images):
         return False
     if int(info.get("separated", 0)) == 0:
-        last_family = [st.ob.family for st in steps(obs, sim.target)][-1:]
-        return exact and not local_drift(sim.protocol) and last_family in (["noise"], ["quantize"])
+        return _one_step_family(obs, sim, exact=exact) in ("noise", "quantize")
     return _on_layer(obs, sim, G, info, exact=exact)
+
+
+def _one_step_family(obs: Observation, sim: Simulator, *, exact: bool) -> str | None:
+    """The last obfuscation's family of a one-step update whose scale is exact (None for any other update,
+    or where nothing obfuscated it): where the layer's own update can be matched."""
+    if not exact or local_drift(sim.protocol):
+        return None
+    families = [st.ob.family for st in steps(obs, sim.target)]
+    return families[-1] if families else None
 
 
 def _blank_labels_note(obs: Observation) -> str:
