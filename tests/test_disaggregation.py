@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from gradleak.attacks import run_attack
 from gradleak.attacks.aware import Step, entry_likelihood
 from gradleak.attacks import disaggregate, linear_leak
-from gradleak.attacks.disaggregate import (RUNNER_UP_DISTINCT, RUNNER_UP_WITHIN, SIGN_FAMILIES, _distinct_rows,
+from gradleak.attacks.disaggregate import (RUNNER_UP_DISTINCT, RUNNER_UP_WITHIN, _distinct_rows,
                                           nonneg_separate, pattern_distance, reestimate, search_patterns, separate,
                                           sign_supports)
 from gradleak.attacks.engine import _keep_restarts, halving_rungs
@@ -977,20 +977,72 @@ def test_halves_of_a_mixed_pair_are_not_taken_for_supports(r, seed):
         assert len(match) == 1 and int(labels[match[0]]) == int(y)
 
 
-def test_signs_with_too_many_distinct_sets_are_not_guessed():
-    signs, v, _, _ = _sign_update(8)
-    sep = sign_supports(signs, v, 8)  # C(D, 8) choices of supports: past the exhaustive search
-    assert sep.info["separated"] == 0 and len(sep.supports) == 0
-    assert sep.info["distinct_sets"] > 30 and f"more than the {SIGN_FAMILIES}" in sep.info["note"]
+def _exact(sep, supports, labels) -> int:
+    """How many of the found supports are one true image's exactly, with its label."""
+    hits = 0
+    for s, y in zip(sep.supports, sep.labels):
+        match = [i for i in range(len(supports)) if bool((supports[i] == s).all())]
+        hits += len(match) == 1 and int(labels[match[0]]) == int(y)
+    return hits
 
 
-def test_the_sign_search_bounds_its_checks(monkeypatch):
-    from gradleak.attacks import disaggregate
+def test_past_the_exhaustive_search_the_supports_are_searched_by_swaps():
+    signs, v, supports, labels = _sign_update(6)
+    sep = sign_supports(signs, v, 6)  # C(candidates, 6) choices: past the exhaustive search
+    assert sep.info["search"] == "swaps" and sep.info["candidates"] > 30
+    assert sep.info["separated"] == 6 and _exact(sep, supports, labels) == 6
+    assert 1 <= sep.info["restarts_at_best"] <= sep.info["restarts"] <= disaggregate.SIGN_RESTARTS
+    again = sign_supports(signs, v, 6)  # seeded: the same choice
+    assert torch.equal(again.supports, sep.supports)
 
-    signs, v, _, _ = _sign_update(3)
+
+def test_the_sign_search_bounds_its_checks_and_its_time(monkeypatch):
+    signs, v, supports, labels = _sign_update(3)
+    assert sign_supports(signs, v, 3).info["search"] == "exhaustive"
     monkeypatch.setattr(disaggregate, "SIGN_CHECKS", 10)
     sep = sign_supports(signs, v, 3)
-    assert sep.info["separated"] == 0 and "more than the 10 an exhaustive search makes" in sep.info["note"]
+    assert sep.info["search"] == "swaps" and _exact(sep, supports, labels) == 3
+    # out of time: one start, stopped where the time ran out
+    out = sign_supports(signs, v, 3, time_limit=0.0)
+    assert out.info["restarts"] == 1 and out.info["separated"] == 3 and out.info["seconds"] < 1.0
+
+
+def test_unions_of_supports_shown_alone_are_no_candidates():
+    signs, v, supports, labels = _sign_update(4, active=0.5)
+    sep = sign_supports(signs, v, 4)
+    assert sep.info["candidates"] < sep.info["distinct_sets"] and _exact(sep, supports, labels) == 4
+
+
+def test_an_image_no_row_shows_alone_is_read_where_its_stand_in_tells():
+    # image 0 is never active alone (on chest X-rays at B = 8, two of eight images of each tune batch):
+    # the set standing in for it is its union with another image's support, and exact on every column
+    # the other image's support leaves out
+    g = torch.Generator().manual_seed(3)
+    r, n = 4, 600
+    H = torch.rand(r, n, generator=g, dtype=torch.float64) * (torch.rand(r, n, generator=g) > 1 / 3)
+    a = torch.full((r,), 0.5, dtype=torch.float64)  # one label: every row pure
+    M = (torch.rand(400, r, generator=g) < 0.4).double()
+    alone = (M[:, 0] == 1) & (M[:, 1:].sum(dim=1) == 0)
+    M[alone, 1] = 1.0
+    v = torch.randn(400, generator=g, dtype=torch.float64)
+    signs = torch.where((v[:, None] * M * a / r) @ H >= 0, 1.0, -1.0)
+    sep = sign_supports(signs, v, r)
+    truth = H > 0
+    assert sep.info["separated"] == r and sep.info["stand_ins"] == 1 and sep.known is not None
+    k = int((~sep.known.all(dim=1)).nonzero()[0])
+    assert bool((sep.supports[k] == (truth[0] | truth[1])).all())  # the union with image 1's support
+    assert bool((sep.known[k] == ~truth[1]).all())
+    assert bool((sep.supports[k][sep.known[k]] == truth[0][sep.known[k]]).all())
+    assert _exact(sep, truth, torch.zeros(r, dtype=torch.int64)) == r - 1
+
+
+def test_a_support_target_of_one_half_leaves_the_input_free():
+    obs, batch = _phantom_obs(2, size=16, obfuscations=[{"name": "sign"}])
+    sim = Simulator(obs)
+    kw = dict(scale_known=False, iterations=0, support=True, init=batch.images)
+    _, _, _, free = invert_features(sim, torch.full((2, 1024), 0.5), **kw)
+    _, _, _, wrong = invert_features(sim, torch.zeros(2, 1024), **kw)
+    assert float(free.abs().max()) == 0.0 and float(wrong.min()) > 0
 
 
 @pytest.mark.parametrize("B,size", [(2, 16), (4, 32)])

@@ -170,7 +170,9 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         "kept": kept, "leak_seconds": round(leak_seconds, 3),
         "note": f"layer '{found.layer}' leaked {int(info.get('separated', 0))} of {obs.num_images} images "
                 f"separately" + (f" ({info['like_noise']} of the inputs read as noise, not an image: half their "
-                                 f"energy negative)" if info.get("like_noise") else "")}
+                                 f"energy negative)" if info.get("like_noise") else "")
+                + (f" ({info['stand_ins']} of them shown by no row of its own: a union with other images' "
+                   f"supports stands in, its side left open on theirs)" if info.get("stand_ins") else "")}
     rec.extras["leak_images"] = found.images
     what = {"sign supports": "sign-support disaggregation",
             "nonneg": "non-negative-input disaggregation"}.get(info.get("method"), "linear-layer disaggregation")

@@ -1102,13 +1102,18 @@ def label_exhaustive(rows: torch.Tensor, r: int, tol: float = 1e-4) -> list[torc
 
 
 # ------------------------------------------------------------------------------------------ signSGD
-#: The most candidate families :func:`sign_supports` scores (every choice of N of the distinct sets):
-#: on the tune draw at B = 4 the distinct sets number 15 to 22 (at most 7,315 families, 0.1 s); at
-#: B = 8 they number 83 to 105, past any exhaustive search, and a greedy one picked wrong sets there.
+#: The most candidate families :func:`sign_supports` scores one by one (every choice of N of the
+#: candidate sets); past it, or past ``SIGN_CHECKS``, it searches by swaps (:func:`_swap_search`). On
+#: the tune draw at B = 4 the candidates number 4 to 18 (at most 3,060 families, under 0.1 s); at
+#: B = 8, 13 and 94.
 SIGN_FAMILIES = 50_000
-#: And the most (choice, set to explain) pairs it checks, about 0.7 µs each (at B = 4 on the tune draw:
-#: up to 7,315 choices x 41 sets).
+#: And the most (choice, set to explain) pairs it checks one by one, about 0.7 µs each (at B = 4 on the
+#: tune draw: up to 3,060 choices x 41 sets).
 SIGN_CHECKS = 10_000_000
+#: The swap search's random starts (each climbs until no single swap explains more) and the seconds it
+#: may take by default: at B = 8 on the tune draw, 20 starts over 94 candidates took 4 to 5 s.
+SIGN_RESTARTS = 20
+SIGN_SEARCH_SECONDS = 30.0
 
 
 @dataclass
@@ -1119,10 +1124,14 @@ class SignSeparation:
     supports: torch.Tensor  # n x K, bool
     labels: torch.Tensor  # n, int64: 0 where a_i > 0, 1 where a_i < 0
     info: dict[str, Any] = field(default_factory=dict)
-    #: The mixed rows' comparisons: which separated images each explained mixed pair holds (M x n, bool)
-    #: and the sign of ``sum_i a_i h_ik`` over them on every column of its union (M x K, +1 / -1, 0 off
-    #: the union); None where nothing was separated or no mixed pair was explained
+    #: The mixed rows' comparisons: which separated images each holds (M x n, bool) and the sign of
+    #: ``sum_i a_i h_i`` over them on every column of its union (M x K, +1 / -1, 0 off the union); None
+    #: where nothing was separated or no mixed pair was explained
     mixed: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Where each support is known (n x K, bool): a chosen set that holds other chosen sets of its label
+    #: stands in for an image no row shows alone, its union with theirs; on their columns its own side is
+    #: not known. None: every support known everywhere
+    known: torch.Tensor | None = None
 
 
 def _bitsets(rows: torch.Tensor) -> list[int]:
@@ -1131,7 +1140,58 @@ def _bitsets(rows: torch.Tensor) -> list[int]:
     return [int.from_bytes(r.tobytes(), "big") for r in packed]
 
 
-def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparation:
+def _irreducible(S: list[int], label1: list[bool]) -> list[int]:
+    """The sets that are not the union of the sets of their sign strictly inside them. A pure set of
+    several images is the union of their supports, and where each of them is shown by a row of its own
+    it is reducible; every support is irreducible (unless other images' supports cover it)."""
+    out = []
+    for d, Sd in enumerate(S):
+        u = 0
+        for c, Sc in enumerate(S):
+            if c != d and label1[c] == label1[d] and Sc != Sd and (Sc & ~Sd) == 0:
+                u |= Sc
+        if u != Sd:
+            out.append(d)
+    return out
+
+
+def _swap_search(score, n: int, nc: int, *, rng: np.random.Generator, restarts: int, deadline: float
+                 ) -> tuple[tuple[int, ...], Any, int, int]:
+    """The best family of ``n`` of ``nc`` candidates ``score`` finds by hill climbing on single swaps
+    (one member for a non-member, the first swap that scores higher taken) from ``restarts`` random
+    families, while ``time.perf_counter()`` is before ``deadline`` (a climb stops there too: the first
+    start's family is returned however far it got). Returns the best family, its score, the starts run
+    and how many ended on that score."""
+    best, best_score, ran, at_best = None, None, 0, 0
+    while ran < restarts and (ran == 0 or time.perf_counter() < deadline):
+        fam = sorted(rng.choice(nc, size=n, replace=False).tolist())
+        sc = score(fam)
+        improved = True
+        while improved and time.perf_counter() < deadline:
+            improved = False
+            for pos in range(n):
+                for c in range(nc):
+                    if c in fam:
+                        continue
+                    trial = sorted(fam[:pos] + [c] + fam[pos + 1:])
+                    s2 = score(trial)
+                    if s2 > sc:
+                        fam, sc, improved = trial, s2, True
+                        break
+                    if time.perf_counter() >= deadline:
+                        break
+                if time.perf_counter() >= deadline:
+                    break
+        ran += 1
+        if best_score is None or sc > best_score:
+            best, best_score, at_best = tuple(fam), sc, 1
+        elif sc == best_score:
+            at_best += 1
+    return best, best_score, ran, at_best
+
+
+def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int = 0,
+                  time_limit: float | None = None) -> SignSeparation:
     """Every image's support from the signs of a ReLU layer's weight update (signSGD).
 
     Row j of the update is ``v_j * sum_{i active} a_i h_i / N`` with ``h_i >= 0``, so its negative
@@ -1143,14 +1203,20 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
     one active image whose ``a_i`` opposes ``v_j`` shows that image's support exactly, and the sign of
     ``v_j`` gives its label (``v_j > 0``: ``a_i < 0``, label 1).
 
-    Among the distinct sets, the N chosen as supports are those that explain the most distinct sets and
-    mixed pairs: a pure set by the union of the chosen sets of its sign inside it, a mixed pair by the
-    union of the chosen sets inside it, of both labels (and each of its two sets with it; ties: the most
-    rows explained). A half of a mixed pair taken for a support would explain itself, but not the support
-    it stands in for: with two images whose both-active rows are as many as each one's own, counting
-    the pair's halves as explained is what keeps the true supports ahead. Every choice is scored, so
-    this is for small batches; past ``SIGN_FAMILIES`` choices or ``SIGN_CHECKS`` checks, or with fewer
-    distinct sets than images, nothing is separated (``info['note']`` says why).
+    The candidates are the distinct sets that are not the union of the sets of their sign strictly inside
+    them (:func:`_irreducible`: a union of supports each shown alone is no support). The N chosen as
+    supports are those that explain the most distinct sets: a pure set by the union of the chosen sets of
+    its sign inside it, and both sets of a mixed pair by the union of the chosen sets inside it, of both
+    labels (ties: the most rows explained). A half of a mixed pair taken for a support would explain
+    itself, but not the support it stands in for: with two images whose both-active rows are as many as
+    each one's own, counting the pair's halves as explained is what keeps the true supports ahead. Every
+    choice is scored up to ``SIGN_FAMILIES`` choices and ``SIGN_CHECKS`` checks; past that the choice is
+    searched by swaps (:func:`_swap_search`, ``SIGN_RESTARTS`` starts from a generator seeded ``seed``,
+    for at most ``time_limit`` seconds, ``SIGN_SEARCH_SECONDS`` by default). With fewer distinct sets
+    than images nothing is separated (``info['note']`` says why).
+
+    An image no row shows alone has no set of its own: the chosen set standing in for it is its union
+    with other chosen sets of its label, and on their columns its side is not known (``known``).
 
     Every mixed pair the chosen supports explain also compares its images' inputs: ``sum_i a_i h_ik``
     over the chosen sets inside its union is positive on the set negative under ``v < 0`` and negative
@@ -1167,36 +1233,36 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
     D = len(sets)
     info: dict[str, Any] = {"method": "sign supports", "distinct_sets": D, "separated": 0}
     empty = SignSeparation(torch.zeros(0, signs.shape[1], dtype=torch.bool), torch.zeros(0, dtype=torch.int64), info)
-    families = math.comb(D, n) if D >= n else 0
-    if families == 0 or families > SIGN_FAMILIES:
-        info["note"] = (f"{D} distinct sets of negative signs for {n} images: "
-                        + ("fewer sets than images" if families == 0 else
-                           f"{families} choices of supports, more than the {SIGN_FAMILIES} an exhaustive search scores"))
+    if D < n:
+        info["note"] = f"{D} distinct sets of negative signs for {n} images: fewer sets than images"
         info["seconds"] = round(time.perf_counter() - start, 3)
         return empty
-    S = _bitsets(sets)
-    label1 = [bool(x) for x in sig.tolist()]  # v > 0: a pure set of images with a_i < 0
-    # targets: every pure set (union of its own sign's supports) and every mixed pair (union of both)
+    S_all = _bitsets(sets)
+    label1_all = [bool(x) for x in sig.tolist()]  # v > 0: a pure set of images with a_i < 0
+    cand = _irreducible(S_all, label1_all)
+    if len(cand) < n:
+        cand = list(range(D))
+    nc = len(cand)
+    S = [S_all[c] for c in cand]
+    label1 = [label1_all[c] for c in cand]
+    # targets: every distinct set (union of its own sign's supports) and every mixed pair (union of both)
     targets: list[tuple[int, int, bool]] = []  # (set, candidates inside it as a bit mask, mixed)
     pairs = [(d, e) for d in range(D) for e in range(D)
-             if not label1[d] and label1[e] and (S[d] & S[e]) == 0]
-    for T, mixed, same in [(S[d], False, label1[d]) for d in range(D)] + \
-                          [(S[d] | S[e], True, None) for d, e in pairs]:
+             if not label1_all[d] and label1_all[e] and (S_all[d] & S_all[e]) == 0]
+    for T, mixed, same in [(S_all[d], False, label1_all[d]) for d in range(D)] + \
+                          [(S_all[d] | S_all[e], True, None) for d, e in pairs]:
         inside = 0
-        for c in range(D):
+        for c in range(nc):
             if (S[c] & ~T) == 0 and (mixed or label1[c] == same):
                 inside |= 1 << c
         targets.append((T, inside, mixed))
-    if families * len(targets) > SIGN_CHECKS:
-        info["note"] = (f"{D} distinct sets of negative signs and {len(pairs)} mixed pairs for {n} images: "
-                        f"{families * len(targets)} checks, more than the {SIGN_CHECKS} an exhaustive search makes")
-        info["seconds"] = round(time.perf_counter() - start, 3)
-        return empty
-    ones = sum(1 << c for c in range(D) if label1[c])
+    ones = sum(1 << c for c in range(nc) if label1[c])
     union_of: dict[int, int] = {}
 
     def union(mask: int) -> int:
         if mask not in union_of:
+            if len(union_of) > 100_000:  # the swap search meets many masks: bound the memory
+                union_of.clear()
             u, c, m = 0, 0, mask
             while m:
                 if m & 1:
@@ -1207,24 +1273,32 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
         return union_of[mask]
 
     count = [int(x) for x in counts.tolist()]
-    best, best_score, tied = None, (-1, -1), 0
-    for fam in itertools.combinations(range(D), n):
+
+    def score(fam) -> tuple[int, int]:
         fmask = sum(1 << c for c in fam)
         explained = set()  # the distinct sets explained, as a union of supports or as half of a mixed pair
-        pairs_explained = 0
         for t, (T, inside, mixed) in enumerate(targets):
             m = fmask & inside
             if m and union(m) == T and (not mixed or (m & ones and m & ~ones)):
-                if t < D:
-                    explained.add(t)
-                else:
-                    pairs_explained += 1
-                    explained.update(pairs[t - D])
-        sc = (len(explained) + pairs_explained, sum(count[t] for t in explained))
-        if sc > best_score:
-            best, best_score, tied = fam, sc, 1
-        elif sc == best_score:
-            tied += 1
+                explained.update([t] if t < D else pairs[t - D])
+        return len(explained), sum(count[t] for t in explained)
+
+    families = math.comb(nc, n)
+    info.update({"candidates": nc, "mixed_pairs": len(pairs)})
+    if families <= SIGN_FAMILIES and families * len(targets) <= SIGN_CHECKS:
+        best, best_score, tied = None, (-1, -1), 0
+        for fam in itertools.combinations(range(nc), n):
+            sc = score(fam)
+            if sc > best_score:
+                best, best_score, tied = fam, sc, 1
+            elif sc == best_score:
+                tied += 1
+        info.update({"search": "exhaustive", "families_scored": families, "families_tied": tied})
+    else:
+        limit = SIGN_SEARCH_SECONDS if time_limit is None else time_limit
+        best, best_score, ran, at_best = _swap_search(score, n, nc, rng=np.random.default_rng(seed),
+                                                      restarts=SIGN_RESTARTS, deadline=start + limit)
+        info.update({"search": "swaps", "families": families, "restarts": ran, "restarts_at_best": at_best})
     chosen = list(best)
     # every explained mixed pair compares its images: on the set negative under v < 0 the sum of
     # a_i h_i over them is positive, on the one negative under v > 0 negative
@@ -1242,9 +1316,15 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int) -> SignSeparatio
     mixed = None
     if mixed_images:
         mixed = (torch.stack(mixed_images), torch.stack(mixed_signs))
-    info.update({"separated": n, "sets_explained": best_score[0], "mixed_pairs": len(pairs),
-                 "mixed_compared": len(mixed_images),
-                 "rows_explained": best_score[1], "rows": int(live.sum()), "families_scored": families,
-                 "families_tied": tied, "seconds": round(time.perf_counter() - start, 3)})
-    return SignSeparation(sets[chosen].clone(), torch.tensor([int(label1[c]) for c in chosen], dtype=torch.int64), info,
-                          mixed=mixed)
+    supports = sets[[cand[c] for c in chosen]].clone()
+    known = torch.ones_like(supports)
+    for k, c in enumerate(chosen):  # a stand-in: the columns of the chosen sets of its label inside it
+        for c2 in chosen:
+            if c2 != c and label1[c2] == label1[c] and (S[c2] & ~S[c]) == 0:
+                known[k] &= ~sets[cand[c2]]
+    partial = int((~known.all(dim=1)).sum())
+    info.update({"separated": n, "sets_explained": best_score[0], "mixed_compared": len(mixed_images),
+                 "rows_explained": best_score[1], "rows": int(live.sum()), "stand_ins": partial,
+                 "seconds": round(time.perf_counter() - start, 3)})
+    return SignSeparation(supports, torch.tensor([int(label1[c]) for c in chosen], dtype=torch.int64), info,
+                          mixed=mixed, known=known if partial else None)

@@ -392,7 +392,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     phase of :func:`invert_coarse_to_fine`). ``support``: ``targets`` are 0/1 supports (signSGD's leak,
     :func:`.disaggregate.sign_supports`), and each image's objective is the mean squared hinge of the
     layer's input before its ReLU (``leaky_preactivation``) on the side of 0 the support says, with a
-    margin of ``SUPPORT_MARGIN`` times its median magnitude at mid-grey. ``coupling`` (N x N, with the
+    margin of ``SUPPORT_MARGIN`` times its median magnitude at mid-grey; a target of 0.5 leaves that
+    input free (a stand-in's columns whose side is not known). ``coupling`` (N x N, with the
     scale known): the images' relative errors ``E_i = (h_i - t_i) / |t_i|`` are weighed jointly,
     ``sum_ij K_ij <E_i, E_j>`` (:func:`noise_coupling`), each image's objective its row of that sum (they
     add up to the whole; one image's may be below 0). ``sums`` (a sparsified update, scale unknown):
@@ -463,6 +464,7 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     if support:
         with torch.no_grad():
             grey = torch.full((1, C, H, W), 0.5, device=sim.device)
+            t_known = (2 * t - 1).abs()  # 0.5: an input whose side is not known, left free
             margin = SUPPORT_MARGIN * float(model.leaky_preactivation((grey - model.input_mean) / model.input_std)
                                             .abs().median().clamp_min(1e-12))
 
@@ -479,7 +481,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         img = image()
         if support:
             u = model.leaky_preactivation((img - model.input_mean) / model.input_std)
-            loss = (t * F.relu(margin - u).pow(2) + (1 - t) * F.relu(u + margin).pow(2)).mean(dim=1) / margin ** 2
+            loss = (t_known * (t * F.relu(margin - u).pow(2) + (1 - t) * F.relu(u + margin).pow(2))).mean(dim=1) \
+                / margin ** 2
             if mixed is not None:  # the mixed rows' comparisons, with each image's a_i at the current images
                 h = F.relu(u)
                 a = fixed_a[0] if fixed_a[0] is not None else mixed_scales(h)
@@ -732,6 +735,8 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
                                    "objective": [float(b) for b in best]}
 
 
+#: The share of the leak's time the choice of supports may take where it searches by swaps (B = 8).
+SIGN_SEARCH_SHARE = 0.1
 #: Total variation of the support inversion (signSGD), relative to its hinge objective.
 SIGN_TV = 0.03
 
@@ -758,10 +763,14 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
         return Leak(layer=layer, images=blank, labels=None, features=torch.zeros(n, 0), scale_known=False,
                     info={"separated": 0, "separation_seconds": 0.0, "note": f"signSGD: {why}, not read"})
     w2 = sim.model.classifier.weight.detach().double().cpu()
-    sep = sign_supports(sim.target[f"{layer}.weight"].double().cpu(), w2[1] - w2[0], n)
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    sep = sign_supports(sim.target[f"{layer}.weight"].double().cpu(), w2[1] - w2[0], n, seed=seed,
+                        time_limit=None if time_limit is None else SIGN_SEARCH_SHARE * time_limit)
     info = dict(sep.info)
     info["separation_seconds"] = info.pop("seconds")
     feats = sep.supports.double()
+    if sep.known is not None:  # a stand-in's columns shared with the images inside it: its side left free
+        feats[~sep.known] = 0.5
     if int(info["separated"]) == 0:
         return Leak(layer=layer, images=blank, labels=None, features=feats, scale_known=False, info=info)
     if time_limit is not None and settled_time_limit is not None and int(info["separated"]) == n:
