@@ -172,7 +172,9 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
                 f"separately" + (f" ({info['like_noise']} of the inputs read as noise, not an image: half their "
                                  f"energy negative)" if info.get("like_noise") else "")
                 + (f" ({info['stand_ins']} of them shown by no row of its own: a union with other images' "
-                   f"supports stands in, its side left open on theirs)" if info.get("stand_ins") else "")}
+                   f"supports stands in, its side left open on theirs)" if info.get("stand_ins") else "")
+                + (f" (the supports chosen by a search, not proven best: {info['restarts_at_best']} of "
+                   f"{info['restarts']} starts ended on that choice)" if info.get("search") == "swaps" else "")}
     rec.extras["leak_images"] = found.images
     what = {"sign supports": "sign-support disaggregation",
             "nonneg": "non-negative-input disaggregation"}.get(info.get("method"), "linear-layer disaggregation")

@@ -1110,9 +1110,14 @@ SIGN_FAMILIES = 50_000
 #: And the most (choice, set to explain) pairs it checks one by one, about 0.7 µs each (at B = 4 on the
 #: tune draw: up to 3,060 choices x 41 sets).
 SIGN_CHECKS = 10_000_000
-#: The swap search's random starts (each climbs until no single swap explains more) and the seconds it
-#: may take by default: at B = 8 on the tune draw, 20 starts over 94 candidates took 4 to 5 s.
-SIGN_RESTARTS = 20
+#: The swap search's random starts (each climbs until no single swap explains more): at most
+#: ``SIGN_RESTARTS``, and it stops once ``SIGN_AGREE`` of them have ended on the best score, or at its time
+#: limit (``SIGN_SEARCH_SECONDS`` by default). At B = 8 on the tune draw's batch 0 (94 candidates, about
+#: 0.5 s a start) 20 starts ended at 32 sets explained, 2 of them there; 37 starts (18 s) at 34, one
+#: support fewer displaced; 129 starts (60 s) at 34 too, 4 of them there. On the report batch 18 of 20
+#: starts ended on the best.
+SIGN_RESTARTS = 1000
+SIGN_AGREE = 5
 SIGN_SEARCH_SECONDS = 30.0
 
 
@@ -1155,15 +1160,15 @@ def _irreducible(S: list[int], label1: list[bool]) -> list[int]:
     return out
 
 
-def _swap_search(score, n: int, nc: int, *, rng: np.random.Generator, restarts: int, deadline: float
-                 ) -> tuple[tuple[int, ...], Any, int, int]:
+def _swap_search(score, n: int, nc: int, *, rng: np.random.Generator, restarts: int, agree: int,
+                 deadline: float) -> tuple[tuple[int, ...], Any, int, int]:
     """The best family of ``n`` of ``nc`` candidates ``score`` finds by hill climbing on single swaps
-    (one member for a non-member, the first swap that scores higher taken) from ``restarts`` random
-    families, while ``time.perf_counter()`` is before ``deadline`` (a climb stops there too: the first
-    start's family is returned however far it got). Returns the best family, its score, the starts run
-    and how many ended on that score."""
+    (one member for a non-member, the first swap that scores higher taken) from up to ``restarts``
+    random families, until ``agree`` of them have ended on the best score, while ``time.perf_counter()``
+    is before ``deadline`` (a climb stops there too: the first start's family is returned however far it
+    got). Returns the best family, its score, the starts run and how many ended on that score."""
     best, best_score, ran, at_best = None, None, 0, 0
-    while ran < restarts and (ran == 0 or time.perf_counter() < deadline):
+    while ran < restarts and at_best < agree and (ran == 0 or time.perf_counter() < deadline):
         fam = sorted(rng.choice(nc, size=n, replace=False).tolist())
         sc = score(fam)
         improved = True
@@ -1211,8 +1216,9 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int = 0
     itself, but not the support it stands in for: with two images whose both-active rows are as many as
     each one's own, counting the pair's halves as explained is what keeps the true supports ahead. Every
     choice is scored up to ``SIGN_FAMILIES`` choices and ``SIGN_CHECKS`` checks; past that the choice is
-    searched by swaps (:func:`_swap_search`, ``SIGN_RESTARTS`` starts from a generator seeded ``seed``,
-    for at most ``time_limit`` seconds, ``SIGN_SEARCH_SECONDS`` by default). With fewer distinct sets
+    searched by swaps (:func:`_swap_search`, starts from a generator seeded ``seed`` until
+    ``SIGN_AGREE`` of them end on the best score, for at most ``time_limit`` seconds,
+    ``SIGN_SEARCH_SECONDS`` by default). With fewer distinct sets
     than images nothing is separated (``info['note']`` says why).
 
     An image no row shows alone has no set of its own: the chosen set standing in for it is its union
@@ -1297,7 +1303,8 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int = 0
     else:
         limit = SIGN_SEARCH_SECONDS if time_limit is None else time_limit
         best, best_score, ran, at_best = _swap_search(score, n, nc, rng=np.random.default_rng(seed),
-                                                      restarts=SIGN_RESTARTS, deadline=start + limit)
+                                                      restarts=SIGN_RESTARTS, agree=SIGN_AGREE,
+                                                      deadline=start + limit)
         info.update({"search": "swaps", "families": families, "restarts": ran, "restarts_at_best": at_best})
     chosen = list(best)
     # every explained mixed pair compares its images: on the set negative under v < 0 the sum of
