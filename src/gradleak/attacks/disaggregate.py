@@ -1113,9 +1113,10 @@ SIGN_CHECKS = 10_000_000
 #: The swap search's random starts (each climbs until no single swap explains more): at most
 #: ``SIGN_RESTARTS``, and it stops once ``SIGN_AGREE`` of them have ended on the best score, or at its time
 #: limit (``SIGN_SEARCH_SECONDS`` by default). At B = 8 on the tune draw's batch 0 (94 candidates, about
-#: 0.5 s a start) 20 starts ended at 32 sets explained, 2 of them there; 37 starts (18 s) at 34, one
-#: support fewer displaced; 129 starts (60 s) at 34 too, 4 of them there. On the report batch 18 of 20
-#: starts ended on the best.
+#: 0.5 s a start) 20 starts ended at 32 sets explained, 2 of them there (the chosen sets covering 7 of
+#: the 8 images, four exact); 37 starts (18 s) at 34 (7 images, five exact and a stand-in exact on its
+#: known columns); 129 starts (60 s) at 34 too, 4 of them there. On the report batch 18 of 20 starts
+#: ended on the best.
 SIGN_RESTARTS = 1000
 SIGN_AGREE = 5
 SIGN_SEARCH_SECONDS = 30.0
@@ -1129,9 +1130,9 @@ class SignSeparation:
     supports: torch.Tensor  # n x K, bool
     labels: torch.Tensor  # n, int64: 0 where a_i > 0, 1 where a_i < 0
     info: dict[str, Any] = field(default_factory=dict)
-    #: The mixed rows' comparisons: which separated images each holds (M x n, bool) and the sign of
-    #: ``sum_i a_i h_i`` over them on every column of its union (M x K, +1 / -1, 0 off the union); None
-    #: where nothing was separated or no mixed pair was explained
+    #: The mixed rows' comparisons: which separated images each explained mixed pair holds (M x n, bool)
+    #: and the sign of ``sum_i a_i h_ik`` over them on every column of its union (M x K, +1 / -1, 0 off
+    #: the union); None where nothing was separated or no mixed pair was explained
     mixed: tuple[torch.Tensor, torch.Tensor] | None = None
     #: Where each support is known (n x K, bool): a chosen set that holds other chosen sets of its label
     #: stands in for an image no row shows alone, its union with theirs; on their columns its own side is
@@ -1218,8 +1219,8 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int = 0
     choice is scored up to ``SIGN_FAMILIES`` choices and ``SIGN_CHECKS`` checks; past that the choice is
     searched by swaps (:func:`_swap_search`, starts from a generator seeded ``seed`` until
     ``SIGN_AGREE`` of them end on the best score, for at most ``time_limit`` seconds,
-    ``SIGN_SEARCH_SECONDS`` by default). With fewer distinct sets
-    than images nothing is separated (``info['note']`` says why).
+    ``SIGN_SEARCH_SECONDS`` by default). With fewer distinct sets than images nothing is separated
+    (``info['note']`` says why).
 
     An image no row shows alone has no set of its own: the chosen set standing in for it is its union
     with other chosen sets of its label, and on their columns its side is not known (``known``).
