@@ -1113,10 +1113,10 @@ SIGN_CHECKS = 10_000_000
 #: The swap search's random starts (each climbs until no single swap explains more): at most
 #: ``SIGN_RESTARTS``, and it stops once ``SIGN_AGREE`` of them have ended on the best score, or at its time
 #: limit (``SIGN_SEARCH_SECONDS`` by default). At B = 8 on the tune draw's batch 0 (94 candidates, about
-#: 0.5 s a start) 20 starts ended at 32 sets explained, 2 of them there (the chosen sets covering 7 of
-#: the 8 images, four exact); 37 starts (18 s) at 34 (7 images, five exact and a stand-in exact on its
-#: known columns); 129 starts (60 s) at 34 too, 4 of them there. On the report batch 18 of 20 starts
-#: ended on the best.
+#: 0.5 s a start; scored before the tie-break on unions) 20 starts ended at 32 sets explained, 2 of them
+#: there (the chosen sets covering 7 of the 8 images, four exact); 37 starts (18 s) at 34 (7 images, five
+#: exact and a stand-in exact on its known columns); 129 starts (60 s) at 34 too, 4 of them there. On the
+#: report batch 18 of 20 starts ended on the best.
 SIGN_RESTARTS = 1000
 SIGN_AGREE = 5
 SIGN_SEARCH_SECONDS = 30.0
@@ -1213,7 +1213,8 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int = 0
     them (:func:`_irreducible`: a union of supports each shown alone is no support). The N chosen as
     supports are those that explain the most distinct sets: a pure set by the union of the chosen sets of
     its sign inside it, and both sets of a mixed pair by the union of the chosen sets inside it, of both
-    labels (ties: the most rows explained). A half of a mixed pair taken for a support would explain
+    labels (ties: the most sets explained as a union of supports, not only as a pair's half; then the most
+    rows explained). A half of a mixed pair taken for a support would explain
     itself, but not the support it stands in for: with two images whose both-active rows are as many as
     each one's own, counting the pair's halves as explained is what keeps the true supports ahead. Every
     choice is scored up to ``SIGN_FAMILIES`` choices and ``SIGN_CHECKS`` checks; past that the choice is
@@ -1281,19 +1282,21 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int = 0
 
     count = [int(x) for x in counts.tolist()]
 
-    def score(fam) -> tuple[int, int]:
+    def score(fam) -> tuple[int, int, int]:
         fmask = sum(1 << c for c in fam)
         explained = set()  # the distinct sets explained, as a union of supports or as half of a mixed pair
+        unions = 0  # those explained as a union of supports
         for t, (T, inside, mixed) in enumerate(targets):
             m = fmask & inside
             if m and union(m) == T and (not mixed or (m & ones and m & ~ones)):
                 explained.update([t] if t < D else pairs[t - D])
-        return len(explained), sum(count[t] for t in explained)
+                unions += t < D
+        return len(explained), unions, sum(count[t] for t in explained)
 
     families = math.comb(nc, n)
     info.update({"candidates": nc, "mixed_pairs": len(pairs)})
     if families <= SIGN_FAMILIES and families * len(targets) <= SIGN_CHECKS:
-        best, best_score, tied = None, (-1, -1), 0
+        best, best_score, tied = None, (-1, -1, -1), 0
         for fam in itertools.combinations(range(nc), n):
             sc = score(fam)
             if sc > best_score:
@@ -1332,7 +1335,8 @@ def sign_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int = 0
                 known[k] &= ~sets[cand[c2]]
     partial = int((~known.all(dim=1)).sum())
     info.update({"separated": n, "sets_explained": best_score[0], "mixed_compared": len(mixed_images),
-                 "rows_explained": best_score[1], "rows": int(live.sum()), "stand_ins": partial,
+                 "unions_explained": best_score[1], "rows_explained": best_score[2], "rows": int(live.sum()),
+                 "stand_ins": partial,
                  "seconds": round(time.perf_counter() - start, 3)})
     return SignSeparation(supports, torch.tensor([int(label1[c]) for c in chosen], dtype=torch.int64), info,
                           mixed=mixed, known=known if partial else None)
