@@ -887,9 +887,7 @@ def test_signs_of_a_relu_layer_give_each_image_s_support_and_label(r):
     signs, v, supports, labels = _sign_update(r)
     sep = sign_supports(signs, v, r)
     assert sep.info["separated"] == r
-    for s, y in zip(sep.supports, sep.labels):  # each found support is one image's exactly, with its label
-        match = [i for i in range(r) if bool((supports[i] == s).all())]
-        assert len(match) == 1 and int(labels[match[0]]) == int(y)
+    assert _exact(sep, supports, labels) == r  # each found support is one image's exactly, with its label
     assert sorted(sep.labels.tolist()) == sorted(labels.tolist())
 
 
@@ -971,10 +969,7 @@ def test_halves_of_a_mixed_pair_are_not_taken_for_supports(r, seed):
     # 18.1 / 19.9)
     signs, v, supports, labels = _sign_update(r, seed, active=0.5)
     sep = sign_supports(signs, v, r)
-    assert sep.info["separated"] == r
-    for s, y in zip(sep.supports, sep.labels):
-        match = [i for i in range(r) if bool((supports[i] == s).all())]
-        assert len(match) == 1 and int(labels[match[0]]) == int(y)
+    assert sep.info["separated"] == r and _exact(sep, supports, labels) == r
 
 
 def _exact(sep, supports, labels) -> int:
