@@ -30,8 +30,9 @@ venv: $(BASE)
 demo: $(BASE)
 	$(BIN)/gradleak demo
 
+# one worker per core (at most 4), each test file on one worker: module fixtures run once
 test: $(TESTS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --numprocesses=auto --maxprocesses=4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) experiments .pytest_cache

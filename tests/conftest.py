@@ -54,3 +54,12 @@ def tiny_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweeps") / "tiny"
     summary = run_sweep(spec_from_dict(TINY_SWEEP), out, workers=2, progress=False)
     return out, summary
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: one worker per core) each worker runs torch on one thread, so the
+    workers do not fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
