@@ -1064,6 +1064,18 @@ def test_auto_reads_signsgd_supports_and_inverts_them(B, size):
     assert rec.threat_model["attack_pipeline"].startswith("sign-support disaggregation (fc1)")
 
 
+def test_auto_reads_the_columns_past_its_limit_and_says_how_much_it_left_open(monkeypatch):
+    monkeypatch.setattr(disaggregate, "SIGN_COLUMNS_PAST", 2)  # four phantoms read as a large batch is
+    obs, batch = _phantom_obs(4, size=16, obfuscations=[{"name": "sign"}])
+    rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 100}, progress=False)
+    p = rec.extras["pipeline"]
+    assert p["separated"] == 4 and p["separation"]["reading"] == "columns"
+    assert f"{100 * p['separation']['open']:.0f} % of their entries left open" in p["note"]
+    m = score(batch.images, batch.labels, rec.images, rec.labels)
+    grey = score(batch.images, batch.labels, torch.full_like(batch.images, 0.5), batch.labels)
+    assert m["label_accuracy"] == 1.0 and m["psnr"] > grey["psnr"], (m["psnr"], grey["psnr"])
+
+
 def test_signs_of_a_weight_delta_fall_back_with_the_reason():
     obs, _ = _phantom_obs(2, obfuscations=[{"name": "sign"}], protocol=Protocol("fedavg", local_steps=2,
                                                                                local_lr=0.1))
@@ -1308,3 +1320,37 @@ def test_auto_refines_on_the_layer_under_heavy_noise_and_says_so(shared_data):
     assert rec.iterations == p["separation"]["inversion_iterations"] + refined["iterations"] > 0
     assert rec.seconds < 20 * 1.05
     assert score(batch.images, batch.labels, rec.images, rec.labels)["psnr"] > 20  # blind guess: 17.5 dB
+
+
+def test_past_eight_images_the_supports_are_read_from_the_columns(monkeypatch):
+    # twelve images whose units are active for half of them (few rows show one image alone, as on chest
+    # X-rays at B = 16): each image's ReLU pattern shows as the column of an input only it has, and its
+    # support is read where the columns tell; labels of both signs, so some columns cancel
+    g = torch.Generator().manual_seed(0)
+    r, n = 12, 3000
+    H = torch.rand(r, n, generator=g, dtype=torch.float64) * (torch.rand(r, n, generator=g) < 0.3)
+    a = (torch.rand(r, generator=g, dtype=torch.float64) * 0.4 + 0.3) * torch.where(torch.arange(r) < 4, 1.0, -1.0)
+    M = (torch.rand(512, r, generator=g) < 0.5).double()
+    v = torch.randn(512, generator=g, dtype=torch.float64)
+    signs = torch.where((v[:, None] * M * a / r) @ H >= 0, 1.0, -1.0)
+    truth, labels = H > 0, (a < 0).long()
+    assert r > disaggregate.SIGN_COLUMNS_PAST
+    sep = sign_supports(signs, v, r)
+    assert sep.info["reading"] == "columns" and sep.info["separated"] == r and sep.known is not None
+    found = []
+    for s, known, y in zip(sep.supports, sep.known, sep.labels):
+        agree = [float((s == t)[known].double().mean()) for t in truth]
+        i = max(range(r), key=lambda j: agree[j])
+        found.append(i)
+        assert int(labels[i]) == int(y) and agree[i] == 1.0  # exact wherever it says it knows
+    assert sorted(found) == list(range(r))  # every image once
+    assert float(sep.known.double().mean()) >= 0.2 and sep.info["open"] == round(float((~sep.known).double().mean()), 3)
+    assert sign_supports(signs, v, r).supports.equal(sep.supports)  # seeded: the same reading
+    assert "reading" not in sign_supports(signs, v, 8, time_limit=0.0).info  # up to eight images: the rows' sets
+    # past the exhaustive search (one image fewer than patterns: twelve choices), swaps from the greedy
+    # start reach the exhaustive search's reading
+    scored = sign_supports(signs, v, r - 1)
+    monkeypatch.setattr(disaggregate, "SIGN_FAMILIES", 0)
+    searched = sign_supports(signs, v, r - 1)
+    assert scored.info["search"] == "exhaustive" and searched.info["search"] == "swaps"
+    assert searched.supports.equal(scored.supports) and searched.labels.equal(scored.labels)

@@ -173,6 +173,9 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
                                  f"energy negative)" if info.get("like_noise") else "")
                 + (f" ({info['stand_ins']} of them shown by no row of its own: a union with other images' "
                    f"supports stands in, its side left open on theirs)" if info.get("stand_ins") else "")
+                + (f" (the supports read from the update's columns, each image's ReLU pattern shown by an input "
+                   f"only it has; {100 * info['open']:.0f} % of their entries left open)"
+                   if info.get("reading") == "columns" else "")
                 + (f" (the supports chosen by a search, not proven best: {info['restarts_at_best']} of "
                    f"{info['restarts']} starts ended on that choice)" if info.get("search") == "swaps" else "")}
     rec.extras["leak_images"] = found.images
