@@ -1122,9 +1122,10 @@ SIGN_AGREE = 5
 SIGN_SEARCH_SECONDS = 30.0
 #: Past this many images the supports are read from the update's columns (:func:`_column_supports`), not
 #: chosen among its rows' sets: at B = 16 on the tune draw only 5 of the 16 supports show as a row's set,
-#: while every image's ReLU pattern shows as a column's. Tune batch 0, B = 16, the supports inverted alone
-#: (150 s): the rows' choice gave 18.9 dB in `auto` (240 s), the columns' reading 20.6, the true supports
-#: 26.9 (180 s; blind 17.4). At B = 8 and below the rows' choice stays (measured there, not compared).
+#: while every image's ReLU pattern shows as a column's. `auto`, B = 16, 240 s, rows -> columns: report
+#: batch 16.5 -> 20.6 dB (blind 16.9), tune batch 0 18.9 -> 20.3 (blind 17.4; its true supports inverted
+#: alone, 180 s: 26.9). At B = 8 the columns were no better than the rows' choice with its stand-ins (tune
+#: batches 0 / 1: 24.0 / 26.9 dB against 24.65 / 26.72; blind 18.4 / 16.4), so the rows stay there.
 SIGN_COLUMNS_PAST = 8
 
 
@@ -1171,12 +1172,14 @@ def _swap_search(score, n: int, nc: int, *, rng: np.random.Generator, restarts: 
                  deadline: float, first: list[int] | None = None) -> tuple[tuple[int, ...], Any, int, int]:
     """The best family of ``n`` of ``nc`` candidates ``score`` finds by hill climbing on single swaps
     (one member for a non-member, the first swap that scores higher taken) from up to ``restarts``
-    random families (the first one ``first`` where given), until ``agree`` of them have ended on the best score, while ``time.perf_counter()``
-    is before ``deadline`` (a climb stops there too: the first start's family is returned however far it
-    got). Returns the best family, its score, the starts run and how many ended on that score."""
+    random families (the first one ``first`` where given), until ``agree`` of them have ended on the best
+    score, while ``time.perf_counter()`` is before ``deadline`` (a climb stops there too: the first start's
+    family is returned however far it got). Returns the best family, its score, the starts run and how
+    many ended on that score."""
     best, best_score, ran, at_best = None, None, 0, 0
     while ran < restarts and at_best < agree and (ran == 0 or time.perf_counter() < deadline):
-        fam = sorted(first if ran == 0 and first is not None else rng.choice(nc, size=n, replace=False).tolist())
+        fam = sorted(first) if ran == 0 and first is not None else \
+            sorted(rng.choice(nc, size=n, replace=False).tolist())
         sc = score(fam)
         improved = True
         while improved and time.perf_counter() < deadline:
@@ -1361,8 +1364,10 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
     patterns (the rows where it is active) of the label-1 images that have input k: a column only one
     image has shows that image's pattern, and the patterns are the clean columns' distinct vectors that
     no union of the others strictly inside them makes (likewise with the signs swapped for label 0). The
-    N chosen are those that explain the most clean columns (a column explained where the union of the
-    chosen patterns of its side inside it is it; by :func:`_swap_search` past ``SIGN_FAMILIES``).
+    N chosen are those that explain the most clean columns, each side weighed by its share of its own (a
+    column explained where the union of the chosen patterns of its side inside it is it); past
+    ``SIGN_FAMILIES`` by :func:`_swap_search`, its first start the greedy choice (patterns added one by one,
+    each the one explaining most).
 
     An image's support is then the columns negative on every row of its pattern. Where the patterns of
     its side inside a column cover its own, the column could be the others' alone, and where a column is
@@ -1373,8 +1378,8 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
     sides = [(1, v > 0), (0, v < 0)]
     neg = {label: signs[rows] < 0 for label, rows in sides}
     info: dict[str, Any] = {"method": "sign supports", "reading": "columns", "separated": 0}
-    cands: list[tuple[int, int]] = []  # (label, pattern as a bit set over that side's rows)
-    vectors: dict[int, torch.Tensor] = {}
+    cands: list[int] = []  # each candidate pattern's label
+    vectors: dict[int, torch.Tensor] = {}  # and the pattern, over its side's rows
     targets: list[tuple[int, torch.Tensor, int]] = []  # (label, clean column's vector, how many columns have it)
     clean: dict[int, torch.Tensor] = {}
     for label, _ in sides:
@@ -1383,7 +1388,7 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
         bits = _bitsets(distinct)
         for c in _irreducible(bits, [True] * len(bits)):
             vectors[len(cands)] = distinct[c]
-            cands.append((label, bits[c]))
+            cands.append(label)
         targets += [(label, d, int(k)) for d, k in zip(distinct, counts.tolist())]
     nc = len(cands)
     info.update({"clean_columns": {str(label): int(clean[label].sum()) for label, _ in sides},
@@ -1399,7 +1404,7 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
     T = torch.zeros(len(targets), C.shape[1])
     for t, (_, vec, _) in enumerate(targets):
         T[t, :len(vec)] = vec.float()
-    same = torch.tensor([[lt == lc for lc, _ in cands] for lt, _, _ in targets])
+    same = torch.tensor([[lt == lc for lc in cands] for lt, _, _ in targets])
     I = (same & ((C @ (1 - T).T).T == 0)).float()  # targets x candidates: the candidate's pattern inside
     # each side's share of its clean columns: a side with few images has few clean columns, and a choice
     # must not trade its patterns for vectors the other side's cancellations leave among its many
@@ -1424,7 +1429,7 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
         info.update({"search": "swaps", "families": families, "restarts": ran, "restarts_at_best": at_best})
     supports, known, labels = [], [], []
     for label, _ in sides:
-        mine = [c for c in best if cands[c][0] == label]
+        mine = [c for c in best if cands[c] == label]
         if not mine:
             continue
         P = torch.stack([vectors[c] for c in mine]).double()  # images x rows of this side
@@ -1438,6 +1443,5 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
             labels.append(label)
     known_t = torch.stack(known)
     info.update({"separated": n, "clean_columns_explained": score(best)[0],
-                 "open": round(float((~known_t).double().mean()), 3),
-                 "stand_ins": 0, "seconds": round(time.perf_counter() - start, 3)})
+                 "open": round(float((~known_t).double().mean()), 3), "seconds": round(time.perf_counter() - start, 3)})
     return SignSeparation(torch.stack(supports), torch.tensor(labels, dtype=torch.int64), info, known=known_t)
