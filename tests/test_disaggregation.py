@@ -1076,6 +1076,33 @@ def test_auto_reads_the_columns_past_its_limit_and_says_how_much_it_left_open(mo
     assert m["label_accuracy"] == 1.0 and m["psnr"] > grey["psnr"], (m["psnr"], grey["psnr"])
 
 
+def test_the_units_term_holds_at_the_true_images_not_at_grey():
+    # the column reading gives each image's ReLU pattern on the rows that show its label: at the true
+    # images the units' hinge is (nearly) 0 where the pattern is read, at mid-grey clearly not
+    obs, batch = _phantom_obs(4, size=16, obfuscations=[{"name": "sign"}])
+    sim = Simulator(obs)
+    v = (sim.model.classifier.weight[1] - sim.model.classifier.weight[0]).detach().double()
+    with torch.no_grad():
+        h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std)
+        on = sim.model.fc1(h) > 0
+    sep = disaggregate._column_supports(sim.target["fc1.weight"].double(), v, 4)
+    order = [max(range(4), key=lambda i: float((s == (h[i] > 0))[k].double().mean()))
+             for s, k in zip(sep.supports, sep.known)]
+    read = sep.units != 0.5
+    assert read.any(dim=1).all() and bool((sep.units[read] == on[order].double()[read]).all())
+
+    def units_term(images):
+        kw = dict(scale_known=False, iterations=0, support=True, init=images)
+        _, _, _, with_units = invert_features(sim, sep.supports.double(), units=sep.units, **kw)
+        _, _, _, without = invert_features(sim, sep.supports.double(), **kw)
+        return float((with_units - without).sum())
+
+    truth = batch.images[order]
+    assert units_term(truth) < 0.1 * units_term(torch.full_like(truth, 0.5))
+    with pytest.raises(ValueError, match="support=True"):
+        invert_features(sim, torch.ones(4, 1024), scale_known=False, iterations=0, units=sep.units)
+
+
 def test_signs_of_a_weight_delta_fall_back_with_the_reason():
     obs, _ = _phantom_obs(2, obfuscations=[{"name": "sign"}], protocol=Protocol("fedavg", local_steps=2,
                                                                                local_lr=0.1))

@@ -1124,7 +1124,8 @@ SIGN_SEARCH_SECONDS = 30.0
 #: chosen among its rows' sets: at B = 16 on the tune draw only 5 of the 16 supports show as a row's set,
 #: while every image's ReLU pattern shows as a column's. `auto`, B = 16, 240 s, rows -> columns: report
 #: batch 16.5 -> 20.6 dB (blind 16.9), tune batch 0 18.9 -> 20.3 (blind 17.4; its true supports inverted
-#: alone, 180 s: 26.9). At B = 8 the columns were no better than the rows' choice with its stand-ins (tune
+#: alone, 180 s: 26.9); with the units each image switches on in the inversion (``linear_leak.SIGN_UNITS``)
+#: 21.25 and 20.67. At B = 8 the columns were no better than the rows' choice with its stand-ins (tune
 #: batches 0 / 1: 24.0 / 26.9 dB against 24.65 / 26.72; blind 18.4 / 16.4), so the rows stay there.
 SIGN_COLUMNS_PAST = 8
 
@@ -1145,6 +1146,10 @@ class SignSeparation:
     #: stands in for an image no row shows alone, its union with theirs; on their columns its own side is
     #: not known. None: every support known everywhere
     known: torch.Tensor | None = None
+    #: Which of the layer's units (its rows) each image switches on (1), off (0) or either (0.5), where the
+    #: supports were read from the columns (each image's ReLU pattern on the rows that show its label);
+    #: None otherwise
+    units: torch.Tensor | None = None
 
 
 def _bitsets(rows: torch.Tensor) -> list[int]:
@@ -1427,8 +1432,8 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
         best, _, ran, at_best = _swap_search(score, n, nc, rng=np.random.default_rng(seed), restarts=SIGN_RESTARTS,
                                              agree=SIGN_AGREE, deadline=start + limit, first=greedy)
         info.update({"search": "swaps", "families": families, "restarts": ran, "restarts_at_best": at_best})
-    supports, known, labels = [], [], []
-    for label, _ in sides:
+    supports, known, labels, units = [], [], [], []
+    for label, rows in sides:
         mine = [c for c in best if cands[c] == label]
         if not mine:
             continue
@@ -1439,9 +1444,13 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
             covered = (P[others].T @ within[others].double()) > 0  # rows x columns: another pattern inside
             own = (P[k][:, None] * (~covered).double()).sum(dim=0) > 0  # a row of its pattern no other covers
             supports.append(within[k] & own)
+            unit = torch.full((len(v),), 0.5, dtype=torch.float64)
+            unit[rows] = P[k]
+            units.append(unit)
             known.append((within[k] & own) | (~within[k] & ~neg[1 - label].any(dim=0)))
             labels.append(label)
     known_t = torch.stack(known)
     info.update({"separated": n, "clean_columns_explained": score(best)[0],
                  "open": round(float((~known_t).double().mean()), 3), "seconds": round(time.perf_counter() - start, 3)})
-    return SignSeparation(torch.stack(supports), torch.tensor(labels, dtype=torch.int64), info, known=known_t)
+    return SignSeparation(torch.stack(supports), torch.tensor(labels, dtype=torch.int64), info, known=known_t,
+                          units=torch.stack(units))

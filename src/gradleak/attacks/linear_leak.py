@@ -366,6 +366,11 @@ SIGN_MIXED_MARGIN = 0.05
 #: 18.8 / 17.9 / 17.5 dB: without 25.2 / 27.3 / 25.8 dB, weight 1 26.3 / 28.1 / 25.8, weight 10
 #: 26.4 / 27.9 / 25.8 (batch 2's images share one label: nothing to compare).
 SIGN_MIXED = 1.0
+#: The weight of the units each image switches on and off in the support inversion, where the supports
+#: were read from the update's columns (``units``; past ``SIGN_COLUMNS_PAST`` images). B = 16, 240 s,
+#: `auto`, without -> with: tune batch 0 20.34 -> 20.67 dB (weight 10: 20.63; blind 17.4), report batch
+#: 20.6 -> 21.25 (blind 16.9).
+SIGN_UNITS = 1.0
 
 
 def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool, iterations: int,
@@ -373,7 +378,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
                     tv_weight: torch.Tensor | float | None = None, init: torch.Tensor | None = None,
                     coarse: int | None = None, support: bool = False, coupling: torch.Tensor | None = None,
                     sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, sums_weight: float = 1.0,
-                    mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, mixed_weight: float = 1.0
+                    mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, mixed_weight: float = 1.0,
+                    units: torch.Tensor | None = None, units_weight: float = 1.0
                     ) -> tuple[torch.Tensor, list[tuple[int, float]], str, torch.Tensor]:
     """Images in [0, 1] whose inputs to the leaky layer match ``targets`` (N x n): relative squared
     error when the scale is known, else one minus cosine. One batched L-BFGS problem (strong Wolfe line
@@ -409,7 +415,11 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     L-BFGS call starts from (fixed within the call, so that its line search sees one objective), the
     mean squared hinge of ``sum_i a_i h_ik / sum_i |a_i| h_ik`` on the side the sign says, margin
     ``SIGN_MIXED_MARGIN``, is added times ``mixed_weight``, each comparison's hinge shared among its
-    images and the whole scaled to N times the mean over comparisons. Returns the images,
+    images and the whole scaled to N times the mean over comparisons. ``units`` (only with ``support``;
+    N x the layer's outputs): which of the layer's units each image switches on (1), off (0) or either
+    (0.5), :attr:`.disaggregate.SignSeparation.units`; the mean squared hinge of the layer's output
+    before its ReLU on that side, margin ``SUPPORT_MARGIN`` times its median magnitude at mid-grey, is
+    added times ``units_weight``. Returns the images,
     (iteration, mean loss per image) pairs, why it stopped (``converged``, ``time`` or ``iterations``)
     and each image's final objective."""
     model = sim.model
@@ -440,8 +450,8 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         sP, sO, sS = sP.float().to(sim.device), sO.float().to(sim.device), sS.float().to(sim.device)
         sel_sums = torch.nonzero(keep).reshape(-1).to(sim.device)
     margin = None
-    if mixed is not None and not support:
-        raise ValueError("mixed comparisons are signSGD's: they need support=True")
+    if (mixed is not None or units is not None) and not support:
+        raise ValueError("mixed comparisons and units are signSGD's: they need support=True")
     if mixed is not None:
         mF = mixed[0].float().to(sim.device)
         mD = mixed[1].float().to(sim.device)
@@ -467,6 +477,13 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
             t_known = (2 * t - 1).abs()  # 0.5: an input whose side is not known, left free
             margin = SUPPORT_MARGIN * float(model.leaky_preactivation((grey - model.input_mean) / model.input_std)
                                             .abs().median().clamp_min(1e-12))
+            if units is not None:
+                u_head = getattr(model, model.leaky_linear)
+                u_t = units.float().to(sim.device)
+                u_known = (2 * u_t - 1).abs()
+                u_count = u_known.sum(dim=1).clamp_min(1)
+                u_margin = SUPPORT_MARGIN * float(u_head(F.relu(model.leaky_preactivation(
+                    (grey - model.input_mean) / model.input_std))).abs().median().clamp_min(1e-12))
 
     def image() -> torch.Tensor:
         return x if coarse is None else F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
@@ -491,6 +508,10 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
                 ratio = num / (den + 1e-6 * float(den.detach().mean().clamp_min(1e-30)))
                 per = (F.relu(SIGN_MIXED_MARGIN - mD * ratio).pow(2) * m_on).sum(dim=1) / m_count
                 loss = loss + mixed_weight * (m_share @ per)
+            if units is not None:  # the units each image switches on and off
+                z = u_head(F.relu(u))
+                hinge = u_t * F.relu(u_margin - z).pow(2) + (1 - u_t) * F.relu(z + u_margin).pow(2)
+                loss = loss + units_weight * (u_known * hinge).sum(dim=1) / u_count / u_margin ** 2
             return loss if tv is None else loss + tv * smoothness(img)
         h = model.leaky_input((img - model.input_mean) / model.input_std)
         joint = None
@@ -780,7 +801,8 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
                                                   scale_known=False, iterations=invert_iterations,
                                                   time_limit=left, support=True, tv_weight=invert_tv * SIGN_TV,
                                                   mixed=None if sep.mixed is None or not SIGN_MIXED else
-                                                  (*sep.mixed, sep.labels), mixed_weight=SIGN_MIXED)
+                                                  (*sep.mixed, sep.labels), mixed_weight=SIGN_MIXED,
+                                                  units=None if not SIGN_UNITS else sep.units, units_weight=SIGN_UNITS)
     info.update({"inversion_starts": sinfo["starts"], "inversion_improved_by_other_starts":
                  sinfo["improved_by_other_starts"], "inversion_averaged": sinfo["averaged"],
                  "inversion_iterations": history[-1][0] if history else 0,
