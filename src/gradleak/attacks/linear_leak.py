@@ -767,7 +767,8 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
                invert_tv: float, invert_starts: int) -> Leak:
     """signSGD: each image's support from the signs of the layer's update
     (:func:`.disaggregate.sign_supports`), inverted to images that switch on those inputs and no other
-    (:func:`invert_features` with ``support=True``), with the mixed rows' comparisons. Only where the
+    (:func:`invert_features` with ``support=True``), with the mixed rows' comparisons, or where the
+    supports were read from the update's columns the units each image switches on. Only where the
     signs are the whole obfuscation of one client's FedSGD gradient (a weight delta's signs are the
     gradient's flipped, and a zero's +1 with them) and the model exposes its layer's pre-ReLU input."""
     n = sim.num_images
