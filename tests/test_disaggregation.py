@@ -1381,3 +1381,6 @@ def test_past_eight_images_the_supports_are_read_from_the_columns(monkeypatch):
     searched = sign_supports(signs, v, r - 1)
     assert scored.info["search"] == "exhaustive" and searched.info["search"] == "swaps"
     assert searched.supports.equal(scored.supports) and searched.labels.equal(scored.labels)
+    # out of time: the greedy start cut short, one start, still a reading of r - 1 images
+    hurried = sign_supports(signs, v, r - 1, time_limit=0.0)
+    assert hurried.info["restarts"] == 1 and hurried.info["separated"] == r - 1 and hurried.info["seconds"] < 1.0

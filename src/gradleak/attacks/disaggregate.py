@@ -1420,17 +1420,21 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
         explained = ((I[:, f] @ C[f]) > 0).eq(T > 0).all(dim=1)
         return round(float(weight[explained].sum()), 9), int(explained.sum())
 
-    greedy: list[int] = []  # the first start: candidates added one by one, each the one explaining most
-    for _ in range(n):
-        greedy.append(max((c for c in range(nc) if c not in greedy), key=lambda c: score(greedy + [c])))
     families = math.comb(nc, n)
     if families <= SIGN_FAMILIES and families * len(targets) <= SIGN_CHECKS:
         best = max(itertools.combinations(range(nc), n), key=score)
         info.update({"search": "exhaustive", "families_scored": families})
     else:
-        limit = SIGN_SEARCH_SECONDS if time_limit is None else time_limit
+        deadline = start + (SIGN_SEARCH_SECONDS if time_limit is None else time_limit)
+        greedy: list[int] = []  # the first start: candidates added one by one, each the one explaining most
+        while len(greedy) < n:
+            rest = [c for c in range(nc) if c not in greedy]
+            if time.perf_counter() >= deadline:  # out of time: the first of the others fill it
+                greedy += rest[:n - len(greedy)]
+                break
+            greedy.append(max(rest, key=lambda c: score(greedy + [c])))
         best, _, ran, at_best = _swap_search(score, n, nc, rng=np.random.default_rng(seed), restarts=SIGN_RESTARTS,
-                                             agree=SIGN_AGREE, deadline=start + limit, first=greedy)
+                                             agree=SIGN_AGREE, deadline=deadline, first=greedy)
         info.update({"search": "swaps", "families": families, "restarts": ran, "restarts_at_best": at_best})
     supports, known, labels, units = [], [], [], []
     for label, rows in sides:
