@@ -1384,7 +1384,7 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
     neg = {label: signs[rows] < 0 for label, rows in sides}
     info: dict[str, Any] = {"method": "sign supports", "reading": "columns", "separated": 0}
     cands: list[int] = []  # each candidate pattern's label
-    vectors: dict[int, torch.Tensor] = {}  # and the pattern, over its side's rows
+    vectors: list[torch.Tensor] = []  # and the pattern, over its side's rows
     targets: list[tuple[int, torch.Tensor, int]] = []  # (label, clean column's vector, how many columns have it)
     clean: dict[int, torch.Tensor] = {}
     for label, _ in sides:
@@ -1392,7 +1392,7 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
         distinct, counts = torch.unique(neg[label][:, clean[label]].T, dim=0, return_counts=True)
         bits = _bitsets(distinct)
         for c in _irreducible(bits, [True] * len(bits)):
-            vectors[len(cands)] = distinct[c]
+            vectors.append(distinct[c])
             cands.append(label)
         targets += [(label, d, int(k)) for d, k in zip(distinct, counts.tolist())]
     nc = len(cands)
@@ -1403,8 +1403,8 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
                      "seconds": round(time.perf_counter() - start, 3)})
         return SignSeparation(torch.zeros(0, signs.shape[1], dtype=torch.bool), torch.zeros(0, dtype=torch.int64),
                               info)
-    C = torch.zeros(nc, max(len(r) for r in vectors.values()))  # patterns, zero-padded to one row count
-    for c, vec in vectors.items():
+    C = torch.zeros(nc, max(len(r) for r in vectors))  # patterns, zero-padded to one row count
+    for c, vec in enumerate(vectors):
         C[c, :len(vec)] = vec.float()
     T = torch.zeros(len(targets), C.shape[1])
     for t, (_, vec, _) in enumerate(targets):
@@ -1443,15 +1443,16 @@ def _column_supports(signs: torch.Tensor, v: torch.Tensor, n: int, *, seed: int 
             continue
         P = torch.stack([vectors[c] for c in mine]).double()  # images x rows of this side
         within = (P @ (~neg[label]).double()) == 0  # the columns negative on every row of each pattern
+        inside = P.T @ within.double()  # rows x columns: how many patterns inside the column hold the row
+        unclean = neg[1 - label].any(dim=0)
         for k in range(len(mine)):
-            others = torch.arange(len(mine)) != k
-            covered = (P[others].T @ within[others].double()) > 0  # rows x columns: another pattern inside
+            covered = (inside - P[k][:, None] * within[k].double()) > 0  # held by another pattern inside
             own = (P[k][:, None] * (~covered).double()).sum(dim=0) > 0  # a row of its pattern no other covers
             supports.append(within[k] & own)
             unit = torch.full((len(v),), 0.5, dtype=torch.float64)
             unit[rows] = P[k]
             units.append(unit)
-            known.append((within[k] & own) | (~within[k] & ~neg[1 - label].any(dim=0)))
+            known.append((within[k] & own) | (~within[k] & ~unclean))
             labels.append(label)
     known_t = torch.stack(known)
     info.update({"separated": n, "clean_columns_explained": score(best)[0],

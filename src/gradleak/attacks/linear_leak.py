@@ -399,10 +399,11 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
     :func:`.disaggregate.sign_supports`), and each image's objective is the mean squared hinge of the
     layer's input before its ReLU (``leaky_preactivation``) on the side of 0 the support says, with a
     margin of ``SUPPORT_MARGIN`` times its median magnitude at mid-grey; a target of 0.5 leaves that
-    input free (a stand-in's columns whose side is not known). ``coupling`` (N x N, with the
-    scale known): the images' relative errors ``E_i = (h_i - t_i) / |t_i|`` are weighed jointly,
-    ``sum_ij K_ij <E_i, E_j>`` (:func:`noise_coupling`), each image's objective its row of that sum (they
-    add up to the whole; one image's may be below 0). ``sums`` (a sparsified update, scale unknown):
+    input free (a stand-in's columns whose side is not known, or an entry the columns' reading left
+    open). ``coupling`` (N x N, with the scale known): the images' relative errors
+    ``E_i = (h_i - t_i) / |t_i|`` are weighed jointly, ``sum_ij K_ij <E_i, E_j>`` (:func:`noise_coupling`),
+    each image's objective its row of that sum (they add up to the whole; one image's may be below 0).
+    ``sums`` (a sparsified update, scale unknown):
     ``(P, S, O)``, the 0/1 patterns of the update's rows whose patterns were read (G x N), their exact
     sent values (G x n, subset sums of ``a_i h_i / N``) and which were sent: the batch's relative
     squared error on the sent entries, the images' scales fitted by least squares, is added times
@@ -475,15 +476,14 @@ def invert_features(sim: Simulator, targets: torch.Tensor, *, scale_known: bool,
         with torch.no_grad():
             grey = torch.full((1, C, H, W), 0.5, device=sim.device)
             t_known = (2 * t - 1).abs()  # 0.5: an input whose side is not known, left free
-            margin = SUPPORT_MARGIN * float(model.leaky_preactivation((grey - model.input_mean) / model.input_std)
-                                            .abs().median().clamp_min(1e-12))
+            u_grey = model.leaky_preactivation((grey - model.input_mean) / model.input_std)
+            margin = SUPPORT_MARGIN * float(u_grey.abs().median().clamp_min(1e-12))
             if units is not None:
                 u_head = getattr(model, model.leaky_linear)
                 u_t = units.float().to(sim.device)
                 u_known = (2 * u_t - 1).abs()
                 u_count = u_known.sum(dim=1).clamp_min(1)
-                u_margin = SUPPORT_MARGIN * float(u_head(F.relu(model.leaky_preactivation(
-                    (grey - model.input_mean) / model.input_std))).abs().median().clamp_min(1e-12))
+                u_margin = SUPPORT_MARGIN * float(u_head(F.relu(u_grey)).abs().median().clamp_min(1e-12))
 
     def image() -> torch.Tensor:
         return x if coarse is None else F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
@@ -756,7 +756,8 @@ def invert_best_of(sim: Simulator, targets: torch.Tensor, *, starts: int, genera
                                    "objective": [float(b) for b in best]}
 
 
-#: The share of the leak's time the choice of supports may take where it searches by swaps (B = 8).
+#: The share of the leak's time the choice of supports (or of the columns' patterns) may take where it
+#: searches by swaps (B = 8 and 16 on the tune and report draws).
 SIGN_SEARCH_SHARE = 0.1
 #: Total variation of the support inversion (signSGD), relative to its hinge objective.
 SIGN_TV = 0.03
@@ -791,7 +792,8 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
     info = dict(sep.info)
     info["separation_seconds"] = info.pop("seconds")
     feats = sep.supports.double()
-    if sep.known is not None:  # a stand-in's columns shared with the images inside it: its side left free
+    if sep.known is not None:  # a stand-in's columns shared with the images inside it, or the entries the
+        # columns' reading left open: their side left free
         feats[~sep.known] = 0.5
     if int(info["separated"]) == 0:
         return Leak(layer=layer, images=blank, labels=None, features=feats, scale_known=False, info=info)
