@@ -289,6 +289,62 @@ def test_sixteen_images_whose_units_mostly_agree_separate_exactly():
         assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
 
 
+def _own_inputs_update(r: int, seed: int = 0, m: int = 300, n: int = 3000, share: float = 0.1):
+    """A layer update whose inputs are ReLU outputs, mostly zero (each input on for ``share`` of the
+    images), so that most images have inputs no other image has; the units' patterns mostly shared, as
+    on chest X-rays. Returns (G, v, the true patterns M (m x r), the true rows a_i h_i / r, H)."""
+    g = torch.Generator().manual_seed(seed)
+    H = torch.rand(r, n, generator=g, dtype=torch.float64) * (torch.rand(r, n, generator=g) < share).double()
+    a = torch.rand(r, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    a[::2] *= -1
+    mixed = (torch.rand(m - 150, r, generator=g) < 0.5).float()
+    M = torch.cat([torch.ones(100, r), torch.zeros(50, r), mixed]).double()
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    truth = a[:, None] * H / r
+    return (v[:, None] * M) @ truth, v, M, truth, H
+
+
+def _same_columns(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether two 0/1 matrices hold the same set of columns."""
+    return sorted(map(tuple, A.T.int().tolist())) == sorted(map(tuple, B.T.int().tolist()))
+
+
+def test_an_exact_update_shows_each_image_s_pattern_in_a_column_only_it_feeds():
+    G, v, M, _, H = _own_inputs_update(24)
+    own = ((H > 0).sum(dim=0) == 1)
+    assert all(bool((H[i] > 0)[own].any()) for i in range(24))  # every image has an input of its own
+    shown = disaggregate.column_patterns(G, v, 24)
+    assert _same_columns(shown, M)  # those columns, and no column two images feed, show the 24 patterns
+    # noise breaks the single level: nothing is shown rather than something wrong
+    g = torch.Generator().manual_seed(1)
+    noisy = G + 1e-3 * float(G.abs().mean()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    assert disaggregate.column_patterns(noisy, v, 24).shape[1] == 0
+
+
+def test_past_sixteen_images_an_exact_update_separates_from_its_columns_without_sampling():
+    G, v, M, truth, _ = _own_inputs_update(24)
+    sep = separate(G, 24, row_scale=v, generator=torch.Generator().manual_seed(0), time_limit=60, global_search=True)
+    assert sep.info["separated"] == 24 and sep.info["shown_by_columns"] == 24 and sep.info["trials"] == 0
+    assert sep.patterns is not None and min(_agreement(sep.patterns, M)) == 1.0
+    for x in sep.X:  # each input, scale and sign included
+        assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
+
+
+def test_an_image_with_no_input_of_its_own_is_read_by_the_pattern_search():
+    G, v, M, truth, H = _own_inputs_update(24, seed=2)
+    last = H[23] > 0
+    H[23, last & ((H > 0).sum(dim=0) == 1)] = 0  # image 23 keeps only inputs other images have too
+    truth = truth.clone()
+    truth[23] = truth[23] * (H[23] > 0)
+    G = (v[:, None] * M) @ truth
+    shown = disaggregate.column_patterns(G, v, 24)
+    assert shown.shape[1] == 23 and _same_columns(shown, M[:, :23])
+    sep = separate(G, 24, row_scale=v, generator=torch.Generator().manual_seed(0), time_limit=60, global_search=True)
+    assert sep.info["separated"] == 24 and "global_search" in sep.info
+    for x in sep.X:
+        assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
+
+
 def test_a_search_cut_short_counts_only_the_images_it_separated():
     G, v, _ = _shared_pattern_update(16)
     sep = separate(G, 16, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=4096)

@@ -31,7 +31,7 @@ import torch
 from ..observation import Observation
 from . import engine
 from .base import Reconstruction, loss_converged
-from .linear_leak import layer_fit, leak, settled as leak_settled
+from .linear_leak import layer_fit, leak, local_drift, settled as leak_settled
 from .simulate import Simulator
 
 #: Settings of ``auto`` that are not the refinement engine's.
@@ -72,8 +72,9 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         why = (f"{obs.model['arch']} has no linear layer followed by a ReLU feeding a two-class classifier, "
                f"whose update would leak the batch")
     elif int(found.info.get("separated", 0)) == 0:
+        exact = not obs.obfuscation and not local_drift(obs.protocol)
         why = (f"the update of layer '{found.layer}' did not separate into images ("
-               f"{found.info.get('note') or 'too degraded'})")
+               f"{found.info.get('note') or ('no image read in the time' if exact else 'too degraded')})")
     name = s["fallback_single"] if obs.num_images == 1 else s["fallback_batch"]
 
     def fallback(until: float = 1.0) -> Reconstruction:

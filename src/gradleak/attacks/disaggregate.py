@@ -178,6 +178,50 @@ def _feature_noise(v: torch.Tensor, M: torch.Tensor, noise: torch.Tensor, X: tor
     return [float(x) for x in (X.shape[1] * var).sqrt() / X.norm(dim=1).clamp_min(1e-300)]
 
 
+#: An update's columns (:func:`column_patterns`): an entry of ``diag(1/v) G`` counts as zero below
+#: ``COLUMN_ZERO`` times its column's largest, and a column's nonzero entries as one level where none is
+#: further than ``COLUMN_LEVEL`` (relative) from their mean; at most ``COLUMN_CANDIDATES`` times the rank
+#: distinct patterns are handed on, those most columns show first.
+COLUMN_ZERO = 1e-6
+COLUMN_LEVEL = 1e-4
+COLUMN_CANDIDATES = 4
+
+
+def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int = 4096) -> torch.Tensor:
+    """The ReLU patterns an update shows in its columns (m x s, 0/1, distinct; s may be 0).
+
+    Column k of ``diag(1/v) G`` is ``sum_i m_i x_ik`` (``m_i`` image i's pattern, ``x_ik = a_i h_ik / N``,
+    ``h_ik >= 0`` a ReLU's output): where only one image has input k it is ``x_ik m_i``, one level on the
+    rows where that image is active and exact zeros elsewhere, and two or more images give several levels.
+    On real X-rays (tune draw, 64 px, ``lenet5``) every image has such an input at B = 16 (3 to 150 each)
+    and at B = 32 (1 to 114), so an exact update shows all the patterns, in under a second; at B = 64,
+    55 of the 64. Noise or rounding breaks the single level (the dual vectors, :func:`separate`, then
+    read what they can)."""
+    Gd = G.double()
+    vd = v.double().reshape(-1)
+    safe = torch.where(vd != 0, vd, torch.ones_like(vd))
+    found: dict[bytes, tuple[torch.Tensor, int]] = {}
+    for c0 in range(0, Gd.shape[1], chunk):
+        C = torch.where(vd[:, None] != 0, Gd[:, c0:c0 + chunk] / safe[:, None], torch.zeros(1, dtype=Gd.dtype))
+        big = C.abs().amax(dim=0)
+        on = C.abs() > COLUMN_ZERO * big[None, :]
+        count = on.sum(dim=0)
+        level = (C * on).sum(dim=0) / count.clamp_min(1)
+        off = ((C - level[None, :]) * on).abs().amax(dim=0)
+        single = (count > 1) & (off <= COLUMN_LEVEL * level.abs())
+        if not bool(single.any()):
+            continue
+        pats, counts = torch.unique(on[:, single].T, dim=0, return_counts=True)
+        for pat, cnt in zip(pats, counts.tolist()):
+            key = pat.numpy().tobytes()
+            old = found.get(key)
+            found[key] = (pat, cnt + (old[1] if old else 0))
+    ranked = sorted(found.values(), key=lambda pc: -pc[1])[: COLUMN_CANDIDATES * int(rank)]
+    if not ranked:
+        return torch.zeros(Gd.shape[0], 0, dtype=torch.float64)
+    return torch.stack([pc[0] for pc in ranked], dim=1).double()
+
+
 def _null_vectors(rows: torch.Tensor) -> torch.Tensor:
     """Unit null vectors of a batch of (r-1) x r matrices: the last column of the complete QR factor of
     the transpose, orthogonal to every row (five times faster than an SVD for a batch of small ones)."""
@@ -565,7 +609,7 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     hits: list[int] = []
     trials = 0
 
-    def consider(q: torch.Tensor) -> None:
+    def consider(q: torch.Tensor, seen: int = 1) -> None:
         q, spread, frac = _subset_refine(Pk, vk, q)
         spreads.append(spread)
         if spread > max_spread or frac <= 0 or (frac >= 1 and r > 1):
@@ -574,12 +618,12 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         for t, (qf, zf) in enumerate(found):
             other = Pk @ qf
             if abs(float(torch.dot(col, other))) > 0.98 * float(col.norm() * other.norm()):
-                hits[t] += 1
+                hits[t] += seen
                 if quality > zf:
                     found[t] = (q, quality)
                 return
         found.append((q, quality))
-        hits.append(1)
+        hits.append(seen)
 
     spreads: list[float] = []
 
@@ -593,7 +637,20 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         return -quality <= max(fit_factor * noise_level * float(q.norm()), 1e-6)
     if r == 1 and mr:  # one image: every live row is that image's value, so 1 / (any row) is the dual vector
         consider(1.0 / Pt[live][int(Pt[live].abs().argmax())].reshape(1))
-    while r > 1 and trials < max_trials and mr >= r - 1:
+    shown = 0
+    if r > 1:  # the patterns the update's columns show (an input only one image has): their dual vectors,
+        # each counted as found twice
+        Mc = column_patterns(Gd, v, r)
+        if Mc.shape[1]:
+            Qc = torch.linalg.lstsq(Pt, Mc[keep]).solution
+            for j in range(Qc.shape[1]):
+                consider(Qc[:, j], seen=2)
+            shown = sum(fits(t) for t in range(len(found)))
+    # random row sets rarely exclude one image past B = 16 (r - 1 rows where it is inactive: at B = 32 on real
+    # X-rays the sampling separated none in 240 s): where the columns leave at most what the global search
+    # reads, it reads them at once
+    sample = shown < r and not (global_search and r > 16 and shown >= r - SEARCH_MAX_RANK)
+    while r > 1 and trials < max_trials and mr >= r - 1 and sample:
         used = time.perf_counter() - start
         if time_limit is not None and (used > time_limit or (used > 0.3 * time_limit and
                                                              not any(fits(t) for t in range(len(found))))):
@@ -668,9 +725,14 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         if Mk is not None:
             def whole(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 Xm = torch.linalg.lstsq(vk[:, None] * M, Gd[keep]).solution
-                # every row (those with a tiny row scale included): the nearest subset sum of the inputs
-                near = _nearest_subsets(Gd / torch.where(v != 0, v, torch.ones_like(v))[:, None], Xm, _subsets(r))
-                pm = torch.where(v[:, None] != 0, near, torch.zeros(1, r, dtype=torch.float64))
+                # the rows with a tiny row scale too: the nearest subset sum of the inputs, or past
+                # SEARCH_MAX_RANK images (2^N subset sums of whole rows would not fit in memory) each row's
+                # least-squares coefficients rounded to 0/1, as the dual vectors read patterns
+                tiny = ~keep & (v != 0)
+                R = Gd[tiny] / v[tiny, None]
+                pm = torch.zeros(m, r, dtype=torch.float64)
+                pm[tiny] = (_nearest_subsets(R, Xm, _subsets(r)) if r <= SEARCH_MAX_RANK
+                            else (torch.linalg.lstsq(Xm.T, R.T).solution.T > 0.5).double())
                 pm[keep] = M
                 return Xm, pm
             X, patterns = whole(Mk)
@@ -687,7 +749,7 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
                             "seconds": round(time.perf_counter() - start, 3),
                             "best_spreads": sorted(spreads)[:2 * r], "candidates": len(found),
                             "fitting": len(good), "noise_level": noise_level, "feature_noise": feature_noise,
-                            **extra})
+                            "shown_by_columns": shown, **extra})
 
 
 #: The non-negative separation (:func:`nonneg_separate`): an input counts as zero below ``NONNEG_ZERO``
