@@ -179,9 +179,9 @@ def _feature_noise(v: torch.Tensor, M: torch.Tensor, noise: torch.Tensor, X: tor
 
 
 #: An update's columns (:func:`column_patterns`): an entry of ``diag(1/v) G`` counts as zero below
-#: ``COLUMN_ZERO`` times its column's largest, and a column's nonzero entries as one level where none is
-#: further than ``COLUMN_LEVEL`` (relative) from their mean; at most ``COLUMN_CANDIDATES`` times the rank
-#: distinct patterns are handed on, those most columns show first.
+#: ``COLUMN_ZERO`` times its column's largest, and two entries as one level within ``COLUMN_LEVEL`` of
+#: each other (relative); at most ``COLUMN_CANDIDATES`` times the rank distinct patterns are handed on,
+#: those most columns show first.
 COLUMN_ZERO = 1e-6
 COLUMN_LEVEL = 1e-4
 COLUMN_CANDIDATES = 4
@@ -191,31 +191,47 @@ def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int =
     """The ReLU patterns an update shows in its columns (m x s, 0/1, distinct; s may be 0).
 
     Column k of ``diag(1/v) G`` is ``sum_i m_i x_ik`` (``m_i`` image i's pattern, ``x_ik = a_i h_ik / N``,
-    ``h_ik >= 0`` a ReLU's output): where only one image has input k it is ``x_ik m_i``, one level on the
-    rows where that image is active and exact zeros elsewhere, and two or more images give several levels.
-    On real X-rays (tune draw, 64 px, ``lenet5``) every image has such an input at B = 16 (3 to 150 each)
-    and at B = 32 (1 to 114), so an exact update shows all the patterns, in under a second; at B = 64,
-    55 of the 64. Noise or rounding breaks the single level (the dual vectors, :func:`separate`, then
-    read what they can)."""
+    ``h_ik >= 0`` a ReLU's output). Where only one image has input k the column is ``x_ik m_i``: one level
+    on the rows where that image is active, exact zeros elsewhere. Where two have it, three levels
+    ``x_ik``, ``x_jk`` and their sum: the rows at the first or the sum are image i's pattern, those at the
+    second or the sum image j's. On real X-rays (tune draw, 64 px, ``lenet5``, an exact update) every image
+    has an input of its own at B = 16 (3 to 150 each) and at B = 32 (1 to 114); at B = 64 the columns fed
+    by one image show 55 of the 64 patterns, with those fed by two 63 (and 3 patterns that are no image's,
+    which :func:`separate`'s fit test turns down), in under two seconds. Noise or rounding breaks the
+    levels (the dual vectors then read what they can)."""
     Gd = G.double()
     vd = v.double().reshape(-1)
     safe = torch.where(vd != 0, vd, torch.ones_like(vd))
     found: dict[bytes, tuple[torch.Tensor, int]] = {}
+
+    def add(pattern: torch.Tensor) -> None:
+        key = pattern.numpy().tobytes()
+        old = found.get(key)
+        found[key] = (pattern, 1 + (old[1] if old else 0))
+
+    def same(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor | bool:
+        return abs(a - b) <= COLUMN_LEVEL * max(abs(a), abs(b)) if isinstance(a, float) else \
+            (a - b).abs() <= COLUMN_LEVEL * torch.maximum(a.abs(), torch.as_tensor(b).abs())
+
     for c0 in range(0, Gd.shape[1], chunk):
         C = torch.where(vd[:, None] != 0, Gd[:, c0:c0 + chunk] / safe[:, None], torch.zeros(1, dtype=Gd.dtype))
-        big = C.abs().amax(dim=0)
-        on = C.abs() > COLUMN_ZERO * big[None, :]
-        count = on.sum(dim=0)
-        level = (C * on).sum(dim=0) / count.clamp_min(1)
-        off = ((C - level[None, :]) * on).abs().amax(dim=0)
-        single = (count > 1) & (off <= COLUMN_LEVEL * level.abs())
-        if not bool(single.any()):
-            continue
-        pats, counts = torch.unique(on[:, single].T, dim=0, return_counts=True)
-        for pat, cnt in zip(pats, counts.tolist()):
-            key = pat.numpy().tobytes()
-            old = found.get(key)
-            found[key] = (pat, cnt + (old[1] if old else 0))
+        C = torch.where(C.abs() > COLUMN_ZERO * C.abs().amax(dim=0, keepdim=True), C, torch.zeros(1, dtype=Gd.dtype))
+        S = C.sort(dim=0).values
+        step = ~same(S[1:], S[:-1])  # a new level starts
+        levels = step.sum(dim=0) + 1 - (C == 0).any(dim=0).long()  # distinct nonzero values
+        on = C != 0
+        for k in torch.nonzero((levels == 1) & (on.sum(dim=0) > 1)).reshape(-1).tolist():
+            add(on[:, k])
+        for k in torch.nonzero(levels == 3).reshape(-1).tolist():
+            col, sk = C[:, k], S[:, k]
+            values = [float(x) for x in sk[torch.cat([torch.ones(1, dtype=torch.bool), step[:, k]])] if x != 0]
+            for a, b, both in ((values[0], values[1], values[2]), (values[0], values[2], values[1]),
+                               (values[1], values[2], values[0])):
+                if same(a + b, both):  # image i at a, image j at b, both where their patterns meet
+                    at_both = same(col, both)
+                    add(same(col, a) | at_both)
+                    add(same(col, b) | at_both)
+                    break
     ranked = sorted(found.values(), key=lambda pc: -pc[1])[: COLUMN_CANDIDATES * int(rank)]
     if not ranked:
         return torch.zeros(Gd.shape[0], 0, dtype=torch.float64)
