@@ -1414,10 +1414,11 @@ def test_auto_pits_a_blank_start_against_the_fallback_where_nothing_separates():
 
 
 def test_auto_refines_on_the_layer_under_heavy_noise_and_says_so(shared_data):
-    # the same four X-rays under sigma0 = 1, the whole pipeline in a 20 s budget: every image separates,
+    # the same four X-rays under sigma0 = 1, the whole pipeline in a 30 s budget (20 s gave 19.9 to 23.7 dB
+    # from run to run on a loaded machine): every image separates,
     # the inputs are noisy, and the inverted images are refined on fc1's update; the result says so
     obs, batch = _xray_heavy_noise(shared_data)
-    rec = run_attack("auto", obs, {"time_budget": 20}, progress=False)
+    rec = run_attack("auto", obs, {"time_budget": 30}, progress=False)
     p = rec.extras["pipeline"]
     refined = p["separation"]["layer_refinement"]
     assert p["separated"] == 4 and refined["kept"], refined
@@ -1426,7 +1427,7 @@ def test_auto_refines_on_the_layer_under_heavy_noise_and_says_so(shared_data):
     assert "refinement on fc1's update" in rec.threat_model["attack_pipeline"]
     # the iterations count the inversion's and the refinement's on the layer (no gradient matching after)
     assert rec.iterations == p["separation"]["inversion_iterations"] + refined["iterations"] > 0
-    assert rec.seconds < 20 * 1.05
+    assert rec.seconds < 30 * 1.05
     assert score(batch.images, batch.labels, rec.images, rec.labels)["psnr"] > 20  # blind guess: 17.5 dB
 
 

@@ -199,6 +199,10 @@ COLUMN_GRID_CANDIDATES = 16
 #: (32 px) 12 candidates fit the noise test where 8 images were, their inputs' noise estimates 0.003 to 0.04
 #: against 0.25 to 0.77 from the global search's reading.
 COLUMN_GRID_CELLS = 100
+#: Past this many images random row sets rarely hold N - 1 rows where one image is inactive (at B = 32 on
+#: real X-rays the sampling separated none in 240 s): where the columns leave at most ``SEARCH_MAX_RANK``
+#: images unread, :func:`separate` hands them to the global search without sampling.
+SAMPLE_MAX_RANK = 16
 
 
 def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int = 4096
@@ -227,6 +231,7 @@ def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int =
     vd = v.double().reshape(-1)
     safe = torch.where(vd != 0, vd, torch.ones_like(vd))
     found: dict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    nothing = torch.zeros(Gd.shape[0], 0, dtype=torch.float64), torch.zeros(Gd.shape[0], 0, dtype=torch.bool)
 
     def add(pattern: torch.Tensor, known: torch.Tensor | None = None) -> None:
         key = pattern.numpy().tobytes()
@@ -242,6 +247,8 @@ def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int =
     cell = float(sent.min()) if len(sent) else 0.0
     on_grid = cell > 0 and float(Gd.abs().max()) >= COLUMN_GRID_CELLS * cell and \
         float((Gd / cell - (Gd / cell).round()).abs().max()) < COLUMN_GRID
+    if not on_grid and len(sent) == Gd.numel():  # no exact zero anywhere: noise, no level to read
+        return nothing
     for c0 in range(0, Gd.shape[1], chunk):
         Gc = Gd[:, c0:c0 + chunk]
         C = torch.where(vd[:, None] != 0, Gc / safe[:, None], torch.zeros(1, dtype=Gd.dtype))
@@ -276,9 +283,8 @@ def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int =
     ranked = sorted(found.values(), key=lambda pkc: (-pkc[2], -int(pkc[1].sum())))
     ranked = ranked[: (COLUMN_GRID_CANDIDATES if on_grid else COLUMN_CANDIDATES) * int(rank)]
     if not ranked:
-        empty = torch.zeros(Gd.shape[0], 0, dtype=torch.float64)
-        return empty, empty.bool()
-    return (torch.stack([p[0] for p in ranked], dim=1).double(), torch.stack([p[1] for p in ranked], dim=1).bool())
+        return nothing
+    return torch.stack([p[0] for p in ranked], dim=1).double(), torch.stack([p[1] for p in ranked], dim=1).bool()
 
 
 def _null_vectors(rows: torch.Tensor) -> torch.Tensor:
@@ -697,18 +703,16 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     if r == 1 and mr:  # one image: every live row is that image's value, so 1 / (any row) is the dual vector
         consider(1.0 / Pt[live][int(Pt[live].abs().argmax())].reshape(1))
     shown = 0
-    if r > 1:  # the patterns the update's columns show (an input only one image has): their dual vectors,
-        # each counted as found twice
+    if r > 1:  # the patterns the update's columns show (inputs only one or two images have; an exact or finely
+        # rounded update): their dual vectors, each counted as found twice
         Mc, Kc = column_patterns(Gd, v, r)
         for j in range(Mc.shape[1]):
             on = Kc[keep, j]  # each on the rows where it is known
             if int(on.sum()) >= r:
                 consider(torch.linalg.lstsq(Pt[on], Mc[keep, j][on][:, None]).solution[:, 0], seen=2)
         shown = sum(fits(t) for t in range(len(found)))
-    # random row sets rarely exclude one image past B = 16 (r - 1 rows where it is inactive: at B = 32 on real
-    # X-rays the sampling separated none in 240 s): where the columns leave at most what the global search
-    # reads, it reads them at once
-    sample = shown < r and not (global_search and r > 16 and shown >= r - SEARCH_MAX_RANK)
+    # where the columns leave at most what the global search reads, past SAMPLE_MAX_RANK it reads them at once
+    sample = shown < r and not (global_search and r > SAMPLE_MAX_RANK and shown >= r - SEARCH_MAX_RANK)
     while r > 1 and trials < max_trials and mr >= r - 1 and sample:
         used = time.perf_counter() - start
         if time_limit is not None and (used > time_limit or (used > 0.3 * time_limit and
