@@ -26,6 +26,8 @@ from gradleak.data import load_dataset
 from gradleak.federated import Protocol
 from gradleak.metrics import score
 from gradleak import obfuscation, observation
+from gradleak.experiment.outputs import budget
+from gradleak.report.summary import _budget_stats
 
 
 def _best_cos(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -1406,6 +1408,9 @@ def test_auto_pits_a_blank_start_against_the_fallback_where_nothing_separates():
     won = blank["objective_after"] < p["competitor"]["layer_objective"]
     assert p["kept"].startswith("refined from a blank start" if won else "rog"), p["kept"]
     assert ("(kept over rog)" if won else "then rog (kept)") in rec.threat_model["attack_pipeline"]
+    # whichever was kept, the report cannot call the setting low risk: the leaky layer did not separate
+    stats = _budget_stats([{"budget": budget(rec.summary())}])
+    assert stats["unseparated"] == 1 and stats["unseparated_layers"] == ["fc1"]
     if won:  # the images and the labels are the blank start's: the label counts
         assert torch.equal(rec.images, rec.extras["leak_images"].clamp(0, 1).float())
         assert sorted(rec.labels.tolist()) == sorted(batch.labels.tolist()) and "counts" in rec.threat_model["labels"]

@@ -184,3 +184,34 @@ def test_the_budget_says_when_a_separated_input_was_noise():
     assert "1 separated input read as noise, not an image" in text
     assert _budget_stats(rows[1:])["inputs_like_noise"] == 0 and _budget_stats(rows[2:])["inputs_like_noise"] is None
     assert "read as noise" not in verdict({**_stats(skill=0.9), **_budget_stats(rows[1:])}, None, None)
+
+
+def test_a_leaky_layer_left_unseparated_is_never_low_risk():
+    # auto found fc1 (a linear layer into a ReLU, whose update leaks whole batches) but separated fewer images
+    # than it attacked: its fallback converged at the blind guess, which says what that attack reached, not
+    # what the update holds; separated runs, and models with no such layer, keep their verdicts
+    from gradleak.report.summary import _budget_stats
+    from gradleak.report.verdicts import UNSEPARATED
+
+    def row(pipeline):
+        return {"budget": {"converged": True, "iterations": 10, "seconds": 5.0, "pipeline": pipeline}}
+    failed = {"leaky_layer": "fc1", "separated": 0, "images": 32, "stages": ["rog"]}
+    partly = {"leaky_layer": "fc1", "separated": 30, "images": 32}
+    whole = {"leaky_layer": "fc1", "separated": 32, "images": 32}
+    none = {"leaky_layer": None, "separated": 0, "images": 4, "stages": ["rog"]}
+    stats = _budget_stats([row(failed), row(whole)])
+    assert stats["unseparated"] == 1 and stats["unseparated_layers"] == ["fc1"]
+    s = {**_stats(skill=0.0, converged=(True, True)), **stats}
+    assert risk(s) == "inconclusive"
+    text = verdict(s, None, None)
+    assert text.startswith(UNSEPARATED[0].upper() + UNSEPARATED[1:]) and "never its absence" in text, text
+    assert "'fc1' not separated into the images in 1 of 2 runs" in text and "low risk" not in text
+    assert _budget_stats([row(partly)])["unseparated"] == 1
+    for rows in ([row(whole)], [row(none)], [row(None)], [{"budget": {"converged": True}}]):
+        stats = _budget_stats(rows)
+        assert stats["unseparated"] == 0
+        assert risk({**_stats(skill=0.0), **stats}) == "low"
+    # a leak shown stays a leak, and an unconverged run still says so first
+    assert risk({**_stats(skill=0.9), **_budget_stats([row(failed)])}) == "high"
+    text = verdict({**_stats(skill=0.0), **_budget_stats([row(failed)]), "converged": [False]}, None, None)
+    assert text.startswith("Inconclusive: the attack stopped before converging")

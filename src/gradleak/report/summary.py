@@ -9,8 +9,8 @@ import json
 from collections import OrderedDict
 from typing import Any, Iterable
 
-from .verdicts import (INCONCLUSIVE, RISK_ORDER, all_converged, budget_text, image_level, image_phrase, num,
-                       reid_significant, risk)
+from .verdicts import (INCONCLUSIVE, RISK_ORDER, UNSEPARATED, all_converged, budget_text, image_level, image_phrase,
+                       num, reid_significant, risk)
 
 #: Grid keys that vary the sample, not the setting: averaged over in the summary.
 SAMPLE_KEYS = ("seed", "capture.indices", "capture.model_seed")
@@ -113,9 +113,15 @@ def _budget_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     # auto's separation: the kept inputs of the leaky layer that read as noise, not as any image
     separations = [((b.get("pipeline") or {}).get("separation") or {}) for b in budgets]
     noise = [int(sep["like_noise"]) for sep in separations if sep.get("like_noise") is not None]
+    # auto's runs that found a layer leaking whole batches and left its update unseparated (fewer images
+    # separated than attacked): what their fallback reached is not what the update holds
+    pipes = [b.get("pipeline") or {} for b in budgets]
+    unseparated = [str(p["leaky_layer"]) for p in pipes if p.get("leaky_layer") and p.get("images")
+                   and int(p.get("separated") or 0) < int(p["images"])]
     return {"converged": conv, "iterations": its, "seconds": secs,
             "seconds_per_iteration": (secs / its) if its and secs is not None else None,
-            "inputs_like_noise": sum(noise) if noise else None}
+            "inputs_like_noise": sum(noise) if noise else None,
+            "unseparated": len(unseparated), "unseparated_layers": sorted(set(unseparated))}
 
 
 def _post(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -331,7 +337,8 @@ def verdict(s: dict[str, Any], utility: dict[str, Any] | None, baseline_auc: flo
     parts = []
     if risk(s) == "inconclusive":
         why = (INCONCLUSIVE if not all_converged(s) else
-               "inconclusive: no blind baseline to judge the images against")
+               "inconclusive: no blind baseline to judge the images against"
+               if image_level(s.get("ssim_skill")) is None else UNSEPARATED)
         parts.append(cap(why) + " — it can show a leak, never its absence")
     parts.append(image_text(s) if parts else cap(image_text(s)))
     if s.get("reid_n"):

@@ -16,7 +16,9 @@ Risk, per setting, for the attack that leaks most:
   top-1) clearly better than a random ranking;
 * **moderate**: images partly recognisable, or patients re-identified clearly better than a random ranking;
 * **inconclusive** (instead of low): the attack stopped before converging -- an attack that stopped early
-  can show a leak, never its absence -- or there is no blind baseline to judge the images against;
+  can show a leak, never its absence --, or ``auto`` found a layer whose update leaks whole batches but
+  did not separate it into the images (its fallback's images then show what that attack reached, not what
+  the update holds), or there is no blind baseline to judge the images against;
 * **low**: none of the above, with every attack converged.
 
 "Clearly better": one-sided binomial test against the chance level, p < 0.05 after a Bonferroni
@@ -38,6 +40,11 @@ ATTACK_STRENGTH = ("auto", "rog", "inverting_gradients", "idlg", "dlg")
 RISK_ORDER = {"low": 0, "inconclusive": 1, "moderate": 2, "high": 3}
 
 INCONCLUSIVE = "inconclusive: the attack stopped before converging"
+#: Why a setting is inconclusive where ``auto`` found a layer that leaks whole batches (a linear layer into a
+#: ReLU) and did not separate its update into the images: at B = 32 under QSGD 16 or relative noise 0.1
+#: (real X-rays, ``lenet5``, 240 s) its fallback ended 0.8 and 1.4 dB over the blind guess, converged,
+#: where B = 16 separates and reaches 29 and 33 dB.
+UNSEPARATED = "inconclusive: the update of a layer that leaks whole batches did not separate into the images"
 
 
 def num(x: Any) -> float | None:
@@ -89,7 +96,8 @@ def risk(s: dict[str, Any]) -> str:
     """The risk level of one attack's numbers on one setting (see the module docstring).
 
     ``s`` holds ``ssim_skill``, ``reid_hits``, ``reid_n``, ``chance``, ``reid_rankings`` and
-    ``converged`` (one entry per cell: True, False or None)."""
+    ``converged`` (one entry per cell: True, False or None); ``unseparated`` (optional): in how many cells
+    ``auto`` left a leaky layer's update unseparated."""
     level = image_level(s.get("ssim_skill"))
     rate = (s["reid_hits"] / s["reid_n"]) if s.get("reid_n") else None
     significant = reid_significant(s)
@@ -97,7 +105,7 @@ def risk(s: dict[str, Any]) -> str:
         return "high"
     if level == "partly" or significant:
         return "moderate"
-    if not all_converged(s) or level is None:
+    if not all_converged(s) or level is None or s.get("unseparated"):
         return "inconclusive"
     return "low"
 
@@ -140,6 +148,11 @@ def budget_text(s: dict[str, Any]) -> str:
                          else f"converged in {n_true} of {len(conv)} runs")
     else:
         parts.append("convergence not recorded")
+    unseparated = s.get("unseparated")
+    if unseparated:  # auto found a layer that leaks whole batches and did not separate its update
+        layers = ", ".join(f"'{name}'" for name in s.get("unseparated_layers") or []) or "the leaky layer"
+        parts.append(f"{layers} not separated into the images"
+                     + (f" in {unseparated} of {len(conv)} runs" if len(conv) > 1 else ""))
     noise = s.get("inputs_like_noise")
     if noise:  # auto separated an input that is no image's (half its energy negative)
         parts.append(f"{noise} separated input{'s' if noise > 1 else ''} read as noise, not an image")
@@ -147,6 +160,6 @@ def budget_text(s: dict[str, Any]) -> str:
     return f"{s.get('attack')}: {budget}" if s.get("attack") else budget
 
 
-__all__ = ["RECOGNISABLE_SKILL", "PARTLY_SKILL", "HIGH_REID", "ATTACK_STRENGTH", "RISK_ORDER", "INCONCLUSIVE",
+__all__ = ["RECOGNISABLE_SKILL", "PARTLY_SKILL", "HIGH_REID", "ATTACK_STRENGTH", "RISK_ORDER", "INCONCLUSIVE", "UNSEPARATED",
            "num", "above_chance", "image_level", "image_phrase", "reid_significant", "all_converged", "risk",
            "strength_rank", "strongest_tried", "budget_text"]
