@@ -42,8 +42,8 @@ RISK_ORDER = {"low": 0, "inconclusive": 1, "moderate": 2, "high": 3}
 INCONCLUSIVE = "inconclusive: the attack stopped before converging"
 #: Why a setting is inconclusive where ``auto`` found a layer that leaks whole batches (a linear layer into a
 #: ReLU) and did not separate its update into the images: at B = 32 under QSGD 16 or relative noise 0.1
-#: (real X-rays, ``lenet5``, 240 s) its fallback ended 0.8 and 1.4 dB over the blind guess, converged,
-#: where B = 16 separates and reaches 29 and 33 dB.
+#: (real X-rays, ``lenet5``, 240 s, tune draw) its fallback ended 0.8 and 1.4 dB over the blind guess,
+#: converged, where at B = 16 (report draw) the same obfuscations separate and reach 29.4 and 32.8 dB.
 UNSEPARATED = "inconclusive: the update of a layer that leaks whole batches did not separate into the images"
 
 
