@@ -74,13 +74,14 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
                f"whose update would leak the batch")
     elif int(found.info.get("separated", 0)) == 0:
         exact = not obs.obfuscation and not local_drift(obs.protocol)
-        # past SAMPLE_MAX_RANK images the random row sets rarely hold N - 1 rows where one image is inactive,
-        # so a noisy update of a large batch fails for its size as much as for its noise
-        large = (f"; past {SAMPLE_MAX_RANK} images the row sets drawn rarely hold {obs.num_images - 1} rows "
-                 f"where one image is inactive" if obs.num_images > SAMPLE_MAX_RANK else "")
-        why = (f"the update of layer '{found.layer}' did not separate into images ("
-               f"{found.info.get('note') or ('no image read in the time' if exact else 'no image fitted the noise')}"
-               f"{'' if found.info.get('note') or exact else large})")
+        reason = found.info.get("note")
+        if not reason:
+            reason = "no image read in the time" if exact else "no image fitted the noise"
+            if not exact and obs.num_images > SAMPLE_MAX_RANK:  # a noisy update of a large batch fails for its size
+                # as much as for its noise: random row sets rarely hold N - 1 rows where one image is inactive
+                reason += (f"; past {SAMPLE_MAX_RANK} images the row sets drawn rarely hold {obs.num_images - 1} "
+                           f"rows where one image is inactive")
+        why = f"the update of layer '{found.layer}' did not separate into images ({reason})"
     name = s["fallback_single"] if obs.num_images == 1 else s["fallback_batch"]
 
     def fallback(until: float = 1.0) -> Reconstruction:
