@@ -920,6 +920,43 @@ def test_a_top_k_update_of_eight_images_separates_exactly_without_single_image_r
     assert float((X[:, known] - truth[pair][:, known]).abs().max() / truth.abs().max()) < 1e-9
 
 
+def test_a_dense_block_grows_to_every_row_and_column_its_sent_entries_reach():
+    # exact rank-r rows, each sending a random share of the columns, plus a dense block: the completion
+    # reaches rows that sent too little of the block's columns alone, and equals the truth where it reaches
+    g = torch.Generator().manual_seed(2)
+    r, m, n = 6, 60, 400
+    U = torch.randn(m, r, generator=g, dtype=torch.float64)
+    V = torch.randn(r, n, generator=g, dtype=torch.float64) * torch.logspace(0, -3, r, dtype=torch.float64)[:, None]
+    full = U @ V
+    O = torch.rand(m, n, generator=g) < 0.4
+    rows, cols = torch.arange(20), torch.arange(12)
+    O[:20, :12] = True
+    Rg, Cg, grown = disaggregate.complete_block(torch.where(O, full, torch.zeros_like(full)), O, rows, cols, r)
+    assert len(Rg) > 20 and len(Cg) > 12
+    assert float((grown - full[Rg][:, Cg]).abs().max() / full.abs().max()) < 1e-8
+    # values that are no rank-r matrix: the block itself, nothing grown
+    noisy = full + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    Rn, Cn, kept = disaggregate.complete_block(torch.where(O, noisy, torch.zeros_like(noisy)), O, rows, cols, r)
+    assert torch.equal(Rn, rows) and torch.equal(Cn, cols) and torch.equal(kept, noisy[:20, :12])
+
+
+def test_a_top_k_update_of_sixteen_images_separates_exactly_through_the_grown_block():
+    # at B = 16 the densest block of merged rows admits far more patterns per image than the images'
+    # own (choices beyond the enumeration's bound); grown to the rows and columns it reaches, it separates
+    r = 16
+    G, M, truth, v = _subset_sums(r, 512, 16384, seed=3, active=0.8, nonzero=0.97)
+    G = G * (M.sum(dim=1) >= 2).double()[:, None]
+    sent = _top_fraction(G, 0.01)
+    X, known, info, _ = _sparse_separation(G * sent, sent, v, r, torch.Generator().manual_seed(0), 60.0)
+    assert info["separated"] == r and info["sent_residual"] < 1e-6, info
+    assert info["block_method"] == "enumeration of the grown block", info
+    assert info["grown"][0] > info["block"][0]
+    pair = ((X[:, known] / X[:, known].norm(dim=1, keepdim=True))
+            @ (truth[:, known] / truth[:, known].norm(dim=1, keepdim=True)).T).argmax(dim=1)
+    assert sorted(pair.tolist()) == list(range(r))
+    assert float((X[:, known] - truth[pair][:, known]).abs().max() / truth.abs().max()) < 1e-9
+
+
 def test_known_labels_are_paired_with_the_right_images_and_the_seed_fixes_the_result():
     ds = load_dataset("phantoms:n=64", size=16)
     batch = ds.batch([0, 3, 6, 9])

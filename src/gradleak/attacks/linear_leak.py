@@ -42,8 +42,9 @@ from .. import obfuscation
 from ..federated.arithmetic import fedavg_gradient_scale
 from ..observation import Observation
 from .aware import _per_tensor, entry_likelihood, steps
-from .disaggregate import (LIKE_NOISE, label_exhaustive, merge_equal_rows, negative_share, nonneg_separate,
-                           reestimate, separate, sign_supports)
+from .disaggregate import (COMPLETE_MAX_CHOICES, COMPLETE_MAX_FOUND, LIKE_NOISE, complete_block, label_exhaustive,
+                           merge_equal_rows, negative_share, nonneg_separate, reestimate, separate, sign_supports,
+                           solve_sent_columns)
 from .labels import count_based
 from .regularizers import contrast_free_tv, total_variation
 from .simulate import Simulator
@@ -145,21 +146,7 @@ def _patterns(G: torch.Tensor, O: torch.Tensor, v: torch.Tensor, X: torch.Tensor
 
 def _solve_columns(G: torch.Tensor, O: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every column of ``G = A X`` that its own sent rows determine (least squares), and which these are."""
-    n = A.shape[1]
-    Od = O.double()
-    X = torch.zeros(n, G.shape[1], dtype=torch.float64)
-    known = torch.zeros(G.shape[1], dtype=torch.bool)
-    for lo in range(0, G.shape[1], 2048):
-        hi = min(G.shape[1], lo + 2048)
-        o = Od[:, lo:hi]  # rows x cols
-        normal = torch.einsum("rc,ri,rj->cij", o, A, A)
-        rhs = torch.einsum("rc,ri->ci", o * G[:, lo:hi], A)
-        # full rank on its own sent rows (a column no row sent has an all-zero normal matrix: rank 0)
-        ok = torch.linalg.matrix_rank(normal, rtol=1e-6) == n
-        sol = torch.linalg.solve(normal + 1e-12 * torch.eye(n, dtype=torch.float64), rhs[..., None])[..., 0]
-        X[:, lo:hi] = torch.where(ok[:, None], sol, torch.zeros_like(sol)).T
-        known[lo:hi] = ok
-    return X, known
+    return solve_sent_columns(G, O, A.double())
 
 
 #: The share of its time limit the sparse separation spends trying blocks (on the tune draw under top-k
@@ -230,34 +217,45 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
         if len(Rm) < len(Gl):  # nothing merged: the rows as sent are the same blocks
             sources.append(("merged", Rm, Om, torch.ones(len(Rm), dtype=G.dtype)))
     sources.append(("rows", Gl, O, vl))
-    plan = [(name, Gs, vs, R, C) for name, Gs, Os, vs in sources for R, C in _blocks(Os, n)]
+    plan = [(name, Gs, Os, vs, R, C) for name, Gs, Os, vs in sources for R, C in _blocks(Os, n)]
     if not plan:
         raise _NoBlock("the sent entries hold no dense block to separate on")
     largest = max((len(R), len(C)) for *_, R, C in plan)
+    grown_tried: set[tuple[int, int]] = set()
     per_try = None if time_limit is None else max(0.5, time_limit / 8)
     # without a time limit, the blocks share the row sets one search would draw (each at least four chunks)
     trials = None if time_limit is not None else max(SEPARATE_TRIALS // len(plan), 4 * 4096)
     best = None
     tried = 0
-    for name, Gs, vs, R, C in plan:
+    for name, Gs, Os, vs, R, C in plan:
         if time_limit is not None and tried and time.perf_counter() - start > BLOCK_SHARE * time_limit:
             break  # a block that fits stops the search at once: past this, leave the time to the fallback
         tried += 1
         block = Gs[R][:, C]
         # merged rows are distinct exact subset sums: every pattern of the block enumerated (no row need
         # show one image alone), each labeling then judged on all the rows
-        labelings = [(XB, "enumeration", {"separated": n})
+        labelings = [(XB, C, "enumeration", {"separated": n})
                      for XB in (label_exhaustive(block, n) if name == "merged" else [])]
+        if not labelings and name == "merged":
+            # past B = 8 the densest blocks admit too many patterns: grown to every row and column their
+            # sent entries reach, the rows they reach rule most out (each grown block enumerated once)
+            Rg, Cg, grown = complete_block(Gs, Os, R, C, n)
+            if len(Rg) > len(R) and (len(Rg), len(Cg)) not in grown_tried:
+                grown_tried.add((len(Rg), len(Cg)))
+                how = {"separated": n, "grown": [len(Rg), len(Cg)]}
+                labelings = [(XB, Cg, "enumeration of the grown block", how)
+                             for XB in label_exhaustive(grown, n, max_choices=COMPLETE_MAX_CHOICES,
+                                                        max_found=COMPLETE_MAX_FOUND)]
         if not labelings:
             sep = separate(block, n, row_scale=vs[R], generator=generator, time_limit=per_try, max_trials=trials)
             if sep.info["separated"] < n:  # the per-row patterns below need every image's input
                 continue
-            labelings = [(sep.X, "search", sep.info)]
-        for XB, method, found in labelings:
+            labelings = [(sep.X, C, "search", sep.info)]
+        for XB, Cl, method, found in labelings:
             if time_limit is not None and best is not None and \
                     time.perf_counter() - start > BLOCK_SHARE * time_limit:
                 break
-            X, known, resid, rounds, M = _fit_block(Gl, O, vl, XB, C, n)
+            X, known, resid, rounds, M = _fit_block(Gl, O, vl, XB, Cl, n)
             if best is None or resid < best[3]:
                 best = (X, known, {**found, "block_method": method, "block_rows": name,
                                    "block": [int(len(R)), int(len(C))], "pattern_rounds": rounds}, resid, M)
