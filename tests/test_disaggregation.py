@@ -906,6 +906,22 @@ def test_the_enumeration_separates_rows_none_of_which_shows_one_image_alone(r):
     assert disaggregate.label_exhaustive(distinct[:, :r - 1] @ truth[:r - 1], r) == []
 
 
+def test_past_sixteen_images_integer_programming_finds_the_patterns():
+    # 2^20 columns are too many to check one by one: the patterns that pass come from integer programming,
+    # and on a dense block of 72 rows of a top-k 10 % update they are the images' own (no row merges here:
+    # every pattern is distinct, and the rows as sent are enumerated)
+    r = 20
+    G, M, truth, v = _subset_sums(r, 512, 4000, seed=4, active=0.5)
+    sent = _top_fraction(G, 0.1)
+    X, known, info, _ = _sparse_separation(G * sent, sent, v, r, torch.Generator().manual_seed(0), 60.0)
+    assert info["separated"] == r and info["block_method"] == "enumeration" and info["sent_residual"] < 1e-6, info
+    assert info["rows_merged"][0] == info["rows_merged"][1]
+    pair = ((X[:, known] / X[:, known].norm(dim=1, keepdim=True))
+            @ (truth[:, known] / truth[:, known].norm(dim=1, keepdim=True)).T).argmax(dim=1)
+    assert sorted(pair.tolist()) == list(range(r))
+    assert float((X[:, known] - truth[pair][:, known]).abs().max() / truth.abs().max()) < 1e-9
+
+
 def test_a_top_k_update_of_eight_images_separates_exactly_without_single_image_rows():
     r = 8
     G, M, truth, v = _subset_sums(r, 512, 4000, seed=5, active=0.8)

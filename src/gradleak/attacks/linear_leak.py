@@ -212,11 +212,11 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     # together send far more columns than any one does), each block's patterns enumerated; then the
     # rows themselves, as they came
     sources = []
-    if exact:
+    if exact:  # (where nothing merged, the rows as sent are the same blocks: enumerated, then searched)
         Rm, Om, _ = merge_equal_rows(torch.where(O, Gl / vl[:, None], torch.zeros_like(Gl)), O)
-        if len(Rm) < len(Gl):  # nothing merged: the rows as sent are the same blocks
-            sources.append(("merged", Rm, Om, torch.ones(len(Rm), dtype=G.dtype)))
-    sources.append(("rows", Gl, O, vl))
+        sources.append(("merged", Rm, Om, torch.ones(len(Rm), dtype=G.dtype)))
+    if not exact or len(Rm) < len(Gl):
+        sources.append(("rows", Gl, O, vl))
     plan = [(name, Gs, Os, vs, R, C) for name, Gs, Os, vs in sources for R, C in _blocks(Os, n)]
     if not plan:
         raise _NoBlock("the sent entries hold no dense block to separate on")
@@ -234,8 +234,11 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
         block = Gs[R][:, C]
         # merged rows are distinct exact subset sums: every pattern of the block enumerated (no row need
         # show one image alone), each labeling then judged on all the rows
+        # past EXHAUSTIVE_MAX_RANK images the patterns are found by integer programming: the share of the
+        # time left for the blocks (the first block always gets it)
+        lattice = None if time_limit is None else max(per_try, BLOCK_SHARE * time_limit - (time.perf_counter() - start))
         labelings = [(XB, C, "enumeration", {"separated": n})
-                     for XB in (label_exhaustive(block, n) if name == "merged" else [])]
+                     for XB in (label_exhaustive(block, n, time_limit=lattice) if name == "merged" else [])]
         if not labelings and name == "merged":
             # past B = 8 the densest blocks admit too many patterns: grown to every row and column their
             # sent entries reach, the rows they reach rule most out (each grown block enumerated once)
@@ -245,7 +248,7 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
                 how = {"separated": n, "grown": [len(Rg), len(Cg)]}
                 labelings = [(XB, Cg, "enumeration of the grown block", how)
                              for XB in label_exhaustive(grown, n, max_choices=COMPLETE_MAX_CHOICES,
-                                                        max_found=COMPLETE_MAX_FOUND)]
+                                                        max_found=COMPLETE_MAX_FOUND, time_limit=lattice)]
         if not labelings:
             sep = separate(block, n, row_scale=vs[R], generator=generator, time_limit=per_try, max_trials=trials)
             if sep.info["separated"] < n:  # the per-row patterns below need every image's input
