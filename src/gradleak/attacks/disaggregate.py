@@ -1272,9 +1272,10 @@ def _lattice_patterns(C: torch.Tensor, r: int, tol: float, time_limit: float | N
     """Every non-zero 0/1 vector ``a`` (r) that makes ``C a`` 0 or 1 in every row (within ``tol``), by
     mixed-integer programming (HiGHS through :func:`scipy.optimize.milp`): one feasible ``a`` at a time, each
     then cut off from the next search, until none is left, ``most`` are found or ``time_limit`` seconds
-    pass. Past a few hundred rows each image's pattern is typically the only one: at B = 32 under top-k
-    10 % (tune draw) the 137 x 48 block of merged rows gives the 32 images' patterns and nothing else
-    in about 15 s. Returns them (found x r), sorted."""
+    pass. With many rows the images' patterns are the only ones: at B = 32 under top-k 10 % (tune draw)
+    the 137 x 48 block of merged rows gives the 32 images' patterns and nothing else in about 15 s;
+    under top-k 1 % the block grown to 59 x 146 gives 51, too many to choose 32 from. Returns them
+    (found x r), sorted."""
     start = time.perf_counter()
     k = C.shape[0]
     link = scipy.sparse.hstack([scipy.sparse.csr_matrix(C.numpy()), -scipy.sparse.identity(k)]).tocsr()
