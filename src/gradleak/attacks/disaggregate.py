@@ -1236,9 +1236,9 @@ def complete_block(R: torch.Tensor, O: torch.Tensor, rows: torch.Tensor, cols: t
         Vc, solved = solve_sent_columns(R[known], O[known], U[known], COMPLETE_RTOL)
         Ur, found = solve_sent_columns(R[:, solved].T, O[:, solved].T, Vc[:, solved].T, COMPLETE_RTOL)
         sent = O[known][:, solved]
+        given = R[known][:, solved]
         pred = U[known] @ Vc[:, solved]
-        given = R[known][:, solved] * sent
-        resid = float(((pred - R[known][:, solved]) * sent).norm() / given.norm().clamp_min(1e-300))
+        resid = float(((pred - given) * sent).norm() / (given * sent).norm().clamp_min(1e-300))
         if resid > COMPLETE_RESIDUAL:
             break
         reached = (torch.nonzero(known).reshape(-1), torch.nonzero(solved).reshape(-1), pred)

@@ -144,11 +144,6 @@ def _patterns(G: torch.Tensor, O: torch.Tensor, v: torch.Tensor, X: torch.Tensor
     return M
 
 
-def _solve_columns(G: torch.Tensor, O: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every column of ``G = A X`` that its own sent rows determine (least squares), and which these are."""
-    return solve_sent_columns(G, O, A.double())
-
-
 #: The share of its time limit the sparse separation spends trying blocks (on the tune draw under top-k
 #: 1 % the block that fitted was found after 4.7 s of a 21 s limit).
 BLOCK_SHARE = 0.4
@@ -172,7 +167,7 @@ def _fit_block(G: torch.Tensor, O: torch.Tensor, v: torch.Tensor, XB: torch.Tens
     rounds = 0
     while True:  # columns from the rows read so far, then rows from the columns solved so far
         rounds += 1
-        X, known = _solve_columns(G, O, M * v[:, None])
+        X, known = solve_sent_columns(G, O, M * v[:, None])
         M_new = _patterns(G, O, v, X, known, M)
         if bool((M_new == M).all()) or rounds >= 5:
             break

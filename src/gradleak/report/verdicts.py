@@ -46,7 +46,7 @@ INCONCLUSIVE = "inconclusive: the attack stopped before converging"
 #: patient re-identified clearly better than chance, and under top-k 10 % (report draw) ROG converged at 14.33
 #: dB against a blind 17.27: both low risk by the other rules, where at B = 16 (report draw, 240 s, blind 16.9)
 #: the same obfuscations separate and reach 32.8 and 37.3 dB (top-k 10 % separates at B = 32 too since the
-#: separation's integer programming: 31.34 dB there).
+#: separation's integer programming: 31.34 dB there against the blind 17.27).
 UNSEPARATED = "inconclusive: the update of a layer that leaks whole batches did not separate into the images"
 
 
