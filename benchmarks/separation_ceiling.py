@@ -57,12 +57,15 @@ def pattern_search(G: torch.Tensor, v: torch.Tensor, true: torch.Tensor) -> dict
             "match": agree.argmax(dim=1)}
 
 
-def measure(batch, name: str, time_limit: float) -> dict:
+def received_and_clean(batch, name: str):
+    """The leakage benchmark's observation of ``batch`` under obfuscation ``name``, and the same without it."""
     _, specs, proto = OBFUSCATIONS[name]
-    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=proto, model_seed=0, obfuscations=specs,
-                     obfuscation_seed=0, labels_known=False)
-    clean, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=proto, model_seed=0, obfuscations=[],
-                       obfuscation_seed=0, labels_known=False)
+    return tuple(capture(batch.images, batch.labels, arch="lenet5", protocol=proto, model_seed=0, obfuscations=ob,
+                         obfuscation_seed=0, labels_known=False)[0] for ob in (specs, []))
+
+
+def measure(batch, name: str, time_limit: float) -> dict:
+    obs, clean = received_and_clean(batch, name)
     sim = Simulator(obs)
     model, n = sim.model, sim.num_images
     G, observed, _ = observed_matrix(obs, sim, "fc1")
