@@ -10,7 +10,11 @@ refinement, with the true images in hand (a diagnostic: no attack reads them), f
 - the true images: the objective's own optimum near the truth, the most this refinement can give;
 - the true images' layout, area-downsampled to ``--layout`` pixels a side and upsampled bilinearly: how much
   a coarse start carries;
-- the attack's blank start (mid-grey with ``LAYER_BLANK_JITTER``, the first stages at half the side).
+- a blank start (mid-grey with ``LAYER_BLANK_JITTER``, the first stages at half the side), one run;
+- the attack's blank start (:func:`gradleak.attacks.linear_leak.refine_from_blank`): ``LAYER_BLANK_RUNS``
+  runs from differently jittered mid-grey (the first the row above's start) in the same total time, their
+  images paired and averaged; its objective is the lowest run's (what `auto` judges it by), the mean's own
+  objective beside it.
 
 A line per observation says how many of the clean update's singular values lie above the noise's threshold
 ``sigma (rows x columns)^(1/4)`` (``sigma`` the rms of the received update's difference from the clean one):
@@ -43,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from leakage import OBFUSCATIONS, cells  # noqa: E402
 from separation_ceiling import received_and_clean  # noqa: E402
 from gradleak.attacks.linear_leak import (LAYER_BLANK_COARSE, LAYER_BLANK_JITTER, leaky_layer,  # noqa: E402
-                                          observed_matrix, refine_on_layer)
+                                          observed_matrix, refine_from_blank, refine_on_layer)
 from gradleak.attacks.simulate import Simulator  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
@@ -53,7 +57,8 @@ from gradleak.metrics.baseline import blind_guesses  # noqa: E402
 def measure(batch, name: str, seconds: float, layout: int, seed: int
             ) -> tuple[tuple[int, int], list[tuple[str, dict, dict]]]:
     """How many of the clean update's singular values lie above the noise's threshold (and of how many),
-    and the refinement from the truth, from its layout and from a blank start: (start, metrics, info)."""
+    and the refinement from the truth, from its layout, from a blank start and as the attack runs it from
+    blank starts: (start, metrics, info)."""
     obs, clean = received_and_clean(batch, name)
     sim = Simulator(obs)
     n, shape = sim.num_images, sim.image_shape
@@ -73,7 +78,8 @@ def measure(batch, name: str, seconds: float, layout: int, seed: int
     coarse = F.interpolate(F.interpolate(truth, size=(layout, layout), mode="area"), size=shape[-2:],
                            mode="bilinear", align_corners=False)
     g = torch.Generator().manual_seed(seed)
-    blank = (0.5 + LAYER_BLANK_JITTER * torch.randn((n, *shape), generator=g)).clamp(0, 1)
+    jitter = 0.5 + LAYER_BLANK_JITTER * torch.randn((n, *shape), generator=g)
+    blank = jitter.clamp(0, 1)
     out = []
     for start, images, side in (("truth", truth, 1), (f"layout {layout} px", coarse.clamp(0, 1), 1),
                                 ("blank", blank, LAYER_BLANK_COARSE)):
@@ -82,6 +88,10 @@ def measure(batch, name: str, seconds: float, layout: int, seed: int
         # the objective of the images returned (the start's where refining did not lower it)
         info["objective"] = info["objective_after"] if info["kept"] else info["objective_before"]
         out.append((start, score(truth, labels, refined, labels), info))
+    refined, info = refine_from_blank(sim, G, labels, noise_share=noise_share, time_limit=seconds, generator=g,
+                                      first=jitter)
+    out.append((f"blank, mean of {info['runs']} runs (objective of the mean {info['mean_objective']:.6f})",
+                score(truth, labels, refined, labels), {**info, "objective": info["objective_after"]}))
     return (above, n), out
 
 

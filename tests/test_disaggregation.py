@@ -1428,6 +1428,62 @@ def test_refinement_on_the_layer_from_a_blank_start_moves_coarse_images_first(sh
     assert after > before + 2, (before, after)
 
 
+@settings(max_examples=30, deadline=None)
+@given(labels=st.lists(st.integers(0, 1), min_size=1, max_size=7), seed=st.integers(0, 2**31 - 1))
+def test_paired_mean_pairs_images_within_a_label_whatever_their_order(labels, seed):
+    # the runs of the blank start return each label's images in no particular order: the mean pairs them
+    # with the reference run's (least squared distance) within a label, never across labels
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(labels)
+    ref = torch.rand((len(labels), 1, 4, 4), generator=g)
+    other = ref + 0.01 * torch.randn(ref.shape, generator=g)
+    perm = torch.arange(len(labels))
+    for c in (0, 1):  # shuffled within each label
+        idx = (y == c).nonzero().flatten()
+        perm[idx] = idx[torch.randperm(len(idx), generator=g)]
+    mean = linear_leak.paired_mean([ref, other[perm]], y)
+    assert torch.allclose(mean, (ref + other) / 2, atol=1e-6)
+    # the reference's order is kept whichever batch is the reference
+    assert torch.allclose(linear_leak.paired_mean([other[perm], ref], y, reference=1), (ref + other) / 2, atol=1e-6)
+    # an image of the other label never joins the mean, however close: label 1's images all equal to
+    # label 0's first image leave label 0's images their own mean
+    if (y == 0).any() and (y == 1).any():
+        decoy = other.clone()
+        decoy[y == 1] = ref[(y == 0).nonzero()[0, 0]]
+        mixed = linear_leak.paired_mean([ref, decoy], y)
+        assert torch.allclose(mixed[y == 0], ((ref + other) / 2)[y == 0], atol=1e-6)
+
+
+def test_the_blank_start_averages_its_runs(shared_data):
+    # the blank start runs refine_on_layer from differently jittered mid-grey, each in its share of the
+    # time, and returns the paired mean of the runs: it is judged by its lowest run's objective, the
+    # mean's own objective is recorded beside, and the mean is closer to the truth than the start
+    obs, batch = _xray_heavy_noise(shared_data)
+    sim = Simulator(obs)
+    G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
+    images, info = linear_leak.refine_from_blank(sim, G, batch.labels, noise_share=0.9, time_limit=9.0,
+                                                 generator=torch.Generator().manual_seed(0), runs=3)
+    assert images.shape == batch.images.shape and info["runs"] == 3 and info["averaged"] == 3, info
+    assert info["kept"] and info["objective_after"] < info["objective_before"], info
+    assert info["seconds"] <= 9.0 * 1.1
+    fit = linear_leak.layer_fit(obs, sim, "fc1", images, batch.labels, noise_share=0.9)
+    assert fit == pytest.approx(info["mean_objective"], rel=1e-4)
+    start = torch.full(batch.images.shape, 0.5)
+    before = score(batch.images, batch.labels, start, batch.labels)["psnr"]
+    after = score(batch.images, batch.labels, images, batch.labels)["psnr"]
+    assert after > before + 2, (before, after)
+    # one run is refine_on_layer's own result from the first jittered start
+    one, info1 = linear_leak.refine_from_blank(sim, G, batch.labels, noise_share=0.9, time_limit=None,
+                                               generator=torch.Generator().manual_seed(0), runs=1)
+    g = torch.Generator().manual_seed(0)
+    first = (0.5 + linear_leak.LAYER_BLANK_JITTER * torch.randn(batch.images.shape, generator=g)).clamp(0, 1)
+    same, info_same = linear_leak.refine_on_layer(sim, G, first, batch.labels, noise_share=0.9, time_limit=None,
+                                                  coarse=linear_leak.LAYER_BLANK_COARSE)
+    assert info1["averaged"] == 1 and torch.allclose(one, same)
+    assert info1["objective_after"] == info_same["objective_after"]
+    assert info1["mean_objective"] == pytest.approx(info1["objective_after"], rel=1e-5)
+
+
 @pytest.mark.parametrize("B,size,limit,refines", [(8, 32, 20.0, True), (4, 16, 10.0, False)])
 def test_a_quantized_update_is_refined_on_the_layer_where_its_rows_per_pattern_are_few(B, size, limit, refines):
     # under QSGD 4 least squares is not the update's likelihood: the refinement on fc1's update runs only
