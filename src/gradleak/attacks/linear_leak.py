@@ -1125,10 +1125,11 @@ def refine_from_blank(sim: Simulator, G: torch.Tensor, labels: torch.Tensor, *, 
     """:func:`refine_on_layer` from ``runs`` differently jittered mid-grey starts (``LAYER_BLANK_JITTER``;
     identical images would stay identical; ``first``, where given, is the first run's, before clamping),
     each in an equal share of ``time_limit``, half the side first (``LAYER_BLANK_COARSE``). Returns the mean
-    of the runs that lowered the objective (:func:`paired_mean`, paired with the lowest run's images) and
-    the lowest run's record, with ``objective_after`` its objective (what the blank start competes by),
+    of the runs that lowered the objective (:func:`paired_mean`, paired with the lowest of them) and the
+    record of that lowest run, with ``objective_after`` its objective (what the blank start competes by),
     ``mean_objective`` the returned images', ``runs`` how many ran and ``averaged`` how many the mean
-    holds, the iterations and seconds of all runs."""
+    holds, the iterations and seconds of all runs; where no run lowered the objective, the start of the
+    run that ended lowest and its record."""
     n = labels.shape[0]
     t0 = time.perf_counter()
     results, records = [], []
@@ -1140,8 +1141,9 @@ def refine_from_blank(sim: Simulator, G: torch.Tensor, labels: torch.Tensor, *, 
                                          coarse=LAYER_BLANK_COARSE)
         results.append(images)
         records.append(record)
-    best = min(range(len(records)), key=lambda k: records[k]["objective_after"])
-    kept = [k for k in range(len(records)) if records[k]["kept"]] or [best]
+    kept = [k for k in range(len(records)) if records[k]["kept"]]
+    best = min(kept or range(len(records)), key=lambda k: records[k]["objective_after"])
+    kept = kept or [best]
     images = paired_mean([results[k] for k in kept], labels.cpu(), reference=kept.index(best))
     with torch.no_grad():
         mean_objective = float(_layer_objective(sim, G, labels, noise_share)(images.float().to(sim.device)))
