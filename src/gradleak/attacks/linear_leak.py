@@ -1130,10 +1130,10 @@ def refine_from_blank(sim: Simulator, G: torch.Tensor, labels: torch.Tensor, *, 
     ``mean_objective`` the returned images', ``runs`` how many ran and ``averaged`` how many the mean
     holds, the iterations and seconds of all runs; where no run lowered the objective, the start of the
     run that ended lowest and its record."""
-    n = labels.shape[0]
+    n, runs = labels.shape[0], max(1, int(runs))
     t0 = time.perf_counter()
     results, records = [], []
-    for k in range(max(1, int(runs))):
+    for k in range(runs):
         start = (first if k == 0 and first is not None else
                  0.5 + LAYER_BLANK_JITTER * torch.randn((n, *sim.image_shape), generator=generator)).clamp(0, 1)
         share = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - t0)) / (runs - k)
