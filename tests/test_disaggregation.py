@@ -1484,6 +1484,17 @@ def test_the_blank_start_averages_its_runs(shared_data):
     assert info1["mean_objective"] == pytest.approx(info1["objective_after"], rel=1e-5)
 
 
+def test_the_blank_start_reads_its_runs_setting_at_the_call(shared_data, monkeypatch):
+    # LAYER_BLANK_RUNS is read when the blank start runs, as the module's other settings are
+    obs, batch = _xray_heavy_noise(shared_data)
+    sim = Simulator(obs)
+    G, _, _ = linear_leak.observed_matrix(obs, sim, "fc1")
+    monkeypatch.setattr(linear_leak, "LAYER_BLANK_RUNS", 2)
+    _, info = linear_leak.refine_from_blank(sim, G, batch.labels, noise_share=0.9, time_limit=2.0,
+                                            generator=torch.Generator().manual_seed(0))
+    assert info["runs"] == 2, info
+
+
 @pytest.mark.parametrize("B,size,limit,refines", [(8, 32, 20.0, True), (4, 16, 10.0, False)])
 def test_a_quantized_update_is_refined_on_the_layer_where_its_rows_per_pattern_are_few(B, size, limit, refines):
     # under QSGD 4 least squares is not the update's likelihood: the refinement on fc1's update runs only

@@ -1120,9 +1120,10 @@ def paired_mean(results: list[torch.Tensor], labels: torch.Tensor, reference: in
 
 
 def refine_from_blank(sim: Simulator, G: torch.Tensor, labels: torch.Tensor, *, noise_share: float,
-                      time_limit: float | None, generator: torch.Generator, runs: int = LAYER_BLANK_RUNS,
+                      time_limit: float | None, generator: torch.Generator, runs: int | None = None,
                       first: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """:func:`refine_on_layer` from ``runs`` differently jittered mid-grey starts (``LAYER_BLANK_JITTER``;
+    """:func:`refine_on_layer` from ``runs`` (default ``LAYER_BLANK_RUNS``, read at the call, as the module's other
+    settings are) differently jittered mid-grey starts (``LAYER_BLANK_JITTER``;
     identical images would stay identical; ``first``, where given, is the first run's, before clamping),
     each in an equal share of ``time_limit``, half the side first (``LAYER_BLANK_COARSE``). Returns the mean
     of the runs that lowered the objective (:func:`paired_mean`, paired with the lowest of them) and the
@@ -1130,7 +1131,7 @@ def refine_from_blank(sim: Simulator, G: torch.Tensor, labels: torch.Tensor, *, 
     ``mean_objective`` the returned images', ``runs`` how many ran and ``averaged`` how many the mean
     holds, the iterations and seconds of all runs; where no run lowered the objective, the start of the
     run that ended lowest and its record."""
-    n, runs = labels.shape[0], max(1, int(runs))
+    n, runs = labels.shape[0], max(1, int(LAYER_BLANK_RUNS if runs is None else runs))
     t0 = time.perf_counter()
     results, records = [], []
     for k in range(runs):
