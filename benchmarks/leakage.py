@@ -261,6 +261,8 @@ def main(argv=None) -> int:
     results: dict = {}
     if json_path and a.resume and json_path.exists():
         results = json.loads(json_path.read_text())["results"]
+        for r in results.values():  # NaN (the blind guess's label accuracy) was written as null
+            r.update({k: float("nan") for k in ("psnr", "ssim", "label_accuracy") if r.get(k, 0.0) is None})
     started = time.time()
     for o in a.obfuscations:
         _, specs, proto = OBFUSCATIONS[o]
