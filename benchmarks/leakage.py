@@ -138,6 +138,14 @@ def cells(dataset, split: str, n_single: int, n_batches: int, batch_size: int = 
     return out
 
 
+def blind_mean(dataset, obs_list: list[tuple[int, list[int]]], count: int = 512) -> torch.Tensor:
+    """The blind guess: the mean of ``count`` seeded training images, none of those ``obs_list`` attacks (the
+    attacker's guess without the update)."""
+    attacked = {i for _, idx in obs_list for i in idx}
+    aux = [i for i in np.random.default_rng(7).permutation(len(dataset)).tolist() if i not in attacked][:count]
+    return blind_guesses(dataset.batch(aux).images)["mean_image"]
+
+
 def reidentification(ds, idx: list[int], batch, rec_images: torch.Tensor, metrics: dict) -> dict:
     """Patient re-identification of the reconstructions paired as ``metrics`` (``score``) paired them:
     the strongest distance's top-1 and IIP hits, how many could be re-identified, and chance."""
@@ -252,9 +260,7 @@ def main(argv=None) -> int:
 
     ds = load_dataset(f"kaggle:{a.data},split=train", size=a.size)
     obs_list = cells(ds, a.split, a.images, a.batches, a.batch_size)
-    attacked = {i for _, idx in obs_list for i in idx}
-    aux = [i for i in np.random.default_rng(7).permutation(len(ds)).tolist() if i not in attacked][: a.blind_images]
-    blind = blind_guesses(ds.batch(aux).images)["mean_image"]  # the attacker's guess without the update
+    blind = blind_mean(ds, obs_list, a.blind_images)
     attacked_patients = sorted({ds.patient_ids[i] for _, idx in obs_list for i in idx})
     priors = {row: _prior(ds, a, attacked_patients, row) for row in PRIOR_ROWS if row in a.attacks}
     json_path = Path(a.json) if a.json else None

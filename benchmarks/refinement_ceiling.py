@@ -36,7 +36,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,14 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from leakage import OBFUSCATIONS, cells  # noqa: E402
+from leakage import OBFUSCATIONS, blind_mean, cells  # noqa: E402
 from separation_ceiling import received_and_clean  # noqa: E402
 from gradleak.attacks.linear_leak import (LAYER_BLANK_COARSE, LAYER_BLANK_JITTER, leaky_layer,  # noqa: E402
                                           observed_matrix, refine_from_blank, refine_on_layer)
 from gradleak.attacks.simulate import Simulator  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
-from gradleak.metrics.baseline import blind_guesses  # noqa: E402
 
 
 def measure(batch, name: str, seconds: float, layout: int, seed: int
@@ -111,9 +109,7 @@ def main() -> None:
     a = ap.parse_args()
     ds = load_dataset(f"kaggle:{a.data},split=train", size=a.size)
     obs_list = cells(ds, a.split, 0, a.batches, a.batch_size)
-    attacked = {i for _, idx in obs_list for i in idx}
-    aux = [i for i in np.random.default_rng(7).permutation(len(ds)).tolist() if i not in attacked][:512]
-    mean = blind_guesses(ds.batch(aux).images)["mean_image"]  # the leakage benchmark's blind guess
+    mean = blind_mean(ds, obs_list)  # the leakage benchmark's blind guess
     print(f"Refinement on the leaky layer, {a.seconds:g} s each, B = {a.batch_size}, {a.split} draw. Cells: PSNR "
           "(dB) / SSIM (Gaussian window), the objective the server computes (lower is better), iterations, "
           "whether the coldest stage stopped falling.\n")
