@@ -35,6 +35,7 @@ from gradleak.attacks.objectives import cosine_matching  # noqa: E402
 from gradleak.attacks.simulate import Simulator  # noqa: E402
 from gradleak.capture import capture  # noqa: E402
 from gradleak.federated import Protocol  # noqa: E402
+from gradleak.errors import exit_code  # noqa: E402
 
 
 def observation(arch: str, size: int, batch: int, seed: int = 0):
@@ -170,4 +171,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "attack_speed.py"))

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from gradleak.experiment import utility  # noqa: E402
 from gradleak.experiment.outputs import write_json, write_text  # noqa: E402
+from gradleak.errors import exit_code  # noqa: E402
 
 KAGGLE = ROOT.parent / "shared" / "data" / "chest_xray"
 
@@ -139,4 +140,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "flower_utility.py"))

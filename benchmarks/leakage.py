@@ -70,6 +70,7 @@ from gradleak.metrics import score  # noqa: E402
 from gradleak.metrics.baseline import blind_guesses  # noqa: E402
 from gradleak.prior import Prior, train_prior  # noqa: E402
 from gradleak.prior.degrade import LEAK_DEGRADATION  # noqa: E402
+from gradleak.errors import exit_code  # noqa: E402
 
 OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
     "none": ("none", [], Protocol()),
@@ -332,4 +333,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "leakage.py"))

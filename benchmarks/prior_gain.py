@@ -50,6 +50,7 @@ from gradleak.federated import Protocol  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
 from gradleak.experiment.calibrate import calibrate_like  # noqa: E402
 from gradleak.prior import DEFAULT_DEGRADATION, Prior, train_prior  # noqa: E402
+from gradleak.errors import exit_code  # noqa: E402
 
 OBFUSCATIONS: dict[str, tuple[str, list[dict]]] = {
     "none": ("none", []),
@@ -227,4 +228,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "prior_gain.py"))

@@ -50,6 +50,7 @@ from gradleak.attacks.linear_leak import (LAYER_BLANK_COARSE, LAYER_BLANK_JITTER
 from gradleak.attacks.simulate import Simulator  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
+from gradleak.errors import exit_code  # noqa: E402
 
 
 def measure(batch, name: str, seconds: float, layout: int, seed: int
@@ -130,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main, "refinement_ceiling.py"))

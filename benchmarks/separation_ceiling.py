@@ -38,6 +38,7 @@ from gradleak.attacks.linear_leak import observed_matrix  # noqa: E402
 from gradleak.attacks.simulate import Simulator  # noqa: E402
 from gradleak.capture import capture  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
+from gradleak.errors import exit_code  # noqa: E402
 
 
 def pattern_search(G: torch.Tensor, v: torch.Tensor, true: torch.Tensor) -> dict:
@@ -130,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main, "separation_ceiling.py"))

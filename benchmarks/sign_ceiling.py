@@ -44,6 +44,7 @@ from gradleak.attacks.simulate import Simulator  # noqa: E402
 from gradleak.capture import capture  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
+from gradleak.errors import exit_code  # noqa: E402
 
 
 def true_signs(sim: Simulator, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main, "sign_ceiling.py"))

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from gradleak.experiment import utility  # noqa: E402
 from gradleak.experiment.outputs import write_json, write_text  # noqa: E402
+from gradleak.errors import exit_code  # noqa: E402
 
 DELTA = 1e-5
 
@@ -135,4 +136,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "utility.py"))
