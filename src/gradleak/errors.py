@@ -8,13 +8,14 @@ and keeps its traceback.
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 
 class UserError(Exception):
     """A problem with the user's input (path, file, config, parameter), not with gradleak."""
 
 
-def exit_code(main, prog: str) -> int:
+def exit_code(main: Callable[[], int | None], prog: str) -> int:
     """``main()``'s exit code, a :class:`UserError` turned into one line on stderr (``prog: error: ...``) and 2: how
     a script outside the command line (the benchmarks) ends on a bad path or setting."""
     try:
