@@ -139,6 +139,16 @@ def cells(dataset, split: str, n_single: int, n_batches: int, batch_size: int = 
     return out
 
 
+def draw_arguments(ap, *, batch_size: int) -> None:
+    """The options of the victim and draw the diagnostic scripts share with this benchmark: ``--data``,
+    ``--split`` (the tune draw by default), ``--batches``, ``--batch-size`` and ``--size``."""
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"))
+    ap.add_argument("--split", choices=["tune", "report"], default="tune")
+    ap.add_argument("--batches", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--size", type=int, default=64)
+
+
 def blind_mean(dataset, obs_list: list[tuple[int, list[int]]], count: int = 512) -> torch.Tensor:
     """The blind guess: the mean of ``count`` seeded training images, none of those ``obs_list`` attacks (the
     attacker's guess without the update)."""

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from leakage import OBFUSCATIONS, blind_mean, cells  # noqa: E402
+from leakage import OBFUSCATIONS, blind_mean, cells, draw_arguments  # noqa: E402
 from separation_ceiling import received_and_clean  # noqa: E402
 from gradleak.attacks.linear_leak import (LAYER_BLANK_COARSE, LAYER_BLANK_JITTER, leaky_layer,  # noqa: E402
                                           observed_matrix, refine_from_blank, refine_on_layer)
@@ -96,11 +96,7 @@ def measure(batch, name: str, seconds: float, layout: int, seed: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"))
-    ap.add_argument("--split", choices=["tune", "report"], default="tune")
-    ap.add_argument("--batches", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--size", type=int, default=64)
+    draw_arguments(ap, batch_size=16)
     ap.add_argument("--obfuscations", nargs="+", default=["relgauss1", "qsgd4"],
                     choices=[k for k in OBFUSCATIONS if k not in ("topk10", "topk1", "fedavg5", "sign")])
     ap.add_argument("--seconds", type=float, default=110.0,

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from leakage import OBFUSCATIONS, cells  # noqa: E402
+from leakage import OBFUSCATIONS, cells, draw_arguments  # noqa: E402
 from gradleak.attacks.disaggregate import _top_singular, search_patterns, separate  # noqa: E402
 from gradleak.attacks.linear_leak import observed_matrix  # noqa: E402
 from gradleak.attacks.simulate import Simulator  # noqa: E402
@@ -101,11 +101,7 @@ def measure(batch, name: str, time_limit: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"))
-    ap.add_argument("--split", choices=["tune", "report"], default="tune")
-    ap.add_argument("--batches", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--size", type=int, default=64)
+    draw_arguments(ap, batch_size=4)
     ap.add_argument("--obfuscations", nargs="+", default=["none", "qsgd16", "qsgd4", "relgauss1"],
                     choices=[k for k in OBFUSCATIONS if k not in ("topk10", "topk1", "fedavg5")])
     ap.add_argument("--separation-seconds", type=float, default=15.75,

@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from leakage import OBFUSCATIONS, blind_mean, cells  # noqa: E402
+from leakage import blind_mean, cells, draw_arguments  # noqa: E402
+from separation_ceiling import received_and_clean  # noqa: E402
 from gradleak.attacks.linear_leak import (SIGN_TV, SIGN_UNITS, _sign_leak, invert_best_of,  # noqa: E402
                                           leaky_layer)
 from gradleak.attacks.simulate import Simulator  # noqa: E402
-from gradleak.capture import capture  # noqa: E402
 from gradleak.data import load_dataset  # noqa: E402
 from gradleak.metrics import score  # noqa: E402
 from gradleak.errors import exit_code  # noqa: E402
@@ -59,9 +59,7 @@ def true_signs(sim: Simulator, images: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def measure(batch, seconds: float, seed: int, starts: int) -> dict:
     """The reading's and the inversions' figures for one observation (see the module's docstring)."""
-    _, specs, protocol = OBFUSCATIONS["sign"]
-    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=protocol, model_seed=0,
-                     obfuscations=specs, obfuscation_seed=0)
+    obs, _ = received_and_clean(batch, "sign")
     sim = Simulator(obs)
     layer = leaky_layer(sim)
     supports, patterns = true_signs(sim, batch.images)
@@ -95,11 +93,7 @@ def measure(batch, seconds: float, seed: int, starts: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"))
-    ap.add_argument("--split", choices=["tune", "report"], default="tune")
-    ap.add_argument("--batches", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--size", type=int, default=64)
+    draw_arguments(ap, batch_size=16)
     ap.add_argument("--seconds", type=float, default=200.0, help="time of the leak stage and of the inversion")
     ap.add_argument("--starts", type=int, default=4, help="inversion starts (auto's invert_starts)")
     ap.add_argument("--seed", type=int, default=1)
