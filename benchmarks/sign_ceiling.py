@@ -111,7 +111,8 @@ def main() -> None:
         blind = score(batch.images, batch.labels, mean.expand_as(batch.images), batch.labels)
         r = measure(batch, a.seconds, a.seed, a.starts)
         if "leak" not in r:
-            print(f"| {a.split} {b} | {blind['psnr']:.2f} | 0 of {a.batch_size} | | | | | |", flush=True)
+            print(f"| {a.split} {b} | {blind['psnr']:.2f} / {blind['ssim']:.3f} | 0 of {a.batch_size} | | | | | |",
+                  flush=True)
             continue
         opened = "–" if np.isnan(r["leak_right_open"]) else f"{100 * r['leak_right_open']:.1f}"  # none left open
         print(f"| {a.split} {b} | {blind['psnr']:.2f} / {blind['ssim']:.3f} | {r['separated']} of {a.batch_size} | "

@@ -1,8 +1,8 @@
 """Errors a user can cause.
 
-A :class:`UserError` is a bad path, a bad file or a bad setting. The command line (and the benchmark
-scripts, through :func:`exit_code`) turns it into one line on stderr and exit code 2; anything else is a bug
-and keeps its traceback.
+A :class:`UserError` is a bad path, a bad file or a bad setting. The command line and the benchmark scripts
+turn it, through :func:`exit_code`, into one line on stderr and exit code 2; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from ..errors import UserError
+from ..errors import exit_code
 from ..files import remove_new
 from ..logs import to_console
 from .arguments import _NEW
@@ -26,16 +26,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     to_console()  # progress messages; --quiet only turns the progress bars off
     _NEW.clear()
-    try:
+
+    def run() -> int | None:
         try:
-            return int(args.func(args) or 0)
+            return args.func(args)
         except BaseException:
             remove_new(_NEW)
             raise
-    except UserError as e:
-        msg = " ".join(str(e).split())
-        print(f"gradleak: error: {msg}", file=sys.stderr)
-        return 2
+    try:
+        return exit_code(run, "gradleak")
     except KeyboardInterrupt:
         print("gradleak: interrupted", file=sys.stderr)
         return 130
