@@ -23,6 +23,14 @@ gallery image of the same label is the attacked image itself. Top-1 is the dista
 re-identified more patients, IIP the distance's that identified more images; the blind baseline is
 ranked the same way.
 
+``--clients K`` makes each observation K clients' (secure aggregation): each client computes and obfuscates
+its own update on its own images (one, or ``--batch-size``), and the server sees only the mean of the K
+updates, which holds K times as many images. The draw is one client's extended, so 4 clients of 4 images
+hold the images of one client's batch of 16.
+
+    python benchmarks/leakage.py --split report --images 0 --batches 1 --batch-size 4 --clients 4 \
+        --time-budget 240 --attacks auto ig_plain rog --obfuscations none qsgd16
+
 Images are drawn from the train split only, with two disjoint seeded draws: ``--split tune`` (for
 choosing hyper-parameters) and ``--split report`` (for reporting). Never tune on the report draw.
 
@@ -70,7 +78,7 @@ from gradleak.metrics import score  # noqa: E402
 from gradleak.metrics.baseline import blind_guesses  # noqa: E402
 from gradleak.prior import Prior, train_prior  # noqa: E402
 from gradleak.prior.degrade import LEAK_DEGRADATION  # noqa: E402
-from gradleak.errors import exit_code  # noqa: E402
+from gradleak.errors import UserError, exit_code  # noqa: E402
 
 OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
     "none": ("none", [], Protocol()),
@@ -131,11 +139,17 @@ def draw(n_available: int, split: str, count: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(TRAIN_SIZE_SEED["report"]).permutation(rest)[:count]]
 
 
-def cells(dataset, split: str, n_single: int, n_batches: int, batch_size: int = 4) -> list[tuple[int, list[int]]]:
-    idx = draw(len(dataset), split, n_single + batch_size * n_batches)
-    out = [(1, [i]) for i in idx[:n_single]]
-    rest = idx[n_single:]
-    out += [(batch_size, rest[batch_size * b: batch_size * b + batch_size]) for b in range(n_batches)]
+def cells(dataset, split: str, n_single: int, n_batches: int, batch_size: int = 4,
+          clients: int = 1) -> list[tuple[int, list[int]]]:
+    """The observations: ``n_single`` of one image per client and ``n_batches`` of ``batch_size`` per client,
+    as (images per client, the ``clients`` clients' images one client after the other). One client's
+    observations are the draw's first images in order; ``clients`` K extends each to K times as many, so K
+    clients of B images hold the images one client of K * B would."""
+    k = int(clients)
+    idx = draw(len(dataset), split, (n_single + batch_size * n_batches) * k)
+    out = [(1, idx[k * s: k * s + k]) for s in range(n_single)]
+    rest, n = idx[n_single * k:], batch_size * k
+    out += [(batch_size, rest[n * b: n * b + n]) for b in range(n_batches)]
     return out
 
 
@@ -171,7 +185,13 @@ def reidentification(ds, idx: list[int], batch, rec_images: torch.Tensor, metric
             "reid_chance_top1": r.get("chance_top1")}
 
 
-def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -> str:
+def _of(result: dict, batch: int, clients: int) -> bool:
+    """Whether a result is of ``clients`` clients' observations of ``batch`` images each (results written
+    before K clients were measured are one client's)."""
+    return result["B"] == batch and int(result.get("clients", 1)) == clients
+
+
+def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str], clients: int = 1) -> str:
     """Patient top-1 hits / images whose patient has another image, and IIP hits / images, summed over
     the observations."""
     head = "| attack | " + " | ".join(OBFUSCATIONS[o][0] for o in obfs) + " |"
@@ -179,7 +199,7 @@ def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -
     for a in attacks:
         row = []
         for o in obfs:
-            rs = [r for r in results.values() if r["B"] == batch and r["attack"] == a and r["obf"] == o
+            rs = [r for r in results.values() if _of(r, batch, clients) and r["attack"] == a and r["obf"] == o
                   and r.get("iip_n") is not None]
             if not rs:
                 row.append("–")
@@ -189,15 +209,15 @@ def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -
             row.append(f"{top}/{n} / {iip}/{m}" if n else f"– / {iip}/{m}")
         label = "blind baseline (mean auxiliary image)" if a == "blind" else ATTACKS[a][0]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
-    chance = [r["reid_chance_top1"] for r in results.values() if r["B"] == batch and r.get("reid_chance_top1")]
+    chance = [r["reid_chance_top1"] for r in results.values() if _of(r, batch, clients) and r.get("reid_chance_top1")]
     if chance:
         lines.append(f"\nChance of a top-1 patient hit by a random ranking: {float(np.mean(chance)):.3f}.")
     return "\n".join(lines)
 
 
-def table(results: dict, batch: int, attacks: list[str], obfs: list[str]) -> str:
+def table(results: dict, batch: int, attacks: list[str], obfs: list[str], clients: int = 1) -> str:
     def cell(a, o):
-        rs = [r for k, r in results.items() if r["B"] == batch and r["attack"] == a and r["obf"] == o]
+        rs = [r for r in results.values() if _of(r, batch, clients) and r["attack"] == a and r["obf"] == o]
         if not rs:
             return None
         return (float(np.mean([r["psnr"] for r in rs])), float(np.mean([r["ssim"] for r in rs])),
@@ -240,6 +260,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2, help="B = 1 observations (one image each)")
     p.add_argument("--batches", type=int, default=1, help="batch observations (of --batch-size images)")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch observation (default 4)")
+    p.add_argument("--clients", type=int, default=1, metavar="K",
+                   help="K clients, each with its own images (one, or --batch-size), the server seeing only the mean "
+                        "of their updates, as under secure aggregation (default 1)")
     p.add_argument("--blind-images", type=int, default=512,
                    help="auxiliary images (never the attacked ones) whose mean is the blind baseline")
     p.add_argument("--size", type=int, default=64)
@@ -261,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--prior-images", type=int, default=3000, help="images (other patients) the prior trains on")
     p.add_argument("--prior-steps", type=int, default=PRIOR_STEPS, help="prior training steps")
     a = p.parse_args(argv)
+    if a.clients < 1:
+        raise UserError(f"--clients must be a positive integer, got {a.clients}")
 
     import yaml
     extra: dict[str, dict] = {}
@@ -270,7 +295,7 @@ def main(argv=None) -> int:
         extra.setdefault(row, {})[key] = yaml.safe_load(v)
 
     ds = load_dataset(f"kaggle:{a.data},split=train", size=a.size)
-    obs_list = cells(ds, a.split, a.images, a.batches, a.batch_size)
+    obs_list = cells(ds, a.split, a.images, a.batches, a.batch_size, a.clients)
     blind = blind_mean(ds, obs_list, a.blind_images)
     attacked_patients = sorted({ds.patient_ids[i] for _, idx in obs_list for i in idx})
     priors = {row: _prior(ds, a, attacked_patients, row) for row in PRIOR_ROWS if row in a.attacks}
@@ -280,23 +305,28 @@ def main(argv=None) -> int:
         results = json.loads(json_path.read_text())["results"]
         for r in results.values():  # NaN (the blind guess's label accuracy) was written as null
             r.update({k: float("nan") for k in ("psnr", "ssim", "label_accuracy") if r.get(k, 0.0) is None})
+    # one client's keys as before; K clients' name K (K clients of B images hold one client's K * B)
+    clients_key = f"|K{a.clients}" if a.clients > 1 else ""
+    clients_tag = f" x {a.clients} clients" if a.clients > 1 else ""
     started = time.time()
     for o in a.obfuscations:
         _, specs, proto = OBFUSCATIONS[o]
+        proto = dataclasses.replace(proto, num_clients_averaged=a.clients)
         for B, idx in obs_list:
             batch = ds.batch(idx)
             obs, _ = capture(batch.images, batch.labels, arch=a.arch, protocol=proto, model_seed=0,
                              obfuscations=specs, obfuscation_seed=0, labels_known=False)
             recs: dict = {}
-            bkey = f"{o}|blind|{','.join(map(str, idx))}"
+            bkey = f"{o}|blind|{','.join(map(str, idx))}{clients_key}"
             if bkey not in results:
                 guess = blind.expand_as(batch.images)
                 m = score(batch.images, batch.labels, guess, batch.labels)
-                results[bkey] = {"obf": o, "attack": "blind", "B": B, "indices": idx, "psnr": m["psnr"],
+                results[bkey] = {"obf": o, "attack": "blind", "B": B, "clients": a.clients, "indices": idx,
+                                 "psnr": m["psnr"],
                                  "ssim": m["ssim"], "label_accuracy": float("nan"),
                                  **reidentification(ds, idx, batch, guess, m)}
             for name in a.attacks:
-                key = f"{o}|{name}|{','.join(map(str, idx))}"
+                key = f"{o}|{name}|{','.join(map(str, idx))}{clients_key}"
                 if key in results:
                     continue
                 _, attack, overrides = ATTACKS[name]
@@ -311,20 +341,24 @@ def main(argv=None) -> int:
                     rec = apply_postprocessing(dataclasses.replace(rec, extras=dict(rec.extras),
                                                                      threat_model=dict(rec.threat_model)), priors[name])
                 m = score(batch.images, batch.labels, rec.images, rec.labels)
-                results[key] = {"obf": o, "attack": name, "B": B, "indices": idx, "psnr": m["psnr"],
+                results[key] = {"obf": o, "attack": name, "B": B, "clients": a.clients, "indices": idx,
+                                "psnr": m["psnr"],
                                 "ssim": m["ssim"], "label_accuracy": m.get("label_accuracy", float("nan")),
                                 "iterations": rec.iterations, "seconds": rec.seconds,
                                 "objective": rec.threat_model.get("objective"), "converged": rec.converged,
                                 "pipeline": (rec.extras.get("pipeline") or {}).get("note"),
                                 "stages": (rec.extras.get("pipeline") or {}).get("stages"),
                                 **reidentification(ds, idx, batch, rec.images, m)}
-                print(f"[{time.time() - started:6.0f}s] {o:9s} B={B} {name:9s} {idx}: PSNR {m['psnr']:.2f} "
+                print(f"[{time.time() - started:6.0f}s] {o:9s} B={B}{clients_tag} {name:9s} {idx}: "
+                      f"PSNR {m['psnr']:.2f} "
                       f"SSIM {m['ssim']:.3f} labels {m.get('label_accuracy', float('nan')):.2f} "
                       f"({rec.iterations} it, {rec.threat_model.get('objective')})", file=sys.stderr, flush=True)
                 if json_path:
                     write_json(json_path, {"args": vars(a), "results": results})
     print(f"# gradleak leakage benchmark ({a.split} draw of the train split)\n")
-    print(f"{a.arch} at random initialisation, {a.size} px real chest X-rays, one client; FedSGD unless FedAvg; "
+    who = ("one client" if a.clients == 1 else f"{a.clients} clients, the server seeing only the mean of their "
+           f"updates (each obfuscated by its client)")
+    print(f"{a.arch} at random initialisation, {a.size} px real chest X-rays, {who}; FedSGD unless FedAvg; "
           f"labels inferred, not given; no BatchNorm. Budget per attack and observation: {a.time_budget:g} s"
           + (f", at most {a.iterations} iterations" if a.iterations else "")
           + f" (torch {torch.__version__}, {torch.get_num_threads()} threads, {a.device}).\n")
@@ -332,13 +366,14 @@ def main(argv=None) -> int:
     for B in sorted({b for b, _ in obs_list}):
         n = len([1 for b, _ in obs_list if b == B])
         if n:
-            print(f"## B = {B} ({n} observation{'s' if n > 1 else ''})\n")
-            print(table(results, B, ["blind"] + a.attacks, a.obfuscations) + "\n")
+            size = f"B = {B}" if a.clients == 1 else f"{a.clients} clients x B = {B} ({a.clients * B} images)"
+            print(f"## {size} ({n} observation{'s' if n > 1 else ''})\n")
+            print(table(results, B, ["blind"] + a.attacks, a.obfuscations, a.clients) + "\n")
             print("Patient re-identification (leave-the-image-out, the stronger of MSE and SSIM ranking; "
                   "– where no attacked patient has another image): "
                   "top-1 patient hits / images whose patient has another image in the gallery, and IIP "
                   "(the attacked image nearest among its label's) / images, summed over the observations.\n")
-            print(reid_table(results, B, ["blind"] + a.attacks, a.obfuscations) + "\n")
+            print(reid_table(results, B, ["blind"] + a.attacks, a.obfuscations, a.clients) + "\n")
     return 0
 
 

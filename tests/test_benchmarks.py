@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 from gradleak.errors import UserError, exit_code
+
+from conftest import require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +43,52 @@ def test_leakage_benchmark_refuses_a_missing_data_folder_in_one_line(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("leakage.py: error: ") and "missing" in lines[0], lines
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _leakage_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("leakage_benchmark", ROOT / "benchmarks" / "leakage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_k_clients_of_b_images_hold_the_images_of_one_client_of_k_times_b():
+    cells = _leakage_module().cells
+    data = range(5000)
+    one = cells(data, "report", 2, 3, 4)
+    assert [b for b, _ in one] == [1, 1, 4, 4, 4] and [len(i) for _, i in one] == [1, 1, 4, 4, 4]
+    assert cells(data, "report", 2, 3, 4, clients=1) == one
+    four = cells(data, "report", 0, 2, 4, clients=4)
+    assert [b for b, _ in four] == [4, 4]
+    assert [i for _, i in four] == [i for _, i in cells(data, "report", 0, 2, 16)]
+    singles = cells(data, "tune", 3, 0, 4, clients=2)
+    assert [b for b, _ in singles] == [1, 1, 1] and all(len(i) == 2 for _, i in singles)
+    flat = [i for _, idx in singles for i in idx]
+    assert len(set(flat)) == 6 and flat == [i for _, idx in cells(data, "tune", 6, 0) for i in idx]
+
+
+def test_leakage_benchmark_attacks_the_mean_update_of_k_clients(tmp_path):
+    data = require_shared("chest_xray")
+    out = tmp_path / "results.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "leakage.py"), "--data", str(data),
+                        "--images", "0", "--batches", "1", "--batch-size", "1", "--clients", "2", "--size", "16",
+                        "--attacks", "auto", "--obfuscations", "none", "--time-budget", "5", "--blind-images", "16",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "2 clients, the server seeing only the mean of their updates" in p.stdout
+    assert "## 2 clients x B = 1 (2 images) (1 observation)" in p.stdout
+    results = json.loads(out.read_text())["results"]
+    assert {r["clients"] for r in results.values()} == {2} and all(k.endswith("|K2") for k in results)
+    auto = next(r for r in results.values() if r["attack"] == "auto")
+    assert len(auto["indices"]) == 2 and auto["B"] == 1
+    # the mean of two one-image gradients is a batch of two for fc1: the leak reads both images exactly
+    assert auto["psnr"] > 40, auto
+
+
+def test_leakage_benchmark_refuses_fewer_than_one_client_in_one_line(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "leakage.py"), "--clients", "0"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and lines == ["leakage.py: error: --clients must be a positive integer, got 0"], lines
