@@ -358,6 +358,46 @@ def test_an_update_rounded_to_a_grid_still_shows_the_patterns_and_separates_past
     assert disaggregate.column_patterns(off, v, 24)[0].shape[1] == 0  # noise off the grid: nothing
 
 
+def test_the_mean_of_clients_updates_each_rounded_to_its_own_grid_shows_the_patterns_with_the_records_step():
+    G, v, M, truth, _ = _own_inputs_update(24)
+    k, b = 4, 6
+    parts, steps = [], []
+    for c in range(k):  # client c's mean over its own 6 images, rounded to its own 8-bit grid
+        own = (v[:, None] * M[:, c * b:(c + 1) * b]) @ truth[c * b:(c + 1) * b] * k
+        step = float(own.abs().max()) / 127
+        parts.append((own / step).round() * step)
+        steps.append(step)
+    mean = torch.stack(parts).mean(dim=0)
+    assert len(set(steps)) == k
+    # the mean is on no grid: its columns show nothing by themselves
+    assert disaggregate.column_patterns(mean, v, 24)[0].shape[1] == 0
+    # with the records' steps, a column one client alone sent is off by at most that client's step / K
+    shown, known = disaggregate.column_patterns(mean, v, 24, cell=max(steps) / k)
+    right = [j for j in range(shown.shape[1])
+             if any(bool((shown[known[:, j], j] == M[known[:, j], i]).all()) for i in range(24))]
+    assert shown.shape[1] > 0 and len(right) >= 0.9 * shown.shape[1]
+    sep = separate(mean, 24, row_scale=v, generator=torch.Generator().manual_seed(0), time_limit=60,
+                   global_search=True, cell=max(steps) / k)
+    assert sep.info["separated"] == 24 and sep.info["shown_by_columns"] >= 20
+    assert float(_best_cos(sep.X, truth).min()) > 0.99
+    # a step too coarse for the update (fewer than 100 steps up to its largest entry) reads nothing
+    assert disaggregate.column_patterns(mean, v, 24, cell=float(mean.abs().max()) / 50)[0].shape[1] == 0
+
+
+def test_the_step_of_clients_averaged_comes_from_their_records():
+    protocol = Protocol(num_clients_averaged=2)
+    obs, _ = _phantom_obs(4, protocol=protocol, obfuscations=[{"name": "uniform", "bits": 8}])
+    sim = Simulator(obs)
+    steps = [c["scale"]["fc1.weight"] for c in obs.obfuscation[0]["per_client"]]
+    assert linear_leak.clients_rounding_cell(obs, sim, "fc1") == pytest.approx(max(steps) / 2)
+    one, _ = _phantom_obs(4, obfuscations=[{"name": "uniform", "bits": 8}])  # one client: the grid shows itself
+    assert linear_leak.clients_rounding_cell(one, Simulator(one), "fc1") is None
+    for other in ([{"name": "relative_gaussian", "sigma0": 0.1}],
+                  [{"name": "uniform", "bits": 8}, {"name": "topk", "keep": 0.5}]):
+        noisy, _ = _phantom_obs(4, protocol=protocol, obfuscations=other)
+        assert linear_leak.clients_rounding_cell(noisy, Simulator(noisy), "fc1") is None
+
+
 def test_an_image_with_no_input_of_its_own_is_read_by_the_pattern_search():
     G, v, M, truth, H = _own_inputs_update(24, seed=2)
     H[23, (H > 0).sum(dim=0) < 3] = 0  # image 23 keeps only inputs two other images have too

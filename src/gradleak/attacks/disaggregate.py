@@ -208,7 +208,7 @@ COLUMN_GRID_CELLS = 100
 SAMPLE_MAX_RANK = 16
 
 
-def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int = 4096
+def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int = 4096, cell: float | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ReLU patterns an update shows in its columns (m x s, 0/1, distinct; s may be 0), and on which
     rows each is known (m x s, bool).
@@ -229,7 +229,11 @@ def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int =
     its nonzero rows (at least ``COLUMN_ROWS`` of them), known there and where ``|v_j x|`` is over two
     cells (an active row would not have rounded to 0); the rest of the rows are open (``known`` False),
     and the dual vectors' refinement settles them. Report draw, B = 32, uniform 8 bit: 340 such columns,
-    31 of the 32 patterns fit after the refinement. Other noise breaks the level: nothing is shown."""
+    31 of the 32 patterns fit after the refinement. Other noise breaks the level: nothing is shown.
+
+    ``cell``: the step, where the caller knows it and the update shows no grid of its own (the mean of K
+    clients' updates, each rounded to its own grid: ``max_k step_k / K`` bounds a column one client alone
+    sent); the columns are then read as on a grid of that step (still only a fine one)."""
     Gd = G.double()
     vd = v.double().reshape(-1)
     safe = torch.where(vd != 0, vd, torch.ones_like(vd))
@@ -246,11 +250,14 @@ def column_patterns(G: torch.Tensor, v: torch.Tensor, rank: int, *, chunk: int =
         return (a - b).abs() <= COLUMN_LEVEL * torch.maximum(a.abs(), torch.as_tensor(b).abs())
 
     sent = Gd[Gd != 0].abs()
-    cell = float(sent.min()) if len(sent) else 0.0
-    cells = Gd / max(cell, 1e-300)
-    on_grid = cell > 0 and float(cells.abs().max()) >= COLUMN_GRID_CELLS and \
-        float((cells - cells.round()).abs().max()) < COLUMN_GRID
-    del cells
+    if cell is not None:  # the step known: a fine one reads the columns as on a grid
+        on_grid = cell > 0 and len(sent) > 0 and float(sent.max()) >= COLUMN_GRID_CELLS * cell
+    else:
+        cell = float(sent.min()) if len(sent) else 0.0
+        cells = Gd / max(cell, 1e-300)
+        on_grid = cell > 0 and float(cells.abs().max()) >= COLUMN_GRID_CELLS and \
+            float((cells - cells.round()).abs().max()) < COLUMN_GRID
+        del cells
     if not on_grid and len(sent) == Gd.numel():  # no exact zero anywhere: noise, no level to read
         return nothing
     for c0 in range(0, Gd.shape[1], chunk):
@@ -620,7 +627,7 @@ def _setup(G: torch.Tensor, rank: int, generator: torch.Generator | None
 def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: torch.Tensor | None = None,
              generator: torch.Generator | None = None, max_trials: int | None = None,
              chunk: int = 4096, time_limit: float | None = None, max_spread: float = 0.2,
-             fit_factor: float | None = 5.0, global_search: bool = False) -> Separation:
+             fit_factor: float | None = 5.0, global_search: bool = False, cell: float | None = None) -> Separation:
     """Split ``G`` (m x n) into ``rank`` output-gradient columns and their input rows.
 
     ``row_scale``: the layer feeds a ReLU and then a two-class classifier, whose weight difference
@@ -651,6 +658,9 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     are kept except the ``RESEARCHED`` that fit worst (spread relative to the noise); those, starting
     from the dual vectors' reading, and the missing images' patterns are searched
     (``info["researched"]``).
+
+    ``cell``: the rounding step the columns are read with where the update shows none of its own
+    (:func:`column_patterns`).
     """
     start = time.perf_counter()
     if max_trials is None:  # a time limit bounds the search; without one, this many row sets
@@ -709,7 +719,7 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     shown = 0
     if r > 1:  # the patterns the update's columns show (inputs only one or two images have; an exact or finely
         # rounded update): their dual vectors, each counted as found twice
-        Mc, Kc = column_patterns(Gd, v, r)
+        Mc, Kc = column_patterns(Gd, v, r, cell=cell)
         for j in range(Mc.shape[1]):
             on = Kc[keep, j]  # each on the rows where it is known
             if int(on.sum()) >= r:

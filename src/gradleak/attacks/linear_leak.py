@@ -299,6 +299,25 @@ def settled(obs: Observation, info: dict[str, Any]) -> bool:
     return int(info.get("separated", 0)) == obs.num_images and not exact
 
 
+def clients_rounding_cell(obs: Observation, sim: Simulator, layer: str) -> float | None:
+    """Where K > 1 clients each rounded their own update to their own grid (a quantizer whose record gives
+    each tensor's ``scale``, the step: ``uniform``) and that is the only obfuscation: the most a column of the
+    layer's mean update can be off where one client alone has nonzero values in it, ``max_k step_k / K``
+    (the other clients send exact zeros there, and that client's rounding error is within its step). The
+    mean is on no grid of its own, so :func:`.disaggregate.column_patterns` cannot find the step in it; the
+    records give it. None otherwise (one client: the columns show the grid themselves)."""
+    k = int(sim.protocol.num_clients_averaged)
+    read = steps(obs, sim.target)
+    if k <= 1 or len(read) != 1 or read[0].ob.family != "quantize":
+        return None
+    record, name = obs.obfuscation[read[0].index - 1], f"{layer}.weight"
+    per_client = record.get("per_client") or [record] * k
+    cells = [_per_tensor((c.get("scale") if "scale" in c else record.get("scale")), name) for c in per_client]
+    if len(cells) != k or any(c is None or not float(c) > 0 for c in cells):
+        return None
+    return max(float(c) for c in cells) / k
+
+
 def exact_scale(obs: Observation, sim: Simulator) -> bool:
     """Whether every image's term enters the layer's update with weight exactly 1/N: FedSGD (or FedAvg
     with one full-batch step), no per-example clipping, no clipping of the whole update."""
@@ -1251,7 +1270,8 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         t_sep = time.perf_counter()
         sep = separate(G, n, row_scale=v, weight=W, generator=generator,
                        time_limit=None if share is None else (0.5 if drift else 1.0) * share,
-                       fit_factor=None if drift else 5.0, global_search=True)
+                       fit_factor=None if drift else 5.0, global_search=True,
+                       cell=clients_rounding_cell(obs, sim, layer))
         if drift:  # the 0/1 search's inputs, off by the drift, seed the non-negative separation: an image
             # whose basin its random starts rarely reach is then read from a near start (what the 0/1 search
             # overran comes out of the inversion's time, not the budget's)
