@@ -118,6 +118,22 @@ def test_a_step_read_off_an_update_that_later_steps_changed_is_treated_as_unknow
         "rounding-cell distance"
 
 
+def test_no_step_is_read_off_the_mean_of_several_clients_updates():
+    # each client rounded to its own grid; the mean's largest entry is no client's: the steps come from the
+    # records (per client) or not at all, never from the mean
+    from gradleak.attacks.aware import steps
+    from gradleak.federated import Protocol
+
+    specs = [{"name": "uniform", "bits": 8}]
+    obs, _ = tiny_observation("lenet_zhu", n=4, obfuscations=specs, protocol=Protocol(num_clients_averaged=2))
+    read = steps(obs, Simulator(obs).target)
+    assert read[0].values is None and read[0].why == ("its steps would be read off the update, the mean of 2 "
+                                                      "clients' updates, no client's own")
+    assert len(obs.obfuscation[0]["per_client"]) == 2  # the clients' own steps stay in the record
+    one, _ = tiny_observation("lenet_zhu", n=4, obfuscations=specs)
+    assert steps(with_records(one, specs), Simulator(one).target)[0].values["scale"]  # one client: read off
+
+
 @pytest.mark.parametrize("records,why", [
     ([{"name": "qsgd", "levels": 1}], "its record's parameters are invalid (obfuscation 'qsgd': levels must be "
                                       "an integer >= 2, got 1)"),

@@ -91,9 +91,13 @@ def steps(obs: Observation, target: Tensors) -> list[Step]:
         if ob.family != "identity":
             found.append((i, ob, rec))
     context = obfuscation.Context.from_protocol(obs.protocol)
+    k = _num_clients(obs)
     out = []
     for j, (i, ob, rec) in enumerate(found):
-        received = obfuscation.Received(target, context, exact=j == len(found) - 1)
+        # the mean of K clients' updates is no client's output: no value is read off it
+        received = obfuscation.Received(target, context, exact=j == len(found) - 1 and k == 1,
+                                        inexact=("which later steps changed" if j < len(found) - 1 else
+                                                 f"the mean of {k} clients' updates, no client's own"))
         try:
             out.append(Step(i, ob, obfuscation.server_record(rec, received)))
         except obfuscation.Underivable as e:

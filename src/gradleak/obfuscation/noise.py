@@ -270,7 +270,7 @@ def _snr_server(p: dict[str, Any], received: Received) -> dict[str, Any]:
     """The noise std estimated from the received update: its variance is Var(g) + sigma^2 with
     sigma^2 = Var(g) r, r = 10^(-snr_db/10), so sigma^2 = Var(received) r / (1 + r)."""
     if not received.exact:
-        raise Underivable("its noise std would be estimated from the update, which later steps changed")
+        raise Underivable(f"its noise std would be estimated from the update, {received.inexact}")
     r = 10.0 ** (-p["snr_db"] / 10.0)
     if p["scope"] == "tensor":
         return {"sigma": {n: math.sqrt(_variance(v) * r / (1 + r)) for n, v in received.update.items()}}

@@ -152,7 +152,7 @@ class UniformServer(ServerValues):
 def _uniform_server(p: dict[str, Any], received: Received) -> dict[str, Any]:
     """The step of each tensor, read off the update: its largest entry rounds to (levels - 1) steps."""
     if not received.exact:
-        raise Underivable("its steps would be read off the update, which later steps changed")
+        raise Underivable(f"its steps would be read off the update, {received.inexact}")
     return {"scale": {n: float(v.detach().double().abs().max()) / (p["levels"] - 1) if v.numel() else 0.0
                       for n, v in received.update.items()}}
 

@@ -84,11 +84,13 @@ class Result:
 @dataclass(frozen=True)
 class Received:
     """What a server has when it reads a record: the update it received (in the records' units), the
-    round's context, and whether this step's output is that update (no later step changed it)."""
+    round's context, and whether this step's output is that update (no later step changed it, and it is
+    one client's); ``inexact`` says what else it is, for the messages of values that cannot be read off it."""
 
     update: Tensors
     context: Context
     exact: bool
+    inexact: str = "which later steps changed"
 
 
 class Underivable(Exception):
