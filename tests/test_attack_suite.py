@@ -329,10 +329,35 @@ def test_aware_objectives_are_not_used_when_clients_are_averaged_or_the_attacker
     s = preset("ig")
     assert for_observation(obs, obs.update, "cosine", knows=True, settings=s).name == "sign agreement"
     assert for_observation(obs, obs.update, "cosine", knows=False, settings=s).name == "cosine"
-    avg, _ = tiny_observation("lenet_zhu", n=2, obfuscations=[{"name": "sign"}],
+    avg, _ = tiny_observation("lenet_zhu", n=2, obfuscations=[{"name": "qsgd", "levels": 4}],
                               protocol=Protocol(num_clients_averaged=2))
     m = for_observation(avg, avg.update, "cosine", knows=True, settings=s)
     assert m.name == "cosine" and "several clients" in m.info["aware"]
+
+
+def test_the_mean_of_clients_signs_is_matched_as_their_votes():
+    from gradleak.attacks.aware import for_observation, sign_matching
+
+    # one client's signs: weights 1 and 0, the sign agreement as it was
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(200, generator=g)
+    one = sign_matching({"w": torch.where(true < 0, -1.0, 1.0)})
+    cand = {"w": torch.randn(200, generator=g)}
+    z = cand["w"] / (0.5 * cand["w"].pow(2).mean().sqrt())
+    expected = torch.where(true < 0, torch.nn.functional.softplus(z),
+                           torch.relu(torch.nn.functional.softplus(-z) - math.log(2))).mean()
+    assert one.fn(cand).item() == pytest.approx(expected.item(), rel=1e-6)
+    # four clients' mean: an entry where all four sent -1 counts fully, a tie not at all
+    votes = {"w": torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])}
+    m = sign_matching(votes)
+    positive = {"w": torch.full((5,), 3.0)}  # every entry positive: only the -1 shares cost
+    per_entry = [sign_matching({"w": torch.tensor([x])}).fn({"w": torch.tensor([3.0])}).item() for x in (-1.0, 1.0)]
+    assert m.fn(positive).item() == pytest.approx((1.0 + 0.75 + 0.5 + 0.25) * per_entry[0] / 5
+                                                  + (0.25 + 0.5 + 0.75 + 1.0) * per_entry[1] / 5, rel=1e-6)
+    obs, _ = tiny_observation("lenet_zhu", n=4, obfuscations=[{"name": "sign"}],
+                              protocol=Protocol(num_clients_averaged=2))
+    matching = for_observation(obs, obs.update, "l2", knows=True, settings=preset("rog"))
+    assert matching.name == "sign agreement weighted by 2 clients' votes"
 
 
 def test_qsgd_likelihood_is_the_mean_negative_log_probability_of_the_received_levels():

@@ -115,6 +115,10 @@ def for_observation(obs: Observation, target: Tensors, kind: str, knows: bool,
     if not read:
         return plain(kind, target)
     if _num_clients(obs) > 1:
+        if len(read) == 1 and read[0].ob.family == "sign":  # the mean of the clients' signs: their votes
+            m = sign_matching(dict(target), None, float(s["sign_temperature"]))
+            m.name = f"sign agreement weighted by {_num_clients(obs)} clients' votes"
+            return m
         m = plain(kind, target)
         m.info["aware"] = "not applied: several clients averaged"
         return m
@@ -250,15 +254,21 @@ def sign_matching(target: Tensors, masks: Tensors | None = None, temperature: fl
     """Smooth agreement with received signs, where a sign of +1 also stands for an exact zero (as
     signSGD sends it): ``softplus(g / tau)`` where -1 was received (g should be negative) and
     ``max(0, softplus(-g / tau) - log 2)`` where +1 was (g should not be negative), averaged over the
-    entries, with ``tau = temperature x`` the candidate's root-mean-square gradient in that layer."""
+    entries, with ``tau = temperature x`` the candidate's root-mean-square gradient in that layer.
+
+    The mean of K clients' signs (each entry a vote, ``t / max|t|`` in [-1, 1] per tensor) weighs the
+    two terms by the share of clients that sent each side, ``(1 - t / max|t|) / 2`` for -1: one client's
+    signs give weights 1 and 0, the loss above."""
     parts = []
     count = 0
     for k, t in target.items():
-        neg = _flat(t) < 0
+        flat = _flat(t)
         sel = None if masks is None else torch.nonzero(_flat(masks[k])).reshape(-1)
         if sel is not None:
-            neg = neg[sel]
-        parts.append((k, sel, neg.to(t.dtype).contiguous(), (~neg).to(t.dtype).contiguous()))
+            flat = flat[sel]
+        top = float(flat.abs().max()) if flat.numel() else 0.0
+        neg = ((1 - flat / top) / 2).clamp(0, 1) if top > 0 else torch.zeros_like(flat)
+        parts.append((k, sel, neg.contiguous(), (1 - neg).contiguous()))
         count += int(neg.numel())
     log2 = math.log(2.0)
 
