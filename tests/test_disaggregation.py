@@ -392,7 +392,12 @@ def test_the_step_of_clients_averaged_comes_from_their_records():
     assert linear_leak.clients_rounding_cell(obs, sim, "fc1") == pytest.approx(max(steps) / 2)
     one, _ = _phantom_obs(4, obfuscations=[{"name": "uniform", "bits": 8}])  # one client: the grid shows itself
     assert linear_leak.clients_rounding_cell(one, Simulator(one), "fc1") is None
-    for other in ([{"name": "relative_gaussian", "sigma0": 0.1}],
+    # a FedAvg delta is read as a mean gradient (-delta / (lr * steps)): its step with it
+    fedavg = Protocol("fedavg", local_steps=2, local_lr=0.5, num_clients_averaged=2)
+    avg, _ = _phantom_obs(4, protocol=fedavg, obfuscations=[{"name": "uniform", "bits": 8}])
+    steps = [c["scale"]["fc1.weight"] for c in avg.obfuscation[0]["per_client"]]
+    assert linear_leak.clients_rounding_cell(avg, Simulator(avg), "fc1") == pytest.approx(max(steps) / 2 / (0.5 * 2))
+    for other in ([{"name": "relative_gaussian", "sigma0": 0.1}], [{"name": "qsgd", "levels": 16}],
                   [{"name": "uniform", "bits": 8}, {"name": "topk", "keep": 0.5}]):
         noisy, _ = _phantom_obs(4, protocol=protocol, obfuscations=other)
         assert linear_leak.clients_rounding_cell(noisy, Simulator(noisy), "fc1") is None

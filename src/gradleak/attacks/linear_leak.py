@@ -300,22 +300,23 @@ def settled(obs: Observation, info: dict[str, Any]) -> bool:
 
 
 def clients_rounding_cell(obs: Observation, sim: Simulator, layer: str) -> float | None:
-    """Where K > 1 clients each rounded their own update to their own grid (a quantizer whose record gives
-    each tensor's ``scale``, the step: ``uniform``) and that is the only obfuscation: the most a column of the
-    layer's mean update can be off where one client alone has nonzero values in it, ``max_k step_k / K``
-    (the other clients send exact zeros there, and that client's rounding error is within its step). The
-    mean is on no grid of its own, so :func:`.disaggregate.column_patterns` cannot find the step in it; the
-    records give it. None otherwise (one client: the columns show the grid themselves)."""
+    """Where K > 1 clients each rounded their own update to their own grid (a deterministic quantizer whose
+    record gives each tensor's ``scale``, the step: ``uniform``; QSGD's ``scale`` is a norm) and that is the
+    only obfuscation: the most a column of the layer's mean update, read as a mean gradient
+    (:func:`observed_matrix`), can be off where one client alone has nonzero values in it, ``max_k step_k /
+    K`` (the other clients send exact zeros there, and that client's rounding error is within its step).
+    The mean is on no grid of its own, so :func:`.disaggregate.column_patterns` cannot find the step in it;
+    the records give it. None otherwise (one client: the columns show the grid themselves)."""
     k = int(sim.protocol.num_clients_averaged)
     read = steps(obs, sim.target)
-    if k <= 1 or len(read) != 1 or read[0].ob.family != "quantize":
+    if k <= 1 or len(read) != 1 or read[0].ob.family != "quantize" or read[0].ob.stochastic:
         return None
     record, name = obs.obfuscation[read[0].index - 1], f"{layer}.weight"
     per_client = record.get("per_client") or [record] * k
     cells = [_per_tensor((c.get("scale") if "scale" in c else record.get("scale")), name) for c in per_client]
     if len(cells) != k or any(c is None or not float(c) > 0 for c in cells):
         return None
-    return max(float(c) for c in cells) / k
+    return max(float(c) for c in cells) / k * abs(fedavg_gradient_scale(sim.protocol))
 
 
 def exact_scale(obs: Observation, sim: Simulator) -> bool:
