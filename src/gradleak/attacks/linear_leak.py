@@ -313,7 +313,7 @@ def clients_rounding_cell(obs: Observation, sim: Simulator, layer: str) -> float
         return None
     record, name = obs.obfuscation[read[0].index - 1], f"{layer}.weight"
     per_client = record.get("per_client") or [record] * k
-    cells = [_per_tensor((c.get("scale") if "scale" in c else record.get("scale")), name) for c in per_client]
+    cells = [_per_tensor(c.get("scale", record.get("scale")), name) for c in per_client]
     if len(cells) != k or any(c is None or not float(c) > 0 for c in cells):
         return None
     return max(float(c) for c in cells) / k * abs(fedavg_gradient_scale(sim.protocol))
