@@ -84,6 +84,7 @@ TYPES: dict[str, Any] = {
     "leak_share": Annotated[float, Field(gt=0, le=1), BeforeValidator(_from_text)],
     "fallback_single": _Optimisation,
     "fallback_batch": _Optimisation,
+    "split_clients": bool,
 }
 
 

@@ -29,14 +29,15 @@ from typing import Any
 import torch
 
 from ..observation import Observation
-from . import engine
+from . import demix, engine
 from .base import Reconstruction, loss_converged
 from .disaggregate import SAMPLE_MAX_RANK
 from .linear_leak import layer_fit, leak, local_drift, settled as leak_settled
 from .simulate import Simulator
 
 #: Settings of ``auto`` that are not the refinement engine's.
-OWN = ("invert_iterations", "invert_tv", "invert_starts", "leak_share", "fallback_single", "fallback_batch")
+OWN = ("invert_iterations", "invert_tv", "invert_starts", "leak_share", "fallback_single", "fallback_batch",
+       "split_clients")
 
 
 def _in_label_order(images: torch.Tensor, found: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -53,9 +54,76 @@ def _in_label_order(images: torch.Tensor, found: torch.Tensor, known: torch.Tens
 def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         generator: torch.Generator | None = None, progress: bool = True,
         fallback_settings=None) -> Reconstruction:
-    """``fallback_settings(name)`` -> the resolved settings of the optimisation attack ``name``."""
-    s = settings
+    """``fallback_settings(name)`` -> the resolved settings of the optimisation attack ``name``.
+
+    The mean of several clients' rounded updates is first split into each client's where the records
+    allow (:func:`.demix.split`, setting ``split_clients``); each client's batch is then attacked as one
+    client's, in an equal share of what is left of the budget."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
+    why = None
+    if obs.protocol.num_clients_averaged > 1 and settings.get("split_clients", True):
+        clients, what = demix.split(obs)  # draws nothing: a seed gives the same stages either way
+        if clients is not None:
+            return _per_client(obs, clients, what, settings, device=device, generator=g, progress=progress,
+                               fallback_settings=fallback_settings)
+        why = what
+    rec = _one(obs, settings, device=device, generator=g, progress=progress, fallback_settings=fallback_settings)
+    if why is not None:
+        rec.extras.setdefault("pipeline", {})["clients_split"] = f"not split: {why}"
+    return rec
+
+
+def _per_client(obs: Observation, clients: list[Observation], what: dict[str, Any], settings: dict[str, Any], *,
+                device: str, generator: torch.Generator, progress: bool, fallback_settings) -> Reconstruction:
+    """Each client's observation attacked as one client's (:func:`_one`) and the batches put back together
+    in the clients' order."""
+    start = time.perf_counter() - float(what["seconds"])
+    T = None if settings.get("time_budget") is None else float(settings["time_budget"])
+    seeds = torch.randint(0, 2**62, (len(clients),), generator=generator).tolist()
+    recs = []
+    for i, c in enumerate(clients):
+        s = dict(settings)
+        if T is not None:  # an equal share of what is left
+            s["time_budget"] = max(0.5, (T - (time.perf_counter() - start)) / (len(clients) - i))
+        recs.append(_one(c, s, device=device, generator=torch.Generator().manual_seed(int(seeds[i])),
+                         progress=progress, fallback_settings=fallback_settings))
+    first = recs[0]
+    pipes = [r.extras.get("pipeline") or {} for r in recs]
+    separated = [int(p.get("separated") or 0) for p in pipes]
+    layer = pipes[0].get("leaky_layer")
+    share = 100 * float(what["entries_read"])
+    converged = [r.converged for r in recs]
+    threat = dict(first.threat_model)
+    threat["clients_split"] = (f"the mean of {len(clients)} clients' updates split into each client's by "
+                               f"their rounding steps (the records' per-client scales; {share:.2f} % of the "
+                               f"entries read)")
+    each = first.threat_model.get("attack_pipeline", "auto")
+    threat["attack_pipeline"] = f"split into {len(clients)} clients' updates, then per client: {each}"
+    noise = [int((p.get("separation") or {}).get("like_noise") or 0) for p in pipes]
+    pipeline = {"leaky_layer": layer, "separated": sum(separated), "images": obs.num_images,
+                "clients_split": what, "clients": pipes, "separation": {"like_noise": sum(noise)},
+                "stages": ["client split"] + list(pipes[0].get("stages") or []),
+                "kept": "; ".join(str(p.get("kept")) for p in pipes),
+                "note": f"the mean of {len(clients)} clients' updates split into each client's by their rounding "
+                        f"steps ({share:.2f} % of the entries read); per client: "
+                        + "; ".join(str(p.get("note")) for p in pipes)}
+    extras: dict[str, Any] = {"pipeline": pipeline, "clients": [r.summary() for r in recs]}
+    if all("leak_images" in r.extras for r in recs):
+        extras["leak_images"] = torch.cat([r.extras["leak_images"] for r in recs])
+    return Reconstruction(
+        images=torch.cat([r.images for r in recs]), labels=torch.cat([r.labels for r in recs]), attack=first.attack,
+        settings=dict(settings), threat_model=threat, loss=sum(r.loss for r in recs) / len(recs),
+        iterations=sum(r.iterations for r in recs), seconds=time.perf_counter() - start, history=[],
+        extras=extras,
+        converged=(False if any(c is False for c in converged) else None if any(c is None for c in converged)
+                   else True))
+
+
+def _one(obs: Observation, settings: dict[str, Any], *, device: str, generator: torch.Generator,
+         progress: bool, fallback_settings) -> Reconstruction:
+    """``auto`` on one observation as it stands."""
+    s = settings
+    g = generator
     # one generator per stage, drawn up front: how many numbers one stage draws (a time-limited search)
     # never changes what the next stage gets, so a seed gives the same stages whatever the timing
     g_leak, g_refine, g_fallback = (torch.Generator().manual_seed(int(x))

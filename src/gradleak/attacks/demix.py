@@ -1,0 +1,192 @@
+"""Several clients' rounded updates, read apart: the mean of K clients' updates split back into each client's.
+
+Under secure aggregation the server receives only the mean of K clients' updates. Where every client rounded
+its own update to a grid of its own step as its last obfuscation (a quantizer: ``uniform``, whose record's
+``scale`` is the step; QSGD unbucketed, ``scale / s``) and the records give each client's step for each
+tensor (``per_client``, as the victim side writes them), each entry of the mean is
+``(1/K) sum_k step_k n_k`` with integer levels ``n_k``. Steps are real numbers in general position, so few
+level vectors give the same sum to within the floats' rounding: :func:`levels` looks each entry up in the
+sorted table of all sums with levels up to ``L`` in magnitude, for ``L`` = 1, 2, 4, ... (most entries of a
+rounded update are a step or two; the smallest table that holds a match is taken first, and within it the
+nearest match). Each client's update is then ``step_k n_k``: :func:`split` returns one
+Observation per client, each attacked as one client's batch.
+
+This reads what the records give: a deployment that sums integer codes under one common scale (the usual
+way secure aggregation meets quantization) gives no client's own step, and nothing is split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from .. import obfuscation
+from ..errors import UserError
+from ..observation import Observation
+
+#: The largest table of level sums (entries): ``(2L + 1)^K`` may not pass it, so K clients' levels are read
+#: up to the largest ``L`` that allows (4 clients: 18).
+MAX_TABLE = 2 ** 21
+#: The share of the update's entries that must be read for the split to stand; below it nothing is split.
+MIN_READ = 0.99
+
+
+def client_steps(obs: Observation) -> tuple[list[dict[str, float]], int] | str:
+    """Each client's rounding step for every tensor of the update and the largest level the quantizer
+    sends, or why there is none (the reason is a phrase)."""
+    k = int(obs.protocol.num_clients_averaged)
+    if k <= 1:
+        return "one client's update"
+    found = []
+    for rec in obs.obfuscation:
+        try:
+            ob = obfuscation.get(rec["name"])
+        except UserError:
+            return f"the obfuscation record '{rec.get('name')}' is not one gradleak knows"
+        if ob.family != "identity":
+            found.append((ob, rec))
+    if not found or found[-1][0].family != "quantize":
+        return "the clients' last obfuscation is not a quantizer"
+    ob, rec = found[-1]
+    per_client = rec.get("per_client")
+    if not per_client or len(per_client) != k:
+        return "the records do not give each client's quantizer values"
+    base = {key: v for key, v in rec.items() if key not in ("per_client", "sigma_of_mean")}
+    out = []
+    top = None
+    for c in per_client:
+        try:
+            values = obfuscation.server_record({**base, **c}, obfuscation.Received(
+                obs.update, obfuscation.Context.from_protocol(obs.protocol), exact=False,
+                inexact=f"the mean of {k} clients' updates, no client's own"))
+        except obfuscation.Underivable as e:
+            return f"a client's quantizer values are unknown ({e})"
+        scale = values.get("scale")
+        if not isinstance(scale, dict) or values.get("bucket_size"):
+            return "the records do not give each client's step for each tensor"
+        div = float(values["s"]) if ob.stochastic else 1.0
+        # the most steps an entry may be: QSGD's s; a rounding's levels - 1 where its record gives them
+        given = {**base, **c}.get("levels") or values.get("levels")
+        top = int(values["s"]) if ob.stochastic else int(given) - 1 if given else 2 ** 31 - 1
+        steps = {}
+        for name in obs.update:
+            step = scale.get(name)
+            if step is None or not float(step) >= 0:
+                return f"the records give no client's step for '{name}'"
+            steps[name] = float(step) / div
+        out.append(steps)
+    return out, int(top)
+
+
+def readable(k: int, top: int) -> int:
+    """The largest level of K clients' that :func:`levels` reads: ``top``, or less where its table would
+    pass :data:`MAX_TABLE` (at least 1)."""
+    largest = 1
+    while largest < top and (2 * (largest + 1) + 1) ** k <= MAX_TABLE:
+        largest += 1
+    return largest
+
+
+def _table(steps: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All sums ``steps . n`` with integer ``|n_k| <= bound``, sorted, and their level vectors."""
+    r = torch.arange(-bound, bound + 1, dtype=torch.int32)
+    n = torch.cartesian_prod(*[r] * len(steps)).reshape(-1, len(steps))
+    sums = n.double() @ steps
+    order = torch.argsort(sums)
+    return sums[order], n[order]
+
+
+def levels(mean: torch.Tensor, steps: list[float], top: int, eps: float | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K clients' integer levels behind each entry of ``mean`` = ``(1/K) sum_k steps[k] n_k``, each
+    ``|n_k| <= top``: (levels K x numel, int32; read, a bool per entry). An entry counts as read where one
+    level vector's sum lies within the rounding of the floats (``eps``, the received dtype's by default)
+    of ``K * mean``; where two do in the same table, the nearer is taken."""
+    k = len(steps)
+    eps = float(torch.finfo(mean.dtype).eps) if eps is None else float(eps)
+    y = mean.detach().reshape(-1).to("cpu", torch.float64) * k
+    d = torch.tensor(steps, dtype=torch.float64)
+    out = torch.zeros(k, y.numel(), dtype=torch.int32)
+    read = torch.zeros(y.numel(), dtype=torch.bool)
+    largest = readable(k, top)
+    bounds = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < largest} | {min(top, largest)})
+    todo = torch.arange(y.numel())
+    for bound in bounds:
+        if todo.numel() == 0:
+            break
+        sums, n = _table(d, bound)
+        mag = n.abs().double() @ d.abs()  # what a level vector's floats can be off by, in units of eps
+        left = []
+        for c0 in range(0, todo.numel(), 1 << 20):
+            ix = todo[c0:c0 + (1 << 20)]
+            yy = y[ix]
+            at = torch.searchsorted(sums, yy)
+            window = (at[:, None] + torch.arange(-2, 2)[None, :]).clamp(0, sums.numel() - 1)  # n x 4
+            # the residual in units of what rounding each client's value and the mean to the received
+            # floats can leave (half an eps of each): the truth's is below 1, and within a table the
+            # smallest wins (a larger table's spurious matches lie near it as often as the truth)
+            off = (yy[:, None] - sums[window]).abs() / (0.5 * eps * (yy.abs()[:, None] + mag[window]) + 1e-300)
+            best = off.argmin(dim=1)
+            hit = off.gather(1, best[:, None])[:, 0] <= 2.0
+            pick = window[torch.arange(ix.numel()), best][hit]
+            out[:, ix[hit]] = n[pick].T
+            read[ix[hit]] = True
+            left.append(ix[~hit])
+        todo = torch.cat(left)
+    return out, read
+
+
+def split(obs: Observation) -> tuple[list[Observation], dict[str, Any]] | tuple[None, str]:
+    """One Observation per client (its update ``step_k n_k``, its own records, its labels where the mean's
+    are given, in the clients' order), and what the split read; or None and why nothing is split. Entries
+    no level vector explains are shared among the clients in proportion to their steps."""
+    t0 = time.perf_counter()
+    got = client_steps(obs)
+    if isinstance(got, str):
+        return None, got
+    steps, top = got
+    k = len(steps)
+    updates: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
+    total, unread = 0, 0
+    per_tensor = {}
+    for name, m in obs.update.items():
+        d = [s[name] for s in steps]
+        for u in updates:
+            u[name] = torch.zeros_like(m)
+        live = [i for i, x in enumerate(d) if x > 0]  # a zero step: that client's tensor was all zeros
+        if not live or m.numel() == 0:
+            per_tensor[name] = 1.0
+            continue
+        n, read = levels(m, [d[i] for i in live], top)
+        y = m.detach().reshape(-1).to("cpu", torch.float64) * k
+        share = torch.tensor([d[i] for i in live], dtype=torch.float64)
+        share = share / share.sum()
+        for j, i in enumerate(live):
+            v = torch.where(read, n[j].double() * d[i], y * share[j])
+            updates[i][name] = v.reshape(m.shape).to(device=m.device, dtype=m.dtype)
+        total += m.numel()
+        unread += int((~read).sum())
+        per_tensor[name] = round(float(read.double().mean()), 6)
+    share_read = 1.0 - unread / max(total, 1)
+    if share_read < MIN_READ:
+        return None, (f"only {100 * share_read:.1f} % of the mean's entries are one sum of the clients' levels "
+                      f"(read up to {readable(k, top)} of the {top} levels each client may send)")
+    b = obs.protocol.images_per_client
+    proto = dataclasses.replace(obs.protocol, num_clients_averaged=1, num_images=b)
+    records = []
+    for i in range(k):
+        mine = []
+        for rec in obs.obfuscation:
+            base = {key: v for key, v in rec.items() if key not in ("per_client", "sigma_of_mean")}
+            mine.append({**base, **(rec.get("per_client") or [{}] * k)[i]})
+        records.append(mine)
+    clients = [dataclasses.replace(obs, update=updates[i], protocol=proto, obfuscation=records[i],
+                                   labels=None if obs.labels is None else obs.labels[i * b:(i + 1) * b].clone())
+               for i in range(k)]
+    info = {"clients": k, "entries_read": round(share_read, 6), "per_tensor": per_tensor,
+            "levels_read": readable(k, top), "largest_level": top,
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return clients, info

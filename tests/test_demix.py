@@ -1,0 +1,122 @@
+"""The mean of several clients' rounded updates, split back into each client's (``gradleak.attacks.demix``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gradleak import obfuscation
+from gradleak.attacks import run_attack
+from gradleak.attacks.demix import MAX_TABLE, client_steps, levels, readable, split
+from gradleak.capture import capture
+from gradleak.data import load_dataset
+from gradleak.federated import Protocol, client_update
+from gradleak.federated.protocol import client_slices
+from gradleak.metrics import score
+from gradleak.models import build
+
+
+def _clients(k: int, b: int, specs, *, size: int = 16, protocol: Protocol | None = None):
+    """K clients' mean update as ``capture`` makes it, each client's own obfuscated update beside it (the
+    same steps, the same generator, client after client), and the batch."""
+    ds = load_dataset("phantoms:n=64", size=size)
+    batch = ds.batch(list(range(0, 3 * k * b, 3)))
+    proto = protocol or Protocol(num_clients_averaged=k)
+    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=proto, model_seed=0,
+                     obfuscations=list(specs), obfuscation_seed=0, labels_known=True)
+    model = build("lenet5", 2, 1, size, seed=0, mean=[0.5], std=[0.5])
+    sent = {name: v.detach().clone() for name, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    context = obfuscation.Context.from_protocol(obs.protocol)
+    own = []
+    for sl in client_slices(k * b, k):
+        update, _ = client_update(model, sent, batch.images[sl], batch.labels[sl], proto)
+        own.append(obfuscation.apply(list(specs), update, generator, context)[0])
+    return obs, own, batch
+
+
+@pytest.mark.parametrize("k,spec", [(3, {"name": "qsgd", "levels": 16}), (4, {"name": "qsgd", "levels": 4}),
+                                    (2, {"name": "uniform", "levels": 8})])
+def test_the_mean_of_clients_rounded_updates_splits_into_each_clients_own(k, spec):
+    obs, own, batch = _clients(k, 2, [spec])
+    clients, info = split(obs)
+    assert clients is not None, info
+    assert info["clients"] == k and info["entries_read"] == 1.0
+    records = obs.obfuscation[0]["per_client"]
+    for i, c in enumerate(clients):
+        for name, v in own[i].items():
+            assert torch.equal(c.update[name], v), (i, name)
+        assert c.protocol.num_clients_averaged == 1 and c.num_images == 2
+        assert c.obfuscation[0]["scale"] == records[i]["scale"] and "per_client" not in c.obfuscation[0]
+        assert torch.equal(c.labels, batch.labels[2 * i:2 * i + 2])
+        assert c.global_state is obs.global_state
+
+
+def test_a_fedavg_delta_of_clients_splits_the_same_way():
+    proto = Protocol("fedavg", local_steps=2, local_lr=0.1, num_clients_averaged=2)
+    obs, own, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16}], protocol=proto)
+    clients, info = split(obs)
+    assert clients is not None, info
+    assert all(torch.equal(clients[i].update[n], own[i][n]) for i in range(2) for n in own[i])
+    assert clients[0].protocol.algorithm == "fedavg" and clients[0].protocol.local_steps == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(2, 5), top=st.sampled_from([1, 3, 15]), seed=st.integers(0, 10_000))
+def test_levels_are_read_back_from_the_float32_mean_of_clients_values(k, top, seed):
+    g = torch.Generator().manual_seed(seed)
+    steps = (0.5 + torch.rand(k, generator=g, dtype=torch.float64)) * 10 ** float(torch.randint(-6, 0, (1,),
+                                                                                                   generator=g))
+    # levels as a rounded update has them: mostly zero or one step, a few up to the top
+    n = (torch.randn(k, 4000, generator=g, dtype=torch.float64) * 0.8).round().clamp(-top, top).to(torch.int32)
+    n[:, :40] = torch.randint(-top, top + 1, (k, 40), generator=g, dtype=torch.int32)
+    sent = (n.double() * steps[:, None]).float()  # each client's value as it sends it (float32)
+    mean = (sent.double().sum(dim=0) / k).float()
+    found, read = levels(mean, steps.tolist(), top)
+    bound = readable(k, top)  # (2 bound + 1)^k sums in the largest table
+    assert (2 * bound + 1) ** k <= MAX_TABLE and (bound == top or (2 * bound + 3) ** k > MAX_TABLE)
+    within = n.abs().amax(dim=0) <= bound
+    assert bool(read[within].all())
+    assert float((found == n).all(dim=0)[within].double().mean()) >= 0.999
+
+
+def test_nothing_is_split_without_each_clients_step_or_grid():
+    one = _clients(1, 2, [{"name": "qsgd", "levels": 16}])[0]
+    assert split(one) == (None, "one client's update")
+    noise, _, _ = _clients(2, 2, [{"name": "relative_gaussian", "sigma0": 0.1}])
+    assert split(noise) == (None, "the clients' last obfuscation is not a quantizer")
+    bucketed, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16, "bucket_size": 64}])
+    assert split(bucketed) == (None, "the records do not give each client's step for each tensor")
+    # steps that are not the clients' (a record edited by another tool): the mean is no sum of their levels
+    obs, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
+    pc = obs.obfuscation[0]["per_client"]
+    pc[1]["scale"] = {name: 1.37 * v for name, v in pc[1]["scale"].items()}
+    clients, why = split(obs)
+    assert clients is None and why.startswith("only ") and "one sum of the clients' levels" in why
+    assert isinstance(client_steps(obs), tuple)
+
+
+def test_auto_attacks_each_client_of_a_split_mean_and_says_so():
+    obs, _, batch = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
+    obs.labels = None  # labels inferred
+    rec = run_attack("auto", obs, {"time_budget": 16}, seed=0, progress=False)
+    assert rec.images.shape == batch.images.shape and rec.labels.shape == (4,)
+    pipe = rec.extras["pipeline"]
+    assert pipe["stages"][0] == "client split" and len(pipe["clients"]) == 2
+    assert pipe["clients_split"]["entries_read"] == 1.0 and pipe["images"] == 4
+    assert rec.threat_model["attack_pipeline"].startswith("split into 2 clients' updates, then per client: ")
+    assert "rounding steps" in rec.threat_model["clients_split"]
+    assert rec.seconds < 16 * 1.1
+    split_psnr = score(batch.images, batch.labels, rec.images, rec.labels)["psnr"]
+    # not split: the mean read as one batch of four, its rounding no client's
+    whole = run_attack("auto", obs, {"time_budget": 16, "split_clients": False}, seed=0, progress=False)
+    assert "clients" not in whole.extras["pipeline"] and "clients_split" not in whole.threat_model
+    assert split_psnr > 30
+    assert split_psnr >= score(batch.images, batch.labels, whole.images, whole.labels)["psnr"] - 1.0
+
+
+def test_a_mean_that_is_not_split_says_why_in_the_pipeline():
+    obs, _, _ = _clients(2, 2, [{"name": "relative_gaussian", "sigma0": 0.1}])
+    rec = run_attack("auto", obs, {"time_budget": 4}, seed=0, progress=False)
+    assert rec.extras["pipeline"]["clients_split"] == "not split: the clients' last obfuscation is not a quantizer"
