@@ -112,6 +112,7 @@ def test_auto_attacks_each_client_of_a_split_mean_and_says_so():
     # not split: the mean read as one batch of four, its rounding no client's
     whole = run_attack("auto", obs, {"time_budget": 16, "split_clients": False}, seed=0, progress=False)
     assert "clients" not in whole.extras["pipeline"] and "clients_split" not in whole.threat_model
+    assert whole.extras["pipeline"]["clients_split"] == "not split: split_clients is off"
     assert split_psnr > 30
     assert split_psnr >= score(batch.images, batch.labels, whole.images, whole.labels)["psnr"] - 1.0
 
@@ -120,3 +121,8 @@ def test_a_mean_that_is_not_split_says_why_in_the_pipeline():
     obs, _, _ = _clients(2, 2, [{"name": "relative_gaussian", "sigma0": 0.1}])
     rec = run_attack("auto", obs, {"time_budget": 4}, seed=0, progress=False)
     assert rec.extras["pipeline"]["clients_split"] == "not split: the clients' last obfuscation is not a quantizer"
+    # the split reads the clients' records: an attacker not told the obfuscation does not split
+    rounded, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
+    blind = run_attack("auto", rounded, {"time_budget": 4, "attacker_knows_obfuscation": False}, seed=0,
+                       progress=False)
+    assert blind.extras["pipeline"]["clients_split"] == "not split: the attacker is not told the obfuscation"

@@ -16,6 +16,9 @@ and nothing separated from a one-step update under noise or a quantizer, the ima
 the layer's update from a blank start compete with that optimisation attack, judged by the layer's
 objective (:func:`.linear_leak.layer_fit`).
 
+The mean of several clients' updates, each rounded to its own step as the records give it, is first
+split into each client's update (:mod:`.demix`) and each client's batch attacked as above.
+
 Budget: with a ``time_budget`` the disaggregation and inversion get at most ``leak_share`` of it and
 the refinement the rest (all of it, less a margin, where nothing is left to refine); without one,
 ``invert_iterations`` and ``iterations`` bound the two stages.
@@ -57,16 +60,21 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
     """``fallback_settings(name)`` -> the resolved settings of the optimisation attack ``name``.
 
     The mean of several clients' rounded updates is first split into each client's where the records
-    allow (:func:`.demix.split`, setting ``split_clients``); each client's batch is then attacked as one
-    client's, in an equal share of what is left of the budget."""
+    allow and the attacker knows the obfuscation (:func:`.demix.split`, setting ``split_clients``); each
+    client's batch is then attacked as one client's, in an equal share of what is left of the budget."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     why = None
-    if obs.protocol.num_clients_averaged > 1 and settings.get("split_clients", True):
-        clients, what = demix.split(obs)  # draws nothing: a seed gives the same stages either way
-        if clients is not None:
-            return _per_client(obs, clients, what, settings, device=device, generator=g, progress=progress,
-                               fallback_settings=fallback_settings)
-        why = what
+    if obs.protocol.num_clients_averaged > 1:
+        if not settings.get("split_clients", True):
+            why = "split_clients is off"
+        elif not settings.get("attacker_knows_obfuscation", True):  # the split reads the clients' records
+            why = "the attacker is not told the obfuscation"
+        else:
+            clients, what = demix.split(obs)  # draws nothing: a seed gives the same stages either way
+            if clients is not None:
+                return _per_client(obs, clients, what, settings, device=device, generator=g, progress=progress,
+                                   fallback_settings=fallback_settings)
+            why = what
     rec = _one(obs, settings, device=device, generator=g, progress=progress, fallback_settings=fallback_settings)
     if why is not None:
         rec.extras.setdefault("pipeline", {})["clients_split"] = f"not split: {why}"
