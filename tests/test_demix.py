@@ -95,6 +95,15 @@ def test_nothing_is_split_without_each_clients_step_or_grid():
     clients, why = split(obs)
     assert clients is None and why.startswith("only ") and "one sum of the clients' levels" in why
     assert isinstance(client_steps(obs), tuple)
+    # a record from another tool: steps that are no number, per-client entries that are no dicts
+    pc[1]["scale"] = {name: float("nan") for name in pc[1]["scale"]}
+    assert split(obs)[1].startswith("a client's quantizer values are unknown (its record: scale must be a number")
+    obs.obfuscation[0]["per_client"] = ["x", "y"]
+    assert split(obs) == (None, "the records do not give each client's quantizer values")
+    # too many clients for a table of their levels (3^K sums of one step each): not split, nothing built
+    many, _, _ = _clients(14, 1, [{"name": "qsgd", "levels": 4}])
+    assert split(many) == (None, f"14 clients: their levels of one step alone make {3 ** 14} sums, past the "
+                                 f"{MAX_TABLE} a table holds")
 
 
 def test_auto_attacks_each_client_of_a_split_mean_and_says_so():
@@ -104,6 +113,8 @@ def test_auto_attacks_each_client_of_a_split_mean_and_says_so():
     assert rec.images.shape == batch.images.shape and rec.labels.shape == (4,)
     pipe = rec.extras["pipeline"]
     assert pipe["stages"][0] == "client split" and len(pipe["clients"]) == 2
+    assert [c["separated"] for c in pipe["clients"]] == [2, 2] and pipe["separated"] == 4
+    assert sum(c["budget"]["seconds"] for c in pipe["clients"]) <= rec.seconds
     assert pipe["clients_split"]["entries_read"] == 1.0 and pipe["images"] == 4
     assert rec.threat_model["attack_pipeline"].startswith("split into 2 clients' updates, then per client: ")
     assert "rounding steps" in rec.threat_model["clients_split"]

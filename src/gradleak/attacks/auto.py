@@ -108,14 +108,16 @@ def _per_client(obs: Observation, clients: list[Observation], what: dict[str, An
     each = first.threat_model.get("attack_pipeline", "auto")
     threat["attack_pipeline"] = f"split into {len(clients)} clients' updates, then per client: {each}"
     noise = [int((p.get("separation") or {}).get("like_noise") or 0) for p in pipes]
+    each_client = [{**p, "budget": {"iterations": r.iterations, "seconds": round(r.seconds, 3),
+                                    "converged": r.converged}} for p, r in zip(pipes, recs)]
     pipeline = {"leaky_layer": layer, "separated": sum(separated), "images": obs.num_images,
-                "clients_split": what, "clients": pipes, "separation": {"like_noise": sum(noise)},
+                "clients_split": what, "clients": each_client, "separation": {"like_noise": sum(noise)},
                 "stages": ["client split"] + list(pipes[0].get("stages") or []),
                 "kept": "; ".join(str(p.get("kept")) for p in pipes),
                 "note": f"the mean of {len(clients)} clients' updates split into each client's by their rounding "
                         f"steps ({share:.2f} % of the entries read); per client: "
                         + "; ".join(str(p.get("note")) for p in pipes)}
-    extras: dict[str, Any] = {"pipeline": pipeline, "clients": [r.summary() for r in recs]}
+    extras: dict[str, Any] = {"pipeline": pipeline}
     if all("leak_images" in r.extras for r in recs):
         extras["leak_images"] = torch.cat([r.extras["leak_images"] for r in recs])
     return Reconstruction(

@@ -52,8 +52,10 @@ def client_steps(obs: Observation) -> tuple[list[dict[str, float]], int] | str:
         return "the clients' last obfuscation is not a quantizer"
     ob, rec = found[-1]
     per_client = rec.get("per_client")
-    if not per_client or len(per_client) != k:
+    if not isinstance(per_client, list) or len(per_client) != k or not all(isinstance(c, dict) for c in per_client):
         return "the records do not give each client's quantizer values"
+    if 3 ** k > MAX_TABLE:
+        return f"{k} clients: their levels of one step alone make {3 ** k} sums, past the {MAX_TABLE} a table holds"
     base = {key: v for key, v in rec.items() if key not in ("per_client", "sigma_of_mean")}
     out = []
     top = None
@@ -74,7 +76,7 @@ def client_steps(obs: Observation) -> tuple[list[dict[str, float]], int] | str:
         steps = {}
         for name in obs.update:
             step = scale.get(name)
-            if step is None or not float(step) >= 0:
+            if not isinstance(step, (int, float)) or not 0 <= float(step) < float("inf"):
                 return f"the records give no client's step for '{name}'"
             steps[name] = float(step) / div
         out.append(steps)
@@ -142,7 +144,8 @@ def levels(mean: torch.Tensor, steps: list[float], top: int, eps: float | None =
 def split(obs: Observation) -> tuple[list[Observation], dict[str, Any]] | tuple[None, str]:
     """One Observation per client (its update ``step_k n_k``, its own records, its labels where the mean's
     are given, in the clients' order), and what the split read; or None and why nothing is split. Entries
-    no level vector explains are shared among the clients in proportion to their steps."""
+    no level vector explains are shared among the clients in proportion to their steps; BatchNorm
+    statistics sent with the update stay the clients' mean in each."""
     t0 = time.perf_counter()
     got = client_steps(obs)
     if isinstance(got, str):
@@ -189,4 +192,6 @@ def split(obs: Observation) -> tuple[list[Observation], dict[str, Any]] | tuple[
     info = {"clients": k, "entries_read": round(share_read, 6), "per_tensor": per_tensor,
             "levels_read": readable(k, top), "largest_level": top,
             "seconds": round(time.perf_counter() - t0, 3)}
+    if obs.buffers is not None:  # BatchNorm statistics are averaged, not rounded: no client's own is read
+        info["buffers"] = "the mean of the clients' statistics, given to each client"
     return clients, info
