@@ -74,7 +74,7 @@ def test_leakage_benchmark_attacks_the_mean_update_of_k_clients(tmp_path):
     out = tmp_path / "results.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "leakage.py"), "--data", str(data),
                         "--images", "0", "--batches", "1", "--batch-size", "1", "--clients", "2", "--size", "16",
-                        "--attacks", "auto", "--obfuscations", "none", "--time-budget", "5", "--blind-images", "16",
+                        "--attacks", "auto", "--obfuscations", "none", "--time-budget", "10", "--blind-images", "16",
                         "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "2 clients, the server seeing only the mean of their updates" in p.stdout
