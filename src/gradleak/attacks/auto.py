@@ -41,7 +41,7 @@ from .simulate import Simulator
 #: Settings of ``auto`` that are not the refinement engine's.
 OWN = ("invert_iterations", "invert_tv", "invert_starts", "leak_share", "fallback_single", "fallback_batch",
        "split_clients")
-#: The most of a time budget the clients' split may take (:func:`.demix.split`; 2.6 s for lenet5 at 64 px
+#: The most of a time budget the clients' split may take (:func:`.demix.split`; 3.1 s for lenet5 at 64 px
 #: under QSGD 16 with 4 clients); past it nothing is split.
 SPLIT_SHARE = 0.1
 

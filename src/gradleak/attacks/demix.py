@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from .. import obfuscation
-from ..errors import UserError
 from ..observation import Observation
+from .aware import steps as obfuscation_steps
 
 #: The largest table of level sums (entries): ``(2L + 1)^K`` may not pass it, so K clients' levels are read
 #: up to the largest ``L`` that allows (4 clients: 18).
@@ -34,34 +34,46 @@ MAX_TABLE = 2 ** 21
 MIN_READ = 0.99
 
 
+def _client_records(obs: Observation) -> list[list[dict[str, Any]]] | None:
+    """Each client's own obfuscation records: the merged record's common values with that client's
+    ``per_client`` ones (:func:`gradleak.obfuscation.merge_client_records` undone); None where a record's
+    ``per_client`` is not one dict per client."""
+    k = int(obs.protocol.num_clients_averaged)
+    out: list[list[dict[str, Any]]] = [[] for _ in range(k)]
+    for rec in obs.obfuscation:
+        pc = rec.get("per_client")
+        if pc is not None and not (isinstance(pc, list) and len(pc) == k and all(isinstance(c, dict) for c in pc)):
+            return None
+        base = {key: v for key, v in rec.items() if key not in ("per_client", "sigma_of_mean")}
+        for i in range(k):
+            out[i].append({**base, **(pc[i] if pc else {})})
+    return out
+
+
 def client_steps(obs: Observation) -> tuple[list[dict[str, float]], int] | str:
     """Each client's rounding step for every tensor of the update and the largest level the quantizer
     sends, or why there is none (the reason is a phrase)."""
     k = int(obs.protocol.num_clients_averaged)
     if k <= 1:
         return "one client's update"
-    found = []
-    for rec in obs.obfuscation:
-        try:
-            ob = obfuscation.get(rec["name"])
-        except UserError:
-            return f"the obfuscation record '{rec.get('name')}' is not one gradleak knows"
-        if ob.family != "identity":
-            found.append((ob, rec))
-    if not found or found[-1][0].family != "quantize":
+    read = obfuscation_steps(obs, obs.update)  # the non-identity steps (an unknown name is a one-line UserError)
+    if not read or read[-1].ob.family != "quantize":
         return "the clients' last obfuscation is not a quantizer"
-    ob, rec = found[-1]
-    per_client = rec.get("per_client")
-    if not isinstance(per_client, list) or len(per_client) != k or not all(isinstance(c, dict) for c in per_client):
+    ob, last = read[-1].ob, read[-1].index - 1
+    pc = obs.obfuscation[last].get("per_client")
+    if not (isinstance(pc, list) and len(pc) == k and all(isinstance(c, dict) for c in pc)):
         return "the records do not give each client's quantizer values"
+    records = _client_records(obs)
+    if records is None:  # an earlier step's
+        return "the records do not give each client's values"
     if 3 ** k > MAX_TABLE:
         return f"{k} clients: their levels of one step alone make {3 ** k} sums, past the {MAX_TABLE} a table holds"
-    base = {key: v for key, v in rec.items() if key not in ("per_client", "sigma_of_mean")}
     out = []
     top = None
-    for c in per_client:
+    for mine in records:
+        rec = mine[last]
         try:
-            values = obfuscation.server_record({**base, **c}, obfuscation.Received(
+            values = obfuscation.server_record(rec, obfuscation.Received(
                 obs.update, obfuscation.Context.from_protocol(obs.protocol), exact=False,
                 inexact=f"the mean of {k} clients' updates, no client's own"))
         except obfuscation.Underivable as e:
@@ -71,19 +83,19 @@ def client_steps(obs: Observation) -> tuple[list[dict[str, float]], int] | str:
             return "the records do not give each client's step for each tensor"
         div = float(values["s"]) if ob.stochastic else 1.0
         # the most steps an entry may be: QSGD's s; a rounding's levels - 1 where its record gives them
-        given = {**base, **c}.get("levels") or values.get("levels")
+        given = rec.get("levels") or values.get("levels")
         try:
-            mine = int(values["s"]) if ob.stochastic else int(given) - 1 if given else 2 ** 31 - 1
+            most = int(values["s"]) if ob.stochastic else int(given) - 1 if given else 2 ** 31 - 1
         except (TypeError, ValueError):
             return "the records do not give the clients' levels"
-        top = max(1, mine if top is None else max(top, mine))
-        steps = {}
+        top = max(1, most if top is None else max(top, most))
+        each = {}
         for name in obs.update:
             step = scale.get(name)
             if not isinstance(step, (int, float)) or not 0 <= float(step) < float("inf"):
                 return f"the records give no client's step for '{name}'"
-            steps[name] = float(step) / div
-        out.append(steps)
+            each[name] = float(step) / div
+        out.append(each)
     return out, int(top)
 
 
@@ -173,16 +185,7 @@ def split(obs: Observation, time_limit: float | None = None
         return None, got
     steps, top = got
     k = len(steps)
-    records = []
-    for i in range(k):
-        mine = []
-        for rec in obs.obfuscation:
-            base = {key: v for key, v in rec.items() if key not in ("per_client", "sigma_of_mean")}
-            pc = rec.get("per_client")
-            if pc is not None and not (isinstance(pc, list) and len(pc) == k and all(isinstance(c, dict) for c in pc)):
-                return None, "the records do not give each client's values"
-            mine.append({**base, **(pc[i] if pc else {})})
-        records.append(mine)
+    records = _client_records(obs)  # checked by client_steps
     deadline = None if time_limit is None else t0 + float(time_limit)
     updates: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
     total, unread, ambiguous = 0, 0, 0
