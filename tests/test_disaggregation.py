@@ -1045,6 +1045,7 @@ def test_cli_attack_defaults_to_auto(tmp_path):
     assert files, files
     text = " ".join(p.read_text() for p in out.glob("*.json"))
     assert '"auto"' in text and "fc1" in text, files
+    assert "pipeline: " in r.stdout and "(fc1) + feature inversion" in r.stdout, r.stdout
 
 
 def _sign_update(r: int, seed: int = 0, active: float = 0.3

@@ -226,3 +226,27 @@ def test_names_from_the_results_are_escaped_and_the_page_stays_self_contained(ti
     assert f"/data/{escaped}" in page and f"failed {escaped}" in page
     # the stylesheet is inlined as it is (quotes not escaped), nothing is loaded from elsewhere
     assert 'font-family:-apple-system,"Segoe UI"' in page and "<link" not in page
+
+
+def test_report_says_how_the_update_leaked_and_that_the_server_saw_a_mean_of_clients(tmp_path):
+    from gradleak.experiment import config
+    from gradleak.experiment.run import run_experiment
+
+    cfg = config.from_dict({"name": "secagg", "output_dir": str(tmp_path / "experiments"),
+                            "data": {"source": "phantoms", "size": 16, "n": 32},
+                            "capture": {"arch": "lenet5", "batch_size": 2, "protocol": {"num_clients_averaged": 2},
+                                        "obfuscation": [{"name": "qsgd", "levels": 16}]},
+                            "attack": {"name": "auto", "settings": {"time_budget": 10}}})
+    folder, metrics = run_experiment(cfg, progress=False)
+    assert metrics["threat_model"]["clients_averaged"] == 2 and metrics["threat_model"]["per_client_scales_known"]
+    assert metrics["budget"]["pipeline"]["separated"] == 4
+    gradleak("report", folder)
+    page = (folder / "report.html").read_text().replace("&#39;", "'")
+    verdicts = page.split("Verdict per defence setting")[1].split("</ul>")[0]
+    assert ("How it leaked: the update of 'fc1', a linear layer into a ReLU, carries each image's input to it; "
+            "it separated into 4 of 4 images after the mean of 2 clients' updates was split into each "
+            "client's") in verdicts
+    assert "protocol: fedsgd, mean of 2 clients" in page
+    threats = page.split("<h3>Threat models</h3>")[1].split("</ul>")[0]
+    assert "protocol fedsgd, the mean of 2 clients' updates (secure aggregation)" in threats
+    assert "each client's rounding scale known to the server" in threats

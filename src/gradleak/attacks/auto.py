@@ -116,6 +116,7 @@ def _per_client(obs: Observation, clients: list[Observation], what: dict[str, An
                                f"their rounding steps (the records' per-client scales; {share:.2f} % of the "
                                f"entries read)")
     threat["per_client_scales_known"] = True
+    threat["clients_averaged"] = len(clients)
     for key in ("labels", "objective", "attack_pipeline"):  # the clients' own, where they differ
         seen = list(dict.fromkeys(str(r.threat_model.get(key)) for r in recs if r.threat_model.get(key) is not None))
         if seen:

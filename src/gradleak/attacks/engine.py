@@ -93,6 +93,8 @@ def threat_model(obs: Observation, label_method: str, sim: Simulator, obfuscatio
         "bn_statistics": ("used" if uses_bn_statistics else "available, unused") if obs.buffers is not None
         else ("not sent" if sim.has_bn else "no BatchNorm"),
     }
+    if int(obs.protocol.num_clients_averaged) > 1:  # secure aggregation: the server sees only the clients' mean
+        tm["clients_averaged"] = int(obs.protocol.num_clients_averaged)
     if local_steps is not None:
         tm["local_steps"] = local_steps
     if objective is not None:

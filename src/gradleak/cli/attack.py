@@ -146,6 +146,8 @@ def _print_attack(name: str, rec, metrics: dict | None, out: Path) -> None:
     conv = {True: "converged", False: "stopped before converging", None: "too few iterations to judge "
             "convergence"}[rec.converged]
     print(f"{name}: {rec.iterations} iterations in {rec.seconds:.1f}s ({conv}), labels {rec.threat_model['labels']}")
+    if rec.threat_model.get("attack_pipeline"):  # auto: what it read the update with (the leaking layer, a split)
+        print(f"pipeline: {rec.threat_model['attack_pipeline']}")
     if metrics:
         raw = metrics.get("without_postprocessing")
         if raw:

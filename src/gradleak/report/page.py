@@ -69,13 +69,19 @@ def _details(gs: list[Group]) -> list[dict[str, Any]]:
     return out
 
 
+def _protocol_text(p: dict[str, Any]) -> str:
+    """``fedsgd``, or ``fedsgd, mean of 4 clients`` where the server saw only several clients' mean."""
+    k = int(p.get("num_clients_averaged") or 1)
+    return str(p.get("algorithm")) + (f", mean of {k} clients" if k > 1 else "")
+
+
 def _tested(rows: list[dict[str, Any]], varying: list[str]) -> dict[str, str]:
     """Data, victim models, protocols, batch sizes and what else varied, each as one text."""
     cfgs = [r.get("config") or {} for r in rows]
     caps = [c.get("capture") or {} for c in cfgs if c.get("capture")]
     return {"data": "; ".join(sorted({data_text(c["data"]) for c in cfgs if c.get("data")})) or "n/a",
             "archs": ", ".join(sorted({str(c.get("arch")) for c in caps})) or "n/a",
-            "protocols": ", ".join(sorted({str((c.get("protocol") or {}).get("algorithm")) for c in caps})) or "n/a",
+            "protocols": ", ".join(sorted({_protocol_text(c.get("protocol") or {}) for c in caps})) or "n/a",
             "batches": ", ".join(map(str, sorted({int(c.get("batch_size")) for c in caps}))) or "n/a",
             "varying": ", ".join(varying) or "nothing"}
 

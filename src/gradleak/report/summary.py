@@ -118,10 +118,18 @@ def _budget_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     pipes = [b.get("pipeline") or {} for b in budgets]
     unseparated = [str(p["leaky_layer"]) for p in pipes if p.get("leaky_layer") and p.get("images")
                    and int(p.get("separated") or 0) < int(p["images"])]
+    # how auto read the update where it found such a layer: how many images it separated, and in how many
+    # cells the mean of several clients' updates was first split into each client's
+    leaked = [p for p in pipes if p.get("leaky_layer") and p.get("images")]
+    split = [p for p in pipes if isinstance(p.get("clients_split"), dict)]
     return {"converged": conv, "iterations": its, "seconds": secs,
             "seconds_per_iteration": (secs / its) if its and secs is not None else None,
             "inputs_like_noise": sum(noise) if noise else None,
-            "unseparated": len(unseparated), "unseparated_layers": sorted(set(unseparated))}
+            "unseparated": len(unseparated), "unseparated_layers": sorted(set(unseparated)),
+            "leaky_layers": sorted({str(p["leaky_layer"]) for p in leaked}),
+            "separated": sum(int(p.get("separated") or 0) for p in leaked) if leaked else None,
+            "separated_of": sum(int(p["images"]) for p in leaked) if leaked else None,
+            "clients_split": len(split), "split_into": sorted({len(p.get("clients") or []) for p in split})}
 
 
 def _post(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -278,11 +286,16 @@ def threat_text(rows: list[dict[str, Any]]) -> list[str]:
         tm = r.get("threat_model") or {}
         if not tm:
             continue
-        t = (f"{r['attack']}: server {tm.get('server', 'honest-but-curious')}; protocol {tm.get('protocol')}; labels "
+        k = int(tm.get("clients_averaged") or 1)
+        clients = f", the mean of {k} clients' updates (secure aggregation)" if k > 1 else ""
+        t = (f"{r['attack']}: server {tm.get('server', 'honest-but-curious')}; protocol {tm.get('protocol')}{clients}; "
+             "labels "
              f"{'known' if tm.get('labels_known') else 'inferred (' + str(tm.get('labels')) + ')'}; obfuscation "
              + ("none" if not tm.get("obfuscation") else
                 ("known to the attacker" if tm.get("obfuscation_known") else "not known to the attacker"))
              + f"; BatchNorm statistics: {tm.get('bn_statistics')}")
+        if tm.get("per_client_scales_known"):
+            t += "; each client's rounding scale known to the server (the mean split into each client's update)"
         if t not in out:
             out.append(t)
     return out
@@ -332,6 +345,25 @@ def _reid_text(s: dict[str, Any]) -> str:
             + (f"; top-5 {s['top5_hits']}/{s['reid_n']}" if s.get("top5_hits") is not None else "") + guess + ")")
 
 
+def leak_text(s: dict[str, Any]) -> str | None:
+    """Why the update leaks, where ``auto`` found a layer that leaks whole batches: the layer, how many of
+    the images its update separated into, and whether the mean of several clients' updates was split into
+    each client's first; None where no such layer was found (optimisation attacks, models without one)."""
+    layers = s.get("leaky_layers")
+    if not layers:
+        return None
+    names = ", ".join(f"'{n}'" for n in layers)
+    text = (f"the update of {names}, a linear layer into a ReLU, carries each image's input to it; "
+            f"it separated into {s.get('separated') or 0} of {s.get('separated_of')} images")
+    split = int(s.get("clients_split") or 0)
+    if split:
+        k = "/".join(str(n) for n in s.get("split_into") or []) or "several"
+        cells = f" (in {split} of {s.get('cells')} cells)" if s.get("cells") and split < s["cells"] else ""
+        text += (f" after the mean of {k} clients' updates was split into each client's by their rounding steps"
+                 f"{cells}, which needs each client's rounding scale (the threat models say so)")
+    return text
+
+
 def verdict(s: dict[str, Any], utility: dict[str, Any] | None, baseline_auc: float | None) -> str:
     """The verdict of one setting in plain words, its budget included."""
     parts = []
@@ -348,7 +380,11 @@ def verdict(s: dict[str, Any], utility: dict[str, Any] | None, baseline_auc: flo
                      "gallery)")
     if s.get("iip_n"):
         parts.append(f"exact image identified (IIP) in {s['iip_hits']}/{s['iip_n']}")
-    text = "; ".join(parts) + "." + f" Budget: {budget_text(s)}."
+    text = "; ".join(parts) + "."
+    how = leak_text(s)
+    if how:
+        text += f" How it leaked: {how}."
+    text += f" Budget: {budget_text(s)}."
     auc = num(((utility or {}).get("final") or {}).get("roc_auc"))
     if auc is not None:
         delta = f", {auc - baseline_auc:+.3f} vs. no protection" if baseline_auc is not None else ""
