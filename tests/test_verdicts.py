@@ -215,3 +215,16 @@ def test_a_leaky_layer_left_unseparated_is_never_low_risk():
     assert risk({**_stats(skill=0.9), **_budget_stats([row(failed)])}) == "high"
     text = verdict({**_stats(skill=0.0), **_budget_stats([row(failed)]), "converged": [False]}, None, None)
     assert text.startswith("Inconclusive: the attack stopped before converging")
+
+
+def test_how_the_update_leaked_is_said_only_where_auto_found_a_leaking_layer():
+    from gradleak.report.summary import leak_text
+
+    assert leak_text({"leaky_layers": []}) is None
+    one = {"leaky_layers": ["fc1"], "separated": 12, "separated_of": 16, "clients_split": 0, "cells": 4}
+    assert leak_text(one).endswith("it separated into 12 of 16 images")
+    none = {**one, "separated": 0}
+    assert leak_text(none).endswith("it did not separate into any of the 16 images")
+    split = {**one, "clients_split": 2, "split_into": [4]}
+    assert "after the mean of 4 clients' updates was split into each client's by their rounding steps (in 2 of 4 " \
+           "cells)" in leak_text(split)

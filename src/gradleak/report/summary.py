@@ -353,8 +353,10 @@ def leak_text(s: dict[str, Any]) -> str | None:
     if not layers:
         return None
     names = ", ".join(f"'{n}'" for n in layers)
+    sep = int(s.get("separated") or 0)
     text = (f"the update of {names}, a linear layer into a ReLU, carries each image's input to it; "
-            f"it separated into {s.get('separated') or 0} of {s.get('separated_of')} images")
+            + (f"it separated into {sep} of {s.get('separated_of')} images" if sep else
+               f"it did not separate into any of the {s.get('separated_of')} images"))
     split = int(s.get("clients_split") or 0)
     if split:
         k = "/".join(str(n) for n in s.get("split_into") or []) or "several"
