@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from gradleak import obfuscation
 from gradleak.attacks import run_attack
-from gradleak.attacks.demix import MAX_TABLE, client_steps, levels, readable, split
+from gradleak.attacks.demix import MAX_TABLE, client_steps, levels, read_steps, readable, split
 from gradleak.capture import capture
 from gradleak.data import load_dataset
 from gradleak.federated import Protocol, client_update
@@ -53,6 +53,32 @@ def test_the_mean_of_clients_rounded_updates_splits_into_each_clients_own(k, spe
         assert c.obfuscation[0]["scale"] == records[i]["scale"] and "per_client" not in c.obfuscation[0]
         assert torch.equal(c.labels, batch.labels[2 * i:2 * i + 2])
         assert c.global_state is obs.global_state
+
+
+@pytest.mark.parametrize("k,spec", [(3, {"name": "qsgd", "levels": 16}), (4, {"name": "qsgd", "levels": 4}),
+                                    (2, {"name": "uniform", "levels": 8})])
+def test_a_server_not_told_the_clients_scales_reads_their_steps_off_the_mean(k, spec):
+    obs, own, batch = _clients(k, 2, [spec])
+    name = "fc1.weight"
+    div = spec["levels"] - 1 if spec["name"] == "qsgd" else 1
+    truth = sorted(c["scale"][name] / div for c in obs.obfuscation[0]["per_client"])
+    top = spec["levels"] - 1
+    assert read_steps(obs.update[name], k, top) == pytest.approx(truth, rel=1e-6)
+    clients, info = split(obs, source="mean")
+    assert clients is not None, info
+    assert info["steps"] == (f"read off the mean's most frequent values of '{name}' (the other tensors each "
+                             f"client's mean)")
+    assert info["per_tensor"][name] == 1.0 and info["per_tensor"]["conv1.weight"] == 0.0
+    # each client's own update of the largest tensor (to the float rounding of a step read off a float32
+    # mean), the clients in the order of their steps
+    order = sorted(range(k), key=lambda i: obs.obfuscation[0]["per_client"][i]["scale"][name])
+    for c, i in zip(clients, order):
+        assert torch.allclose(c.update[name], own[i][name], rtol=1e-6, atol=0)
+        assert torch.equal(c.update["conv1.weight"], obs.update["conv1.weight"])  # which client's is not known
+        assert c.labels is None and "scale" not in c.obfuscation[0] and "per_client" not in c.obfuscation[0]
+    # records with per-client values: those are used, in the records' order
+    told, _ = split(obs)
+    assert all(torch.equal(told[i].update["conv1.weight"], own[i]["conv1.weight"]) for i in range(k))
 
 
 def test_a_fedavg_delta_of_clients_splits_the_same_way():
@@ -116,7 +142,7 @@ def test_nothing_is_split_without_each_clients_step_or_grid():
     noise, _, _ = _clients(2, 2, [{"name": "relative_gaussian", "sigma0": 0.1}])
     assert split(noise) == (None, "the clients' last obfuscation is not a quantizer")
     bucketed, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16, "bucket_size": 64}])
-    assert split(bucketed) == (None, "the records do not give each client's step for each tensor")
+    assert split(bucketed) == (None, "the records do not give each client's step for each tensor (QSGD per bucket)")
     # steps that are not the clients' (a record edited by another tool): the mean is no sum of their levels
     obs, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
     pc = obs.obfuscation[0]["per_client"]
@@ -124,14 +150,24 @@ def test_nothing_is_split_without_each_clients_step_or_grid():
     clients, why = split(obs)
     assert clients is None and why.startswith("only ") and "one sum of the clients' levels" in why
     assert isinstance(client_steps(obs), tuple)
-    # a record from another tool: steps that are no number, per-client entries that are no dicts
+    # a record from another tool: steps that are no number, per-client entries that are no dicts; the
+    # steps are then read off the mean, which needs no record of them, unless the mean does not show them
+    # (here: fewer nonzero entries of the largest tensor than READ_MIN_ENTRIES)
     pc[1]["scale"] = {name: float("nan") for name in pc[1]["scale"]}
-    assert split(obs)[1].startswith("a client's quantizer values are unknown (its record: scale must be a number")
+    clients, info = split(obs)
+    assert clients is not None and info["steps"].startswith("read off the mean's most frequent values of 'fc1.weight'")
     obs.obfuscation[0]["per_client"] = ["x", "y"]
-    assert split(obs) == (None, "the records do not give each client's quantizer values")
+    obs.update["fc1.weight"][4:] = 0
+    assert split(obs) == (None, "the records do not give each client's quantizer values, and the clients' steps "
+                                "do not show in the mean's values of 'fc1.weight'")
     two, _, _ = _clients(2, 2, [{"name": "relative_gaussian", "sigma0": 0.1}, {"name": "qsgd", "levels": 16}])
     two.obfuscation[0]["per_client"] = [{"sigma": 0.1}]  # an earlier step's values for one client of two
-    assert split(two) == (None, "the records do not give each client's values")
+    two.update["fc1.weight"][4:] = 0
+    assert split(two) == (None, "the records do not give each client's values, and the clients' steps do not "
+                                "show in the mean's values of 'fc1.weight'")
+    l2, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16, "norm": "l2"}])
+    assert split(l2, source="mean") == (None, "the records' steps are not used, and under QSGD with the l2 norm no "
+                                              "client's largest level is known")
     # out of time: nothing is split
     late, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
     assert split(late, time_limit=0.0)[1].endswith("in the 0.0 s the split may take")
@@ -161,6 +197,18 @@ def test_auto_attacks_each_client_of_a_split_mean_and_says_so():
     assert whole.extras["pipeline"]["clients_split"] == "not split: split_clients is off"
     assert split_psnr > 30
     assert split_psnr >= score(batch.images, batch.labels, whole.images, whole.labels)["psnr"] - 1.0
+
+
+def test_auto_reads_the_clients_steps_off_the_mean_where_it_is_not_told_their_scales():
+    obs, _, batch = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
+    obs.labels = None
+    rec = run_attack("auto", obs, {"time_budget": 16, "client_steps": "mean"}, seed=0, progress=False)
+    pipe = rec.extras["pipeline"]
+    assert pipe["stages"][0] == "client split" and pipe["separated"] == 4
+    assert pipe["clients_split"]["steps"].startswith("read off the mean's most frequent values of 'fc1.weight'")
+    assert rec.threat_model["per_client_scales_known"] is False
+    assert "read off the mean's most frequent values" in rec.threat_model["clients_split"]
+    assert score(batch.images, batch.labels, rec.images, rec.labels)["psnr"] > 30
 
 
 def test_a_mean_that_is_not_split_says_why_in_the_pipeline():

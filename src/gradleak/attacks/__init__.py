@@ -85,6 +85,7 @@ TYPES: dict[str, Any] = {
     "fallback_single": _Optimisation,
     "fallback_batch": _Optimisation,
     "split_clients": bool,
+    "client_steps": Literal["records", "mean"],
 }
 
 

@@ -40,7 +40,7 @@ from .simulate import Simulator
 
 #: Settings of ``auto`` that are not the refinement engine's.
 OWN = ("invert_iterations", "invert_tv", "invert_starts", "leak_share", "fallback_single", "fallback_batch",
-       "split_clients")
+       "split_clients", "client_steps")
 #: The most of a time budget the clients' split may take (:func:`.demix.split`; 3.1 s for lenet5 at 64 px
 #: under QSGD 16 with 4 clients); past it nothing is split.
 SPLIT_SHARE = 0.1
@@ -75,7 +75,8 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         elif not settings.get("attacker_knows_obfuscation", True):  # the split reads the clients' records
             why = "the attacker is not told the obfuscation"
         else:  # draws nothing: a seed gives the same stages either way
-            clients, what = demix.split(obs, time_limit=None if T is None else SPLIT_SHARE * T)
+            clients, what = demix.split(obs, time_limit=None if T is None else SPLIT_SHARE * T,
+                                        source=str(settings.get("client_steps", "records")))
             if clients is not None:
                 return _per_client(obs, clients, what, settings, device=device, generator=g, progress=progress,
                                    fallback_settings=fallback_settings)
@@ -112,10 +113,11 @@ def _per_client(obs: Observation, clients: list[Observation], what: dict[str, An
     share = 100 * float(what["entries_read"])
     converged = [r.converged for r in recs]
     threat = dict(first.threat_model)
+    told = what.get("steps", "the records' per-client values") == "the records' per-client values"
+    source = "the records' per-client scales" if told else what["steps"]
     threat["clients_split"] = (f"the mean of {len(clients)} clients' updates split into each client's by "
-                               f"their rounding steps (the records' per-client scales; {share:.2f} % of the "
-                               f"entries read)")
-    threat["per_client_scales_known"] = True
+                               f"their rounding steps ({source}; {share:.2f} % of the entries read)")
+    threat["per_client_scales_known"] = told
     threat["clients_averaged"] = len(clients)
     for key in ("labels", "objective", "attack_pipeline"):  # the clients' own, where they differ
         seen = list(dict.fromkeys(str(r.threat_model.get(key)) for r in recs if r.threat_model.get(key) is not None))

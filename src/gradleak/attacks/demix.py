@@ -18,6 +18,8 @@ way secure aggregation meets quantization) gives no client's own step, and nothi
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import time
 from typing import Any
 
@@ -32,6 +34,21 @@ from .aware import steps as obfuscation_steps
 MAX_TABLE = 2 ** 21
 #: The share of the update's entries that must be read for the split to stand; below it nothing is split.
 MIN_READ = 0.99
+#: Steps read off the mean (where the records do not give each client's, or ``client_steps: mean``): the
+#: positive values of the largest tensor's mean that occur most often, this many of them, are looked at.
+READ_CANDIDATES = 64
+#: ... in a tensor of at least this many nonzero entries (fewer show no client's step often enough).
+READ_MIN_ENTRIES = 4096
+#: At most this many K-sets of those candidates are tried (fewer candidates past it).
+READ_SUBSETS = 5000
+#: The largest entries of the mean whose levels must read with every client reaching its top level.
+READ_CHECK = 65536
+#: The K-sets that explain the most of the candidates' entries, this many, are checked on them.
+READ_BASES = 24
+#: The rows of the tensor (evenly spaced) on which the candidate sets' zeros are counted.
+READ_ROWS = 32
+#: Two sums of steps are one where they differ by less than this relative amount (float32 values).
+READ_TOLERANCE = 1e-5
 
 
 def _client_records(obs: Observation) -> list[list[dict[str, Any]]] | None:
@@ -50,9 +67,90 @@ def _client_records(obs: Observation) -> list[list[dict[str, Any]]] | None:
     return out
 
 
-def client_steps(obs: Observation) -> tuple[list[dict[str, float]], int] | str:
-    """Each client's rounding step for every tensor of the update and the largest level the quantizer
-    sends, or why there is none (the reason is a phrase)."""
+def read_steps(mean: torch.Tensor, k: int, top: int, deadline: float | None = None) -> list[float] | None:
+    """K clients' rounding steps of one tensor read off the mean of their rounded values alone (ascending),
+    where each client's largest entry is exactly ``top`` steps (QSGD with the max-norm: ``s``; uniform
+    rounding: ``levels - 1``); None where they do not show.
+
+    An entry one client alone sent as one step is ``step_k / K``, the same float wherever it occurs, so
+    the steps are among the tensor's most frequent magnitudes (:data:`READ_CANDIDATES` of them are looked
+    at). Those are also sums of steps (two clients of opposite labels send opposite signs, so a difference
+    of two steps can be the most frequent of all), and any basis of the lattice the steps span explains
+    them as well: any basis of the lattice the steps span explains them. So of the K-sets of candidates
+    that explain the most of the candidates' entries as sums with levels -2 to 2 (-1 to 1 past 4 clients),
+    :data:`READ_BASES` of them, those whose levels give every client a largest level of exactly ``top`` on
+    the mean's largest entries (:data:`READ_CHECK`) are compared by the zeros of their clients' levels on
+    :data:`READ_ROWS` rows of the tensor (its first dimension): the rows and columns all zero in a
+    client's levels, summed over the clients. A client's own update of a layer is exactly zero in every
+    row of a unit none of its images switches on and in every column of an input none of them has; a
+    basis that mixes two clients is zero there only where both are, so the clients' own steps give the
+    most. ``deadline`` (a ``time.perf_counter()`` value): no basis is looked at past it."""
+    v = mean.detach().reshape(-1).abs()
+    v = v[v > 0]
+    if k < 1 or v.numel() < READ_MIN_ENTRIES:
+        return None
+    values, counts = torch.unique(v, return_counts=True)
+    n = max(k, min(READ_CANDIDATES, values.numel()))
+    while n > k and math.comb(n, k) > READ_SUBSETS:
+        n -= 1
+    if values.numel() < k:
+        return None
+    order = torch.argsort(counts, descending=True, stable=True)[:n]
+    cand = values[order].double() * k
+    weight = counts[order].double()
+    span = 2 if 5 ** k <= 1 << 16 else 1
+    r = torch.arange(-span, span + 1, dtype=torch.float64)
+    levels_small = torch.cartesian_prod(*[r] * k).reshape(-1, k)
+    scored = []
+    for subset in itertools.combinations(range(n), k):
+        sums = levels_small @ cand[list(subset)]
+        hit = ((sums[:, None] - cand[None, :]).abs() <= READ_TOLERANCE * cand[None, :]).any(dim=0)
+        scored.append((float(weight[hit].sum()), subset))
+    scored.sort(key=lambda t: -t[0])
+    bases = [sub for m, sub in scored[:READ_BASES] if m >= 0.5 * scored[0][0]]
+    flat = mean.detach().reshape(-1)
+    big = flat[torch.argsort(flat.abs(), descending=True)[:READ_CHECK]]
+    rows = mean.detach().reshape(mean.shape[0] if mean.dim() > 1 else 1, -1)
+    sample = rows[torch.linspace(0, rows.shape[0] - 1, min(READ_ROWS, rows.shape[0])).long()]
+    reach = min(top, readable(k, top))  # a table holds levels up to it
+    chosen, most = None, -1
+    for sub in bases:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        steps = sorted(float(cand[i]) for i in sub)
+        lv, _, _ = levels(big, steps, top, clients=k)
+        if not bool((lv.abs().amax(dim=1) == reach).all()):
+            continue
+        lv, read, _ = levels(sample, steps, top, clients=k)
+        zero = ((lv == 0) & read[None, :]).reshape(k, sample.shape[0], -1)  # an entry not read is no zero
+        count = int(zero.all(dim=2).sum()) + int(zero.all(dim=1).sum())
+        if count > most:
+            chosen, most = steps, count
+    return chosen
+
+
+def _unscaled(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The merged records without the clients' own values (``per_client``) and without a scale: a client's
+    record where the server was told no client's scale (its rounding's scale is read off its update)."""
+    out = []
+    for rec in records:
+        r = {key: v for key, v in rec.items() if key not in ("per_client", "sigma_of_mean")}
+        if "per_client" in rec:
+            r.pop("scale", None)
+        out.append(r)
+    return out
+
+
+def client_steps(obs: Observation, source: str = "records", deadline: float | None = None
+                 ) -> tuple[list[dict[str, float | None]], int, str | None] | str:
+    """Each client's rounding step for every tensor of the update, the largest level the quantizer sends,
+    and the tensor whose steps were read off the mean (None where the records gave every step), or why
+    there is none (the reason is a phrase). ``source`` "records": the records' per-client steps where
+    they give them, else the steps read off the mean (:func:`read_steps`); "mean": read off the mean
+    even where the records give them (a server not told each client's scale). Steps read off the mean
+    are the largest tensor's only: which step of another tensor is which client's is not known, so
+    every other tensor's step is None (each client is given the mean there); the clients come in the
+    order of their steps, not the records'."""
     k = int(obs.protocol.num_clients_averaged)
     if k <= 1:
         return "one client's update"
@@ -60,14 +158,42 @@ def client_steps(obs: Observation) -> tuple[list[dict[str, float]], int] | str:
     if not read or read[-1].ob.family != "quantize":
         return "the clients' last obfuscation is not a quantizer"
     ob, last = read[-1].ob, read[-1].index - 1
+    if 3 ** k > MAX_TABLE:
+        return f"{k} clients: their levels of one step alone make {3 ** k} sums, past the {MAX_TABLE} a table holds"
+    got = _recorded_steps(obs, ob, last, k) if source == "records" else "the records' steps are not used"
+    if not isinstance(got, str):
+        return (*got, None)
+    return _steps_off_the_mean(obs, ob, last, k, got, deadline)
+
+
+def _steps_off_the_mean(obs: Observation, ob, last: int, k: int, why: str, deadline: float | None
+                        ) -> tuple[list[dict[str, float | None]], int, str] | str:
+    """:func:`client_steps` read off the largest tensor's mean, or why not (``why``: why the records'
+    steps were not taken)."""
+    rec = obs.obfuscation[last]
+    if rec.get("bucket_size"):
+        return "the records do not give each client's step for each tensor (QSGD per bucket)"
+    try:
+        top = int(rec["s"]) if ob.stochastic else int(rec["levels"]) - 1
+    except (KeyError, TypeError, ValueError):
+        return f"{why}, and the records do not give the clients' levels"
+    if ob.stochastic and rec.get("norm", "max") != "max":
+        return f"{why}, and under QSGD with the l2 norm no client's largest level is known"
+    name = max(obs.update, key=lambda n: obs.update[n].numel())
+    found = read_steps(obs.update[name], k, max(1, top), deadline=deadline)
+    if found is None:
+        return f"{why}, and the clients' steps do not show in the mean's values of '{name}'"
+    return [{n: (found[i] if n == name else None) for n in obs.update} for i in range(k)], max(1, top), name
+
+
+def _recorded_steps(obs: Observation, ob, last: int, k: int) -> tuple[list[dict[str, float]], int] | str:
+    """:func:`client_steps` from the records' per-client values, or why not."""
     pc = obs.obfuscation[last].get("per_client")
     if not (isinstance(pc, list) and len(pc) == k and all(isinstance(c, dict) for c in pc)):
         return "the records do not give each client's quantizer values"
     records = _client_records(obs)
     if records is None:  # an earlier step's
         return "the records do not give each client's values"
-    if 3 ** k > MAX_TABLE:
-        return f"{k} clients: their levels of one step alone make {3 ** k} sums, past the {MAX_TABLE} a table holds"
     out = []
     top = None
     for mine in records:
@@ -171,27 +297,39 @@ def levels(mean: torch.Tensor, steps: list[float], top: int, *, clients: int | N
     return out, read, ambiguous
 
 
-def split(obs: Observation, time_limit: float | None = None
+def split(obs: Observation, time_limit: float | None = None, source: str = "records"
           ) -> tuple[list[Observation], dict[str, Any]] | tuple[None, str]:
     """One Observation per client (its update ``step_k n_k``, its own records, its labels where the mean's
     are given, in the clients' order), and what the split read; or None and why nothing is split (also when
     ``time_limit`` seconds pass first). Entries no level vector explains are shared among the clients in
     proportion to their steps; where two explain one about equally, the nearer is taken and the entry does
     not count as read. BatchNorm statistics sent with the update are the clients' mean, no client's own:
-    the clients' observations go without them."""
+    the clients' observations go without them. ``source``: where the steps come from
+    (:func:`client_steps`); where they were read off the mean, each client is given the mean in every
+    other tensor (``entries_given_the_mean``; the share read is that of the tensor split), no recorded
+    scale of its own (its rounding's scale is what its update shows), and no labels (which client is
+    which is not known)."""
     t0 = time.perf_counter()
-    got = client_steps(obs)
+    deadline = None if time_limit is None else t0 + float(time_limit)
+    got = client_steps(obs, source, deadline)
     if isinstance(got, str):
         return None, got
-    steps, top = got
+    steps, top, read_from = got
     k = len(steps)
-    records = _client_records(obs)  # checked by client_steps
-    deadline = None if time_limit is None else t0 + float(time_limit)
+    records = _client_records(obs)
+    if read_from is not None or records is None:
+        records = [_unscaled(obs.obfuscation) for _ in range(k)]
     updates: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
-    total, unread, ambiguous = 0, 0, 0
+    total, unread, ambiguous, given_mean = 0, 0, 0, 0
     per_tensor = {}
     for name, m in obs.update.items():
         d = [s[name] for s in steps]
+        if any(x is None for x in d):  # no client's step known here: each is given the mean, not read
+            for u in updates:
+                u[name] = m.detach().clone()
+            given_mean += m.numel()
+            per_tensor[name] = 0.0
+            continue
         for u in updates:
             u[name] = torch.zeros_like(m)
         live = [i for i, x in enumerate(d) if x > 0]  # a zero step: that client's tensor was all zeros
@@ -219,11 +357,16 @@ def split(obs: Observation, time_limit: float | None = None
                          + (f"; {ambiguous} entries two sums explain" if ambiguous else "") + ")"))
     b = obs.protocol.images_per_client
     proto = dataclasses.replace(obs.protocol, num_clients_averaged=1, num_images=b, sends_buffers=False)
+    labels = obs.labels if read_from is None else None  # steps read off the mean: no client is known as which
     clients = [dataclasses.replace(obs, update=updates[i], protocol=proto, obfuscation=records[i], buffers=None,
-                                   labels=None if obs.labels is None else obs.labels[i * b:(i + 1) * b].clone())
+                                   labels=None if labels is None else labels[i * b:(i + 1) * b].clone())
                for i in range(k)]
     info = {"clients": k, "entries_read": round(share_read, 6), "ambiguous": ambiguous, "per_tensor": per_tensor,
-            "levels_read": readable(k, top), "largest_level": top, "seconds": round(time.perf_counter() - t0, 3)}
+            "levels_read": readable(k, top), "largest_level": top, "seconds": round(time.perf_counter() - t0, 3),
+            "steps": "the records' per-client values" if read_from is None else
+            f"read off the mean's most frequent values of '{read_from}' (the other tensors each client's mean)"}
+    if given_mean:
+        info["entries_given_the_mean"] = given_mean
     if obs.buffers is not None:
         info["buffers"] = "the clients' mean BatchNorm statistics, no client's own: not given to the clients"
     return clients, info

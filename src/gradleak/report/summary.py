@@ -129,7 +129,8 @@ def _budget_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "leaky_layers": sorted({str(p["leaky_layer"]) for p in leaked}),
             "separated": sum(int(p.get("separated") or 0) for p in leaked) if leaked else None,
             "separated_of": sum(int(p["images"]) for p in leaked) if leaked else None,
-            "clients_split": len(split), "split_into": sorted({len(p.get("clients") or []) for p in split})}
+            "clients_split": len(split), "split_into": sorted({len(p.get("clients") or []) for p in split}),
+            "split_off_the_mean": sum("read off" in str(p["clients_split"].get("steps", "")) for p in split)}
 
 
 def _post(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -361,8 +362,11 @@ def leak_text(s: dict[str, Any]) -> str | None:
     if split:
         k = "/".join(str(n) for n in s.get("split_into") or []) or "several"
         cells = f" (in {split} of {s.get('cells')} cells)" if s.get("cells") and split < s["cells"] else ""
+        scales = ("read off the mean's own values, no client's scale needed"
+                  if int(s.get("split_off_the_mean") or 0) == split else
+                  "which needs each client's rounding scale (the threat models say so)")
         text += (f" after the mean of {k} clients' updates was split into each client's by their rounding steps"
-                 f"{cells}, which needs each client's rounding scale (the threat models say so)")
+                 f"{cells}, {scales}")
     return text
 
 
