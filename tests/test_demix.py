@@ -75,7 +75,10 @@ def test_a_server_not_told_the_clients_scales_reads_their_steps_off_the_mean(k, 
     for c, i in zip(clients, order):
         assert torch.allclose(c.update[name], own[i][name], rtol=1e-6, atol=0)
         assert torch.equal(c.update["conv1.weight"], obs.update["conv1.weight"])  # which client's is not known
-        assert c.labels is None and "scale" not in c.obfuscation[0] and "per_client" not in c.obfuscation[0]
+        assert c.labels is None and "per_client" not in c.obfuscation[0]
+        # its record's scale: its read step's (the largest entry of its own update, top steps)
+        assert c.obfuscation[0]["scale"][name] == pytest.approx(c.update[name].abs().max().item() * div / top,
+                                                                rel=1e-6)
     # records with per-client values: those are used, in the records' order
     told, _ = split(obs)
     assert all(torch.equal(told[i].update["conv1.weight"], own[i]["conv1.weight"]) for i in range(k))

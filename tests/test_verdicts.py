@@ -228,3 +228,18 @@ def test_how_the_update_leaked_is_said_only_where_auto_found_a_leaking_layer():
     split = {**one, "clients_split": 2, "split_into": [4]}
     assert "after the mean of 4 clients' updates was split into each client's by their rounding steps (in 2 of 4 " \
            "cells)" in leak_text(split)
+
+
+def test_the_threat_models_say_whether_the_clients_scales_were_known_to_split_their_mean():
+    from gradleak.report.summary import threat_text
+
+    tm = {"protocol": "fedsgd", "labels": "inferred", "obfuscation": ["qsgd"], "obfuscation_known": True,
+          "bn_statistics": "no BatchNorm", "clients_averaged": 4}
+    told, read, whole = threat_text([{"attack": "auto", "threat_model": {**tm, "per_client_scales_known": True}},
+                                     {"attack": "auto", "threat_model": {**tm, "per_client_scales_known": False}},
+                                     {"attack": "auto", "threat_model": tm}])
+    assert all("protocol fedsgd, the mean of 4 clients' updates (secure aggregation)" in t for t in (told, read, whole))
+    assert told.endswith("each client's rounding scale known to the server (the mean split into each client's update)")
+    assert read.endswith("no client's rounding scale known to the server (the clients' steps read off the mean to "
+                         "split it into each client's update)")
+    assert whole.endswith("BatchNorm statistics: no BatchNorm")

@@ -11,8 +11,16 @@ rounded update are a step or two; the smallest table that holds a match is taken
 nearest match). Each client's update is then ``step_k n_k``: :func:`split` returns one
 Observation per client, each attacked as one client's batch.
 
-This reads what the records give: a deployment that sums integer codes under one common scale (the usual
-way secure aggregation meets quantization) gives no client's own step, and nothing is split.
+Where the records do not give each client's step (a server told only the quantizer, not the clients'
+scales; or with ``client_steps: mean``), :func:`read_steps` reads them off the mean itself, for its
+largest tensor: an entry one client alone sent as one step is that step over K, so the steps are among the
+tensor's most frequent values, and of the sets of those that explain the rest, the one whose clients'
+levels are zero in the most whole rows and columns (a client's own update of a layer is zero for every
+unit none of its images switches on and every input none of them has) is taken. Which step of another
+tensor is which client's is then not known: each client is given the mean there.
+
+A deployment that sums integer codes under one common scale (the usual way secure aggregation meets
+quantization) has no client's own step to read, and nothing is split.
 """
 
 from __future__ import annotations
@@ -138,6 +146,22 @@ def _unscaled(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "per_client" in rec:
             r.pop("scale", None)
         out.append(r)
+    return out
+
+
+def _read_records(obs: Observation, steps: dict[str, float | None]) -> list[dict[str, Any]]:
+    """One client's records where its steps were read off the mean: the merged records without the clients'
+    values (:func:`_unscaled`), the last quantizer's ``scale`` that client's read step for the tensor split
+    and, for every other tensor (where the client is given the mean), what its rounding would have
+    recorded for the mean (QSGD's max-norm: the largest entry; uniform: that over levels - 1)."""
+    out = _unscaled(obs.obfuscation)
+    last = obfuscation_steps(obs, obs.update)[-1]
+    rec = out[last.index - 1]
+    div = float(rec["s"]) if last.ob.stochastic else 1.0
+    per = 1.0 if last.ob.stochastic else float(int(rec["levels"]) - 1)
+    rec["scale"] = {name: float(steps[name]) * div if steps[name] is not None else
+                    float(v.detach().double().abs().max()) / per if v.numel() else 0.0
+                    for name, v in obs.update.items()}
     return out
 
 
@@ -318,7 +342,7 @@ def split(obs: Observation, time_limit: float | None = None, source: str = "reco
     k = len(steps)
     records = _client_records(obs)
     if read_from is not None or records is None:
-        records = [_unscaled(obs.obfuscation) for _ in range(k)]
+        records = [_read_records(obs, mine) for mine in steps]
     updates: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
     total, unread, ambiguous, given_mean = 0, 0, 0, 0
     per_tensor = {}

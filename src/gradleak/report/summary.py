@@ -297,6 +297,9 @@ def threat_text(rows: list[dict[str, Any]]) -> list[str]:
              + f"; BatchNorm statistics: {tm.get('bn_statistics')}")
         if tm.get("per_client_scales_known"):
             t += "; each client's rounding scale known to the server (the mean split into each client's update)"
+        elif tm.get("per_client_scales_known") is False:
+            t += ("; no client's rounding scale known to the server (the clients' steps read off the mean to split "
+                  "it into each client's update)")
         if t not in out:
             out.append(t)
     return out
