@@ -56,7 +56,8 @@ def test_the_mean_of_clients_rounded_updates_splits_into_each_clients_own(k, spe
 
 
 @pytest.mark.parametrize("k,spec", [(3, {"name": "qsgd", "levels": 16}), (4, {"name": "qsgd", "levels": 4}),
-                                    (2, {"name": "uniform", "levels": 8})])
+                                    (2, {"name": "uniform", "levels": 8}),
+                                    (2, {"name": "qsgd", "levels": 16, "norm": "l2"})])
 def test_a_server_not_told_the_clients_scales_reads_their_steps_off_the_mean(k, spec):
     obs, own, batch = _clients(k, 2, [spec])
     name = "fc1.weight"
@@ -76,8 +77,8 @@ def test_a_server_not_told_the_clients_scales_reads_their_steps_off_the_mean(k, 
         assert torch.allclose(c.update[name], own[i][name], rtol=1e-6, atol=0)
         assert torch.equal(c.update["conv1.weight"], obs.update["conv1.weight"])  # which client's is not known
         assert c.labels is None and "per_client" not in c.obfuscation[0]
-        # its record's scale: its read step's (the largest entry of its own update, top steps)
-        assert c.obfuscation[0]["scale"][name] == pytest.approx(c.update[name].abs().max().item() * div / top,
+        # its record's scale: that of its read step (QSGD: s steps; uniform rounding: the step)
+        assert c.obfuscation[0]["scale"][name] == pytest.approx(obs.obfuscation[0]["per_client"][i]["scale"][name],
                                                                 rel=1e-6)
     # records with per-client values: those are used, in the records' order
     told, _ = split(obs)
@@ -168,9 +169,7 @@ def test_nothing_is_split_without_each_clients_step_or_grid():
     two.update["fc1.weight"][4:] = 0
     assert split(two) == (None, "the records do not give each client's values, and the clients' steps do not "
                                 "show in the mean's values of 'fc1.weight'")
-    l2, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16, "norm": "l2"}])
-    assert split(l2, source="mean") == (None, "the records' steps are not used, and under QSGD with the l2 norm no "
-                                              "client's largest level is known")
+
     # out of time: nothing is split
     late, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
     assert split(late, time_limit=0.0)[1].endswith("in the 0.0 s the split may take")

@@ -42,7 +42,7 @@ from .simulate import Simulator
 OWN = ("invert_iterations", "invert_tv", "invert_starts", "leak_share", "fallback_single", "fallback_batch",
        "split_clients", "client_steps")
 #: The most of a time budget the clients' split may take (:func:`.demix.split`; 3.1 s for lenet5 at 64 px
-#: under QSGD 16 with 4 clients); past it nothing is split.
+#: under QSGD 16 with 4 clients, about 8 s with the steps read off the mean); past it nothing is split.
 SPLIT_SHARE = 0.1
 
 

@@ -49,8 +49,6 @@ READ_CANDIDATES = 64
 READ_MIN_ENTRIES = 4096
 #: At most this many K-sets of those candidates are tried (fewer candidates past it).
 READ_SUBSETS = 5000
-#: The largest entries of the mean whose levels must read with every client reaching its top level.
-READ_CHECK = 65536
 #: The K-sets that explain the most of the candidates' entries, this many, are checked on them.
 READ_BASES = 24
 #: The rows of the tensor (evenly spaced) on which the candidate sets' zeros are counted.
@@ -77,22 +75,21 @@ def _client_records(obs: Observation) -> list[list[dict[str, Any]]] | None:
 
 def read_steps(mean: torch.Tensor, k: int, top: int, deadline: float | None = None) -> list[float] | None:
     """K clients' rounding steps of one tensor read off the mean of their rounded values alone (ascending),
-    where each client's largest entry is exactly ``top`` steps (QSGD with the max-norm: ``s``; uniform
-    rounding: ``levels - 1``); None where they do not show.
+    each client's levels at most ``top``; None where they do not show.
 
     An entry one client alone sent as one step is ``step_k / K``, the same float wherever it occurs, so
     the steps are among the tensor's most frequent magnitudes (:data:`READ_CANDIDATES` of them are looked
     at). Those are also sums of steps (two clients of opposite labels send opposite signs, so a difference
     of two steps can be the most frequent of all), and any basis of the lattice the steps span explains
-    them as well: any basis of the lattice the steps span explains them. So of the K-sets of candidates
+    them as well. So of the K-sets of candidates
     that explain the most of the candidates' entries as sums with levels -2 to 2 (-1 to 1 past 4 clients),
-    :data:`READ_BASES` of them, those whose levels give every client a largest level of exactly ``top`` on
-    the mean's largest entries (:data:`READ_CHECK`) are compared by the zeros of their clients' levels on
-    :data:`READ_ROWS` rows of the tensor (its first dimension): the rows and columns all zero in a
-    client's levels, summed over the clients. A client's own update of a layer is exactly zero in every
-    row of a unit none of its images switches on and in every column of an input none of them has; a
-    basis that mixes two clients is zero there only where both are, so the clients' own steps give the
-    most. ``deadline`` (a ``time.perf_counter()`` value): no basis is looked at past it."""
+    :data:`READ_BASES` of them, are compared by the zeros of their clients' levels on :data:`READ_ROWS`
+    rows of the tensor (its first dimension): the rows and columns all zero in a client's levels (an
+    entry not read is no zero), summed over the clients. A client's own update of a layer is exactly zero
+    in every row of a unit none of its images switches on and in every column of an input none of them
+    has; a basis that mixes two clients is zero there only where both are, and one that spans less than
+    the clients' lattice reads fewer entries, so the clients' own steps give the most. ``deadline`` (a
+    ``time.perf_counter()`` value): no basis is looked at past it."""
     v = mean.detach().reshape(-1).abs()
     v = v[v > 0]
     if k < 1 or v.numel() < READ_MIN_ENTRIES:
@@ -116,19 +113,13 @@ def read_steps(mean: torch.Tensor, k: int, top: int, deadline: float | None = No
         scored.append((float(weight[hit].sum()), subset))
     scored.sort(key=lambda t: -t[0])
     bases = [sub for m, sub in scored[:READ_BASES] if m >= 0.5 * scored[0][0]]
-    flat = mean.detach().reshape(-1)
-    big = flat[torch.argsort(flat.abs(), descending=True)[:READ_CHECK]]
     rows = mean.detach().reshape(mean.shape[0] if mean.dim() > 1 else 1, -1)
     sample = rows[torch.linspace(0, rows.shape[0] - 1, min(READ_ROWS, rows.shape[0])).long()]
-    reach = min(top, readable(k, top))  # a table holds levels up to it
     chosen, most = None, -1
     for sub in bases:
         if deadline is not None and time.perf_counter() > deadline:
             break
         steps = sorted(float(cand[i]) for i in sub)
-        lv, _, _ = levels(big, steps, top, clients=k)
-        if not bool((lv.abs().amax(dim=1) == reach).all()):
-            continue
         lv, read, _ = levels(sample, steps, top, clients=k)
         zero = ((lv == 0) & read[None, :]).reshape(k, sample.shape[0], -1)  # an entry not read is no zero
         count = int(zero.all(dim=2).sum()) + int(zero.all(dim=1).sum())
@@ -138,8 +129,8 @@ def read_steps(mean: torch.Tensor, k: int, top: int, deadline: float | None = No
 
 
 def _unscaled(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The merged records without the clients' own values (``per_client``) and without a scale: a client's
-    record where the server was told no client's scale (its rounding's scale is read off its update)."""
+    """The merged records without the clients' own values (``per_client``, and the scale they differ in)
+    nor the noise of their mean (``sigma_of_mean``): what a server told no client's own values knows."""
     out = []
     for rec in records:
         r = {key: v for key, v in rec.items() if key not in ("per_client", "sigma_of_mean")}
@@ -201,8 +192,6 @@ def _steps_off_the_mean(obs: Observation, ob, last: int, k: int, why: str, deadl
         top = int(rec["s"]) if ob.stochastic else int(rec["levels"]) - 1
     except (KeyError, TypeError, ValueError):
         return f"{why}, and the records do not give the clients' levels"
-    if ob.stochastic and rec.get("norm", "max") != "max":
-        return f"{why}, and under QSGD with the l2 norm no client's largest level is known"
     name = max(obs.update, key=lambda n: obs.update[n].numel())
     found = read_steps(obs.update[name], k, max(1, top), deadline=deadline)
     if found is None:
@@ -330,9 +319,9 @@ def split(obs: Observation, time_limit: float | None = None, source: str = "reco
     not count as read. BatchNorm statistics sent with the update are the clients' mean, no client's own:
     the clients' observations go without them. ``source``: where the steps come from
     (:func:`client_steps`); where they were read off the mean, each client is given the mean in every
-    other tensor (``entries_given_the_mean``; the share read is that of the tensor split), no recorded
-    scale of its own (its rounding's scale is what its update shows), and no labels (which client is
-    which is not known)."""
+    other tensor (``entries_given_the_mean``; the share read is that of the tensor split), records with
+    its read step as the scale (:func:`_read_records`), and no labels (which client is which is not
+    known)."""
     t0 = time.perf_counter()
     deadline = None if time_limit is None else t0 + float(time_limit)
     got = client_steps(obs, source, deadline)
