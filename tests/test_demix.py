@@ -91,6 +91,12 @@ def test_a_fedavg_delta_of_clients_splits_the_same_way():
     clients, info = split(obs)
     assert clients is not None, info
     assert all(torch.equal(clients[i].update[n], own[i][n]) for i in range(2) for n in own[i])
+    # the steps read off the mean too (the clients in the order of their steps)
+    read, info = split(obs, source="mean")
+    assert read is not None, info
+    order = sorted(range(2), key=lambda i: obs.obfuscation[0]["per_client"][i]["scale"]["fc1.weight"])
+    assert all(torch.allclose(read[j].update["fc1.weight"], own[i]["fc1.weight"], rtol=1e-6, atol=0)
+               for j, i in enumerate(order))
     assert clients[0].protocol.algorithm == "fedavg" and clients[0].protocol.local_steps == 2
 
 
@@ -140,13 +146,16 @@ def test_clients_with_equal_steps_are_ambiguous_and_a_zero_step_client_sent_zero
     assert not bool(clients[1].update["conv1.bias"].any())
 
 
-def test_nothing_is_split_without_each_clients_step_or_grid():
+def test_what_is_not_split_says_why_and_bad_records_fall_back_to_steps_read_off_the_mean():
     one = _clients(1, 2, [{"name": "qsgd", "levels": 16}])[0]
     assert split(one) == (None, "one client's update")
     noise, _, _ = _clients(2, 2, [{"name": "relative_gaussian", "sigma0": 0.1}])
     assert split(noise) == (None, "the clients' last obfuscation is not a quantizer")
     bucketed, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16, "bucket_size": 64}])
-    assert split(bucketed) == (None, "the records do not give each client's step for each tensor (QSGD per bucket)")
+    assert split(bucketed) == (None, "the records do not give each client's step for each tensor, and QSGD's steps "
+                                     "per bucket are not read off the mean")
+    assert split(bucketed, source="mean")[1] == ("the records' steps are not used, and QSGD's steps per bucket are "
+                                                 "not read off the mean")
     # steps that are not the clients' (a record edited by another tool): the mean is no sum of their levels
     obs, _, _ = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
     pc = obs.obfuscation[0]["per_client"]
@@ -161,12 +170,12 @@ def test_nothing_is_split_without_each_clients_step_or_grid():
     clients, info = split(obs)
     assert clients is not None and info["steps"].startswith("read off the mean's most frequent values of 'fc1.weight'")
     obs.obfuscation[0]["per_client"] = ["x", "y"]
-    obs.update["fc1.weight"][4:] = 0
+    obs.update["fc1.weight"][1:] = 0
     assert split(obs) == (None, "the records do not give each client's quantizer values, and the clients' steps "
                                 "do not show in the mean's values of 'fc1.weight'")
     two, _, _ = _clients(2, 2, [{"name": "relative_gaussian", "sigma0": 0.1}, {"name": "qsgd", "levels": 16}])
     two.obfuscation[0]["per_client"] = [{"sigma": 0.1}]  # an earlier step's values for one client of two
-    two.update["fc1.weight"][4:] = 0
+    two.update["fc1.weight"][1:] = 0
     assert split(two) == (None, "the records do not give each client's values, and the clients' steps do not "
                                 "show in the mean's values of 'fc1.weight'")
 
@@ -204,10 +213,12 @@ def test_auto_attacks_each_client_of_a_split_mean_and_says_so():
 def test_auto_reads_the_clients_steps_off_the_mean_where_it_is_not_told_their_scales():
     obs, _, batch = _clients(2, 2, [{"name": "qsgd", "levels": 16}])
     obs.labels = None
-    rec = run_attack("auto", obs, {"time_budget": 16, "client_steps": "mean"}, seed=0, progress=False)
+    rec = run_attack("auto", obs, {"time_budget": 30, "client_steps": "mean"}, seed=0, progress=False)
     pipe = rec.extras["pipeline"]
     assert pipe["stages"][0] == "client split" and pipe["separated"] == 4
     assert pipe["clients_split"]["steps"].startswith("read off the mean's most frequent values of 'fc1.weight'")
+    assert pipe["clients_split"]["steps_read_off"] == "fc1.weight"
+    assert "conv1.weight" in pipe["clients_split"]["tensors_given_the_mean"]
     assert rec.threat_model["per_client_scales_known"] is False
     assert "read off the mean's most frequent values" in rec.threat_model["clients_split"]
     assert score(batch.images, batch.labels, rec.images, rec.labels)["psnr"] > 30

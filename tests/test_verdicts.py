@@ -227,7 +227,12 @@ def test_how_the_update_leaked_is_said_only_where_auto_found_a_leaking_layer():
     assert leak_text(none).endswith("it did not separate into any of the 16 images")
     split = {**one, "clients_split": 2, "split_into": [4]}
     assert "after the mean of 4 clients' updates was split into each client's by their rounding steps (in 2 of 4 " \
-           "cells)" in leak_text(split)
+           "cells), which needs each client's rounding scale" in leak_text(split)
+    assert leak_text({**split, "split_off_the_mean": 2}).endswith("read off the mean's own values, no client's "
+                                                                  "scale needed")
+    assert leak_text({**split, "split_off_the_mean": 1}).endswith("in 1 of them read off the mean's own values, in "
+                                                                  "the others from each client's rounding scale "
+                                                                  "(the threat models say so)")
 
 
 def test_the_threat_models_say_whether_the_clients_scales_were_known_to_split_their_mean():

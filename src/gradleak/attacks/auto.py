@@ -62,8 +62,9 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
         fallback_settings=None) -> Reconstruction:
     """``fallback_settings(name)`` -> the resolved settings of the optimisation attack ``name``.
 
-    The mean of several clients' rounded updates is first split into each client's where the records
-    allow and the attacker knows the obfuscation (:func:`.demix.split`, setting ``split_clients``); each
+    The mean of several clients' rounded updates is first split into each client's where the attacker
+    knows the obfuscation and each client's step is in the records or read off the mean
+    (:func:`.demix.split`, settings ``split_clients``, ``client_steps``); each
     client's batch is then attacked as one client's, in an equal share of what is left of the budget."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     why = None
@@ -113,7 +114,7 @@ def _per_client(obs: Observation, clients: list[Observation], what: dict[str, An
     share = 100 * float(what["entries_read"])
     converged = [r.converged for r in recs]
     threat = dict(first.threat_model)
-    told = what.get("steps", "the records' per-client values") == "the records' per-client values"
+    told = what.get("steps_read_off") is None
     source = "the records' per-client scales" if told else what["steps"]
     threat["clients_split"] = (f"the mean of {len(clients)} clients' updates split into each client's by "
                                f"their rounding steps ({source}; {share:.2f} % of the entries read)")

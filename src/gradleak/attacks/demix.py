@@ -13,7 +13,7 @@ Observation per client, each attacked as one client's batch.
 
 Where the records do not give each client's step (a server told only the quantizer, not the clients'
 scales; or with ``client_steps: mean``), :func:`read_steps` reads them off the mean itself, for its
-largest tensor: an entry one client alone sent as one step is that step over K, so the steps are among the
+largest layer weight: an entry one client alone sent as one step is that step over K, so the steps are among the
 tensor's most frequent values, and of the sets of those that explain the rest, the one whose clients'
 levels are zero in the most whole rows and columns (a client's own update of a layer is zero for every
 unit none of its images switches on and every input none of them has) is taken. Which step of another
@@ -43,7 +43,7 @@ MAX_TABLE = 2 ** 21
 #: The share of the update's entries that must be read for the split to stand; below it nothing is split.
 MIN_READ = 0.99
 #: Steps read off the mean (where the records do not give each client's, or ``client_steps: mean``): the
-#: positive values of the largest tensor's mean that occur most often, this many of them, are looked at.
+#: positive values of the largest layer weight's mean that occur most often, this many of them, are looked at.
 READ_CANDIDATES = 64
 #: ... in a tensor of at least this many nonzero entries (fewer show no client's step often enough).
 READ_MIN_ENTRIES = 4096
@@ -53,6 +53,9 @@ READ_SUBSETS = 5000
 READ_BASES = 24
 #: The rows of the tensor (evenly spaced) on which the candidate sets' zeros are counted.
 READ_ROWS = 32
+#: The most clients whose steps are read off the mean (measured up to 8; the sets to compare grow as
+#: comb(candidates, K) x 3^K).
+READ_MAX_CLIENTS = 8
 #: Two sums of steps are one where they differ by less than this relative amount (float32 values).
 READ_TOLERANCE = 1e-5
 
@@ -82,14 +85,16 @@ def read_steps(mean: torch.Tensor, k: int, top: int, deadline: float | None = No
     at). Those are also sums of steps (two clients of opposite labels send opposite signs, so a difference
     of two steps can be the most frequent of all), and any basis of the lattice the steps span explains
     them as well. So of the K-sets of candidates
-    that explain the most of the candidates' entries as sums with levels -2 to 2 (-1 to 1 past 4 clients),
+    that explain the most of the candidates' entries as sums with levels -2 to 2 (-1 to 1 past 6 clients),
     :data:`READ_BASES` of them, are compared by the zeros of their clients' levels on :data:`READ_ROWS`
     rows of the tensor (its first dimension): the rows and columns all zero in a client's levels (an
     entry not read is no zero), summed over the clients. A client's own update of a layer is exactly zero
     in every row of a unit none of its images switches on and in every column of an input none of them
     has; a basis that mixes two clients is zero there only where both are, and one that spans less than
-    the clients' lattice reads fewer entries, so the clients' own steps give the most. ``deadline`` (a
-    ``time.perf_counter()`` value): no basis is looked at past it."""
+    the clients' lattice reads fewer entries, so the clients' own steps give the most. None also where no
+    set's levels have a zero row or column or two sets have as many (the zeros tell no client apart), and
+    past ``deadline`` (a ``time.perf_counter()`` value). The tensor is a layer's weight (2-D): its rows a
+    layer's units, its columns their inputs."""
     v = mean.detach().reshape(-1).abs()
     v = v[v > 0]
     if k < 1 or v.numel() < READ_MIN_ENTRIES:
@@ -108,6 +113,8 @@ def read_steps(mean: torch.Tensor, k: int, top: int, deadline: float | None = No
     levels_small = torch.cartesian_prod(*[r] * k).reshape(-1, k)
     scored = []
     for subset in itertools.combinations(range(n), k):
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
         sums = levels_small @ cand[list(subset)]
         hit = ((sums[:, None] - cand[None, :]).abs() <= READ_TOLERANCE * cand[None, :]).any(dim=0)
         scored.append((float(weight[hit].sum()), subset))
@@ -115,17 +122,20 @@ def read_steps(mean: torch.Tensor, k: int, top: int, deadline: float | None = No
     bases = [sub for m, sub in scored[:READ_BASES] if m >= 0.5 * scored[0][0]]
     rows = mean.detach().reshape(mean.shape[0] if mean.dim() > 1 else 1, -1)
     sample = rows[torch.linspace(0, rows.shape[0] - 1, min(READ_ROWS, rows.shape[0])).long()]
-    chosen, most = None, -1
+    counts = []
     for sub in bases:
         if deadline is not None and time.perf_counter() > deadline:
-            break
+            return None
         steps = sorted(float(cand[i]) for i in sub)
         lv, read, _ = levels(sample, steps, top, clients=k)
         zero = ((lv == 0) & read[None, :]).reshape(k, sample.shape[0], -1)  # an entry not read is no zero
-        count = int(zero.all(dim=2).sum()) + int(zero.all(dim=1).sum())
-        if count > most:
-            chosen, most = steps, count
-    return chosen
+        counts.append((int(zero.all(dim=2).sum()) + int(zero.all(dim=1).sum()), steps))
+    if not counts:
+        return None
+    most = max(c for c, _ in counts)
+    best = [steps for c, steps in counts if c == most]
+    # no zero row or column in any set's levels, or two sets as good: the zeros tell no client apart
+    return best[0] if most > 0 and len(best) == 1 else None
 
 
 def _unscaled(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -144,14 +154,18 @@ def _read_records(obs: Observation, steps: dict[str, float | None]) -> list[dict
     """One client's records where its steps were read off the mean: the merged records without the clients'
     values (:func:`_unscaled`), the last quantizer's ``scale`` that client's read step for the tensor split
     and, for every other tensor (where the client is given the mean), what its rounding would have
-    recorded for the mean (QSGD's max-norm: the largest entry; uniform: that over levels - 1)."""
+    recorded for the mean (QSGD: its max- or l2-norm; uniform: the largest entry over levels - 1)."""
     out = _unscaled(obs.obfuscation)
     last = obfuscation_steps(obs, obs.update)[-1]
     rec = out[last.index - 1]
     div = float(rec["s"]) if last.ob.stochastic else 1.0
     per = 1.0 if last.ob.stochastic else float(int(rec["levels"]) - 1)
-    rec["scale"] = {name: float(steps[name]) * div if steps[name] is not None else
-                    float(v.detach().double().abs().max()) / per if v.numel() else 0.0
+    l2 = last.ob.stochastic and rec.get("norm") == "l2"
+
+    def of_mean(v: torch.Tensor) -> float:  # what the client's rounding would record for the mean
+        x = v.detach().double()
+        return (float(x.norm()) if l2 else float(x.abs().max()) / per) if v.numel() else 0.0
+    rec["scale"] = {name: float(steps[name]) * div if steps[name] is not None else of_mean(v)
                     for name, v in obs.update.items()}
     return out
 
@@ -163,7 +177,7 @@ def client_steps(obs: Observation, source: str = "records", deadline: float | No
     there is none (the reason is a phrase). ``source`` "records": the records' per-client steps where
     they give them, else the steps read off the mean (:func:`read_steps`); "mean": read off the mean
     even where the records give them (a server not told each client's scale). Steps read off the mean
-    are the largest tensor's only: which step of another tensor is which client's is not known, so
+    are the largest layer weight's only: which step of another tensor is which client's is not known, so
     every other tensor's step is None (each client is given the mean there); the clients come in the
     order of their steps, not the records'."""
     k = int(obs.protocol.num_clients_averaged)
@@ -183,18 +197,25 @@ def client_steps(obs: Observation, source: str = "records", deadline: float | No
 
 def _steps_off_the_mean(obs: Observation, ob, last: int, k: int, why: str, deadline: float | None
                         ) -> tuple[list[dict[str, float | None]], int, str] | str:
-    """:func:`client_steps` read off the largest tensor's mean, or why not (``why``: why the records'
+    """:func:`client_steps` read off the largest layer weight's (2-D) mean, or why not (``why``: why the records'
     steps were not taken)."""
     rec = obs.obfuscation[last]
     if rec.get("bucket_size"):
-        return "the records do not give each client's step for each tensor (QSGD per bucket)"
+        return f"{why}, and QSGD's steps per bucket are not read off the mean"
+    if k > READ_MAX_CLIENTS:
+        return f"{why}, and past {READ_MAX_CLIENTS} clients their steps are not read off the mean"
     try:
         top = int(rec["s"]) if ob.stochastic else int(rec["levels"]) - 1
     except (KeyError, TypeError, ValueError):
         return f"{why}, and the records do not give the clients' levels"
-    name = max(obs.update, key=lambda n: obs.update[n].numel())
+    weights = [n for n, v in obs.update.items() if v.dim() == 2]
+    if not weights:
+        return f"{why}, and the update has no layer's weight (2-D) to read the clients' steps off"
+    name = max(weights, key=lambda n: obs.update[n].numel())
     found = read_steps(obs.update[name], k, max(1, top), deadline=deadline)
     if found is None:
+        if deadline is not None and time.perf_counter() > deadline:
+            return f"{why}, and the clients' steps were not read off the mean in the time the split may take"
         return f"{why}, and the clients' steps do not show in the mean's values of '{name}'"
     return [{n: (found[i] if n == name else None) for n in obs.update} for i in range(k)], max(1, top), name
 
@@ -377,9 +398,14 @@ def split(obs: Observation, time_limit: float | None = None, source: str = "reco
     info = {"clients": k, "entries_read": round(share_read, 6), "ambiguous": ambiguous, "per_tensor": per_tensor,
             "levels_read": readable(k, top), "largest_level": top, "seconds": round(time.perf_counter() - t0, 3),
             "steps": "the records' per-client values" if read_from is None else
-            f"read off the mean's most frequent values of '{read_from}' (the other tensors each client's mean)"}
+            f"read off the mean's most frequent values of '{read_from}' (the other tensors each client's mean)",
+            "steps_read_off": read_from}
     if given_mean:
         info["entries_given_the_mean"] = given_mean
+        info["tensors_given_the_mean"] = [n for n, r in per_tensor.items() if r == 0.0 and any(
+            s[n] is None for s in steps)]
+        info["note"] = ("each client is given the mean in those tensors: a fallback that reads labels or "
+                        "matches gradients there reads all clients'")
     if obs.buffers is not None:
         info["buffers"] = "the clients' mean BatchNorm statistics, no client's own: not given to the clients"
     return clients, info

@@ -130,7 +130,7 @@ def _budget_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "separated": sum(int(p.get("separated") or 0) for p in leaked) if leaked else None,
             "separated_of": sum(int(p["images"]) for p in leaked) if leaked else None,
             "clients_split": len(split), "split_into": sorted({len(p.get("clients") or []) for p in split}),
-            "split_off_the_mean": sum("read off" in str(p["clients_split"].get("steps", "")) for p in split)}
+            "split_off_the_mean": sum(bool(p["clients_split"].get("steps_read_off")) for p in split)}
 
 
 def _post(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -365,9 +365,11 @@ def leak_text(s: dict[str, Any]) -> str | None:
     if split:
         k = "/".join(str(n) for n in s.get("split_into") or []) or "several"
         cells = f" (in {split} of {s.get('cells')} cells)" if s.get("cells") and split < s["cells"] else ""
-        scales = ("read off the mean's own values, no client's scale needed"
-                  if int(s.get("split_off_the_mean") or 0) == split else
-                  "which needs each client's rounding scale (the threat models say so)")
+        off = int(s.get("split_off_the_mean") or 0)
+        scales = ("read off the mean's own values, no client's scale needed" if off == split else
+                  "which needs each client's rounding scale (the threat models say so)" if not off else
+                  f"in {off} of them read off the mean's own values, in the others from each client's rounding "
+                  f"scale (the threat models say so)")
         text += (f" after the mean of {k} clients' updates was split into each client's by their rounding steps"
                  f"{cells}, {scales}")
     return text
