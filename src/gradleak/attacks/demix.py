@@ -150,23 +150,25 @@ def _unscaled(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _read_records(obs: Observation, steps: dict[str, float | None]) -> list[dict[str, Any]]:
-    """One client's records where its steps were read off the mean: the merged records without the clients'
+def _read_records(obs: Observation, steps: list[dict[str, float | None]]) -> list[list[dict[str, Any]]]:
+    """Each client's records where its steps were read off the mean: the merged records without the clients'
     values (:func:`_unscaled`), the last quantizer's ``scale`` that client's read step for the tensor split
     and, for every other tensor (where the client is given the mean), what its rounding would have
     recorded for the mean (QSGD: its max- or l2-norm; uniform: the largest entry over levels - 1)."""
-    out = _unscaled(obs.obfuscation)
     last = obfuscation_steps(obs, obs.update)[-1]
-    rec = out[last.index - 1]
+    rec = obs.obfuscation[last.index - 1]
     div = float(rec["s"]) if last.ob.stochastic else 1.0
     per = 1.0 if last.ob.stochastic else float(int(rec["levels"]) - 1)
     l2 = last.ob.stochastic and rec.get("norm") == "l2"
-
-    def of_mean(v: torch.Tensor) -> float:  # what the client's rounding would record for the mean
-        x = v.detach().double()
-        return (float(x.norm()) if l2 else float(x.abs().max()) / per) if v.numel() else 0.0
-    rec["scale"] = {name: float(steps[name]) * div if steps[name] is not None else of_mean(v)
-                    for name, v in obs.update.items()}
+    of_mean = {name: ((float(v.detach().double().norm()) if l2 else float(v.detach().double().abs().max()) / per)
+                      if v.numel() else 0.0)
+               for name, v in obs.update.items() if steps[0][name] is None}
+    out = []
+    for mine in steps:
+        records = _unscaled(obs.obfuscation)
+        records[last.index - 1]["scale"] = {name: float(mine[name]) * div if mine[name] is not None
+                                            else of_mean[name] for name in obs.update}
+        out.append(records)
     return out
 
 
@@ -352,7 +354,7 @@ def split(obs: Observation, time_limit: float | None = None, source: str = "reco
     k = len(steps)
     records = _client_records(obs)
     if read_from is not None or records is None:
-        records = [_read_records(obs, mine) for mine in steps]
+        records = _read_records(obs, steps)
     updates: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
     total, unread, ambiguous, given_mean = 0, 0, 0, 0
     per_tensor = {}
@@ -402,8 +404,7 @@ def split(obs: Observation, time_limit: float | None = None, source: str = "reco
             "steps_read_off": read_from}
     if given_mean:
         info["entries_given_the_mean"] = given_mean
-        info["tensors_given_the_mean"] = [n for n, r in per_tensor.items() if r == 0.0 and any(
-            s[n] is None for s in steps)]
+        info["tensors_given_the_mean"] = [n for n in obs.update if steps[0][n] is None]
         info["note"] = ("each client is given the mean in those tensors: a fallback that reads labels or "
                         "matches gradients there reads all clients'")
     if obs.buffers is not None:
