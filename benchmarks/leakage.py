@@ -3,8 +3,8 @@
 Victim: real images from the Kaggle chest X-ray train split (``../shared/data/chest_xray``, resized to
 64 px), ``lenet5`` at random initialisation (seed 0), one client, FedSGD on B = 1 and B = 4 images, the
 update obfuscated as listed (the ``fedavg5`` column is instead FedAvg with 5 full-batch local SGD steps
-of learning rate 0.1, no obfuscation). The obfuscation noise and the attack use fixed seeds; every cell
-gets the same wall-clock budget per observation (``--time-budget``) and iteration cap.
+of learning rate 0.1, or ``--fedavg-lr``, no obfuscation). The obfuscation noise and the attack use fixed
+seeds; every cell gets the same wall-clock budget per observation (``--time-budget``) and iteration cap.
 
 Threat model: an honest-but-curious server that knows the architecture and the weights it sent; labels
 are NOT given (inferred from the update: iDLG for B = 1, count-based for B = 4, or optimised jointly by
@@ -80,6 +80,8 @@ from gradleak.prior import Prior, train_prior  # noqa: E402
 from gradleak.prior.degrade import LEAK_DEGRADATION  # noqa: E402
 from gradleak.errors import UserError, exit_code  # noqa: E402
 
+#: The fedavg5 column's local learning rate unless --fedavg-lr says otherwise.
+FEDAVG_LR = 0.1
 OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
     "none": ("none", [], Protocol()),
     "qsgd16": ("QSGD 16 levels", [{"name": "qsgd", "levels": 16}], Protocol()),
@@ -90,7 +92,7 @@ OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
     "topk1": ("top-k 1 %", [{"name": "topk", "keep": 0.01}], Protocol()),
     "relgauss": ("Gaussian, relative σ0 = 0.1", [{"name": "relative_gaussian", "sigma0": 0.1}], Protocol()),
     "relgauss1": ("Gaussian, relative σ0 = 1", [{"name": "relative_gaussian", "sigma0": 1.0}], Protocol()),
-    "fedavg5": ("FedAvg τ = 5", [], Protocol("fedavg", local_steps=5, local_lr=0.1)),
+    "fedavg5": ("FedAvg τ = 5", [], Protocol("fedavg", local_steps=5, local_lr=FEDAVG_LR)),
 }
 
 PLAIN = {"attacker_knows_obfuscation": False, "unroll_local_steps": False}
@@ -185,13 +187,15 @@ def reidentification(ds, idx: list[int], batch, rec_images: torch.Tensor, metric
             "reid_chance_top1": r.get("chance_top1")}
 
 
-def _of(result: dict, batch: int, clients: int) -> bool:
+def _of(result: dict, batch: int, clients: int, lr: float = FEDAVG_LR) -> bool:
     """Whether a result is of ``clients`` clients' observations of ``batch`` images each (results written
-    before K clients were measured are one client's)."""
-    return result["B"] == batch and int(result.get("clients", 1)) == clients
+    before K clients were measured are one client's), a FedAvg one at local learning rate ``lr``."""
+    return (result["B"] == batch and int(result.get("clients", 1)) == clients
+            and (result["obf"] != "fedavg5" or float(result.get("fedavg_lr", FEDAVG_LR)) == lr))
 
 
-def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str], clients: int = 1) -> str:
+def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str], clients: int = 1,
+               lr: float = FEDAVG_LR) -> str:
     """Patient top-1 hits / images whose patient has another image, and IIP hits / images, summed over
     the observations."""
     head = "| attack | " + " | ".join(OBFUSCATIONS[o][0] for o in obfs) + " |"
@@ -199,7 +203,7 @@ def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str], c
     for a in attacks:
         row = []
         for o in obfs:
-            rs = [r for r in results.values() if _of(r, batch, clients) and r["attack"] == a and r["obf"] == o
+            rs = [r for r in results.values() if _of(r, batch, clients, lr) and r["attack"] == a and r["obf"] == o
                   and r.get("iip_n") is not None]
             if not rs:
                 row.append("–")
@@ -209,15 +213,17 @@ def reid_table(results: dict, batch: int, attacks: list[str], obfs: list[str], c
             row.append(f"{top}/{n} / {iip}/{m}" if n else f"– / {iip}/{m}")
         label = "blind baseline (mean auxiliary image)" if a == "blind" else ATTACKS[a][0]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
-    chance = [r["reid_chance_top1"] for r in results.values() if _of(r, batch, clients) and r.get("reid_chance_top1")]
+    chance = [r["reid_chance_top1"] for r in results.values()
+              if _of(r, batch, clients, lr) and r.get("reid_chance_top1")]
     if chance:
         lines.append(f"\nChance of a top-1 patient hit by a random ranking: {float(np.mean(chance)):.3f}.")
     return "\n".join(lines)
 
 
-def table(results: dict, batch: int, attacks: list[str], obfs: list[str], clients: int = 1) -> str:
+def table(results: dict, batch: int, attacks: list[str], obfs: list[str], clients: int = 1,
+          lr: float = FEDAVG_LR) -> str:
     def cell(a, o):
-        rs = [r for r in results.values() if _of(r, batch, clients) and r["attack"] == a and r["obf"] == o]
+        rs = [r for r in results.values() if _of(r, batch, clients, lr) and r["attack"] == a and r["obf"] == o]
         if not rs:
             return None
         return (float(np.mean([r["psnr"] for r in rs])), float(np.mean([r["ssim"] for r in rs])),
@@ -277,6 +283,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write (and with --resume, reuse) per-observation results here")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fedavg-lr", type=float, default=FEDAVG_LR,
+                   help=f"local learning rate of the fedavg5 column (default {FEDAVG_LR:g}; its effective step on "
+                        f"fc1's output grows with fc1's input, four times from 64 to 128 px)")
     p.add_argument("--prior", default=None, help="prior file for the rog_prior row (trained there first if "
                    "it does not exist)")
     p.add_argument("--auto-prior", default=None, help="prior file for the auto_prior row (trained there first "
@@ -286,6 +295,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.clients < 1:
         raise UserError(f"--clients must be a positive integer, got {a.clients}")
+    if a.fedavg_lr <= 0:
+        raise UserError(f"--fedavg-lr must be positive, got {a.fedavg_lr:g}")
 
     import yaml
     extra: dict[str, dict] = {}
@@ -312,21 +323,26 @@ def main(argv=None) -> int:
     for o in a.obfuscations:
         _, specs, proto = OBFUSCATIONS[o]
         proto = dataclasses.replace(proto, num_clients_averaged=a.clients)
+        lr_key = ""
+        if proto.algorithm == "fedavg" and a.fedavg_lr != FEDAVG_LR:  # the default's keys as before
+            proto = dataclasses.replace(proto, local_lr=a.fedavg_lr)
+            lr_key = f"|lr{a.fedavg_lr:g}"
+        lr_field = {"fedavg_lr": proto.local_lr} if proto.algorithm == "fedavg" else {}
         for B, idx in obs_list:
             batch = ds.batch(idx)
             obs, _ = capture(batch.images, batch.labels, arch=a.arch, protocol=proto, model_seed=0,
                              obfuscations=specs, obfuscation_seed=0, labels_known=False)
             recs: dict = {}
-            bkey = f"{o}|blind|{','.join(map(str, idx))}{clients_key}"
+            bkey = f"{o}|blind|{','.join(map(str, idx))}{clients_key}{lr_key}"
             if bkey not in results:
                 guess = blind.expand_as(batch.images)
                 m = score(batch.images, batch.labels, guess, batch.labels)
                 results[bkey] = {"obf": o, "attack": "blind", "B": B, "clients": a.clients, "indices": idx,
-                                 "psnr": m["psnr"],
+                                 **lr_field, "psnr": m["psnr"],
                                  "ssim": m["ssim"], "label_accuracy": float("nan"),
                                  **reidentification(ds, idx, batch, guess, m)}
             for name in a.attacks:
-                key = f"{o}|{name}|{','.join(map(str, idx))}{clients_key}"
+                key = f"{o}|{name}|{','.join(map(str, idx))}{clients_key}{lr_key}"
                 if key in results:
                     continue
                 _, attack, overrides = ATTACKS[name]
@@ -342,7 +358,7 @@ def main(argv=None) -> int:
                                                                      threat_model=dict(rec.threat_model)), priors[name])
                 m = score(batch.images, batch.labels, rec.images, rec.labels)
                 results[key] = {"obf": o, "attack": name, "B": B, "clients": a.clients, "indices": idx,
-                                "psnr": m["psnr"],
+                                **lr_field, "psnr": m["psnr"],
                                 "ssim": m["ssim"], "label_accuracy": m.get("label_accuracy", float("nan")),
                                 "iterations": rec.iterations, "seconds": rec.seconds,
                                 "objective": rec.threat_model.get("objective"), "converged": rec.converged,
@@ -358,7 +374,8 @@ def main(argv=None) -> int:
     print(f"# gradleak leakage benchmark ({a.split} draw of the train split)\n")
     who = ("one client" if a.clients == 1 else f"{a.clients} clients, the server seeing only the mean of their "
            f"updates (each obfuscated by its client)")
-    print(f"{a.arch} at random initialisation, {a.size} px real chest X-rays, {who}; FedSGD unless FedAvg; "
+    print(f"{a.arch} at random initialisation, {a.size} px real chest X-rays, {who}; FedSGD unless "
+          f"FedAvg (5 full-batch local steps of learning rate {a.fedavg_lr:g}); "
           f"labels inferred, not given; no BatchNorm. Budget per attack and observation: {a.time_budget:g} s"
           + (f", at most {a.iterations} iterations" if a.iterations else "")
           + f" (torch {torch.__version__}, {torch.get_num_threads()} threads, {a.device}).\n")
@@ -368,12 +385,12 @@ def main(argv=None) -> int:
         if n:
             size = f"B = {B}" if a.clients == 1 else f"{a.clients} clients x B = {B} ({a.clients * B} images)"
             print(f"## {size} ({n} observation{'s' if n > 1 else ''})\n")
-            print(table(results, B, ["blind"] + a.attacks, a.obfuscations, a.clients) + "\n")
+            print(table(results, B, ["blind"] + a.attacks, a.obfuscations, a.clients, a.fedavg_lr) + "\n")
             print("Patient re-identification (leave-the-image-out, the stronger of MSE and SSIM ranking; "
                   "– where no attacked patient has another image): "
                   "top-1 patient hits / images whose patient has another image in the gallery, and IIP "
                   "(the attacked image nearest among its label's) / images, summed over the observations.\n")
-            print(reid_table(results, B, ["blind"] + a.attacks, a.obfuscations, a.clients) + "\n")
+            print(reid_table(results, B, ["blind"] + a.attacks, a.obfuscations, a.clients, a.fedavg_lr) + "\n")
     return 0
 
 

@@ -87,6 +87,36 @@ def test_leakage_benchmark_attacks_the_mean_update_of_k_clients(tmp_path):
     assert auto["psnr"] > 40, auto
 
 
+def test_leakage_benchmark_fedavg_column_at_another_learning_rate(tmp_path):
+    data = require_shared("chest_xray")
+    out = tmp_path / "results.json"
+    args = [sys.executable, str(ROOT / "benchmarks" / "leakage.py"), "--data", str(data), "--images", "0",
+            "--batches", "1", "--batch-size", "2", "--size", "16", "--attacks", "auto", "--obfuscations",
+            "fedavg5", "--time-budget", "5", "--blind-images", "16", "--json", str(out)]
+    p = subprocess.run(args + ["--fedavg-lr", "0.025"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "FedAvg (5 full-batch local steps of learning rate 0.025)" in p.stdout
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2 and all(k.endswith("|lr0.025") for k in results), list(results)
+    assert {r["fedavg_lr"] for r in results.values()} == {0.025}
+    # the default rate's cells are other cells: resumed beside the first, each table shows its own rate's
+    p = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert sorted(r["fedavg_lr"] for r in results.values()) == [0.025, 0.025, 0.1, 0.1]
+    assert "learning rate 0.1)" in p.stdout
+    default = [r for r in results.values() if r["attack"] == "auto" and r["fedavg_lr"] == 0.1][0]
+    row = next(line for line in p.stdout.splitlines() if line.startswith("| auto"))
+    assert f"{default['psnr']:.1f} / " in row, (row, default)
+
+
+def test_leakage_benchmark_refuses_a_learning_rate_that_is_not_positive_in_one_line():
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "leakage.py"), "--fedavg-lr", "0"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and lines == ["leakage.py: error: --fedavg-lr must be positive, got 0"], lines
+
+
 def test_leakage_benchmark_refuses_fewer_than_one_client_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "leakage.py"), "--clients", "0"],
                        capture_output=True, text=True, timeout=300)
