@@ -133,6 +133,17 @@ attack: {{name: ig, settings: {{iterations: 1, restarts: 1}}}}
     assert (tmp_path / "a" / "metrics.json").is_file() and "warning" not in p.stderr
 
 
+def test_a_client_whose_local_training_diverged_is_a_one_line_error_and_writes_nothing(tmp_path):
+    # five local steps of learning rate 10 overflow these four phantoms' FedAvg delta to NaN
+    out = tmp_path / "cap"
+    assert_user_error(gradleak("capture", "--data", "phantoms:n=64", "--indices", "0,3,6,9", "--size", 16,
+                               "--algorithm", "fedavg", "--local-steps", 5, "--local-lr", 10, "--out", out / "obs.pt",
+                               check=False),
+                      "update of 'conv1.weight' has NaN or Inf entries", "local training diverged",
+                      "5 steps of learning rate 10", "lower the local learning rate")
+    assert not out.exists() or not any(out.iterdir())
+
+
 # ------------------------------------------------------------------------------------------ resource limits
 _MEASURE = """
 import json, resource, subprocess, sys, time

@@ -47,6 +47,16 @@ class Truth:
     observation_digest: str | None = None
 
 
+def _check_finite(update: dict[str, torch.Tensor], protocol: Protocol) -> None:
+    """A client's update with NaN or Inf entries is no update a server receives: its training diverged."""
+    bad = [k for k, v in update.items() if not torch.isfinite(v).all()]
+    if not bad:
+        return
+    why = (f"its local training diverged ({protocol.local_steps} steps of learning rate {protocol.local_lr:g}: "
+           f"lower the local learning rate)" if protocol.algorithm == "fedavg" else "the model's output overflowed")
+    raise UserError(f"the client's update of '{bad[0]}' has NaN or Inf entries: {why}")
+
+
 def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: Protocol,
             num_classes: int = 2, model_seed: int = 0, global_state: dict[str, torch.Tensor] | None = None,
             labels_known: bool = False, obfuscations: Sequence[Any] = (),
@@ -82,6 +92,7 @@ def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: 
     updates, records, costs, buffers = [], [], [], []
     for sl in client_slices(n, observed.num_clients_averaged):
         update, buffers_after = client_update(model, sent, images[sl], labels[sl], protocol)
+        _check_finite(update, protocol)
         update, recs, bits = obfuscation.apply(specs, update, generator, context)
         updates.append(update)
         records.append(recs)
