@@ -1561,6 +1561,18 @@ def test_a_quantized_update_is_refined_on_the_layer_where_its_rows_per_pattern_a
     assert found.info["seconds"] <= 1.05 * limit
 
 
+def test_auto_says_a_fedavg_delta_that_did_not_separate_is_the_local_steps_drift_not_noise():
+    # sixteen phantoms, five local steps of learning rate 1: no image separates from the delta, which has no
+    # noise; what no image fitted is the weights' drift between the gradients it sums
+    obs, _ = _phantom_obs(16, protocol=Protocol("fedavg", local_steps=5, local_lr=1.0))
+    rec = run_attack("auto", obs, {"time_budget": 8}, progress=False)
+    p = rec.extras["pipeline"]
+    assert p["separated"] == 0 and p["stages"] == ["rog"], p
+    assert ("did not separate into images (no image fitted the delta: its local steps move the weights between "
+            "the gradients it sums") in p["note"], p["note"]
+    assert "noise" not in p["note"], p["note"]
+
+
 def test_auto_pits_a_blank_start_against_the_fallback_where_nothing_separates():
     # sixteen phantoms (32 px) under sigma0 = 1: no image separates, fc1 has fewer than LAYER_QUANTIZED_ROWS
     # rows per pattern, so the refinement on its update runs from a blank start with the label counts, and

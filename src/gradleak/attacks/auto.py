@@ -174,7 +174,9 @@ def _one(obs: Observation, settings: dict[str, Any], *, device: str, generator: 
         exact = not obs.obfuscation and not local_drift(obs.protocol)
         reason = found.info.get("note")
         if not reason:
-            reason = "no image read in the time" if exact else "no image fitted the noise"
+            reason = ("no image read in the time" if exact else "no image fitted the noise" if obs.obfuscation
+                      else "no image fitted the delta: its local steps move the weights between the gradients "
+                           "it sums")
             if not exact and obs.num_images > SAMPLE_MAX_RANK:  # a noisy update of a large batch fails for its size
                 # as much as for its noise: random row sets rarely hold N - 1 rows where one image is inactive
                 reason += (f"; past {SAMPLE_MAX_RANK} images the row sets drawn rarely hold {obs.num_images - 1} "
