@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 import time
@@ -295,8 +296,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.clients < 1:
         raise UserError(f"--clients must be a positive integer, got {a.clients}")
-    if a.fedavg_lr <= 0:
-        raise UserError(f"--fedavg-lr must be positive, got {a.fedavg_lr:g}")
+    if not (math.isfinite(a.fedavg_lr) and a.fedavg_lr > 0):
+        raise UserError(f"--fedavg-lr must be a positive number, got {a.fedavg_lr:g}")
 
     import yaml
     extra: dict[str, dict] = {}
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
         lr_key = ""
         if proto.algorithm == "fedavg" and a.fedavg_lr != FEDAVG_LR:  # the default's keys as before
             proto = dataclasses.replace(proto, local_lr=a.fedavg_lr)
-            lr_key = f"|lr{a.fedavg_lr:g}"
+            lr_key = f"|lr{a.fedavg_lr!r}"  # every digit: two rates never share a key
         lr_field = {"fedavg_lr": proto.local_lr} if proto.algorithm == "fedavg" else {}
         for B, idx in obs_list:
             batch = ds.batch(idx)
@@ -374,8 +375,10 @@ def main(argv=None) -> int:
     print(f"# gradleak leakage benchmark ({a.split} draw of the train split)\n")
     who = ("one client" if a.clients == 1 else f"{a.clients} clients, the server seeing only the mean of their "
            f"updates (each obfuscated by its client)")
+    fedavg = (f" (5 full-batch local steps of learning rate {a.fedavg_lr:g})" if "fedavg5" in a.obfuscations
+              else "")
     print(f"{a.arch} at random initialisation, {a.size} px real chest X-rays, {who}; FedSGD unless "
-          f"FedAvg (5 full-batch local steps of learning rate {a.fedavg_lr:g}); "
+          f"FedAvg{fedavg}; "
           f"labels inferred, not given; no BatchNorm. Budget per attack and observation: {a.time_budget:g} s"
           + (f", at most {a.iterations} iterations" if a.iterations else "")
           + f" (torch {torch.__version__}, {torch.get_num_threads()} threads, {a.device}).\n")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gradleak.errors import UserError, exit_code
 
 from conftest import require_shared
@@ -110,11 +112,34 @@ def test_leakage_benchmark_fedavg_column_at_another_learning_rate(tmp_path):
     assert f"{default['psnr']:.1f} / " in row, (row, default)
 
 
-def test_leakage_benchmark_refuses_a_learning_rate_that_is_not_positive_in_one_line():
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "leakage.py"), "--fedavg-lr", "0"],
+@pytest.mark.parametrize("lr", ["0", "-0.1", "nan", "inf"])
+def test_leakage_benchmark_refuses_a_learning_rate_that_is_not_a_positive_number_in_one_line(lr):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "leakage.py"), "--fedavg-lr", lr],
                        capture_output=True, text=True, timeout=300)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert p.returncode == 2 and lines == ["leakage.py: error: --fedavg-lr must be positive, got 0"], lines
+    assert p.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("leakage.py: error: --fedavg-lr must be a positive number, got "), lines
+
+
+def test_leakage_tables_show_each_fedavg_rate_its_own_cells():
+    # a FedAvg cell written before the rate was recorded is the default rate's; a cell at another rate
+    # never enters the default's table, nor the default's that one's
+    m = _leakage_module()
+    idx = [1, 2]
+
+    def cell(attack, psnr, **lr):
+        return {"obf": "fedavg5", "attack": attack, "B": 2, "clients": 1, "indices": idx, "psnr": psnr,
+                "ssim": 0.5, "label_accuracy": 1.0, "reid_top1_hits": None, "reid_n": 0, "iip_hits": 1,
+                "iip_n": 2, **lr}
+    results = {"old|auto": cell("auto", 30.0), "old|blind": cell("blind", 15.0),
+               "new|auto": cell("auto", 10.0, fedavg_lr=0.025), "new|blind": cell("blind", 14.0, fedavg_lr=0.025)}
+    for lr, own, blind in [(0.1, "30.0 /", "+15.0 dB"), (0.025, "10.0 /", "-4.0 dB")]:
+        text = m.table(results, 2, ["blind", "auto"], ["fedavg5"], 1, lr)
+        row = next(line for line in text.splitlines() if line.startswith("| auto"))
+        assert own in row and "20.0" not in row, (lr, row)
+        assert blind in text, (lr, text)
+        reid = m.reid_table(results, 2, ["blind", "auto"], ["fedavg5"], 1, lr)
+        assert "1/2" in reid and "2/4" not in reid, (lr, reid)
 
 
 def test_leakage_benchmark_refuses_fewer_than_one_client_in_one_line(tmp_path):

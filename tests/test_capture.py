@@ -133,15 +133,34 @@ attack: {{name: ig, settings: {{iterations: 1, restarts: 1}}}}
     assert (tmp_path / "a" / "metrics.json").is_file() and "warning" not in p.stderr
 
 
-def test_a_client_whose_local_training_diverged_is_a_one_line_error_and_writes_nothing(tmp_path):
-    # five local steps of learning rate 10 overflow these four phantoms' FedAvg delta to NaN
+@pytest.mark.parametrize("clients", [1, 2])
+def test_a_client_whose_local_training_diverged_is_a_one_line_error_and_writes_nothing(tmp_path, clients):
+    # five local steps of learning rate 1e30 overflow the FedAvg delta to NaN
     out = tmp_path / "cap"
-    assert_user_error(gradleak("capture", "--data", "phantoms:n=64", "--indices", "0,3,6,9", "--size", 16,
-                               "--algorithm", "fedavg", "--local-steps", 5, "--local-lr", 10, "--out", out / "obs.pt",
-                               check=False),
-                      "update of 'conv1.weight' has NaN or Inf entries", "local training diverged",
-                      "5 steps of learning rate 10", "lower the local learning rate")
+    p = gradleak("capture", "--data", "phantoms", "--size", 16, "--batch-size", 4 // clients,
+                 "--num-clients-averaged", clients, "--algorithm", "fedavg", "--local-steps", 5, "--local-lr", 1e30,
+                 "--out", out / "obs.pt", check=False)
+    assert_user_error(p, "client's update of '" if clients == 1 else "client 1 of 2's update of '",
+                      "has NaN or Inf entries", "local training diverged", "5 steps of learning rate 1e+30",
+                      "lower the local learning rate")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_model_sent_with_nan_weights_is_refused_before_any_client_runs(tmp_path):
+    path, state = _model_file(tmp_path / "model.pt", size=16)
+    state = {k: v.clone() for k, v in state.items()}
+    state["classifier.weight"][0, 0] = float("nan")
+    save_model(path, {"arch": "lenet_zhu", "num_classes": 2, "in_channels": 1, "image_size": 16}, state, round=3)
+    with pytest.raises(UserError, match="the model the server sent has NaN or Inf entries in 'classifier.weight'"):
+        capture_batch(PHANTOMS, protocol=Protocol(), batch_size=2, model_state=path)
+    # a FedSGD gradient that overflows names neither local steps nor a learning rate
+    _, state = _model_file(tmp_path / "m2.pt", arch="lenet5", size=16)
+    big = {k: v * 1e30 for k, v in state.items()}  # finite weights whose products overflow
+    save_model(tmp_path / "m2.pt", {"arch": "lenet5", "num_classes": 2, "in_channels": 1, "image_size": 16}, big,
+               round=3)
+    with pytest.raises(UserError, match=r"the client's update of '.*' has NaN or Inf entries: its loss or gradient "
+                                        r"overflowed \(the model's weights or the images too large\)"):
+        capture_batch(PHANTOMS, protocol=Protocol(), batch_size=2, model_state=tmp_path / "m2.pt")
 
 
 # ------------------------------------------------------------------------------------------ resource limits

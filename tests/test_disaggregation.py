@@ -1562,8 +1562,13 @@ def test_a_quantized_update_is_refined_on_the_layer_where_its_rows_per_pattern_a
 
 
 def test_auto_says_a_fedavg_delta_that_did_not_separate_is_the_local_steps_drift_not_noise():
-    # sixteen phantoms, five local steps of learning rate 1: no image separates from the delta, which has no
-    # noise; what no image fitted is the weights' drift between the gradients it sums
+    # sixteen phantoms, whose FedSGD gradient separates into every image; under five local steps of learning
+    # rate 1 none separates from the delta, which has no noise: what no image fitted is the weights' drift
+    # between the gradients it sums
+    fedsgd, _ = _phantom_obs(16)
+    found = leak(fedsgd, Simulator(fedsgd), generator=torch.Generator().manual_seed(0), time_limit=4,
+                 invert_iterations=1)
+    assert found.info["separated"] == 16, found.info
     obs, _ = _phantom_obs(16, protocol=Protocol("fedavg", local_steps=5, local_lr=1.0))
     rec = run_attack("auto", obs, {"time_budget": 8}, progress=False)
     p = rec.extras["pipeline"]
