@@ -32,7 +32,8 @@ from gradleak.federated.simulation import Evaluation, Settings, SimulationResult
 from gradleak.flower import (CaptureStrategy, central_dp, choose_engine, noise_generator,  # noqa: E402
                              obfuscation_mod, observation_from_reply, train_reply)
 from gradleak.flower import simulate as flower_simulate  # noqa: E402
-from gradleak.flower.records import read_info, to_record, to_tensors  # noqa: E402
+from gradleak.flower.capture import NonFiniteReply  # noqa: E402
+from gradleak.flower.records import read_info, reply, to_record, to_tensors  # noqa: E402
 from gradleak.models import build  # noqa: E402
 
 SIZE = 16
@@ -149,6 +150,37 @@ def test_capture_needs_a_protocol_and_refuses_weights_read_as_a_gradient(hospita
     assert obs.num_images == len(clients[0])
     with pytest.raises(UserError, match="weight delta"):
         observation_from_reply(reply, state, model=HEADER, protocol=Protocol("fedsgd"))
+
+
+def test_a_diverged_client_sends_nothing_and_the_capture_goes_on(hospitals, tmp_path):
+    x, y, clients, _, _ = hospitals
+    state = _model().state_dict()
+    msg = _train_message(state)
+    images, labels = x[clients[0]], y[clients[0]]
+    with pytest.raises(UserError, match=r"NaN or Inf entries: its local training diverged \(2 steps of learning "
+                                        r"rate 1e\+30: lower the local learning rate\)"):
+        train_reply(msg, _model(), images, labels, Protocol("fedavg", local_steps=2, local_lr=1e30))
+    poisoned = {k: v.clone() for k, v in state.items()}
+    poisoned["fc1.weight"][0, 0] = float("nan")
+    with pytest.raises(UserError, match="the model the server sent has NaN or Inf entries in 'fc1.weight'"):
+        train_reply(_train_message(poisoned), _model(), images, labels, PROTOCOL)
+    # a client without gradleak's train function can still send one: the server writes the others and lists it
+    sent_back = train_reply(msg, _model(), images, labels, PROTOCOL)
+    good = reply(msg, to_tensors(sent_back.content["arrays"]), len(images), {**read_info(sent_back.content),
+                                                                             "client": 0})
+    after = {k: v.clone() for k, v in to_tensors(sent_back.content["arrays"]).items()}
+    after["conv2.weight"][0, 0, 0, 0] = float("inf")
+    bad = reply(msg, after, len(images), {**read_info(sent_back.content), "client": 1})
+    with pytest.raises(NonFiniteReply, match="'conv2.weight' has NaN or Inf entries"):
+        observation_from_reply(bad, state, model=HEADER)
+    strategy = CaptureStrategy(FedAvg(), tmp_path / "captured", model=HEADER)
+    strategy.sent[1] = state
+    strategy.aggregate_train(1, [good, bad])
+    index = json.loads((tmp_path / "captured" / "captures.json").read_text())
+    assert [(e["client"], "file" in e, "refused" in e) for e in index] == [(0, True, False), (1, False, True)]
+    assert "diverged" in index[1]["refused"] and not (tmp_path / "captured" / "round001" / "client1.pt").exists()
+    obs = observation.load(tmp_path / "captured" / index[0]["file"])
+    assert torch.allclose(obs.update["fc1.weight"], _expected_update(state, images, labels)["fc1.weight"], atol=1e-7)
 
 
 def test_records_keep_shapes_dtypes_and_order():

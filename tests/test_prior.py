@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -214,6 +215,7 @@ def test_calibration_plays_client_on_auxiliary_patients_and_tells_the_regimes_ap
     from gradleak.capture import capture
     from gradleak.experiment.calibrate import calibrate_like
     from gradleak.federated import Protocol
+    from gradleak.federated.protocol import ObservedProtocol
     from gradleak.prior.degrade import check_degradation
 
     ds = load_dataset("phantoms", n=24, size=16)
@@ -234,6 +236,14 @@ def test_calibration_plays_client_on_auxiliary_patients_and_tells_the_regimes_ap
     assert fits["noise"]["latent_noise"] > fits["none"]["latent_noise"]
     with pytest.raises(UserError, match="auxiliary patients left"):
         calibrate_like(obs, ds, exclude_patients=sorted(set(ds.patient_ids)), images=1)
+    # the auxiliary captures are the client's own: where its training diverges, the error says it was calibration's
+    b2 = ds.batch([0, 1])
+    fedavg, _ = capture(b2.images, b2.labels, arch="lenet5", protocol=Protocol("fedavg", 2, 0.1))
+    diverging = dataclasses.replace(fedavg, protocol=ObservedProtocol.from_header(
+        {**fedavg.protocol.header(), "local_lr": 1e30}))
+    with pytest.raises(UserError, match=r"^calibration: auxiliary batch 1: the client's update of '\w+\.weight' has "
+                                        r"NaN or Inf entries: its local training diverged"):
+        calibrate_like(diverging, ds, exclude_patients=b2.patient_ids, images=1, attack_settings={"iterations": 2})
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -22,7 +22,7 @@ import torch
 from .files import atomic_path
 from . import obfuscation, observation
 from .errors import UserError
-from .federated import Protocol, client_update
+from .federated import Protocol, check_finite, client_update, nonfinite
 from .federated.arithmetic import mean_buffers, mean_update
 from .federated.protocol import client_slices
 from .models import build
@@ -45,18 +45,6 @@ class Truth:
     names: list[str]
     indices: list[int]
     observation_digest: str | None = None
-
-
-def _check_finite(update: dict[str, torch.Tensor], protocol: Protocol, client: int, clients: int) -> None:
-    """A client's update with NaN or Inf entries is no update a server receives: its training diverged."""
-    bad = [k for k, v in update.items() if not torch.isfinite(v).all()]
-    if not bad:
-        return
-    who = "the client's" if clients == 1 else f"client {client + 1} of {clients}'s"
-    why = (f"its local training diverged ({protocol.local_steps} steps of learning rate {protocol.local_lr:g}: "
-           f"lower the local learning rate)" if protocol.algorithm == "fedavg"
-           else "its loss or gradient overflowed (the model's weights or the images too large)")
-    raise UserError(f"{who} update of '{bad[0]}' has NaN or Inf entries: {why}")
 
 
 def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: Protocol,
@@ -89,16 +77,16 @@ def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: 
     if global_state is not None:
         model.load_state_dict(global_state)
     sent = {name: v.detach().clone() for name, v in model.state_dict().items()}
-    bad = [k for k, v in sent.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(f"the model the server sent has NaN or Inf entries in '{bad[0]}'")
+    bad = nonfinite(sent)
+    if bad is not None:
+        raise UserError(f"the model the server sent has NaN or Inf entries in '{bad}'")
     generator = torch.Generator().manual_seed(int(obfuscation_seed))
     context = obfuscation.Context.from_protocol(observed)
     updates, records, costs, buffers = [], [], [], []
     slices = client_slices(n, observed.num_clients_averaged)
     for i, sl in enumerate(slices):
         update, buffers_after = client_update(model, sent, images[sl], labels[sl], protocol)
-        _check_finite(update, protocol, i, len(slices))
+        check_finite(update, protocol, "the client's" if len(slices) == 1 else f"client {i + 1} of {len(slices)}'s")
         update, recs, bits = obfuscation.apply(specs, update, generator, context)
         updates.append(update)
         records.append(recs)

@@ -61,11 +61,14 @@ def calibrate_like(obs: Observation, dataset, *, exclude_patients: Iterable[str]
     settings = {**CALIBRATION_ATTACK, **(attack_settings or {})}
     clean, outputs = [], []
     for j in range(0, len(chosen), batch):
-        aux = capture_batch(dataset, indices=chosen[j:j + batch], protocol=obs.protocol, seed=seed + j,
-                            arch=obs.model["arch"], num_classes=int(obs.model["num_classes"]),
-                            options=obs.model.get("options"), global_state=obs.global_state,
-                            labels_known=obs.labels is not None, obfuscations=specs,
-                            mean=obs.data.get("mean", (0.5,)), std=obs.data.get("std", (0.5,)))
+        try:
+            aux = capture_batch(dataset, indices=chosen[j:j + batch], protocol=obs.protocol, seed=seed + j,
+                                arch=obs.model["arch"], num_classes=int(obs.model["num_classes"]),
+                                options=obs.model.get("options"), global_state=obs.global_state,
+                                labels_known=obs.labels is not None, obfuscations=specs,
+                                mean=obs.data.get("mean", (0.5,)), std=obs.data.get("std", (0.5,)))
+        except UserError as e:  # e.g. an auxiliary batch on which the client's training diverges
+            raise UserError(f"calibration: auxiliary batch {j // batch + 1}: {e}") from None
         images = aux.truth.images
         rec = run_attack("rog", aux.observation, settings, seed=seed + j, progress=False)
         order = pair_by_mse(images, rec.images) if batch > 1 else [0]

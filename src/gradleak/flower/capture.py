@@ -24,6 +24,7 @@ clip record follows the client's own records.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -40,6 +41,7 @@ from .. import obfuscation
 from ..errors import UserError
 from ..files import write_text
 from ..models import build_from_header, parameter_names
+from ..federated.client import nonfinite
 from ..federated.protocol import ObservedProtocol
 from ..observation import Observation, save
 from .mod import ProtocolSource, protocol_header
@@ -48,6 +50,11 @@ from .records import BUFFERS_KEY, Tensors, array_key, num_examples, read_info, t
 SERVER_CLIPPING = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)
 CLIENT_CLIPPING = (DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyClientSideAdaptiveClipping)
 DEFAULT_DATA = {"value_range": [0, 1], "mean": [0.5], "std": [0.5]}
+log = logging.getLogger(__name__)
+
+
+class NonFiniteReply(UserError):
+    """A reply whose update has NaN or Inf entries (the client's training diverged): no Observation."""
 
 
 def central_dp(strategy: Strategy, unclipped: bool = False) -> dict[str, Any] | None:
@@ -97,6 +104,10 @@ def observation_from_reply(msg: Message, sent: Tensors, *, model: dict[str, Any]
     if missing:
         raise UserError(f"capture: the reply has no array '{missing[0]}' of {model['arch']}")
     update = {n: arrays[n] - sent[n] if mode == "weights" else arrays[n] for n in params}
+    bad = nonfinite(update)
+    if bad is not None:
+        raise NonFiniteReply(f"capture: the reply's update of '{bad}' has NaN or Inf entries (the client's "
+                             f"training diverged): no update a server can attack")
     records = list(info.get("obfuscation", []))
     if dp is not None:
         clipped, record = _clip_record(update, dp)
@@ -154,7 +165,13 @@ class CaptureStrategy(Strategy):
             dp = central_dp(self.strategy, self.unclipped)
             for msg in replies:
                 if not msg.has_error():
-                    self._write(server_round, sent, msg, dp)
+                    try:
+                        self._write(server_round, sent, msg, dp)
+                    except NonFiniteReply as e:  # one client's diverged reply does not stop the capture
+                        client = read_info(msg.content).get("client", int(msg.metadata.src_node_id))
+                        self.captured.append({"round": server_round, "client": client,
+                                              "node_id": int(msg.metadata.src_node_id), "refused": str(e)})
+                        log.warning(f"round {server_round}, client {client}: {e}")
             write_text(self.folder / "captures.json", json.dumps(self.captured, indent=2) + "\n")
         return self.strategy.aggregate_train(server_round, replies)
 
@@ -192,4 +209,4 @@ class CaptureStrategy(Strategy):
         return getattr(self.strategy, name)
 
 
-__all__ = ["CaptureStrategy", "central_dp", "observation_from_reply"]
+__all__ = ["CaptureStrategy", "NonFiniteReply", "central_dp", "observation_from_reply"]
