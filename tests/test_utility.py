@@ -261,6 +261,22 @@ def test_utility_cli_on_flowers_engine_matches_the_built_in_loop(tmp_path):
     assert (tmp_path / "flower" / "model.pt").is_file()
 
 
+def test_a_diverged_client_stops_the_run_with_one_line_on_either_engine(tmp_path):
+    """A client whose local training overflows would leave the model NaN and its accuracy meaningless: the run
+    stops with the round, the client and the remedy, and writes nothing (Flower's node sends the reason back)."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    for engine in ("flower", "local"):
+        cfg = tmp_path / f"{engine}.yaml"
+        cfg.write_text(FLOWER_TINY.format(out=tmp_path / "exp", engine=engine))
+        out = tmp_path / f"run-{engine}"
+        p = gradleak("utility", cfg, "--set", "federation.local_lr=1e30", "--out", out, "--quiet", check=False)
+        assert_user_error(p, "gradleak: error: round 1: client ", ": the client's update of '",
+                          "' has NaN or Inf entries: its local training diverged (",
+                          " steps of learning rate 1e+30: lower the local learning rate)")
+        assert not out.exists() and (not (tmp_path / "exp").exists() or not any((tmp_path / "exp").iterdir()))
+
+
 def test_engine_flower_without_flower_installed_is_a_one_line_error(tmp_path):
     cfg = tmp_path / "u.yaml"
     cfg.write_text(FLOWER_TINY.format(out=tmp_path / "exp", engine="flower"))

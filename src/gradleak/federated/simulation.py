@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..obfuscation import accounting
 from .evaluation import binary_metrics
 from .arithmetic import mean_buffers, mean_update
-from .client import client_update
+from .client import check_finite, client_update
 from .protocol import ObservedProtocol, Protocol, Tensors, split_state
 from .settings import MONITORS, Evaluation, Settings
 
@@ -261,6 +261,10 @@ class _Federation:
         for job in jobs:
             sel = torch.as_tensor(self.clients[job.client][job.positions], device=self.x.device)
             update, buf = client_update(self.model, state, self.x[sel], self.y[sel], job.protocol)
+            try:
+                check_finite(update, job.protocol)
+            except UserError as e:  # the run stops: accuracy of a model with NaN weights means nothing
+                raise UserError(f"round {r}: client {job.client}: {e}") from None
             context = obfuscation.Context.from_protocol(job.observed, sample_rate=s.sample_rate, rounds=s.rounds)
             update, records, b = obfuscation.apply(self.specs, {k: v.cpu() for k, v in update.items()},
                                                    self.noise, context)

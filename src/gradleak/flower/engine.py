@@ -44,7 +44,7 @@ from ..federated.protocol import Protocol, Tensors
 from ..federated.simulation import ClientJob, ClientRunner, Settings, SimulationResult, Uploads
 from .client import train_reply
 from .mod import obfuscation_mod
-from .records import ARRAYS_KEY, BUFFERS_KEY, ROUND, client_of, read_info, to_record, to_tensors
+from .records import ARRAYS_KEY, BUFFERS_KEY, REFUSED_KEY, ROUND, client_of, read_info, to_record, to_tensors
 
 NODE_TIMEOUT_S = 300.0  # how long the server waits for the virtual nodes to come up
 _FETCHED: dict[str, Any] = {}  # per process (each Ray worker): what it has read from the object store
@@ -78,7 +78,12 @@ def client_app(model_ref, data_refs: Sequence[Any], specs: Sequence[dict[str, An
         config = msg.content["config"]
         pos = torch.as_tensor(list(config["positions"]), dtype=torch.int64)
         proto = Protocol.from_header(json.loads(str(config["protocol"])))
-        return train_reply(msg, _fetch(model_ref), images[pos], labels[pos], proto, send="update", device=device)
+        try:
+            return train_reply(msg, _fetch(model_ref), images[pos], labels[pos], proto, send="update",
+                               device=device)
+        except UserError as e:  # e.g. its training diverged: the server stops the run with this one line
+            why = f"round {int(config[ROUND])}: client {client_of(context)}: {e}"
+            return Message(RecordDict({REFUSED_KEY: ConfigRecord({"reason": why})}), reply_to=msg)
 
     return app
 
@@ -111,6 +116,8 @@ def _train(grid: Grid, nodes: dict[int, int], r: int, state: Tensors, jobs: list
     out = []
     for job in jobs:
         rep = by_node.get(nodes[job.client])
+        if rep is not None and not rep.has_error() and REFUSED_KEY in rep.content:
+            raise UserError(str(rep.content[REFUSED_KEY]["reason"]))
         if rep is None or rep.has_error():
             reason = rep.error.reason if rep is not None else "no reply"
             raise RuntimeError(f"client {job.client} failed in round {r}: {reason}")

@@ -31,8 +31,8 @@ from torch import nn
 from .. import obfuscation
 from ..errors import UserError
 from ..federated.protocol import ObservedProtocol, Protocol
-from .records import array_key, client_of, is_train, num_examples, read_info, round_of, to_record, to_tensors, \
-    write_info
+from .records import REFUSED_KEY, array_key, client_of, is_train, num_examples, read_info, round_of, to_record, \
+    to_tensors, write_info
 
 ProtocolSource = Protocol | Callable[[int], Protocol] | None
 
@@ -84,7 +84,7 @@ class ObfuscationMod:
             return call_next(msg, context)
         sent = to_tensors(msg.content[array_key(msg.content, "the server's train message")])
         out = call_next(msg, context)
-        if out.has_error():
+        if out.has_error() or REFUSED_KEY in out.content:  # nothing to obfuscate
             return out
         key = array_key(out.content, "the client's train reply")
         info = read_info(out.content)

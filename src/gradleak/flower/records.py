@@ -33,6 +33,7 @@ INFO_KEY = "gradleak"
 ARRAYS_KEY = "arrays"  # Flower's strategies send and expect the model under this key
 METRICS_KEY = "metrics"
 BUFFERS_KEY = "gradleak-buffers"  # buffers travel here when the ArrayRecord holds an update
+REFUSED_KEY = "gradleak-refused"  # a utility run's client that sends nothing says why here (e.g. it diverged)
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights replies by this metric
 ROUND = "server-round"  # Flower's strategies put the round number into the train config
 PARTITION_ID = "partition-id"  # what Flower's simulation engine tells each virtual node
@@ -120,5 +121,5 @@ def reply(msg: Message, arrays: Tensors, examples: int, info: dict[str, Any],
     return Message(content, reply_to=msg)
 
 
-__all__ = ["ARRAYS_KEY", "BUFFERS_KEY", "INFO_KEY", "NUM_EXAMPLES", "ROUND", "array_key", "client_of", "is_train",
-           "num_examples", "read_info", "reply", "round_of", "to_record", "to_tensors", "write_info"]
+__all__ = ["ARRAYS_KEY", "BUFFERS_KEY", "INFO_KEY", "NUM_EXAMPLES", "REFUSED_KEY", "ROUND", "array_key", "client_of",
+           "is_train", "num_examples", "read_info", "reply", "round_of", "to_record", "to_tensors", "write_info"]
