@@ -365,6 +365,8 @@ def main(argv=None) -> int:
                                 "objective": rec.threat_model.get("objective"), "converged": rec.converged,
                                 "pipeline": (rec.extras.get("pipeline") or {}).get("note"),
                                 "stages": (rec.extras.get("pipeline") or {}).get("stages"),
+                                # auto on an exact update: how near its images' update comes, against grey's
+                                "fit": (rec.extras.get("pipeline") or {}).get("fit"),
                                 **reidentification(ds, idx, batch, rec.images, m)}
                 print(f"[{time.time() - started:6.0f}s] {o:9s} B={B}{clients_tag} {name:9s} {idx}: "
                       f"PSNR {m['psnr']:.2f} "

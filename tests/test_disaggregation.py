@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -717,13 +718,15 @@ def test_auto_reconstructs_a_lenet5_batch_and_says_how():
     p = rec.extras["pipeline"]
     assert p["leaky_layer"] == "fc1" and p["separated"] == 4
     assert "gradient-matching refinement" in p["stages"]  # an exact update: refinement only sharpens
+    assert p["fit"]["fits"] and p["fit"]["relative_residual"] < 0.2, p["fit"]  # and its images reproduce it
+    assert "do not reproduce" not in p["note"]
 
 
 def test_a_quantised_update_separated_whole_is_not_refined_into_its_noise():
     obs, batch = _phantom_obs(4, obfuscations=[{"name": "uniform", "bits": 8}])
     rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 300}, progress=False)
     p = rec.extras["pipeline"]
-    assert p["separated"] == 4
+    assert p["separated"] == 4 and "fit" not in p  # a rounded update's residual holds the rounding
     assert p["kept"].startswith("inverted") and "gradient-matching refinement" not in p["stages"]
     assert "refinement" not in rec.threat_model["attack_pipeline"]
     assert score(batch.images, batch.labels, rec.images, rec.labels)["psnr"] > 25
@@ -740,6 +743,38 @@ def test_auto_falls_back_to_optimisation_without_a_leaky_layer():
     assert p["leaky_layer"] is None and p["stages"] == ["rog"]
     assert "no linear layer" in p["note"] and "fell back" in p["note"]
     assert rec.images.shape == batch.images.shape
+    # an exact update: how well the fallback's images reproduce it is said, and the note agrees
+    fit = p["fit"]
+    assert fit["relative_residual"] > 0 and fit["fits"] == (fit["relative_residual"] < fit["grey_residual"])
+    assert ("do not reproduce the exact update" in p["note"]) == (not p["fit"]["fits"])
+
+
+def test_update_fit_judges_images_by_the_exact_update_they_give():
+    """The relative residual of the images' simulated update (FedAvg's local steps unrolled): the batch's own
+    images and labels reproduce the update; the same images with every label flipped give an update farther
+    from it than uniform grey images do; nothing is judged where the residual would hold an obfuscation's error
+    or where which images trained together is not known."""
+    from gradleak.attacks.auto import fit_note, update_fit
+
+    fedavg = Protocol("fedavg", local_steps=3, local_lr=0.05)
+    obs, batch = _phantom_obs(4, protocol=fedavg)
+    own = update_fit(obs, batch.images, batch.labels)
+    assert own["fits"] and own["relative_residual"] < 1e-4, own
+    flipped = update_fit(obs, batch.images, 1 - batch.labels)
+    assert not flipped["fits"] and flipped["relative_residual"] >= flipped["grey_residual"] > 0.5, flipped
+    assert update_fit(obs, batch.images, None) is None  # no labels: the observation has none either
+    rounded, _ = _phantom_obs(4, protocol=fedavg, obfuscations=[{"name": "uniform", "bits": 8}])
+    assert update_fit(rounded, batch.images, batch.labels) is None
+    two = dataclasses.replace(fedavg, num_clients_averaged=2)
+    mean, pair = _phantom_obs(4, protocol=two)
+    assert update_fit(mean, pair.images, pair.labels) is None
+    sgd, pair = _phantom_obs(4, protocol=Protocol(num_clients_averaged=2))
+    assert update_fit(sgd, pair.images.flip(0), pair.labels.flip(0))["relative_residual"] < 1e-4  # any order
+    # the note keeps its text where the images fit and says so where they do not
+    assert fit_note("layer 'fc1' leaked 4 of 4 images separately", own) == "layer 'fc1' leaked 4 of 4 images separately"
+    assert fit_note("layer 'fc1' leaked 4 of 4 images separately", flipped).startswith(
+        "layer 'fc1' leaked 4 of 4 images separately; but its images do not reproduce the exact update (relative "
+        f"residual {flipped['relative_residual']:.3g}, a uniform grey batch's {flipped['grey_residual']:.3g})")
 
 
 @pytest.mark.parametrize("R", [1, 2, 3, 4, 8, 16])

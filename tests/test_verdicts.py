@@ -217,6 +217,38 @@ def test_a_leaky_layer_left_unseparated_is_never_low_risk():
     assert text.startswith("Inconclusive: the attack stopped before converging")
 
 
+def test_images_that_do_not_reproduce_an_exact_update_are_never_low_risk():
+    # auto separated every image, but their simulated update is no nearer the received one than uniform grey
+    # images give (e.g. FedAvg local steps that overshoot): what it reached is not what the update holds
+    from gradleak.report.summary import _budget_stats, leak_text
+    from gradleak.report.verdicts import UNFIT
+
+    def row(fit):
+        return {"budget": {"converged": True, "iterations": 10, "seconds": 5.0,
+                           "pipeline": {"leaky_layer": "fc1", "separated": 4, "images": 4, "fit": fit}}}
+    bad = {"relative_residual": 5.37, "grey_residual": 0.97, "fits": False}
+    good = {"relative_residual": 0.1, "grey_residual": 0.97, "fits": True}
+    stats = _budget_stats([row(bad), row(good), row({"relative_residual": 4.13, "grey_residual": 0.9, "fits": False})])
+    assert stats["unfit"] == 2 and (stats["unfit_residual"], stats["unfit_grey"]) == (5.37, 0.97)
+    assert stats["unseparated"] == 0
+    s = {**_stats(skill=0.1, converged=(True, True, True)), **stats}
+    assert risk(s) == "inconclusive"
+    text = verdict(s, None, None)
+    assert text.startswith(UNFIT[0].upper() + UNFIT[1:]) and "never its absence" in text, text
+    assert ("its images do not reproduce the update in 2 of 3 runs (relative residual 5.37 against uniform grey "
+            "images' 0.97)") in text
+    assert "do not reproduce the update" in leak_text({**stats, "cells": 3})
+    for rows in ([row(good)], [row(None)], [{"budget": {"converged": True}}]):  # fits, or not judged
+        stats = _budget_stats(rows)
+        assert stats["unfit"] == 0 and stats["unfit_residual"] is None
+        assert risk({**_stats(skill=0.0), **stats}) == "low"
+        assert "reproduce" not in verdict({**_stats(skill=0.0), **stats}, None, None)
+    # a leak shown stays a leak, and the other reasons come first
+    assert risk({**_stats(skill=0.9), **_budget_stats([row(bad)])}) == "high"
+    text = verdict({**_stats(skill=0.0), **_budget_stats([row(bad)]), "converged": [False]}, None, None)
+    assert text.startswith("Inconclusive: the attack stopped before converging")
+
+
 def test_how_the_update_leaked_is_said_only_where_auto_found_a_leaking_layer():
     from gradleak.report.summary import leak_text
 

@@ -9,8 +9,8 @@ import json
 from collections import OrderedDict
 from typing import Any, Iterable
 
-from .verdicts import (INCONCLUSIVE, RISK_ORDER, UNSEPARATED, all_converged, budget_text, image_level, image_phrase,
-                       num, reid_significant, risk)
+from .verdicts import (INCONCLUSIVE, RISK_ORDER, UNFIT, UNSEPARATED, all_converged, budget_text, image_level,
+                       image_phrase, num, reid_significant, risk)
 
 #: Grid keys that vary the sample, not the setting: averaged over in the summary.
 SAMPLE_KEYS = ("seed", "capture.indices", "capture.model_seed")
@@ -120,12 +120,18 @@ def _budget_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
                    and int(p.get("separated") or 0) < int(p["images"])]
     # how auto read the update where it found such a layer: how many images it separated, and in how many
     # cells the mean of several clients' updates was first split into each client's
+    # auto's images that do not reproduce an exact update (a zero update would be nearer it): they show what
+    # the attack reached, not what the update holds, whatever it separated
+    unfit = [(float(p["fit"]["relative_residual"]), p["fit"].get("grey_residual")) for p in pipes
+             if isinstance(p.get("fit"), dict) and p["fit"].get("fits") is False]
     leaked = [p for p in pipes if p.get("leaky_layer") and p.get("images")]
     split = [p for p in pipes if isinstance(p.get("clients_split"), dict)]
     return {"converged": conv, "iterations": its, "seconds": secs,
             "seconds_per_iteration": (secs / its) if its and secs is not None else None,
             "inputs_like_noise": sum(noise) if noise else None,
             "unseparated": len(unseparated), "unseparated_layers": sorted(set(unseparated)),
+            "unfit": len(unfit), "unfit_residual": max(unfit)[0] if unfit else None,
+            "unfit_grey": max(unfit)[1] if unfit else None,
             "leaky_layers": sorted({str(p["leaky_layer"]) for p in leaked}),
             "separated": sum(int(p.get("separated") or 0) for p in leaked) if leaked else None,
             "separated_of": sum(int(p["images"]) for p in leaked) if leaked else None,
@@ -361,6 +367,8 @@ def leak_text(s: dict[str, Any]) -> str | None:
     text = (f"the update of {names}, a linear layer into a ReLU, carries each image's input to it; "
             + (f"it separated into {sep} of {s.get('separated_of')} images" if sep else
                f"it did not separate into any of the {s.get('separated_of')} images"))
+    if sep and s.get("unfit"):  # counted as separated, yet their update is not the one received
+        text += " (whose images do not reproduce the update: the count is the attack's, not a proof)"
     split = int(s.get("clients_split") or 0)
     if split:
         k = "/".join(str(n) for n in s.get("split_into") or []) or "several"
@@ -381,7 +389,7 @@ def verdict(s: dict[str, Any], utility: dict[str, Any] | None, baseline_auc: flo
     if risk(s) == "inconclusive":
         why = (INCONCLUSIVE if not all_converged(s) else
                "inconclusive: no blind baseline to judge the images against"
-               if image_level(s.get("ssim_skill")) is None else UNSEPARATED)
+               if image_level(s.get("ssim_skill")) is None else UNSEPARATED if s.get("unseparated") else UNFIT)
         parts.append(cap(why) + " — it can show a leak, never its absence")
     parts.append(image_text(s) if parts else cap(image_text(s)))
     if s.get("reid_n"):

@@ -18,7 +18,9 @@ Risk, per setting, for the attack that leaks most:
 * **inconclusive** (instead of low): the attack stopped before converging -- an attack that stopped early
   can show a leak, never its absence --, or ``auto`` found a layer whose update leaks whole batches but
   did not separate it into the images (its fallback's images then show what that attack reached, not what
-  the update holds), or there is no blind baseline to judge the images against;
+  the update holds), or ``auto``'s images do not reproduce an exact update (their simulated update is no
+  nearer the received one than a batch of uniform grey images gives), or there is no blind baseline to judge
+  the images against;
 * **low**: none of the above, with every attack converged.
 
 "Clearly better": one-sided binomial test against the chance level, p < 0.05 after a Bonferroni
@@ -48,6 +50,12 @@ INCONCLUSIVE = "inconclusive: the attack stopped before converging"
 #: the same obfuscations separate and reach 32.8 and 37.3 dB (top-k 10 % separates at B = 32 too since the
 #: separation's integer programming: 31.34 dB there against the blind 17.27).
 UNSEPARATED = "inconclusive: the update of a layer that leaks whole batches did not separate into the images"
+#: Why a setting is inconclusive where ``auto``'s images do not reproduce the exact update they came from (their
+#: simulated update no nearer the received one than uniform grey images give, :func:`gradleak.attacks.auto.update_fit`):
+#: e.g. a separation of FedAvg local steps that overshoot (real X-rays, 64 px, B = 4, 5 steps of learning rate 0.4:
+#: 19.6 and 21.9 dB against a blind 18.8 and 17.9, no image recognisable, relative residual 5.4 and 4.1 against
+#: grey's about 0.9), where at the learning rate 0.1 the same batches give 48.0 and 46.0 dB.
+UNFIT = "inconclusive: the attack's images do not reproduce the update they were read from"
 
 
 def num(x: Any) -> float | None:
@@ -108,7 +116,7 @@ def risk(s: dict[str, Any]) -> str:
         return "high"
     if level == "partly" or significant:
         return "moderate"
-    if not all_converged(s) or level is None or s.get("unseparated"):
+    if not all_converged(s) or level is None or s.get("unseparated") or s.get("unfit"):
         return "inconclusive"
     return "low"
 
@@ -156,6 +164,15 @@ def budget_text(s: dict[str, Any]) -> str:
         layers = ", ".join(f"'{name}'" for name in s.get("unseparated_layers") or []) or "the leaky layer"
         parts.append(f"{layers} not separated into the images"
                      + (f" in {unseparated} of {len(conv)} runs" if len(conv) > 1 else ""))
+    unfit = s.get("unfit")
+    if unfit:  # auto's images do not reproduce the exact update they were read from
+        residual = num(s.get("unfit_residual"))
+        grey = num(s.get("unfit_grey"))
+        parts.append("its images do not reproduce the update" + (f" in {unfit} of {len(conv)} runs" if len(conv) > 1
+                                                                 else "")
+                     + (f" (relative residual {residual:.3g}" + (f" against uniform grey images' {grey:.3g})"
+                                                                 if grey is not None else ")")
+                        if residual is not None else ""))
     noise = s.get("inputs_like_noise")
     if noise:  # auto separated an input that is no image's (half its energy negative)
         parts.append(f"{noise} separated input{'s' if noise > 1 else ''} read as noise, not an image")
@@ -164,5 +181,5 @@ def budget_text(s: dict[str, Any]) -> str:
 
 
 __all__ = ["RECOGNISABLE_SKILL", "PARTLY_SKILL", "HIGH_REID", "ATTACK_STRENGTH", "RISK_ORDER", "INCONCLUSIVE",
-           "UNSEPARATED", "num", "above_chance", "image_level", "image_phrase", "reid_significant", "all_converged",
-           "risk", "strength_rank", "strongest_tried", "budget_text"]
+           "UNFIT", "UNSEPARATED", "num", "above_chance", "image_level", "image_phrase", "reid_significant",
+           "all_converged", "risk", "strength_rank", "strongest_tried", "budget_text"]
