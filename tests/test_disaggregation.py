@@ -743,10 +743,11 @@ def test_auto_falls_back_to_optimisation_without_a_leaky_layer():
     assert p["leaky_layer"] is None and p["stages"] == ["rog"]
     assert "no linear layer" in p["note"] and "fell back" in p["note"]
     assert rec.images.shape == batch.images.shape
-    # an exact update: how well the fallback's images reproduce it is said, and the note agrees
+    # an exact update: how well the fallback's images reproduce it is recorded beside grey images', and the note
+    # carries the verdict
     fit = p["fit"]
-    assert fit["relative_residual"] > 0 and fit["fits"] == (fit["relative_residual"] < fit["grey_residual"])
-    assert ("do not reproduce the exact update" in p["note"]) == (not p["fit"]["fits"])
+    assert fit["relative_residual"] > 0 and fit["grey_residual"] > 0.1 and isinstance(fit["fits"], bool)
+    assert ("do not reproduce the exact update" in p["note"]) == (not fit["fits"])
 
 
 def test_update_fit_judges_images_by_the_exact_update_they_give():
@@ -770,6 +771,8 @@ def test_update_fit_judges_images_by_the_exact_update_they_give():
     assert update_fit(mean, pair.images, pair.labels) is None
     sgd, pair = _phantom_obs(4, protocol=Protocol(num_clients_averaged=2))
     assert update_fit(sgd, pair.images.flip(0), pair.labels.flip(0))["relative_residual"] < 1e-4  # any order
+    minibatches, quad = _phantom_obs(4, protocol=dataclasses.replace(fedavg, local_batch_size=2))
+    assert update_fit(minibatches, quad.images, quad.labels) is None  # local steps take the images in an order
     # the note keeps its text where the images fit and says so where they do not
     assert fit_note("layer 'fc1' leaked 4 of 4 images separately", own) == "layer 'fc1' leaked 4 of 4 images separately"
     assert fit_note("layer 'fc1' leaked 4 of 4 images separately", flipped).startswith(

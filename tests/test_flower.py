@@ -16,7 +16,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports from th
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata,  # noqa: E402
+                      RecordDict)
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg  # noqa: E402
@@ -173,12 +174,20 @@ def test_a_diverged_client_sends_nothing_and_the_capture_goes_on(hospitals, tmp_
     bad = reply(msg, after, len(images), {**read_info(sent_back.content), "client": 1})
     with pytest.raises(NonFiniteReply, match="'conv2.weight' has NaN or Inf entries"):
         observation_from_reply(bad, state, model=HEADER)
+    # and gradleak's own client, which refuses to send, reaches the server as an error reply: listed too
+    error = Message(error=Error(code=0, reason="the client's update of 'fc1.weight' has NaN or Inf entries"),
+                    reply_to=msg)
     strategy = CaptureStrategy(FedAvg(), tmp_path / "captured", model=HEADER)
     strategy.sent[1] = state
-    strategy.aggregate_train(1, [good, bad])
+    strategy.aggregate_train(1, [good, bad, error])
     index = json.loads((tmp_path / "captured" / "captures.json").read_text())
-    assert [(e["client"], "file" in e, "refused" in e) for e in index] == [(0, True, False), (1, False, True)]
+    assert [(e["client"], "file" in e, "refused" in e) for e in index] == [(0, True, False), (1, False, True),
+                                                                           (11, False, True)]
     assert "diverged" in index[1]["refused"] and not (tmp_path / "captured" / "round001" / "client1.pt").exists()
+    assert index[2]["refused"] == ("the client answered with an error: the client's update of 'fc1.weight' has NaN "
+                                   "or Inf entries") and index[2]["node_id"] == 11
+    with pytest.raises(NonFiniteReply, match="the model the server sent has NaN or Inf entries in 'fc1.weight'"):
+        observation_from_reply(good, poisoned, model=HEADER)
     obs = observation.load(tmp_path / "captured" / index[0]["file"])
     assert torch.allclose(obs.update["fc1.weight"], _expected_update(state, images, labels)["fc1.weight"], atol=1e-7)
 

@@ -293,6 +293,21 @@ def test_settings_errors_are_one_line_user_errors():
         Evaluation(monitor="auc")
 
 
+def test_a_model_with_nan_weights_or_a_diverged_client_stops_the_run_with_one_line():
+    x, y, clients = _tiny_data((5, 5))
+    st_ = Settings(num_clients=2, rounds=2, local_lr=0.05, local_batch_size=2)
+    poisoned = build("lenet5", 2, 1, 16, seed=0)
+    with torch.no_grad():
+        poisoned.fc1.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match=r"^round 1: client \d: the model the server sent has NaN or Inf entries in "
+                                        r"'fc1\.weight'$"):
+        simulate(poisoned, x, y, clients, x[:4], y[:4], st_, seed=0)
+    with pytest.raises(UserError, match=r"^round 1: client \d: the client's update of '[\w.]+' has NaN or Inf "
+                                        r"entries: its local training diverged"):
+        simulate(build("lenet5", 2, 1, 16, seed=0), x, y, clients, x[:4], y[:4],
+                 Settings(num_clients=2, rounds=2, local_lr=1e30, local_batch_size=2), seed=0)
+
+
 def test_epsilon_per_round_matches_opacus_for_the_schedule():
     from opacus.accountants import RDPAccountant
 

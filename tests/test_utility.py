@@ -264,9 +264,10 @@ def test_utility_cli_on_flowers_engine_matches_the_built_in_loop(tmp_path):
 def test_a_diverged_client_stops_the_run_with_one_line_on_either_engine(tmp_path):
     """A client whose local training overflows would leave the model NaN and its accuracy meaningless: the run
     stops with the round, the client and the remedy, and writes nothing (Flower's node sends the reason back)."""
-    pytest.importorskip("flwr")
-    pytest.importorskip("ray")
-    for engine in ("flower", "local"):
+    import importlib.util
+
+    flower = importlib.util.find_spec("flwr") is not None and importlib.util.find_spec("ray") is not None
+    for engine in ("flower", "local") if flower else ("local",):  # the built-in loop needs no Flower
         cfg = tmp_path / f"{engine}.yaml"
         cfg.write_text(FLOWER_TINY.format(out=tmp_path / "exp", engine=engine))
         out = tmp_path / f"run-{engine}"

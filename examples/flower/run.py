@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     run_simulation(server_app.make_app(overrides),
                    client_app.make_app(a.obfuscation or client_app.OBFUSCATIONS, overrides),
                    num_supernodes=a.hospitals, backend_config={"client_resources": {"num_cpus": 1}})
-    captured = json.loads((out / "captured" / "captures.json").read_text())
+    captured = [c for c in json.loads((out / "captured" / "captures.json").read_text()) if "file" in c]  # not refused
     r = a.attack_round or max(c["round"] for c in captured)
     target = next(c for c in captured if c["round"] == r and c["client"] == a.attack_hospital)
     print(f"captured {len(captured)} updates; attacking hospital {a.attack_hospital}'s update of round {r}: "

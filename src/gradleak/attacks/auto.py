@@ -36,6 +36,7 @@ from . import demix, engine
 from .base import Reconstruction, loss_converged
 from .disaggregate import SAMPLE_MAX_RANK
 from .linear_leak import layer_fit, leak, local_drift, settled as leak_settled
+from ..models import build_from_header, has_batch_norm
 from .simulate import Simulator
 
 #: Settings of ``auto`` that are not the refinement engine's.
@@ -44,18 +45,20 @@ OWN = ("invert_iterations", "invert_tv", "invert_starts", "leak_share", "fallbac
 #: An exact update (no obfuscation) is what its images give: ``auto``'s images, under the labels it read, are
 #: judged by how near their simulated update comes to the received one, against a batch of uniform grey images (at
 #: this share of the image value range) under the same labels: the update's blind guess, no patient's anatomy in
-#: it. Images no nearer
-#: than that explain nothing of the update, whatever the stages reported, e.g. a separation of FedAvg local steps
-#: that overshoot (real X-rays, 64 px, B = 4, 5 steps of learning rate 0.4: relative residual 4.1 and 5.4 at 21.9
-#: and 19.6 dB, labels 3 of 4, grey about 0.9; at the learning rate 0.1 the same batches 0.10 and 0.17, at 48.0
-#: and 46.0 dB).
+#: it. Images no nearer than that explain nothing of the update, whatever the stages reported, e.g. a separation of
+#: FedAvg local steps that overshoot (real X-rays, 64 px, B = 4, 5 steps of learning rate 0.4, tune batches 0 / 1:
+#: relative residual 5.30 / 10.63 at 19.60 / 21.95 dB, grey's 1.00, labels 3 of 4; at the learning rate 0.1 the same
+#: batches 0.10 / 0.17 at 47.98 / 46.02 dB, grey's 0.97 / 0.96).
 FIT_GREY = 0.5
-#: The engine's settings where it only scores a given batch (every restart would start from the same images: one
-#: is enough; at 128 px under FedAvg four cost about 5 s of a 60 s budget).
+#: The engine's settings where it only scores a given batch (every restart would start from the same images and
+#: labels, so one is enough; ``auto``'s own preset runs one restart anyway, this holds where ``--restarts`` asks
+#: for more).
 SCORE_ONLY = {"iterations": 1, "time_budget": None, "restarts": 1}
-#: Scoring a batch (one engine iteration) costs about this many simulated updates: 4.7 s against one update's
-#: 1.0 s for ``lenet5`` at 128 px, B = 4, FedAvg with 5 local steps (2 cores); the leak leaves at least that.
-SCORE_UPDATES = 5
+#: What follows the leak where nothing is left to refine (scoring its batch: one engine iteration, and the rest of
+#: the pipeline) costs about this many simulated updates: 4.7 s and 1.0 s against one update's 0.82 s for
+#: ``lenet5`` at 128 px, B = 4, FedAvg with 5 local steps (2 cores), and the leak's inversion may run 1 s past its
+#: limit there; the leak leaves at least that.
+SCORE_UPDATES = 8
 #: The most of a time budget the clients' split may take (:func:`.demix.split`; 3.1 s for lenet5 at 64 px
 #: under QSGD 16 with 4 clients, about 8 s with the steps read off the mean); past it nothing is split.
 SPLIT_SHARE = 0.1
@@ -97,20 +100,13 @@ def run(obs: Observation, settings: dict[str, Any], *, device: str = "cpu",
                 return _per_client(obs, clients, what, settings, device=device, generator=g, progress=progress,
                                    fallback_settings=fallback_settings)
             why = what
-    probe = 0.0
-    if T is not None:  # one simulated update, timed: what scoring a batch and checking its fit will cost
-        t = time.perf_counter()
-        Simulator(obs, device).update(torch.full((obs.num_images, *obs.image_shape), 0.5, device=device),
-                                      torch.zeros(obs.num_images, dtype=torch.int64, device=device))
-        probe = time.perf_counter() - t
-    reserve = 2 * probe if fit_judged(obs) else 0.0  # the fit's two simulated updates come out of the budget
-    spent = time.perf_counter() - t0  # a split that did not stand took its time from the budget, as the timing did
-    rest = settings if T is None else {**settings, "time_budget": max(0.05 * T, T - spent - reserve)}
+    spent = time.perf_counter() - t0  # a split that did not stand took its time from the budget
+    rest = settings if T is None or why is None else {**settings, "time_budget": max(0.05 * T, T - spent)}
     rec = _one(obs, rest, device=device, generator=g, progress=progress, fallback_settings=fallback_settings,
-               update_seconds=probe)
+               reserve_fit=fit_judged(obs))
     if why is not None:
         rec.extras.setdefault("pipeline", {})["clients_split"] = f"not split: {why}"
-    rec.seconds += spent
+        rec.seconds += spent
     t_fit = time.perf_counter()
     fit = update_fit(obs, rec.images, rec.labels, device=device)
     if fit is not None:
@@ -131,10 +127,18 @@ def fit_note(note: str | None, fit: dict[str, Any]) -> str | None:
 
 
 def fit_judged(obs: Observation) -> bool:
-    """Whether :func:`update_fit` judges images on ``obs``: an update without obfuscation, of one client or of
-    several FedSGD clients (the mean of their gradients is the whole batch's, whichever images each held)."""
+    """Whether :func:`update_fit` judges images on ``obs``: an update without obfuscation whose simulation does not
+    depend on the images' order, which the attack does not recover: one client, or several FedSGD clients of a
+    model without BatchNorm (the mean of their gradients is the whole batch's, whichever images each held), and
+    under FedAvg, local steps on the whole batch (mini-batches would take the images in an order)."""
     p = obs.protocol
-    return not obs.obfuscation and (p.num_clients_averaged == 1 or p.algorithm == "fedsgd")
+    if obs.obfuscation:
+        return False
+    if p.algorithm == "fedavg" and p.local_batch_size is not None and p.local_batch_size < p.images_per_client:
+        return False
+    if p.num_clients_averaged == 1:
+        return True
+    return p.algorithm == "fedsgd" and not has_batch_norm(build_from_header(obs.model, obs.data))
 
 
 def update_fit(obs: Observation, images: torch.Tensor, labels: torch.Tensor | None, *,
@@ -142,9 +146,9 @@ def update_fit(obs: Observation, images: torch.Tensor, labels: torch.Tensor | No
     """How well ``images`` (with ``labels``) explain an exact update: the relative residual
     ``|u(images) - received| / |received|`` over every tensor, ``u`` the client's update as the attacker
     simulates it (FedAvg's local steps unrolled), beside that of a batch of uniform grey images
-    (:data:`FIT_GREY`) under the same labels; ``fits`` when below it. None where it says nothing: an
-    obfuscated update (its residual holds the obfuscation's error), no labels, or several FedAvg clients
-    averaged (which images trained together is not known)."""
+    (:data:`FIT_GREY`) under the same labels; ``fits`` when below it. None where it says nothing
+    (:func:`fit_judged`: an obfuscated update, whose residual holds the obfuscation's error, or one whose
+    simulation depends on the images' order) or where there are no labels."""
     if not fit_judged(obs):
         return None
     labels = labels if labels is not None else obs.labels
@@ -227,10 +231,27 @@ def _per_client(obs: Observation, clients: list[Observation], what: dict[str, An
                    else True))
 
 
+def _update_seconds(sim: Simulator, obs: Observation) -> float:
+    """What one simulated update of the batch takes (uniform grey images, class 0), timed on ``sim``; on a GPU
+    after one untimed call and synchronised (its first call also starts the device's libraries)."""
+    x = torch.full((obs.num_images, *obs.image_shape), FIT_GREY, device=sim.device)
+    y = torch.zeros(obs.num_images, dtype=torch.int64, device=sim.device)
+    cuda = sim.device.type == "cuda"
+    if cuda:
+        sim.update(x, y)
+        torch.cuda.synchronize(sim.device)
+    t = time.perf_counter()
+    sim.update(x, y)
+    if cuda:
+        torch.cuda.synchronize(sim.device)
+    return time.perf_counter() - t
+
+
 def _one(obs: Observation, settings: dict[str, Any], *, device: str, generator: torch.Generator,
-         progress: bool, fallback_settings, update_seconds: float = 0.0) -> Reconstruction:
-    """``auto`` on one observation as it stands. ``update_seconds``: what one simulated update of the batch
-    takes (the margin the leak leaves for scoring its batch is at least :data:`SCORE_UPDATES` of them)."""
+         progress: bool, fallback_settings, reserve_fit: bool = False) -> Reconstruction:
+    """``auto`` on one observation as it stands. With a time budget, one simulated update is timed first: the
+    leak leaves at least :data:`SCORE_UPDATES` of them for scoring its batch, and with ``reserve_fit`` two more
+    come out of the budget for :func:`update_fit` after the attack."""
     s = settings
     g = generator
     # one generator per stage, drawn up front: how many numbers one stage draws (a time-limited search)
@@ -240,6 +261,12 @@ def _one(obs: Observation, settings: dict[str, Any], *, device: str, generator: 
     start = time.perf_counter()
     T = None if s.get("time_budget") is None else float(s["time_budget"])
     sim = Simulator(obs, device)
+    update_seconds = 0.0
+    if T is not None:  # what scoring a batch and checking its fit will cost, out of the budget
+        update_seconds = _update_seconds(sim, obs)
+        if reserve_fit:
+            T = max(0.05 * T, T - 2 * update_seconds)
+            s = {**s, "time_budget": T}
     why = None
     found = None
     found = leak(obs, sim, generator=g_leak, time_limit=None if T is None else float(s["leak_share"]) * T,

@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..obfuscation import accounting
 from .evaluation import binary_metrics
 from .arithmetic import mean_buffers, mean_update
-from .client import check_finite, client_update
+from .client import check_finite, client_update, nonfinite
 from .protocol import ObservedProtocol, Protocol, Tensors, split_state
 from .settings import MONITORS, Evaluation, Settings
 
@@ -258,6 +258,10 @@ class _Federation:
         """The :data:`ClientRunner` of this process: every job's update from the global ``state``,
         obfuscated as in an attack capture, with the one noise generator (jobs in order)."""
         s, out = self.settings, Uploads()
+        bad = nonfinite(state)
+        if bad is not None and jobs:  # as Flower's client says it (the server's own step overflowed)
+            raise UserError(f"round {r}: client {jobs[0].client}: the model the server sent has NaN or Inf entries "
+                            f"in '{bad}'")
         for job in jobs:
             sel = torch.as_tensor(self.clients[job.client][job.positions], device=self.x.device)
             update, buf = client_update(self.model, state, self.x[sel], self.y[sel], job.protocol)

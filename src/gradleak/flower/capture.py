@@ -103,6 +103,10 @@ def observation_from_reply(msg: Message, sent: Tensors, *, model: dict[str, Any]
     missing = [n for n in params if n not in arrays]
     if missing:
         raise UserError(f"capture: the reply has no array '{missing[0]}' of {model['arch']}")
+    bad = nonfinite(sent)
+    if bad is not None:
+        raise NonFiniteReply(f"capture: the model the server sent has NaN or Inf entries in '{bad}': no update a "
+                             f"server can attack")
     update = {n: arrays[n] - sent[n] if mode == "weights" else arrays[n] for n in params}
     bad = nonfinite(update)
     if bad is not None:
@@ -164,7 +168,11 @@ class CaptureStrategy(Strategy):
         if sent is not None:
             dp = central_dp(self.strategy, self.unclipped)
             for msg in replies:
-                if not msg.has_error():
+                if msg.has_error():  # e.g. gradleak's client refusing to send a diverged update: listed, not written
+                    node = int(msg.metadata.src_node_id)
+                    self.captured.append({"round": server_round, "client": node, "node_id": node,
+                                          "refused": f"the client answered with an error: {msg.error.reason}"})
+                else:
                     try:
                         self._write(server_round, sent, msg, dp)
                     except NonFiniteReply as e:  # one client's diverged reply does not stop the capture

@@ -118,20 +118,22 @@ def _budget_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     pipes = [b.get("pipeline") or {} for b in budgets]
     unseparated = [str(p["leaky_layer"]) for p in pipes if p.get("leaky_layer") and p.get("images")
                    and int(p.get("separated") or 0) < int(p["images"])]
+    # auto's images that do not reproduce an exact update (no nearer it than uniform grey images): they show
+    # what the attack reached, not what the update holds, whatever it separated
+    unfit = [p for p in pipes if isinstance(p.get("fit"), dict) and p["fit"].get("fits") is False]
+    residuals = [p["fit"] for p in unfit if num(p["fit"].get("relative_residual")) is not None]
+    worst = max(residuals, key=lambda f: float(f["relative_residual"])) if residuals else {}
     # how auto read the update where it found such a layer: how many images it separated, and in how many
     # cells the mean of several clients' updates was first split into each client's
-    # auto's images that do not reproduce an exact update (a zero update would be nearer it): they show what
-    # the attack reached, not what the update holds, whatever it separated
-    unfit = [(float(p["fit"]["relative_residual"]), p["fit"].get("grey_residual")) for p in pipes
-             if isinstance(p.get("fit"), dict) and p["fit"].get("fits") is False]
     leaked = [p for p in pipes if p.get("leaky_layer") and p.get("images")]
     split = [p for p in pipes if isinstance(p.get("clients_split"), dict)]
     return {"converged": conv, "iterations": its, "seconds": secs,
             "seconds_per_iteration": (secs / its) if its and secs is not None else None,
             "inputs_like_noise": sum(noise) if noise else None,
             "unseparated": len(unseparated), "unseparated_layers": sorted(set(unseparated)),
-            "unfit": len(unfit), "unfit_residual": max(unfit)[0] if unfit else None,
-            "unfit_grey": max(unfit)[1] if unfit else None,
+            "unfit": len(unfit), "unfit_residual": num(worst.get("relative_residual")),
+            "unfit_grey": num(worst.get("grey_residual")),
+            "unfit_separated": sum(int(p.get("separated") or 0) > 0 for p in unfit),
             "leaky_layers": sorted({str(p["leaky_layer"]) for p in leaked}),
             "separated": sum(int(p.get("separated") or 0) for p in leaked) if leaked else None,
             "separated_of": sum(int(p["images"]) for p in leaked) if leaked else None,
@@ -367,7 +369,7 @@ def leak_text(s: dict[str, Any]) -> str | None:
     text = (f"the update of {names}, a linear layer into a ReLU, carries each image's input to it; "
             + (f"it separated into {sep} of {s.get('separated_of')} images" if sep else
                f"it did not separate into any of the {s.get('separated_of')} images"))
-    if sep and s.get("unfit"):  # counted as separated, yet their update is not the one received
+    if sep and s.get("unfit_separated"):  # counted as separated, yet their update is not the one received
         text += " (whose images do not reproduce the update: the count is the attack's, not a proof)"
     split = int(s.get("clients_split") or 0)
     if split:
