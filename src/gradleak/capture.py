@@ -22,7 +22,7 @@ import torch
 from .files import atomic_path
 from . import obfuscation, observation
 from .errors import UserError
-from .federated import Protocol, check_finite, client_update, nonfinite
+from .federated import Protocol, check_finite, check_sent, client_update
 from .federated.arithmetic import mean_buffers, mean_update
 from .federated.protocol import client_slices
 from .models import build
@@ -77,9 +77,7 @@ def capture(images: torch.Tensor, labels: torch.Tensor, *, arch: str, protocol: 
     if global_state is not None:
         model.load_state_dict(global_state)
     sent = {name: v.detach().clone() for name, v in model.state_dict().items()}
-    bad = nonfinite(sent)
-    if bad is not None:
-        raise UserError(f"the model the server sent has NaN or Inf entries in '{bad}'")
+    check_sent(sent)
     generator = torch.Generator().manual_seed(int(obfuscation_seed))
     context = obfuscation.Context.from_protocol(observed)
     updates, records, costs, buffers = [], [], [], []

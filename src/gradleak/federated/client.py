@@ -30,6 +30,13 @@ def nonfinite(tensors: Tensors) -> str | None:
     return next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
+def check_sent(state: Tensors) -> None:
+    """The model the server sent, refused where it has NaN or Inf entries (no client trains from it)."""
+    bad = nonfinite(state)
+    if bad is not None:
+        raise UserError(f"the model the server sent has NaN or Inf entries in '{bad}'")
+
+
 def check_finite(update: Tensors, protocol: Protocol, who: str = "the client's") -> None:
     """A client's update with NaN or Inf entries is no update a server receives: its training diverged (or,
     under FedSGD, its loss or gradient overflowed). A one-line :class:`UserError` that says so and what to

@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..obfuscation import accounting
 from .evaluation import binary_metrics
 from .arithmetic import mean_buffers, mean_update
-from .client import check_finite, client_update, nonfinite
+from .client import check_finite, check_sent, client_update
 from .protocol import ObservedProtocol, Protocol, Tensors, split_state
 from .settings import MONITORS, Evaluation, Settings
 
@@ -258,16 +258,14 @@ class _Federation:
         """The :data:`ClientRunner` of this process: every job's update from the global ``state``,
         obfuscated as in an attack capture, with the one noise generator (jobs in order)."""
         s, out = self.settings, Uploads()
-        bad = nonfinite(state)
-        if bad is not None and jobs:  # as Flower's client says it (the server's own step overflowed)
-            raise UserError(f"round {r}: client {jobs[0].client}: the model the server sent has NaN or Inf entries "
-                            f"in '{bad}'")
-        for job in jobs:
+        for i, job in enumerate(jobs):
             sel = torch.as_tensor(self.clients[job.client][job.positions], device=self.x.device)
-            update, buf = client_update(self.model, state, self.x[sel], self.y[sel], job.protocol)
-            try:
+            try:  # the run stops, as Flower's client stops it: accuracy of a model with NaN weights means nothing
+                if i == 0:  # the one state every job starts from
+                    check_sent(state)
+                update, buf = client_update(self.model, state, self.x[sel], self.y[sel], job.protocol)
                 check_finite(update, job.protocol)
-            except UserError as e:  # the run stops: accuracy of a model with NaN weights means nothing
+            except UserError as e:
                 raise UserError(f"round {r}: client {job.client}: {e}") from None
             context = obfuscation.Context.from_protocol(job.observed, sample_rate=s.sample_rate, rounds=s.rounds)
             update, records, b = obfuscation.apply(self.specs, {k: v.cpu() for k, v in update.items()},

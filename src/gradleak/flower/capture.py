@@ -41,7 +41,7 @@ from .. import obfuscation
 from ..errors import UserError
 from ..files import write_text
 from ..models import build_from_header, parameter_names
-from ..federated.client import nonfinite
+from ..federated.client import check_sent, nonfinite
 from ..federated.protocol import ObservedProtocol
 from ..observation import Observation, save
 from .mod import ProtocolSource, protocol_header
@@ -103,10 +103,10 @@ def observation_from_reply(msg: Message, sent: Tensors, *, model: dict[str, Any]
     missing = [n for n in params if n not in arrays]
     if missing:
         raise UserError(f"capture: the reply has no array '{missing[0]}' of {model['arch']}")
-    bad = nonfinite(sent)
-    if bad is not None:
-        raise NonFiniteReply(f"capture: the model the server sent has NaN or Inf entries in '{bad}': no update a "
-                             f"server can attack")
+    try:
+        check_sent(sent)
+    except UserError as e:
+        raise NonFiniteReply(f"capture: {e}: no update a server can attack") from None
     update = {n: arrays[n] - sent[n] if mode == "weights" else arrays[n] for n in params}
     bad = nonfinite(update)
     if bad is not None:

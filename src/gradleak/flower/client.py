@@ -20,7 +20,7 @@ from flwr.app import Message
 from torch import nn
 
 from ..errors import UserError
-from ..federated.client import check_finite, client_update, nonfinite
+from ..federated.client import check_finite, check_sent, client_update
 from ..federated.protocol import Protocol
 from .records import array_key, reply, to_tensors
 
@@ -51,9 +51,7 @@ def train_reply(msg: Message, model: nn.Module, images: torch.Tensor, labels: to
     if missing or extra:
         what = f"lacks '{missing[0]}'" if missing else f"has '{extra[0]}'"
         raise UserError(f"the model the server sent {what}, which does not fit the client's {type(model).__name__}")
-    bad = nonfinite(state)
-    if bad is not None:
-        raise UserError(f"the model the server sent has NaN or Inf entries in '{bad}'")
+    check_sent(state)
     dev = torch.device(device)
     update, buffers = client_update(model.to(dev), {k: v.to(dev) for k, v in state.items()}, images.to(dev),
                                     labels.to(dev), protocol)
