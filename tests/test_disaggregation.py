@@ -489,10 +489,11 @@ def test_the_screen_keeps_the_separation_images_can_produce():
     assert pick == 1 and compared["inputs_like_noise"] == [1, 0] and compared["update_errors"][0] is None
 
 
-def _phantom_obs(B: int, size: int = 16, obfuscations=(), protocol: Protocol | None = None, seed: int = 0):
+def _phantom_obs(B: int, size: int = 16, obfuscations=(), protocol: Protocol | None = None, seed: int = 0,
+                 arch: str = "lenet5"):
     ds = load_dataset("phantoms:n=64", size=size)
     batch = ds.batch(list(range(seed, seed + 3 * B, 3)))
-    obs, _ = capture(batch.images, batch.labels, arch="lenet5", protocol=protocol or Protocol(), model_seed=0,
+    obs, _ = capture(batch.images, batch.labels, arch=arch, protocol=protocol or Protocol(), model_seed=0,
                      obfuscations=list(obfuscations), obfuscation_seed=0, labels_known=False)
     return obs, batch
 
@@ -513,6 +514,38 @@ def test_lenet5_update_leaks_every_image_input_exactly(B, size):
                                                          @ (h / h.norm(dim=1, keepdim=True)).T).argmax(dim=1)]
     assert bool(((ratio - 1).abs() < 1e-3).all()), ratio
     assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())
+
+
+@pytest.mark.parametrize("B", [2, 4, 8])
+def test_an_mlp_s_first_layer_leaks_every_image_itself(B):
+    """A fully connected network's first layer: the separated inputs are the images' pixels, exactly, scale
+    and labels included, and ``auto`` returns the batch with nothing left to invert."""
+    obs, batch = _phantom_obs(B, arch="mlp")
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    pixels = batch.images.flatten(1).double()
+    assert found.info["separated"] == B, found.info
+    cos = _best_cos(found.features, pixels)
+    assert bool((cos > 0.999).all()), cos
+    nearest = ((found.features / found.features.norm(dim=1, keepdim=True))
+               @ (pixels / pixels.norm(dim=1, keepdim=True)).T).argmax(dim=1)
+    ratio = found.features.norm(dim=1) / pixels.norm(dim=1)[nearest]
+    assert bool(((ratio - 1).abs() < 1e-3).all()), ratio
+    assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())
+
+
+def test_auto_reads_an_mlp_batch_off_its_first_layer_and_within_tolerance_under_qsgd():
+    obs, batch = _phantom_obs(4, arch="mlp")
+    rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 200}, progress=False)
+    m = score(batch.images, batch.labels, rec.images, rec.labels)
+    assert m["psnr"] > 60 and m["label_accuracy"] == 1.0, m["psnr"]
+    assert rec.extras["pipeline"]["leaky_layer"] == "fc1" and rec.extras["pipeline"]["separated"] == 4
+    # QSGD with 16 levels: every image still separates, each within 0.05 of its pixels' cosine
+    obs, batch = _phantom_obs(4, arch="mlp", obfuscations=[{"name": "qsgd", "levels": 16}])
+    sim = Simulator(obs)
+    found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    assert found.info["separated"] == 4
+    assert bool((_best_cos(found.features, batch.images.flatten(1).double()) > 0.95).all())
 
 
 def test_disaggregation_under_qsgd_stays_close():

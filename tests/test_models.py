@@ -39,6 +39,18 @@ def test_lenet5_leaky_input_is_the_relu_of_its_preactivation():
     assert torch.equal(m.leaky_input(x), torch.relu(u))  # max pooling and ReLU commute, bit for bit
 
 
+def test_mlp_s_first_layer_reads_the_pixels_as_stored():
+    m = build("mlp", 2, 1, 16, seed=0)
+    img = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = (img - m.input_mean) / m.input_std  # what every victim's layers receive
+    assert torch.allclose(m.leaky_input(x), img.flatten(1), atol=1e-6)
+    assert torch.equal(m.leaky_input(x), m.leaky_preactivation(x))  # non-negative already
+    assert torch.allclose(m(img), m.classifier(torch.relu(m.fc1(img.flatten(1)))), atol=1e-6)
+    assert m.fc1.bias is None and m.classifier.bias is None
+    assert (m.fc1.in_features, m.fc1.out_features) == (256, 512)
+    assert build("mlp", 2, 3, 8, options={"width": 64}).fc1.weight.shape == (64, 192)
+
+
 def test_lenet_zhu_is_sigmoid_three_convs():
     m = build("lenet_zhu", 10, 1, 32)
     convs = [l for l in m.body if isinstance(l, torch.nn.Conv2d)]

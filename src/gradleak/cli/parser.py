@@ -43,8 +43,8 @@ def _add_capture(sub) -> None:
     c.add_argument("--batch-size", type=_positive_int, default=4,
                    help="images drawn with --seed when no --indices (default 4, as in experiment configs)")
     c.add_argument("--seed", type=_seed, default=0, help="seed for the batch choice and obfuscation noise")
-    c.add_argument("--arch", default=None, help="victim model (lenet5, lenet_zhu, convnet, resnet18, resnet18_nobn; "
-                   "default lenet5, or the --model-state file's)")
+    c.add_argument("--arch", default=None, help="victim model (lenet5, lenet_zhu, convnet, resnet18, resnet18_nobn, "
+                   "mlp; default lenet5, or the --model-state file's)")
     c.add_argument("--num-classes", type=_positive_int, default=None, help="default 2, or the --model-state file's")
     c.add_argument("--model-state", default=None, metavar="MODEL.pt",
                    help="victim weights from a model file (e.g. model.pt of 'gradleak utility'): attack a trained "

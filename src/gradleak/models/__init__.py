@@ -12,11 +12,13 @@ from ..validation import unknown_name
 from .base import VictimNet
 from .convnet import ConvNet
 from .lenet import LeNet5, LeNetZhu
+from .mlp import MLP
 from .resnet import ResNet18
 
 _REGISTRY: dict[str, Callable[..., VictimNet]] = {
     "lenet5": LeNet5,
     "lenet_zhu": LeNetZhu,
+    "mlp": MLP,
     "convnet": ConvNet,
     "resnet18": lambda **kw: ResNet18(batch_norm=True, **kw),
     "resnet18_nobn": lambda **kw: ResNet18(batch_norm=False, **kw),
@@ -25,7 +27,7 @@ _REGISTRY: dict[str, Callable[..., VictimNet]] = {
 ARCHS = tuple(_REGISTRY)
 
 #: Size constraints: lenet5 pools twice, so sizes must be multiples of 4.
-_MIN_SIZE = {"lenet5": 4, "lenet_zhu": 4, "convnet": 8, "resnet18": 8, "resnet18_nobn": 8}
+_MIN_SIZE = {"lenet5": 4, "lenet_zhu": 4, "mlp": 1, "convnet": 8, "resnet18": 8, "resnet18_nobn": 8}
 
 
 def _check(arch: str, image_size: int) -> None:
