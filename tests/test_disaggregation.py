@@ -806,11 +806,26 @@ def test_update_fit_judges_images_by_the_exact_update_they_give():
     assert update_fit(sgd, pair.images.flip(0), pair.labels.flip(0))["relative_residual"] < 1e-4  # any order
     minibatches, quad = _phantom_obs(4, protocol=dataclasses.replace(fedavg, local_batch_size=2))
     assert update_fit(minibatches, quad.images, quad.labels) is None  # local steps take the images in an order
+    # one client's update only sparsified: judged on the entries it sent (random-k's rescale undone); not where
+    # another obfuscation followed, nor on several clients' mean, which no client sent
+    for spec in ({"name": "topk", "keep": 0.05}, {"name": "randk", "keep": 0.2}, {"name": "prune", "p": 90}):
+        sparse, _ = _phantom_obs(4, protocol=fedavg, obfuscations=[spec])
+        kept = update_fit(sparse, batch.images, batch.labels)
+        assert kept["entries"] == "sent" and kept["fits"] and kept["relative_residual"] < 1e-4, (spec, kept)
+        wrong = update_fit(sparse, batch.images, 1 - batch.labels)
+        assert not wrong["fits"] and wrong["grey_residual"] > 0.3, (spec, wrong)
+    assert own["entries"] == "all"
+    then_rounded, _ = _phantom_obs(4, obfuscations=[{"name": "topk", "keep": 0.05}, {"name": "uniform", "bits": 8}])
+    assert update_fit(then_rounded, batch.images, batch.labels) is None
+    clients, pair = _phantom_obs(4, protocol=Protocol(num_clients_averaged=2),
+                                 obfuscations=[{"name": "topk", "keep": 0.05}])
+    assert update_fit(clients, pair.images, pair.labels) is None
     # the note keeps its text where the images fit and says so where they do not
     assert fit_note("layer 'fc1' leaked 4 of 4 images separately", own) == "layer 'fc1' leaked 4 of 4 images separately"
     assert fit_note("layer 'fc1' leaked 4 of 4 images separately", flipped).startswith(
         "layer 'fc1' leaked 4 of 4 images separately; but its images do not reproduce the exact update (relative "
         f"residual {flipped['relative_residual']:.3g}, a uniform grey batch's {flipped['grey_residual']:.3g})")
+    assert "do not reproduce the entries the client sent (relative residual" in fit_note("auto", wrong)
 
 
 @pytest.mark.parametrize("R", [1, 2, 3, 4, 8, 16])

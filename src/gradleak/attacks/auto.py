@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from .. import obfuscation
 from ..observation import Observation
 from . import demix, engine
+from .aware import _per_tensor, steps
 from .base import Reconstruction, loss_converged
 from .disaggregate import SAMPLE_MAX_RANK
 from .linear_leak import layer_fit, leak, local_drift, settled as leak_settled
@@ -121,18 +123,27 @@ def fit_note(note: str | None, fit: dict[str, Any]) -> str | None:
     """The pipeline's note, with what :func:`update_fit` found where the images do not fit."""
     if fit["fits"]:
         return note
-    return (f"{note or 'auto'}; but its images do not reproduce the exact update (relative residual "
+    what = "the exact update" if fit.get("entries", "all") == "all" else "the entries the client sent"
+    return (f"{note or 'auto'}; but its images do not reproduce {what} (relative residual "
             f"{fit['relative_residual']:.3g}, a uniform grey batch's {fit['grey_residual']:.3g}): they show what the "
             f"attack reached, not what the update holds")
 
 
+def only_sparsified(obs: Observation) -> bool:
+    """Whether one client's update was only sparsified (top-k, random-k, pruning, and no other obfuscation): the
+    entries it sent are its exact values (random-k's scaled by the factor its records give)."""
+    families = [obfuscation.get(r["name"]).family for r in obs.obfuscation]
+    return obs.protocol.num_clients_averaged == 1 and [f for f in families if f != "identity"] == ["sparsify"]
+
+
 def fit_judged(obs: Observation) -> bool:
-    """Whether :func:`update_fit` judges images on ``obs``: an update without obfuscation whose simulation does not
-    depend on the images' order, which the attack does not recover: one client, or several FedSGD clients of a
-    model without BatchNorm (the mean of their gradients is the whole batch's, whichever images each held), and
-    under FedAvg, local steps on the whole batch (mini-batches would take the images in an order)."""
+    """Whether :func:`update_fit` judges images on ``obs``: an update without obfuscation, or one client's update
+    only sparsified (on the entries it sent, :func:`only_sparsified`), whose simulation does not depend on the
+    images' order, which the attack does not recover: one client, or several FedSGD clients of a model without
+    BatchNorm (the mean of their gradients is the whole batch's, whichever images each held), and under FedAvg,
+    local steps on the whole batch (mini-batches would take the images in an order)."""
     p = obs.protocol
-    if obs.obfuscation:
+    if obs.obfuscation and not only_sparsified(obs):
         return False
     if p.algorithm == "fedavg" and p.local_batch_size is not None and p.local_batch_size < p.images_per_client:
         return False
@@ -146,9 +157,10 @@ def update_fit(obs: Observation, images: torch.Tensor, labels: torch.Tensor | No
     """How well ``images`` (with ``labels``) explain an exact update: the relative residual
     ``|u(images) - received| / |received|`` over every tensor, ``u`` the client's update as the attacker
     simulates it (FedAvg's local steps unrolled), beside that of a batch of uniform grey images
-    (:data:`FIT_GREY`) under the same labels; ``fits`` when below it. None where it says nothing
-    (:func:`fit_judged`: an obfuscated update, whose residual holds the obfuscation's error, or one whose
-    simulation depends on the images' order) or where there are no labels."""
+    (:data:`FIT_GREY`) under the same labels; ``fits`` when below it. Of an update only sparsified, over the
+    entries the client sent (exact values; random-k's rescale undone), ``entries`` "sent" (else "all").
+    None where it says nothing (:func:`fit_judged`: an otherwise obfuscated update, whose residual holds the
+    obfuscation's error, or one whose simulation depends on the images' order) or where there are no labels."""
     if not fit_judged(obs):
         return None
     labels = labels if labels is not None else obs.labels
@@ -156,21 +168,29 @@ def update_fit(obs: Observation, images: torch.Tensor, labels: torch.Tensor | No
         return None
     sim = Simulator(obs, device)
     y = labels.detach().to(sim.device, torch.int64)
-    den = sum(float(t.double().pow(2).sum()) for t in sim.target.values())
+    target = {k: t.double() for k, t in sim.target.items()}
+    sent = None
+    if obs.obfuscation:  # only sparsified: the sent entries, each tensor's random-k factor undone
+        rescale = [(st.values or {}).get("rescale") for st in steps(obs, sim.target)][0]
+        sent = {k: t != 0 for k, t in target.items()}
+        target = {k: t[sent[k]] / float(_per_tensor(rescale, k) or 1.0) for k, t in target.items()}
+    den = sum(float(t.pow(2).sum()) for t in target.values())
     if not den > 0:
         return None
 
     def residual(x: torch.Tensor) -> float:
         u = sim.update(x.detach().to(sim.device, torch.float32), y)
-        return (sum(float((u[k].detach().double() - t.double()).pow(2).sum()) for k, t in sim.target.items())
-                / den) ** 0.5
+        u = {k: u[k].detach().double() if sent is None else u[k].detach().double()[sent[k]] for k in target}
+        return (sum(float((u[k] - t).pow(2).sum()) for k, t in target.items()) / den) ** 0.5
 
     lo, hi = (float(v) for v in obs.data.get("value_range", (0.0, 1.0)))
     level = lo + FIT_GREY * (hi - lo)
     r, grey = residual(images), residual(torch.full_like(images, level))
+    on = "" if sent is None else ", on the entries the client sent"
     return {"relative_residual": round(r, 6), "grey_residual": round(grey, 6), "fits": bool(r < grey),
-            "what": "|update of the images, local steps unrolled - update received| / |update received|, beside "
-                    f"that of uniform grey images ({level:g}) under the same labels"}
+            "entries": "all" if sent is None else "sent",
+            "what": "|update of the images, local steps unrolled - update received| / |update received|" + on
+                    + f", beside that of uniform grey images ({level:g}) under the same labels"}
 
 
 def _per_client(obs: Observation, clients: list[Observation], what: dict[str, Any], settings: dict[str, Any], *,

@@ -17,9 +17,9 @@ page holds:
 Verdicts (stated on the page, defined in :mod:`gradleak.report.verdicts` and docs/verdicts.md) are judged on
 the gain of the reconstruction over the blind baseline (the attacker's guess without the update) and on
 leave-the-image-out patient re-identification, never on raw SSIM; an attack that stopped before converging,
-or an ``auto`` run that left a leaky layer's update unseparated or whose images do not reproduce an exact update,
-makes a setting *inconclusive*, never *low risk*. Every verdict shows the attack's budget. They are rules of thumb,
-not guarantees.
+or an ``auto`` run that left a leaky layer's update unseparated or whose images do not reproduce an exact update
+(or the entries a sparsifying client sent), makes a setting *inconclusive*, never *low risk*. Every verdict shows
+the attack's budget. They are rules of thumb, not guarantees.
 
 What the page says comes from :mod:`gradleak.report.page` as plain data; the template
 ``templates/report.html.j2`` lays it out with autoescaping on, so any text from the results (paths, setting

@@ -118,8 +118,8 @@ def _budget_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     pipes = [b.get("pipeline") or {} for b in budgets]
     unseparated = [str(p["leaky_layer"]) for p in pipes if p.get("leaky_layer") and p.get("images")
                    and int(p.get("separated") or 0) < int(p["images"])]
-    # auto's images that do not reproduce an exact update (no nearer it than uniform grey images): they show
-    # what the attack reached, not what the update holds, whatever it separated
+    # auto's images that do not reproduce an exact update or a sparsifier's sent entries (no nearer it than uniform
+    # grey images): they show what the attack reached, not what the update holds, whatever it separated
     unfit = [p for p in pipes if isinstance(p.get("fit"), dict) and p["fit"].get("fits") is False]
     residuals = [p["fit"] for p in unfit if num(p["fit"].get("relative_residual")) is not None]
     worst = max(residuals, key=lambda f: float(f["relative_residual"])) if residuals else {}

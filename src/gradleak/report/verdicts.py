@@ -18,9 +18,9 @@ Risk, per setting, for the attack that leaks most:
 * **inconclusive** (instead of low): the attack stopped before converging -- an attack that stopped early
   can show a leak, never its absence --, or ``auto`` found a layer whose update leaks whole batches but
   did not separate it into the images (its fallback's images then show what that attack reached, not what
-  the update holds), or ``auto``'s images do not reproduce an exact update (their simulated update is no
-  nearer the received one than a batch of uniform grey images gives), or there is no blind baseline to judge
-  the images against;
+  the update holds), or ``auto``'s images do not reproduce an exact update, or the entries a sparsifying client
+  sent (their simulated update is no nearer the received one than a batch of uniform grey images gives), or
+  there is no blind baseline to judge the images against;
 * **low**: none of the above, with every attack converged.
 
 "Clearly better": one-sided binomial test against the chance level, p < 0.05 after a Bonferroni
