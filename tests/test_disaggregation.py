@@ -548,6 +548,16 @@ def test_auto_reads_an_mlp_batch_off_its_first_layer_and_within_tolerance_under_
     assert bool((_best_cos(found.features, batch.images.flatten(1).double()) > 0.95).all())
 
 
+def test_signs_of_an_mlp_s_first_layer_are_not_read_as_images():
+    """The supports signSGD leaks are the inputs that are positive: of pixels, nearly all of them. auto says so and
+    counts nothing as separated (the report then calls the setting inconclusive, not low risk)."""
+    obs, _ = _phantom_obs(4, arch="mlp", obfuscations=[{"name": "sign"}])
+    found = leak(obs, Simulator(obs), generator=torch.Generator().manual_seed(0), invert_iterations=1)
+    assert found.info["separated"] == 0 and "supports show no image" in found.info["note"], found.info
+    rec = run_attack("auto", obs, {"iterations": 3}, progress=False)
+    assert rec.extras["pipeline"]["separated"] == 0 and "fell back" in rec.extras["pipeline"]["note"]
+
+
 def test_disaggregation_under_qsgd_stays_close():
     obs, batch = _phantom_obs(4, obfuscations=[{"name": "qsgd", "levels": 64}])
     sim = Simulator(obs)

@@ -799,6 +799,8 @@ def _sign_leak(obs: Observation, sim: Simulator, layer: str, *, generator: torch
         why = "signs of a weight delta or of several clients' updates"
     elif not hasattr(sim.model, "leaky_preactivation"):
         why = f"{type(sim.model).__name__} does not expose its layer's pre-ReLU input"
+    elif getattr(sim.model, "leaky_input_is_image", False):
+        why = "the layer's inputs are the pixels, positive almost everywhere, so their supports show no image"
     if why is not None:
         return Leak(layer=layer, images=blank, labels=None, features=torch.zeros(n, 0), scale_known=False,
                     info={"separated": 0, "separation_seconds": 0.0, "note": f"signSGD: {why}, not read"})
