@@ -539,7 +539,11 @@ def test_auto_reads_an_mlp_batch_off_its_first_layer_and_within_tolerance_under_
     rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 200}, progress=False)
     m = score(batch.images, batch.labels, rec.images, rec.labels)
     assert m["psnr"] > 60 and m["label_accuracy"] == 1.0, m["psnr"]
-    assert rec.extras["pipeline"]["leaky_layer"] == "fc1" and rec.extras["pipeline"]["separated"] == 4
+    p = rec.extras["pipeline"]
+    assert p["leaky_layer"] == "fc1" and p["separated"] == 4
+    # its inverted images reproduce the exact update: nothing is left to refine, and the attack ends there
+    assert p["kept"].startswith("inverted (its images reproduce the update to ") and rec.converged, p["kept"]
+    assert "gradient-matching refinement" not in p["stages"] and p["fit"]["relative_residual"] < 1e-4
     # QSGD with 16 levels: every image still separates, each within 0.05 of its pixels' cosine
     obs, batch = _phantom_obs(4, arch="mlp", obfuscations=[{"name": "qsgd", "levels": 16}])
     sim = Simulator(obs)
