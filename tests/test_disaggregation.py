@@ -519,7 +519,7 @@ def test_lenet5_update_leaks_every_image_input_exactly(B, size):
 @pytest.mark.parametrize("B", [2, 4, 8])
 def test_an_mlp_s_first_layer_leaks_every_image_itself(B):
     """A fully connected network's first layer: the separated inputs are the images' pixels, exactly, scale
-    and labels included, and ``auto`` returns the batch with nothing left to invert."""
+    and labels included."""
     obs, batch = _phantom_obs(B, arch="mlp")
     sim = Simulator(obs)
     found = leak(obs, sim, generator=torch.Generator().manual_seed(0), invert_iterations=1)
@@ -829,6 +829,11 @@ def test_update_fit_judges_images_by_the_exact_update_they_give():
         wrong = update_fit(sparse, batch.images, 1 - batch.labels)
         assert not wrong["fits"] and wrong["grey_residual"] > 0.3, (spec, wrong)
     assert own["entries"] == "all"
+    # a recorded 'none' changes nothing: judged as the update it leaves (all of it, or the entries sent)
+    recorded, _ = _phantom_obs(4, protocol=fedavg, obfuscations=[{"name": "none"}])
+    assert update_fit(recorded, batch.images, batch.labels)["entries"] == "all"
+    recorded, _ = _phantom_obs(4, protocol=fedavg, obfuscations=[{"name": "none"}, {"name": "randk", "keep": 0.2}])
+    assert update_fit(recorded, batch.images, batch.labels)["relative_residual"] < 1e-4
     then_rounded, _ = _phantom_obs(4, obfuscations=[{"name": "topk", "keep": 0.05}, {"name": "uniform", "bits": 8}])
     assert update_fit(then_rounded, batch.images, batch.labels) is None
     clients, pair = _phantom_obs(4, protocol=Protocol(num_clients_averaged=2),

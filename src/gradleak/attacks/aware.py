@@ -79,6 +79,12 @@ class Step:
         return f"obfuscation step {self.index} ({self.ob.name}) treated as unknown: {self.why}"
 
 
+def obfuscated(obs: Observation) -> bool:
+    """Whether the observation's update went through an obfuscation that changes it (a recorded ``none`` does
+    not)."""
+    return any(obfuscation.get(r["name"]).family != "identity" for r in obs.obfuscation)
+
+
 def steps(obs: Observation, target: Tensors) -> list[Step]:
     """The observation's obfuscation steps, identity steps left out, each with its server-side values
     derived where its record lacks them; an unknown name is a one-line UserError."""

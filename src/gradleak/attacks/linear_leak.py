@@ -2,7 +2,8 @@
 
 A victim network that declares ``leaky_linear`` (the name of a ``Linear`` layer whose output goes
 through a ReLU), ``leaky_input(x)`` (normalised images -> that layer's input) and ``after_leaky(z)``
-(that layer's pre-activation output -> logits) leaks every image of a batch:
+(that layer's pre-activation output -> logits) leaks every image of a batch (``leaky_input_is_image``: the
+layer's inputs are the pixels, whose signSGD supports show nothing):
 
 1. the observed weight update of the layer is split into per-image inputs (:mod:`.disaggregate`); a
    FedAvg weight delta is read as ``-delta / (lr * steps)``; a sparsified update is separated on a
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from .. import obfuscation
 from ..federated.arithmetic import fedavg_gradient_scale
 from ..observation import Observation
-from .aware import _per_tensor, entry_likelihood, steps
+from .aware import _per_tensor, entry_likelihood, obfuscated, steps
 from .disaggregate import (COMPLETE_MAX_CHOICES, COMPLETE_MAX_FOUND, LIKE_NOISE, complete_block, label_exhaustive,
                            merge_equal_rows, negative_share, nonneg_separate, reestimate, separate, sign_supports,
                            solve_sent_columns)
@@ -293,7 +294,7 @@ def settled(obs: Observation, info: dict[str, Any]) -> bool:
     every layer leave the images freer than the inversion's smoothness prior does). Noised or quantized
     after the sparsifier, it is refined as before.
     An exact update is not settled: matching it sharpens what the inversion found."""
-    exact = not obs.obfuscation and not local_drift(obs.protocol)
+    exact = not obfuscated(obs) and not local_drift(obs.protocol)
     if "columns_solved" in info and not info.get("sent_exact", False):
         return False  # a sparsified update noised after the sparsifier: its split is only the best-fitting
     return int(info.get("separated", 0)) == obs.num_images and not exact

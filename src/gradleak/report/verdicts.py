@@ -50,8 +50,9 @@ INCONCLUSIVE = "inconclusive: the attack stopped before converging"
 #: the same obfuscations separate and reach 32.8 and 37.3 dB (top-k 10 % separates at B = 32 too since the
 #: separation's integer programming: 31.34 dB there against the blind 17.27).
 UNSEPARATED = "inconclusive: the update of a layer that leaks whole batches did not separate into the images"
-#: Why a setting is inconclusive where ``auto``'s images do not reproduce the exact update they came from (their
-#: simulated update no nearer the received one than uniform grey images give, :func:`gradleak.attacks.auto.update_fit`):
+#: Why a setting is inconclusive where ``auto``'s images do not reproduce the exact update they came from, or the
+#: entries a sparsifying client sent (their simulated update no nearer the received one than uniform grey images
+#: give, :func:`gradleak.attacks.auto.update_fit`):
 #: e.g. a separation of FedAvg local steps that overshoot (real X-rays, 64 px, B = 4, 5 steps of learning rate 0.4,
 #: tune batches 0 / 1: 19.60 / 21.95 dB against a blind 18.81 / 17.90, no image recognisable, relative residual 5.30 /
 #: 10.63 against grey's 1.00), where at the learning rate 0.1 the same batches give 47.98 and 46.02 dB.
@@ -109,7 +110,7 @@ def risk(s: dict[str, Any]) -> str:
     ``s`` holds ``ssim_skill``, ``reid_hits``, ``reid_n``, ``chance``, ``reid_rankings`` and
     ``converged`` (one entry per cell: True, False or None); ``unseparated`` (optional): in how many cells
     ``auto`` left a leaky layer's update unseparated; ``unfit`` (optional): in how many its images did not
-    reproduce the exact update."""
+    reproduce the exact update (or a sparsifying client's sent entries)."""
     level = image_level(s.get("ssim_skill"))
     rate = (s["reid_hits"] / s["reid_n"]) if s.get("reid_n") else None
     significant = reid_significant(s)
@@ -166,7 +167,7 @@ def budget_text(s: dict[str, Any]) -> str:
         parts.append(f"{layers} not separated into the images"
                      + (f" in {unseparated} of {len(conv)} runs" if len(conv) > 1 else ""))
     unfit = s.get("unfit")
-    if unfit:  # auto's images do not reproduce the exact update they were read from
+    if unfit:  # auto's images do not reproduce the exact update (or sent entries) they were read from
         residual = num(s.get("unfit_residual"))
         grey = num(s.get("unfit_grey"))
         parts.append("its images do not reproduce the update" + (f" in {unfit} of {len(conv)} runs" if len(conv) > 1
