@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 
-from .. import obfuscation
 from ..observation import Observation
 from . import demix, engine
-from .aware import _per_tensor, obfuscated, steps
+from .aware import _per_tensor, families, obfuscated, steps
 from .base import Reconstruction, loss_converged
 from .disaggregate import SAMPLE_MAX_RANK
 from .linear_leak import layer_fit, leak, local_drift, settled as leak_settled
@@ -134,15 +133,10 @@ def fit_note(note: str | None, fit: dict[str, Any]) -> str | None:
             f"attack reached, not what the update holds")
 
 
-def _families(obs: Observation) -> list[str]:
-    """The families of the observation's obfuscation steps, identity steps left out."""
-    return [f for f in (obfuscation.get(r["name"]).family for r in obs.obfuscation) if f != "identity"]
-
-
 def only_sparsified(obs: Observation) -> bool:
     """Whether one client's update was only sparsified (top-k, random-k, pruning, and no other obfuscation): the
     entries it sent are its exact values (random-k's scaled by the factor its records give)."""
-    return obs.protocol.num_clients_averaged == 1 and _families(obs) == ["sparsify"]
+    return obs.protocol.num_clients_averaged == 1 and families(obs) == ["sparsify"]
 
 
 def fit_judged(obs: Observation) -> bool:

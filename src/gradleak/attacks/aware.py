@@ -79,10 +79,15 @@ class Step:
         return f"obfuscation step {self.index} ({self.ob.name}) treated as unknown: {self.why}"
 
 
+def families(obs: Observation) -> list[str]:
+    """The families of the observation's obfuscation steps, identity steps (a recorded ``none``) left out."""
+    return [f for f in (obfuscation.get(r["name"]).family for r in obs.obfuscation) if f != "identity"]
+
+
 def obfuscated(obs: Observation) -> bool:
     """Whether the observation's update went through an obfuscation that changes it (a recorded ``none`` does
     not)."""
-    return any(obfuscation.get(r["name"]).family != "identity" for r in obs.obfuscation)
+    return bool(families(obs))
 
 
 def steps(obs: Observation, target: Tensors) -> list[Step]:
