@@ -756,7 +756,11 @@ def test_the_smoothness_prior_leaves_the_contrast_to_the_inputs_where_their_scal
         assert 0.85 < slope < 1.15, slope
 
 
-def test_auto_reconstructs_a_lenet5_batch_and_says_how():
+def test_auto_reconstructs_a_lenet5_batch_and_says_how(monkeypatch):
+    # the refinement's path: whether 200 inversion iterations already reproduce the update to FIT_EXACT depends on
+    # the threads' summation order (3.6e-5 with two, 0.011 with one), and the early stop has its own test (mlp)
+    from gradleak.attacks import auto
+    monkeypatch.setattr(auto, "FIT_EXACT", 0.0)
     obs, batch = _phantom_obs(4)
     rec = run_attack("auto", obs, {"iterations": 5, "invert_iterations": 200}, progress=False)
     m = score(batch.images, batch.labels, rec.images, rec.labels)
