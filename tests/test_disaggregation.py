@@ -254,7 +254,8 @@ def test_an_identity_coupling_is_the_uncoupled_inversion():
     assert torch.allclose(plain, coupled, atol=5e-3) and torch.allclose(loss, closs, rtol=1e-2)
 
 
-def test_separate_falls_back_to_the_global_search_for_what_the_dual_vectors_miss():
+def test_separate_falls_back_to_the_global_search_for_what_the_dual_vectors_miss(monkeypatch):
+    monkeypatch.setattr(disaggregate, "LP_MOST", 0)  # no linear programmes: one row set alone misses
     g = torch.Generator().manual_seed(4)
     m, n, r = 300, 400, 4
     H = torch.rand(r, n, generator=g, dtype=torch.float64)
@@ -290,6 +291,54 @@ def test_sixteen_images_whose_units_mostly_agree_separate_exactly():
     assert sep.info["separated"] == 16
     for x in sep.X:
         assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
+
+
+def _alike_images_update(r: int, seed: int = 0, m: int = 512, n: int = 400, spread: float = 0.08):
+    """A first layer's update on alike images, as ``mlp``'s on chest X-rays: non-negative inputs close to a
+    common one, so that most units switch on for every image or for none (the patterns are the server's
+    weights' own, ``W h_i > 0``), each row a subset sum. Returns (G, v, W, the true rows a_i h_i / r, the
+    patterns)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, generator=g, dtype=torch.float64)
+    H = (base + spread * torch.randn(r, n, generator=g, dtype=torch.float64)).clamp(0, 1)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    M = (H @ W.T > 0).double().T
+    a = torch.rand(r, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    a[::2] *= -1
+    v = torch.randn(m, generator=g, dtype=torch.float64)
+    truth = a[:, None] * H / r
+    return (v[:, None] * M) @ truth, v, W, truth, M
+
+
+def test_alike_images_separate_by_linear_programmes_where_sampled_row_sets_miss(monkeypatch):
+    G, v, W, truth, M = _alike_images_update(16)
+    shared = M.sum(dim=1)
+    assert float(((shared == 0) | (shared == 16)).double().mean()) > 0.7  # most units: every image or none
+    sep = separate(G, 16, row_scale=v, weight=W, generator=torch.Generator().manual_seed(0), max_trials=8192)
+    assert sep.info["separated"] == 16 and sep.info["lps"] > 0 and sep.info["trials"] == 0  # no row set drawn
+    for x in sep.X:  # each input, scale and sign included
+        assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
+    # where the rows are subset sums only roughly (local steps' drift: the spread alone judges) none run
+    rough = separate(G, 16, row_scale=v, weight=W, generator=torch.Generator().manual_seed(0), max_trials=1,
+                     fit_factor=None)
+    assert rough.info["lps"] == 0
+    monkeypatch.setattr(disaggregate, "LP_MOST", 0)  # the sampled row sets alone, as many as they were allowed
+    cut = separate(G, 16, row_scale=v, weight=W, generator=torch.Generator().manual_seed(0), max_trials=8192)
+    assert cut.info["lps"] == 0 and cut.info["trials"] == 8192 and cut.info["separated"] < 16
+
+
+def test_a_partial_reading_of_a_noisy_update_by_linear_programmes_is_not_kept():
+    """Under noise a vertex that fits within the noise is as likely a near-pattern as a pattern: where the
+    programmes read only some images, those readings are dropped (the sampled row sets and the fallbacks
+    go on as without them) and nothing counts as separated."""
+    _, v, W, truth, M = _alike_images_update(16)
+    faint = torch.ones(16, dtype=torch.float64)
+    faint[8:] = 0.005  # half the images' inputs drowned in the noise
+    Gf = (v[:, None] * M) @ (truth * faint[:, None])
+    g = torch.Generator().manual_seed(5)
+    noisy = Gf + 3e-2 * float(Gf.abs().mean()) * torch.randn(Gf.shape, generator=g, dtype=torch.float64)
+    sep = separate(noisy, 16, row_scale=v, weight=W, generator=torch.Generator().manual_seed(0), max_trials=1)
+    assert sep.info["lp_dropped"] > 0 and sep.info["separated"] == 0 and sep.info["trials"] == 1
 
 
 def _own_inputs_update(r: int, seed: int = 0, m: int = 300, n: int = 3000, share: float = 0.1):
@@ -404,7 +453,7 @@ def test_the_step_of_clients_averaged_comes_from_their_records():
         assert linear_leak.clients_rounding_cell(noisy, Simulator(noisy), "fc1") is None
 
 
-def test_an_image_with_no_input_of_its_own_is_read_by_the_pattern_search():
+def test_an_image_with_no_input_of_its_own_is_read_by_the_linear_programmes_or_the_pattern_search(monkeypatch):
     G, v, M, truth, H = _own_inputs_update(24, seed=2)
     H[23, (H > 0).sum(dim=0) < 3] = 0  # image 23 keeps only inputs two other images have too
     truth = truth.clone()
@@ -413,12 +462,18 @@ def test_an_image_with_no_input_of_its_own_is_read_by_the_pattern_search():
     shown, _ = disaggregate.column_patterns(G, v, 24)
     assert shown.shape[1] == 23 and _same_columns(shown, M[:, :23])
     sep = separate(G, 24, row_scale=v, generator=torch.Generator().manual_seed(0), time_limit=60, global_search=True)
+    assert sep.info["separated"] == 24 and sep.info["lps"] > 0 and "global_search" not in sep.info
+    for x in sep.X:
+        assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
+    monkeypatch.setattr(disaggregate, "LP_MOST", 0)  # without the programmes the global search reads it
+    sep = separate(G, 24, row_scale=v, generator=torch.Generator().manual_seed(0), time_limit=60, global_search=True)
     assert sep.info["separated"] == 24 and "global_search" in sep.info
     for x in sep.X:
         assert float(((truth - x).norm(dim=1) / truth.norm(dim=1)).min()) < 1e-6
 
 
-def test_a_search_cut_short_counts_only_the_images_it_separated():
+def test_a_search_cut_short_counts_only_the_images_it_separated(monkeypatch):
+    monkeypatch.setattr(disaggregate, "LP_MOST", 0)  # the sampled row sets alone, cut short
     G, v, _ = _shared_pattern_update(16)
     sep = separate(G, 16, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=4096)
     assert sep.info["separated"] < 16
@@ -441,12 +496,14 @@ def test_the_pattern_distance_pairs_the_images_before_counting(m, r, flips, seed
     assert abs(d - pattern_distance(N[:, perm], M)) < 1e-12
 
 
-def test_the_search_hands_on_other_readings_that_fit_almost_as_well():
+def test_the_search_hands_on_other_readings_that_fit_almost_as_well(monkeypatch):
     # under heavy noise other patterns fit about as well as the best; exact subset sums leave none
     G, v, g = _alike_update(4)
     r = 4
-    exact = separate(G, r, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=1,
-                     global_search=True)
+    with monkeypatch.context() as m:
+        m.setattr(disaggregate, "LP_MOST", 0)  # the global search reads the exact update too
+        exact = separate(G, r, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=1,
+                         global_search=True)
     assert exact.alternatives == [] and exact.info["global_search"]["runners_up"] == []
     noisy = G + 2.0 * float(G.abs().mean()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
     sep = separate(noisy, r, row_scale=v, generator=torch.Generator().manual_seed(0), max_trials=1, global_search=True)
@@ -531,6 +588,21 @@ def test_an_mlp_s_first_layer_leaks_every_image_itself(B):
                @ (pixels / pixels.norm(dim=1, keepdim=True)).T).argmax(dim=1)
     ratio = found.features.norm(dim=1) / pixels.norm(dim=1)[nearest]
     assert bool(((ratio - 1).abs() < 1e-3).all()), ratio
+    assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())
+
+
+def test_sixteen_real_x_rays_leak_whole_from_an_mlp_s_first_layer(shared_data):
+    """Sixteen chest X-rays (the benchmark's report batch at B = 16): the pixels are so alike that most of fc1's
+    units switch on for every image or for none, and no sampled set of 15 rows isolates one image in time; the
+    linear programmes read every image's pixels exactly, scale and labels included."""
+    ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=64)
+    batch = ds.batch([94, 1263, 192, 2607, 4631, 2747, 91, 856, 2038, 2784, 1779, 2719, 4948, 2807, 4942, 191])
+    obs, _ = capture(batch.images, batch.labels, arch="mlp", protocol=Protocol(), model_seed=0, labels_known=False)
+    found = leak(obs, Simulator(obs), generator=torch.Generator().manual_seed(0), invert_iterations=1,
+                 time_limit=60)
+    assert found.info["separated"] == 16 and found.info["lps"] > 0 and found.info["trials"] == 0, found.info
+    pixels = batch.images.flatten(1).double()
+    assert bool((_best_cos(found.features, pixels) > 0.9999).all())
     assert sorted(found.labels.tolist()) == sorted(batch.labels.tolist())
 
 
