@@ -347,8 +347,20 @@ LP_NONE = 4
 LP_FIT = 2.5
 
 
-def _lp_dual(Y: np.ndarray, anchor: int, weights: np.ndarray, time_limit: float | None = None
-             ) -> np.ndarray | None:
+def _lp_box(Y: np.ndarray) -> tuple[Any, np.ndarray]:
+    """The elastic box ``0 <= Y q <= 1`` of :func:`_lp_dual` as ``A x <= b`` over ``x = (q, below, above)``,
+    built once per separation."""
+    m = Y.shape[0]
+    eye = scipy.sparse.identity(m, format="csr")
+    zero = scipy.sparse.csr_matrix((m, m))
+    Ys = scipy.sparse.csr_matrix(Y)
+    A = scipy.sparse.vstack([scipy.sparse.hstack([-Ys, -eye, zero]),
+                             scipy.sparse.hstack([Ys, zero, -eye])]).tocsr()
+    return A, np.concatenate([np.zeros(m), np.ones(m)])
+
+
+def _lp_dual(Y: np.ndarray, box: tuple[Any, np.ndarray], anchor: int, weights: np.ndarray,
+             time_limit: float | None = None) -> np.ndarray | None:
     """One candidate dual vector by linear programming: ``q`` minimising ``weights . (Y q)`` over
     ``{q : 0 <= Y q <= 1, Y[anchor] q = 1}``, the box made elastic (a row's excess over it costs four times
     ``sum |weights|``, more than any row's weight can gain, so the programme is bounded and a noisy update
@@ -357,15 +369,10 @@ def _lp_dual(Y: np.ndarray, anchor: int, weights: np.ndarray, time_limit: float 
 
     A true dual vector of image i (``Y q_i`` its ReLU pattern, every entry 0 or 1) is such a vertex, reached
     from every anchor row where image i is active for many weights, where a random set of N - 1 rows
-    isolates it only with probability (share of rows without image i)^(N - 1). ``None`` where the solver
-    fails."""
+    isolates it only with probability (share of rows without image i)^(N - 1). ``box``: :func:`_lp_box` of
+    ``Y``. ``None`` where the solver fails."""
     m, r = Y.shape
-    eye = scipy.sparse.identity(m, format="csr")
-    zero = scipy.sparse.csr_matrix((m, m))
-    Ys = scipy.sparse.csr_matrix(Y)
-    A = scipy.sparse.vstack([scipy.sparse.hstack([-Ys, -eye, zero]),
-                             scipy.sparse.hstack([Ys, zero, -eye])]).tocsr()
-    b = np.concatenate([np.zeros(m), np.ones(m)])
+    A, b = box
     penalty = 4.0 * float(np.abs(weights).sum())
     res = scipy.optimize.linprog(np.concatenate([weights @ Y, np.full(2 * m, penalty)]), A_ub=A, b_ub=b,
                                  A_eq=np.concatenate([Y[anchor], np.zeros(2 * m)])[None], b_eq=[1.0],
@@ -794,6 +801,7 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
         # programmes (not where the rows are subset sums only roughly, fit_factor None: local steps' drift)
         rng = np.random.default_rng(g.initial_seed())  # its own stream: the sampling below draws as without it
         Y, stall = distinct.numpy(), 0
+        box = _lp_box(Y)
         while lps < LP_MOST * r and stall < LP_STALL * r and not twice():
             if time_limit is not None and time.perf_counter() - start > LP_SHARE * time_limit:
                 break
@@ -802,13 +810,13 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
             before = sum(fits(t) for t in range(len(found)))
             # row weights: positive (fewest rows active), negative (most) and signed, in turn
             weights = rng.standard_normal(mr) if lps % 3 == 2 else rng.exponential(size=mr) * (1 - 2 * (lps % 3))
-            q = _lp_dual(Y, int(rng.integers(mr)), weights,
+            q = _lp_dual(Y, box, int(rng.integers(mr)), weights,
                          None if time_limit is None else LP_SHARE * time_limit - (time.perf_counter() - start))
             lps += 1
             if q is not None:
                 consider(torch.from_numpy(q), within=LP_FIT, source="lp")
             stall = 0 if sum(fits(t) for t in range(len(found))) > before else stall + 1
-        if sum(fits(t) for t in range(len(found))) < r:  # a partial reading of a noisy update: the vertices that
+        if independent() < r:  # a partial reading of a noisy update: the vertices that
             # fit within its noise but not exactly are as likely near-patterns as patterns (under σ0 = 1 at
             # B = 16 some fit within 2.2 times the noise with 10 % of their rows wrong); only exact ones stay
             keep_found = [t for t in range(len(found)) if origin[t] != "lp" or -found[t][1] <= EXACT_SPREAD]
@@ -822,11 +830,10 @@ def separate(G: torch.Tensor, rank: int, *, row_scale: torch.Tensor, weight: tor
     sampling_start = time.perf_counter()
     while r > 1 and trials < max_trials and mr >= r - 1 and sample:
         now = time.perf_counter()
-        # a third of the time left after the programmes with nothing that fits: leave the rest to the fallback
         if time_limit is not None and (now - start > time_limit or (
                 now - sampling_start > 0.3 * (time_limit - (sampling_start - start)) and
                 not any(fits(t) for t in range(len(found))))):
-            break  # out of time, or nothing fits after a third of it: leave the rest to the fallback
+            break  # out of time, or nothing fits after a third of what the programmes left: to the fallback
         k = min(chunk, max_trials - trials)
         idx = torch.rand(k, mr, generator=g).topk(r - 1, dim=1).indices  # r - 1 distinct patterns per set
         qs = _null_vectors(rows[idx])  # k x r
