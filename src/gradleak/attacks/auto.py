@@ -409,17 +409,20 @@ def _one(obs: Observation, settings: dict[str, Any], *, device: str, generator: 
         kept = "inverted (refinement did not improve the match)"
         if settled:  # the one engine iteration only scored the inverted batch
             rec.iterations = 0
-            kept = ("inverted (every image separated: no refinement)" if reproduced is None else
+            kept = (("pixels read and filled" if "fill_stop" in found.info else "inverted")
+                    + " (every image separated: no refinement)" if reproduced is None else
                     f"inverted (its images reproduce the update to {reproduced:.1e} of it: nothing to refine)")
     info = {k: v for k, v in found.info.items() if k != "inversion_history"}
     on_layer = bool(info.get("layer_refinement", {}).get("kept"))
     from_blank = blank is not None and bool(blank.get("won"))  # the blank start's images, not the inverted ones
     on_layer_stage = ("refinement on the leaky layer from a blank start (kept over the inverted images)"
                       if from_blank else "refinement on the leaky layer")
+    # a layer whose inputs are the pixels has nothing to invert: its unsent pixels are filled instead
+    inverted_by = "pixel fill" if "fill_stop" in info else "feature inversion"
     rec.extras["pipeline"] = {
         "leaky_layer": found.layer, "separated": int(info.get("separated", 0)), "images": obs.num_images,
         "separation": info, "scale_known": found.scale_known,
-        "stages": ["disaggregation", "feature inversion"] + ([on_layer_stage] if on_layer or from_blank else [])
+        "stages": ["disaggregation", inverted_by] + ([on_layer_stage] if on_layer or from_blank else [])
         + ([] if settled else ["gradient-matching refinement"]),
         "kept": kept, "leak_seconds": round(leak_seconds, 3),
         "note": f"layer '{found.layer}' leaked {int(info.get('separated', 0))} of {obs.num_images} images "
@@ -435,7 +438,7 @@ def _one(obs: Observation, settings: dict[str, Any], *, device: str, generator: 
     rec.extras["leak_images"] = found.images
     what = {"sign supports": "sign-support disaggregation",
             "nonneg": "non-negative-input disaggregation"}.get(info.get("method"), "linear-layer disaggregation")
-    rec.threat_model["attack_pipeline"] = (f"{what} ({found.layer}) + feature inversion"
+    rec.threat_model["attack_pipeline"] = (f"{what} ({found.layer}) + {inverted_by}"
                                            + (f" + refinement on {found.layer}'s update"
                                               + (" from a blank start (kept)" if from_blank else "")
                                               if on_layer or from_blank else "")
