@@ -682,6 +682,23 @@ def test_a_top_k_update_of_an_mlp_gives_its_pixels_and_the_unsent_ones_are_fille
     assert score(batch.images, batch.labels, found.images, found.labels)["psnr"] > 40
 
 
+def test_labelings_that_all_fit_the_sent_entries_are_judged_by_their_images_relu_patterns(shared_data):
+    """mlp under top-k 10 %, four real X-rays (the report draw's third B = 4 batch): the sent rows hold seven
+    distinct patterns, and eight labelings of them fit every sent entry exactly. Each is filled (least squares)
+    and the one whose images' own ReLU patterns agree best with it is kept; the first of them mixed two images
+    (11.4 dB, its images' patterns 28 % off)."""
+    ds = load_dataset(f"kaggle:{shared_data / 'chest_xray'},split=train", size=64)
+    batch = ds.batch([2038, 2784, 1779, 2719])
+    obs, _ = capture(batch.images, batch.labels, arch="mlp", protocol=Protocol(), model_seed=0,
+                     obfuscations=[{"name": "topk", "keep": 0.1}], obfuscation_seed=0, labels_known=False)
+    found = leak(obs, Simulator(obs), generator=torch.Generator().manual_seed(0), time_limit=10)
+    info = found.info
+    assert info["separated"] == 4 and info["labelings_fitting"] > 1, info
+    scores = info["labelings_scores"]
+    assert scores[info["labelings_kept"]] == min(scores) < 0.06 < max(scores), scores  # as a true reading's 4.8-5.1 %
+    assert score(batch.images, batch.labels, found.images, found.labels)["psnr"] > 16
+
+
 def test_a_sent_block_whose_few_rows_fit_more_readings_than_images_is_not_a_separation(shared_data):
     """mlp, 16 real X-rays under top-k 10 % (the tune draw's first B = 16 batch): the rows sent merge into 22
     distinct patterns, and 56 exact 0/1 readings of them fit. Taking one of them as the images (six labels
