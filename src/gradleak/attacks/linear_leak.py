@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import scipy.optimize
 import torch
@@ -182,14 +182,19 @@ def _fit_block(G: torch.Tensor, O: torch.Tensor, v: torch.Tensor, XB: torch.Tens
 
 
 #: With a ``choose`` (:func:`_sparse_separation`), up to this many labelings of one block that fit every sent
-#: entry exactly are judged by it, at most ``CHOOSE_MAX_IMAGES`` images.
+#: entry exactly are judged by it, at most ``CHOOSE_MAX_IMAGES`` images; :func:`_by_relu_patterns` judges them
+#: where the images times their pixels are at most ``CHOOSE_MAX_UNKNOWNS`` (each labeling one least-squares
+#: fill: 0.3 s at B = 4 and 64 px) and for at most ``CHOOSE_SHARE`` of the leak's time, the first always.
 CHOOSE_MOST = 8
 CHOOSE_MAX_IMAGES = 8
+CHOOSE_MAX_UNKNOWNS = 32768
+CHOOSE_SHARE = 0.1
 
 
 def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor, n: int,
                        generator: torch.Generator, time_limit: float | None, exact: bool = True,
-                       choose=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], tuple[torch.Tensor, ...]]:
+                       choose: Callable[[list[tuple[torch.Tensor, ...]]], tuple[int, list[float]]] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], tuple[torch.Tensor, ...]]:
     """Separation of a sparsified update from its sent entries alone (they are exact).
 
     The rows are separated on a dense, exact block of sent entries (:func:`_blocks`), which gives each
@@ -291,6 +296,7 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
                             "labelings_kept": pick})
         elif fitting:
             best = fitting[0]
+            best[2]["labelings_fitting"] = 1
         if best is not None and best[3] < 1e-6:
             break
     if best is None or (exact and best[3] > 1e-4):
@@ -1050,7 +1056,7 @@ def fill_pixels(sim: Simulator, layer: str, sums: tuple[torch.Tensor, ...], n: i
     return images, labels, info
 
 
-def _by_relu_patterns(sim: Simulator, layer: str, n: int):
+def _by_relu_patterns(sim: Simulator, layer: str, n: int, time_limit: float | None = None):
     """A ``choose`` for :func:`_sparse_separation` where the layer's inputs are the pixels: each labeling's
     images from :func:`fill_pixels`' least squares alone, judged by how often their own ReLU pattern on the rows
     read (the sign of ``w_j . x_i``) differs from the labeling's; the lowest share is kept. Report draw, mlp,
@@ -1064,7 +1070,10 @@ def _by_relu_patterns(sim: Simulator, layer: str, n: int):
 
     def choose(candidates: list[tuple[torch.Tensor, ...]]) -> tuple[int, list[float]]:
         scores = []
-        for sums in candidates:
+        start = time.perf_counter()
+        for sums in candidates:  # in the order found; past the time limit the rest are not judged
+            if scores and time_limit is not None and time.perf_counter() - start > time_limit:
+                break
             images, _, _ = fill_pixels(sim, layer, sums, n, bound=None, time_limit=0.0)
             P, _, _, rows = sums
             U = W[rows] @ images.flatten(1).double().T + (0 if b is None else b[rows][:, None])
@@ -1549,9 +1558,10 @@ def leak(obs: Observation, sim: Simulator, *, generator: torch.Generator, time_l
         t_sep = time.perf_counter()
         last = steps(obs, sim.target)[-1].ob.family == "sparsify"  # the sent values are exact
         pixels = last and exact and getattr(sim.model, "leaky_input_is_image", False)
+        judge = (_by_relu_patterns(sim, layer, n, None if time_limit is None else CHOOSE_SHARE * time_limit)
+                 if pixels and n * G.shape[1] <= CHOOSE_MAX_UNKNOWNS else None)
         try:
-            X, known, sinfo, sums = _sparse_separation(G, observed, v, n, generator, share, exact=last,
-                                                       choose=_by_relu_patterns(sim, layer, n) if pixels else None)
+            X, known, sinfo, sums = _sparse_separation(G, observed, v, n, generator, share, exact=last, choose=judge)
         except _NoBlock as e:
             X, known, sums = torch.zeros(n, G.shape[1], dtype=torch.float64), None, None
             sinfo = {"separated": 0, "seconds": round(time.perf_counter() - t_sep, 3), "note": str(e)}
