@@ -91,6 +91,7 @@ OBFUSCATIONS: dict[str, tuple[str, list[dict], Protocol]] = {
     "sign": ("signSGD", [{"name": "sign"}], Protocol()),
     "topk10": ("top-k 10 %", [{"name": "topk", "keep": 0.1}], Protocol()),
     "topk1": ("top-k 1 %", [{"name": "topk", "keep": 0.01}], Protocol()),
+    "randk10": ("random-k 10 %", [{"name": "randk", "keep": 0.1}], Protocol()),
     "relgauss": ("Gaussian, relative σ0 = 0.1", [{"name": "relative_gaussian", "sigma0": 0.1}], Protocol()),
     "relgauss1": ("Gaussian, relative σ0 = 1", [{"name": "relative_gaussian", "sigma0": 1.0}], Protocol()),
     "fedavg5": ("FedAvg τ = 5", [], Protocol("fedavg", local_steps=5, local_lr=FEDAVG_LR)),

@@ -239,7 +239,7 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     # without a time limit, the blocks share the row sets one search would draw (each at least four chunks)
     trials = None if time_limit is not None else max(SEPARATE_TRIALS // len(plan), 4 * 4096)
     best = None
-    tried = ambiguous = 0
+    tried = 0
     for name, Gs, Os, vs, R, C in plan:
         if time_limit is not None and tried and time.perf_counter() - start > BLOCK_SHARE * time_limit:
             break  # a block that fits stops the search at once: past this, leave the time to the fallback
@@ -265,11 +265,6 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
         if not labelings:
             sep = separate(block, n, row_scale=vs[R], generator=generator, time_limit=per_try, max_trials=trials)
             if sep.info["separated"] < n:  # the per-row patterns below need every image's input
-                continue
-            if exact and int(sep.info.get("fitting", 0)) > n:  # more exact 0/1 readings than images: the block's
-                # few distinct rows do not tell the images apart (mlp, B = 16, top-k 10 %, tune draw: 22 merged
-                # rows, 56 readings fit exactly, the one kept had 6 of 16 labels wrong)
-                ambiguous += 1
                 continue
             labelings = [(sep.X, C, "search", sep.info)]
         fitting = []  # with a choose: the labelings of this block that fit every sent entry exactly
@@ -302,14 +297,12 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     if best is None or (exact and best[3] > 1e-4):
         raise _NoBlock(f"none of the {tried} dense blocks of sent entries tried (largest "
                        f"{largest[0]} x {largest[1]}) separated all {n} images"
-                       + ("" if best is None else f" consistently (best residual on the sent entries {best[3]:.2g})")
-                       + (f"; {ambiguous} admitted more exact readings than images" if ambiguous else ""))
+                       + ("" if best is None else f" consistently (best residual on the sent entries {best[3]:.2g})"))
     X, known, info, resid, M = best
     sums = _sent_sums(M, O, Gl, vl, live) if exact else None
     if exact:
         info["rows_merged"] = [int(live.sum()), len(Rm)]  # live rows, the groups they merged into
-    info.update({"blocks_tried": tried, "blocks_ambiguous": ambiguous, "sent_residual": resid,
-                 "columns_solved": int(known.sum()),
+    info.update({"blocks_tried": tried, "sent_residual": resid, "columns_solved": int(known.sum()),
                  "columns": int(G.shape[1]), "seconds": round(time.perf_counter() - start, 3)})
     return X, known, info, sums
 
