@@ -209,7 +209,9 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     block with a short search. Which block separates depends on the images' patterns, so the blocks
     are tried, most rows first, and a separation counts only when the solved columns reproduce the sent
     entries of every row they were solved from (relative residual below 1e-6: the sent values are
-    exact, a wrong split of the block leaves a residual of percents).
+    exact, a wrong split of the block leaves a residual of percents) and at least the block's own columns
+    were solved (under random-k a block of few columns can leave too few rows read to solve more, and a
+    residual over two columns says nothing: ``blocks_degenerate``).
     ``exact=False`` (the sent values were quantized or noised after the sparsifier): the best-fitting
     separation is kept whatever its residual. Returns the rows ``x_i = a_i h_i / N`` (0 where unknown),
     the mask of the columns solved, what was done, and, with exact values, the sent subset sums of every
@@ -240,7 +242,7 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     # without a time limit, the blocks share the row sets one search would draw (each at least four chunks)
     trials = None if time_limit is not None else max(SEPARATE_TRIALS // len(plan), 4 * 4096)
     best = None
-    tried = 0
+    tried = degenerate = 0
     for name, Gs, Os, vs, R, C in plan:
         if time_limit is not None and tried and time.perf_counter() - start > BLOCK_SHARE * time_limit:
             break  # a block that fits stops the search at once: past this, leave the time to the fallback
@@ -274,6 +276,9 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
                     time.perf_counter() - start > BLOCK_SHARE * time_limit:
                 break
             X, known, resid, rounds, M = _fit_block(Gl, O, vl, XB, Cl, n)
+            if int(known.sum()) < len(Cl):  # not even the block's own columns: a residual over almost nothing
+                degenerate += 1
+                continue
             cand = (X, known, {**found, "block_method": method, "block_rows": name,
                                "block": [int(len(R)), int(len(C))], "pattern_rounds": rounds}, resid, M)
             if choosing and resid < 1e-6:
@@ -303,6 +308,8 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     sums = _sent_sums(M, O, Gl, vl, live) if exact else None
     if exact:
         info["rows_merged"] = [int(live.sum()), len(Rm)]  # live rows, the groups they merged into
+    if degenerate:
+        info["blocks_degenerate"] = degenerate  # fitted, but solved fewer columns than their block has
     info.update({"blocks_tried": tried, "sent_residual": resid, "columns_solved": int(known.sum()),
                  "columns": int(G.shape[1]), "seconds": round(time.perf_counter() - start, 3)})
     return X, known, info, sums
