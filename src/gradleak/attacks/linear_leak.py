@@ -34,6 +34,7 @@ are left to optimisation (:func:`leak` returns None).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -178,7 +179,8 @@ def _fit_block(G: torch.Tensor, O: torch.Tensor, v: torch.Tensor, XB: torch.Tens
         M = M_new
     fitted = O[:, known] & (M.sum(dim=1) > 0)[:, None]
     pred = (M * v[:, None]) @ X[:, known]
-    resid = float(((pred - G[:, known]) * fitted).norm() / (G[:, known] * fitted).norm().clamp_min(1e-300))
+    resid = (float(((pred - G[:, known]) * fitted).norm() / (G[:, known] * fitted).norm().clamp_min(1e-300))
+             if bool(fitted.any()) else math.inf)  # nothing fitted: no evidence of a fit
     return X, known, resid, rounds, M
 
 
@@ -209,17 +211,17 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
     block with a short search. Which block separates depends on the images' patterns, so the blocks
     are tried, most rows first, and a separation counts only when the solved columns reproduce the sent
     entries of every row they were solved from (relative residual below 1e-6: the sent values are
-    exact, a wrong split of the block leaves a residual of percents) and at least the block's own columns
-    were solved (under random-k a block of few columns can leave too few rows read to solve more, and a
-    residual over two columns says nothing: ``blocks_degenerate``).
+    exact, a wrong split of the block leaves a residual of percents) and at least as many columns were
+    solved as the dense block has (under random-k a block of few columns can leave too few rows read to
+    solve more, and a residual over two columns says nothing: ``blocks_degenerate``).
     ``exact=False`` (the sent values were quantized or noised after the sparsifier): the best-fitting
-    separation is kept whatever its residual. Returns the rows ``x_i = a_i h_i / N`` (0 where unknown),
-    the mask of the columns solved, what was done, and, with exact values, the sent subset sums of every
-    row whose pattern was read (patterns, values ``G_jk / v_j``, sent mask: :func:`invert_features`'s
-    ``sums``; and those rows' indices in the layer; None otherwise). ``choose`` (exact values, at most
-    ``CHOOSE_MAX_IMAGES`` images): where several labelings of a block fit every sent entry exactly (a block of
-    few distinct rows), it gets their ``sums`` (up to ``CHOOSE_MOST``) and returns the index of the one to keep
-    and a score per labeling (``info["labelings_fitting"]``, ``labelings_scores``, ``labelings_kept``)."""
+    separation is kept whatever its residual, among those that solved that many columns. Returns the rows
+    ``x_i = a_i h_i / N`` (0 where unknown), the mask of the columns solved, what was done, and, with exact
+    values, the sent subset sums of every row whose pattern was read (patterns, values ``G_jk / v_j``, sent mask:
+    :func:`invert_features`'s ``sums``; and those rows' indices in the layer; None otherwise). ``choose`` (exact
+    values, at most ``CHOOSE_MAX_IMAGES`` images): where several labelings of a block fit every sent entry exactly
+    (a block of few distinct rows), it gets their ``sums`` (up to ``CHOOSE_MOST``) and returns the index of the one
+    to keep and a score per labeling (``info["labelings_fitting"]``, ``labelings_scores``, ``labelings_kept``)."""
     start = time.perf_counter()
     choosing = choose is not None and exact and n <= CHOOSE_MAX_IMAGES
     live = observed.any(dim=1)
@@ -272,12 +274,12 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
             labelings = [(sep.X, C, "search", sep.info)]
         fitting = []  # with a choose: the labelings of this block that fit every sent entry exactly
         for XB, Cl, method, found in labelings:
-            if time_limit is not None and (best is not None or fitting) and \
+            if time_limit is not None and (best is not None or fitting or degenerate) and \
                     time.perf_counter() - start > BLOCK_SHARE * time_limit:
                 break
             X, known, resid, rounds, M = _fit_block(Gl, O, vl, XB, Cl, n)
-            if int(known.sum()) < len(Cl):  # not even the block's own columns: a residual over almost nothing
-                degenerate += 1
+            if int(known.sum()) < max(n, len(C)):  # fewer columns than the dense block has: a residual over
+                degenerate += 1  # almost nothing says nothing
                 continue
             cand = (X, known, {**found, "block_method": method, "block_rows": name,
                                "block": [int(len(R)), int(len(C))], "pattern_rounds": rounds}, resid, M)
