@@ -1374,6 +1374,9 @@ def complete_block(R: torch.Tensor, O: torch.Tensor, rows: torch.Tensor, cols: t
 #: one by one; past it they are found by integer programming (:func:`_lattice_patterns`), at most
 #: ``LATTICE_MOST`` per image.
 EXHAUSTIVE_MAX_RANK = 16
+#: Two rows a labeling reads as one pattern must agree to this relative error (the rows of a grown block are
+#: completed to about 1e-5; rows of two patterns differ by at least one image's input).
+DUPLICATE_TOLERANCE = 1e-3
 LATTICE_MOST = 3
 #: And the most choices of N among more candidates than images it checks (under top-k 1 % at B = 8 on
 #: the tune draw the largest blocks give 11 candidates, 165 choices).
@@ -1464,9 +1467,17 @@ def label_exhaustive(rows: torch.Tensor, r: int, tol: float = 1e-4, *, max_choic
         if abs(float(torch.linalg.det(A))) < 0.5:
             continue
         P = torch.cat([A, (C @ A).round()])
-        if bool((P.sum(dim=1) == 0).any()) or len(torch.unique(P, dim=0)) < k:
-            continue  # every row has an active image; rows of one pattern were merged, so all differ
+        if bool((P.sum(dim=1) == 0).any()):
+            continue  # every row has an active image
         X = torch.linalg.solve(A, Bm)
+        if len(torch.unique(P, dim=0)) < k:
+            # rows read as one pattern are one subset sum: merged rows all differ, but a completed block's rows
+            # of one pattern that the merging left apart (a lone row's error past its tolerance) agree to the
+            # completion's error
+            given = torch.cat([Bm, rows[rest]])
+            err = (P @ X - given).norm(dim=1) / given.norm(dim=1).clamp_min(1e-300)
+            if float(err.max()) > DUPLICATE_TOLERANCE:
+                continue
         mixed = float((torch.minimum(X.clamp_min(0).norm(dim=1), (-X).clamp_min(0).norm(dim=1))
                        / X.norm(dim=1).clamp_min(1e-300)).max())
         zeros = int((X.abs() < ZERO_RELATIVE * X.abs().amax(dim=1, keepdim=True)).sum())
