@@ -1221,12 +1221,14 @@ def test_rows_of_one_pattern_merge_where_images_of_both_signs_nearly_cancel(shar
     assert bool((_best_cos(X[:, known], truth).abs() > 0.999).all())
 
 
-def test_a_block_whose_fit_solves_fewer_columns_than_it_has_does_not_count(shared_data):
-    """lenet5 under random-k 10 % (the tune draw's third B = 4 batch): the first blocks' labelings fit every sent
+def test_a_block_whose_fit_solves_fewer_columns_than_it_has_does_not_count(shared_data, monkeypatch):
+    """lenet5 under random-k 10 % (the tune draw's third B = 4 batch), the blocks not grown (as before the blocks
+    grown by rank, whose completion now reads this batch first): the first blocks' labelings fit every sent
     entry of the rows they read, but too few rows send the block's few columns to read more, and two columns
     were solved (a residual of 3e-14 over them said nothing; the images were not read). Such a block does not
     count, and a later one solves most columns."""
     batch, sim, G, observed, v, _ = _random_k_rows(shared_data, "lenet5", [4490, 4875, 3206, 1716])
+    monkeypatch.setattr(linear_leak, "complete_block", lambda R, O, rows, cols, r: (rows, cols, R[rows][:, cols]))
     X, known, info, _ = _sparse_separation(G, observed, v, 4, torch.Generator().manual_seed(0), None)
     assert info["blocks_degenerate"] >= 1 and info["sent_residual"] < 1e-6 and int(known.sum()) > 10000, info
     with torch.no_grad():
@@ -1254,6 +1256,22 @@ def test_random_k_at_b8_separates_from_a_block_of_full_rank_grown_to_every_row(s
     with torch.no_grad():
         h = sim.model.leaky_input((batch.images - sim.model.input_mean) / sim.model.input_std).double()
     assert bool((_best_cos(X[:, known], h[:, known]) > 0.999).all())
+
+
+def test_a_completed_block_may_hold_two_rows_of_one_pattern_that_agree_but_not_two_that_differ():
+    # every pattern of three inputs, and pattern {0, 1} twice: as a completion leaves two groups of one pattern
+    g = torch.Generator().manual_seed(3)
+    X = torch.rand(3, 40, generator=g, dtype=torch.float64) * torch.tensor([[1.0], [-1.0], [1.0]], dtype=torch.float64)
+    P = disaggregate._subsets(3)[1:].to(torch.float64)
+    rows = torch.cat([P @ X, (P[2] @ X)[None]])
+    twin = rows.clone()
+    twin[-1] *= 1 + 1e-6  # the completion's error
+    assert disaggregate.label_exhaustive(twin, 3) == []  # distinct exact rows: a repeated pattern is wrong
+    found = disaggregate.label_exhaustive(twin, 3, duplicates=True)
+    assert found and torch.allclose(_best_cos(found[0], X), torch.ones(3, dtype=torch.float64), atol=1e-9)
+    apart = rows.clone()
+    apart[-1] += 0.05 * X[2]  # part of another image's input in it: no subset sum, with duplicates or not
+    assert disaggregate.label_exhaustive(apart, 3, duplicates=True) == []
 
 
 def test_a_chain_of_agreeing_rows_never_joins_two_that_disagree():

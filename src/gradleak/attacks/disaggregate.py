@@ -1374,9 +1374,9 @@ def complete_block(R: torch.Tensor, O: torch.Tensor, rows: torch.Tensor, cols: t
 #: one by one; past it they are found by integer programming (:func:`_lattice_patterns`), at most
 #: ``LATTICE_MOST`` per image.
 EXHAUSTIVE_MAX_RANK = 16
-#: Two rows a labeling reads as one pattern must agree to this relative error (the rows of a grown block are
-#: completed to about 1e-5; rows of two patterns differ by at least one image's input).
-DUPLICATE_TOLERANCE = 1e-3
+#: In a completed block (:func:`label_exhaustive`'s ``duplicates``), two rows a labeling reads as one pattern must
+#: agree to this share of the block's largest row (its rows are completed to about 1e-5 of their own).
+DUPLICATE_TOLERANCE = 1e-4
 LATTICE_MOST = 3
 #: And the most choices of N among more candidates than images it checks (under top-k 1 % at B = 8 on
 #: the tune draw the largest blocks give 11 candidates, 165 choices).
@@ -1425,7 +1425,8 @@ def _lattice_patterns(C: torch.Tensor, r: int, tol: float, time_limit: float | N
 
 
 def label_exhaustive(rows: torch.Tensor, r: int, tol: float = 1e-4, *, max_choices: int = EXHAUSTIVE_MAX_CHOICES,
-                     max_found: int = EXHAUSTIVE_MAX_FOUND, time_limit: float | None = None) -> list[torch.Tensor]:
+                     max_found: int = EXHAUSTIVE_MAX_FOUND, time_limit: float | None = None,
+                     duplicates: bool = False) -> list[torch.Tensor]:
     """Every image's input from exact, distinct subset-sum rows (k x n, rank r), by enumeration.
 
     r linearly independent rows (pivoted QR) are the basis; every other row is an exact combination
@@ -1441,7 +1442,10 @@ def label_exhaustive(rows: torch.Tensor, r: int, tol: float = 1e-4, *, max_choic
     one), then the closest to one sign: the caller tells them apart on the other rows. Empty when the
     rows have rank below r or more than ``max_choices`` choices are possible or more than
     ``max_found`` fit. This needs no row where one image is active alone: under top-k 1 % on real X-rays
-    such rows often send nothing."""
+    such rows often send nothing. The rows are distinct subset sums, so a choice that reads two of them as one
+    pattern is wrong; ``duplicates`` (a block :func:`complete_block` completed): such a choice counts where the rows
+    it reads as one agree to ``DUPLICATE_TOLERANCE`` of the block's largest row (two merged groups of one pattern),
+    after the choices without."""
     k = rows.shape[0]
     if k < r:
         return []
@@ -1470,18 +1474,21 @@ def label_exhaustive(rows: torch.Tensor, r: int, tol: float = 1e-4, *, max_choic
         if bool((P.sum(dim=1) == 0).any()):
             continue  # every row has an active image
         X = torch.linalg.solve(A, Bm)
-        if len(torch.unique(P, dim=0)) < k:
-            # rows read as one pattern are one subset sum: merged rows all differ, but a completed block's rows
-            # of one pattern that the merging left apart (a lone row's error past its tolerance) agree to the
-            # completion's error
+        _, inverse, counts = torch.unique(P, dim=0, return_inverse=True, return_counts=True)
+        repeated = counts[inverse] > 1  # rows read as one pattern with another
+        if bool(repeated.any()):
+            if not duplicates:
+                continue
+            # a completed block's rows of one pattern that the merging left apart (a lone row's error past its
+            # tolerance) agree to the completion's error
             given = torch.cat([Bm, rows[rest]])
-            err = (P @ X - given).norm(dim=1) / given.norm(dim=1).clamp_min(1e-300)
+            err = (P[repeated] @ X - given[repeated]).norm(dim=1) / given.norm(dim=1).max().clamp_min(1e-300)
             if float(err.max()) > DUPLICATE_TOLERANCE:
                 continue
         mixed = float((torch.minimum(X.clamp_min(0).norm(dim=1), (-X).clamp_min(0).norm(dim=1))
                        / X.norm(dim=1).clamp_min(1e-300)).max())
         zeros = int((X.abs() < ZERO_RELATIVE * X.abs().amax(dim=1, keepdim=True)).sum())
-        found.append(((mixed > ONE_SIGN, -zeros, mixed), X))
+        found.append(((bool(repeated.any()), mixed > ONE_SIGN, -zeros, mixed), X))
         if len(found) > max_found:
             return []
     return [X for _, X in sorted(found, key=lambda f: f[0])]

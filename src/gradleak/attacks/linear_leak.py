@@ -134,48 +134,52 @@ def _blocks(O: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [found[key] for key in sorted(found, key=lambda rc: (-rc[0], -rc[1]))]
 
 
-#: :func:`_greedy_blocks` starts from this many of the rows that sent most, and looks at this many candidates a step.
+#: :func:`_greedy_blocks` starts from this many of the rows that sent most, looks at this many candidates a step, and
+#: grows a block this many rows past the first of rank N (each a block of its own).
 GREEDY_STARTS = 4
 GREEDY_CANDIDATES = 64
+GREEDY_PAST = 2
 
 
 def _greedy_blocks(R: torch.Tensor, O: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Dense blocks of rank ``n`` grown one row at a time: from one of the ``GREEDY_STARTS`` rows that sent most,
     the row that keeps the most columns all of them sent is added, among those that raise the block's rank while
-    it is below ``n`` (``R``: the rows' exact values where ``O`` is set). Under random-k each row sends its own
-    random columns, and the rows that sent most (:func:`_blocks`) share few: at B = 8 (`lenet5`, report batch,
-    random-k 10 %, 102 merged rows) none of their blocks has more rows and columns than images, and the 9 x 66
-    that these rows give has rank 7; from the rank's side a 9 x 30 block of rank 8, which
-    :func:`.disaggregate.complete_block` grows to every row."""
+    it is below ``n`` (``R``: the rows' exact values where ``O`` is set), then ``GREEDY_PAST`` rows more; each block
+    of rank ``n`` on the way is kept (most columns first), at most ``1 + GREEDY_PAST`` a start. Under random-k each
+    row sends its own random columns, and the rows that sent most (:func:`_blocks`) share few: at B = 8 (`lenet5`,
+    report batch, random-k 10 %, 102 merged rows) none of their blocks has more rows and columns than images, and
+    the nine that sent most share 66 columns at rank 7; the first block of rank 8 from the rank's side seeds
+    :func:`.disaggregate.complete_block`'s growth to every row."""
     def rank(rows: list[int], cols: torch.Tensor) -> int:
         if not bool(cols.any()):
             return 0
         s = torch.linalg.svdvals(R[rows][:, cols])
         return int((s > 1e-6 * s[0]).sum())
 
-    found: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    found: dict[tuple[tuple[int, ...], int], tuple[torch.Tensor, torch.Tensor]] = {}
     for first in torch.argsort(O.sum(dim=1), descending=True)[:GREEDY_STARTS].tolist():
-        order, common, rk = [first], O[first].clone(), 1
-        while True:
+        order, common, rk, past = [first], O[first].clone(), 1, 0
+        while past <= GREEDY_PAST:
             shared = (O & common[None]).sum(dim=1)
-            shared[order] = -1
+            shared[order] = -1  # taken already
             pick = None
             for j in torch.argsort(shared, descending=True)[:GREEDY_CANDIDATES].tolist():
                 if int(shared[j]) < n:
                     break
                 cols = common & O[j]
-                r2 = rk if rk >= n else rank(order + [j], cols)
-                if r2 > rk or rk >= n:
+                r2 = rank(order + [j], cols)
+                if r2 > rk or (rk >= n and r2 >= n):
                     pick = (j, cols, r2)
                     break
             if pick is None:
                 break
             order.append(pick[0])
             common, rk = pick[1], pick[2]
-            if rk >= n:  # n rows of rank n already seed the growth (:func:`.disaggregate.complete_block`)
-                found.setdefault((len(order), int(common.sum())),
+            if rk >= n:  # n rows of rank n already seed the growth
+                found.setdefault((tuple(order), int(common.sum())),
                                  (torch.tensor(order), torch.nonzero(common).reshape(-1)))
-    return [found[key] for key in sorted(found, key=lambda rc: (-rc[0], -rc[1]))]
+                past += 1
+    return [found[key] for key in sorted(found, key=lambda key: -key[1])]
 
 
 def _patterns(G: torch.Tensor, O: torch.Tensor, v: torch.Tensor, X: torch.Tensor, known: torch.Tensor,
@@ -281,9 +285,10 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
         sources.append(("rows", Gl, O, vl))
     plan = [(name, Gs, Os, vs, R, C) for name, Gs, Os, vs in sources for R, C in _blocks(Os, n)]
     if exact:  # then the merged rows' blocks of full rank, grown a row at a time (random-k past B = 4)
-        seen = {(len(R), len(C)) for name, *_, R, C in plan if name == "merged"}
-        greedy = [("merged", Rm, Om, sources[0][3], R, C) for R, C in _greedy_blocks(Rm, Om, n)
-                  if (len(R), len(C)) not in seen]
+        ones = sources[0][3]  # the merged rows' scale (they are G / v already)
+        seen = {(tuple(R.tolist()), len(C)) for name, *_, R, C in plan if name == "merged"}
+        greedy = [("merged, grown by rank", Rm, Om, ones, R, C) for R, C in _greedy_blocks(Rm, Om, n)
+                  if (tuple(R.tolist()), len(C)) not in seen]
         at = sum(1 for p in plan if p[0] == "merged")
         plan = plan[:at] + greedy + plan[at:]
     if not plan:
@@ -306,17 +311,20 @@ def _sparse_separation(G: torch.Tensor, observed: torch.Tensor, v: torch.Tensor,
         # time left for the blocks (the first block always gets it)
         lattice = None if time_limit is None else max(per_try, BLOCK_SHARE * time_limit - (time.perf_counter() - start))
         labelings = [(XB, C, "enumeration", {"separated": n})
-                     for XB in (label_exhaustive(block, n, time_limit=lattice) if name == "merged" else [])]
-        if not labelings and name == "merged":
+                     for XB in (label_exhaustive(block, n, time_limit=lattice) if name != "rows" else [])]
+        if not labelings and name != "rows":
             # past B = 8 the densest blocks admit too many patterns: grown to every row and column their
-            # sent entries reach, the rows they reach rule most out (each grown block enumerated once)
+            # sent entries reach, the rows they reach rule most out (each grown block enumerated once; a block
+            # grown by rank is a seed of its own, whose completion's error differs from another's: under random-k
+            # at B = 8 the completions from three of twelve seeds of one report batch gave the images)
             Rg, Cg, grown = complete_block(Gs, Os, R, C, n)
-            if len(Rg) > len(R) and (len(Rg), len(Cg)) not in grown_tried:
+            if len(Rg) > len(R) and (name != "merged" or (len(Rg), len(Cg)) not in grown_tried):
                 grown_tried.add((len(Rg), len(Cg)))
                 how = {"separated": n, "grown": [len(Rg), len(Cg)]}
                 labelings = [(XB, Cg, "enumeration of the grown block", how)
                              for XB in label_exhaustive(grown, n, max_choices=COMPLETE_MAX_CHOICES,
-                                                        max_found=COMPLETE_MAX_FOUND, time_limit=lattice)]
+                                                        max_found=COMPLETE_MAX_FOUND, time_limit=lattice,
+                                                        duplicates=True)]
         if not labelings:
             if len(R) <= n or len(C) <= n:  # a seed of rank n for the growth alone: too small to search
                 continue
