@@ -1239,7 +1239,7 @@ def test_a_block_whose_fit_solves_fewer_columns_than_it_has_does_not_count(share
 def test_random_k_at_b8_separates_from_a_block_of_full_rank_grown_to_every_row(shared_data):
     """lenet5 under random-k 10 %, eight real X-rays (the report draw's B = 8 batch): each row sends its own random
     tenth, and the rows that sent most share no block with more rows and columns than images (``_blocks``: none,
-    and `auto` fell back to ROG, 14.8 dB against a blind 17.2). A block grown a row at a time by rank
+    and `auto` fell back to ROG, 14.8 dB against a blind 17.2 in 240 s). A block grown a row at a time by rank
     (``_greedy_blocks``) seeds the completion of every merged row, whose enumeration reads every image's input
     exactly, though some of its rows of one pattern stayed apart in the merging (``DUPLICATE_TOLERANCE``)."""
     batch, sim, G, observed, v, _ = _random_k_rows(shared_data, "lenet5", [94, 1263, 192, 2607, 4631, 2747, 91, 856])
